@@ -1,0 +1,82 @@
+"""lightning_ntk: watch the empirical Neural Tangent Kernel of a classifier while it trains.
+
+The public API is re-exported here lazily (PEP 562): ``import lightning_ntk`` and
+``from lightning_ntk import empirical_ntk`` import only the torch core; Lightning is
+imported the first time :class:`NTKMonitor` is touched.
+
+Groups:
+
+* kernel: :func:`empirical_ntk`, :func:`reference_ntk`
+* linearized model: :func:`linearize`, :func:`linearization_error`, :func:`prob_tv`,
+  :func:`argmax_agreement`
+* metrics: :mod:`lightning_ntk.metrics`
+* theory: :func:`predict_regime`, :func:`kernel_solution`, :func:`kernel_flow`
+* monitoring: :class:`NTKTracker`, :class:`NTKReport`, :class:`NTKMonitor`
+* testing: :mod:`lightning_ntk.testing`
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (relative to this package)
+_LAZY_ATTRIBUTES: dict[str, str] = {
+    # kernel
+    "empirical_ntk": ".kernel",
+    "reference_ntk": ".reference",
+    # linearized model
+    "linearize": ".linearize",
+    "LinearizedModel": ".linearize",
+    "linearization_error": ".linearize",
+    "prob_tv": ".linearize",
+    "argmax_agreement": ".linearize",
+    # theory
+    "predict_regime": ".theory",
+    "RegimePrediction": ".theory",
+    "kernel_solution": ".theory",
+    "kernel_flow": ".theory",
+    # monitoring
+    "NTKTracker": ".tracker",
+    "NTKReport": ".tracker",
+    "NTKMonitor": ".callback",
+    "LinearizationBreakdownWarning": ".exceptions",
+    "LinearizationBreakdownError": ".exceptions",
+}
+
+_LAZY_SUBMODULES = {"kernel", "metrics", "testing", "theory", "reference", "lightning"}
+
+__all__ = sorted(_LAZY_ATTRIBUTES)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_ATTRIBUTES:
+        module = importlib.import_module(_LAZY_ATTRIBUTES[name], __name__)
+        value = getattr(module, name)
+        globals()[name] = value  # cache: later look-ups skip this function
+        return value
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__) | _LAZY_SUBMODULES)
+
+
+if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
+    from .callback import NTKMonitor
+    from .exceptions import LinearizationBreakdownError, LinearizationBreakdownWarning
+    from .kernel import empirical_ntk
+    from .linearize import (
+        LinearizedModel,
+        argmax_agreement,
+        linearization_error,
+        linearize,
+        prob_tv,
+    )
+    from .reference import reference_ntk
+    from .theory import RegimePrediction, kernel_flow, kernel_solution, predict_regime
+    from .tracker import NTKReport, NTKTracker

@@ -1,0 +1,281 @@
+"""A model seen as a pure function ``f(θ, X) -> logits`` of its selected parameters.
+
+Everything that evaluates a user's model (the kernel methods, the reference, the
+linearized model, the tracker) goes through :class:`FunctionalModel`, so that they all
+
+* select the same parameters (trainable by default, or a user's names / predicate),
+* evaluate with ``torch.func.functional_call`` and never write to the module: no
+  parameter, buffer (BatchNorm running statistics), ``.grad`` or RNG state changes,
+* see BatchNorm and dropout as in eval mode, with autocast off,
+* turn tuple / dict outputs into ``(N, C)`` logits through ``output_fn``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+ParamSelector = Union[None, str, Sequence[str], Callable[[str, nn.Parameter], bool]]
+OutputFn = Optional[Callable[[Any], Tensor]]
+
+
+def unwrap_module(model: nn.Module) -> nn.Module:
+    """Return the module a ``torch.compile`` (or DDP / DataParallel) wrapper holds."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Expected `model` to be a torch.nn.Module but got {type(model).__name__}.")
+    while True:
+        inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if inner is None and isinstance(
+            model, (nn.parallel.DistributedDataParallel, nn.DataParallel)
+        ):
+            inner = model.module
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def select_parameters(module: nn.Module, params: ParamSelector = None) -> list[str]:
+    """Names of the trainable parameters that span the kernel, in registration order.
+
+    Args:
+        module: the (unwrapped) model.
+        params: ``None`` for every parameter with ``requires_grad=True``; a name or a list
+            of names, where a name selects a parameter or every parameter below a module
+            (``"fc2"`` selects ``fc2.weight`` and ``fc2.bias``); or a predicate
+            ``(name, parameter) -> bool``.
+
+    Raises:
+        ValueError: a name matches no trainable parameter, or nothing is selected.
+    """
+    trainable = [name for name, p in module.named_parameters() if p.requires_grad]
+    frozen = {name for name, p in module.named_parameters() if not p.requires_grad}
+    if params is None:
+        selected = trainable
+    elif callable(params):
+        named = dict(module.named_parameters())
+        selected = [name for name in trainable if params(name, named[name])]
+    else:
+        wanted = [params] if isinstance(params, str) else list(params)
+        if not all(isinstance(w, str) for w in wanted):
+            raise TypeError(
+                "Expected `params` to be None, a name, a list of names or a predicate "
+                f"(name, parameter) -> bool, but got {params!r}."
+            )
+        selected = []
+        for want in wanted:
+            matches = [n for n in trainable if n == want or n.startswith(want + ".")]
+            if not matches:
+                if want in frozen:
+                    raise ValueError(
+                        f"`params` names {want!r}, which is frozen (requires_grad=False); "
+                        "frozen parameters do not enter the kernel."
+                    )
+                raise ValueError(
+                    f"`params` names {want!r}, which matches no trainable parameter. "
+                    f"Trainable parameters: {trainable}."
+                )
+            selected.extend(m for m in matches if m not in selected)
+        order = {name: i for i, name in enumerate(trainable)}
+        selected.sort(key=order.__getitem__)
+    if not selected:
+        raise ValueError(
+            "The model has no trainable parameters to build a kernel from "
+            f"(selected by `params`={params!r}; trainable: {trainable})."
+        )
+    return selected
+
+
+def compute_dtype(module: nn.Module, names: Sequence[str], dtype: Optional[torch.dtype]) -> torch.dtype:
+    """The floating dtype kernels are computed in: ``dtype``, else the parameters' own.
+
+    Half and bfloat16 parameters are computed in float32: their round-off would swamp
+    the kernel's drift.
+    """
+    if dtype is not None:
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"Expected `dtype` to be a floating torch.dtype but got {dtype!r}.")
+        return dtype
+    first = dict(module.named_parameters())[names[0]].dtype
+    return torch.float32 if first in (torch.float16, torch.bfloat16) else first
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode and restore each one's own flag afterwards."""
+    flags = [(m, m.training) for m in module.modules()]
+    try:
+        module.eval()
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+@contextlib.contextmanager
+def exact_matmuls(device: torch.device) -> Iterator[None]:
+    """Full-precision float32 matmuls (no TF32) and no autocast inside the block."""
+    matmul_precision = torch.get_float32_matmul_precision()
+    cudnn_tf32 = torch.backends.cudnn.allow_tf32
+    try:
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cudnn.allow_tf32 = False
+        with torch.autocast(device_type=device.type, enabled=False):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(matmul_precision)
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32
+
+
+class FunctionalModel:
+    """``f(θ, x) -> logits (N, C)`` for a module, with θ the selected parameters.
+
+    Args:
+        model: any ``nn.Module`` (a ``torch.compile`` wrapper is unwrapped).
+        params: which parameters span the kernel; see :func:`select_parameters`.
+        output_fn: maps the model's raw output (tensor, tuple, dict) to ``(N, C)`` logits.
+        dtype: compute dtype; see :func:`compute_dtype`.
+
+    Attributes:
+        module: the unwrapped module (never written to).
+        names: selected parameter names.
+        params: ``{name: detached tensor}`` of the selected parameters, in ``dtype``.
+        constants: frozen / unselected parameters and buffers, floats cast to ``dtype``.
+        dtype: the compute dtype.
+        device: where the parameters live.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        params: ParamSelector = None,
+        output_fn: OutputFn = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        if output_fn is not None and not callable(output_fn):
+            raise TypeError(f"Expected `output_fn` to be callable but got {output_fn!r}.")
+        self.module = unwrap_module(model)
+        self.names = select_parameters(self.module, params)
+        self.dtype = compute_dtype(self.module, self.names, dtype)
+        self.output_fn = output_fn
+        selected = set(self.names)
+        self.params: dict[str, Tensor] = {}
+        self.constants: dict[str, Tensor] = {}
+        for name, p in self.module.named_parameters():
+            target = self.params if name in selected else self.constants
+            target[name] = self._cast(p.detach())
+        for name, b in self.module.named_buffers():
+            self.constants[name] = self._cast(b.detach())
+        self.device = self.params[self.names[0]].device
+
+    def _cast(self, t: Tensor) -> Tensor:
+        return t.to(self.dtype) if t.is_floating_point() else t
+
+    @property
+    def num_params(self) -> int:
+        """Number of scalar parameters P spanning the kernel."""
+        return sum(p.numel() for p in self.params.values())
+
+    def cast_input(self, x: Tensor) -> Tensor:
+        """Move an input batch to the model's device and, if floating, to the compute dtype."""
+        x = x.to(self.device)
+        return self._cast(x)
+
+    def raw(self, params: Mapping[str, Tensor], x: Tensor) -> Any:
+        """The model's raw output at ``params`` (eval mode, buffers as they are)."""
+        with eval_mode(self.module):
+            return functional_call(self.module, (dict(params), self.constants), (x,))
+
+    def __call__(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        """Logits ``(N, C)`` of the batch ``x`` at parameters ``params``."""
+        return self.to_logits(self.raw(params, x))
+
+    def single(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        """Logits ``(C,)`` of one example ``x`` (no batch dimension), for ``vmap``."""
+        return self(params, x.unsqueeze(0)).squeeze(0)
+
+    def to_logits(self, out: Any) -> Tensor:
+        """Apply ``output_fn`` and check that the result is an ``(N, C)`` tensor."""
+        if self.output_fn is not None:
+            out = self.output_fn(out)
+        if not isinstance(out, Tensor):
+            hint = f" with keys {sorted(out)}" if isinstance(out, Mapping) else ""
+            raise TypeError(
+                f"The model returned a {type(out).__name__}{hint}, not a logits tensor; pass "
+                "`output_fn` mapping its output to (N, C) logits, e.g. "
+                "output_fn=lambda out: out['logits']."
+            )
+        if out.ndim != 2:
+            raise ValueError(
+                f"Expected the model's output to be logits of shape (N, C) but got shape "
+                f"{tuple(out.shape)}; pass `output_fn` to map it to (N, C) (for a single "
+                "output use output_fn=lambda out: out.reshape(len(out), -1))."
+            )
+        return out
+
+    def checked_logits(self, x: Tensor, argname: str = "x1") -> Tensor:
+        """One plain forward pass that validates the model on ``x`` before heavy work.
+
+        Returns:
+            The detached logits ``(N, C)``.
+
+        Raises:
+            TypeError: the model cannot take ``x`` (e.g. integer inputs to a float model),
+                or its output is not a tensor.
+            ValueError: the output is not ``(N, C)`` or holds NaN / inf.
+        """
+        try:
+            with torch.no_grad():
+                logits = self(self.params, x)
+        except (TypeError, ValueError):
+            raise
+        except RuntimeError as err:
+            if not x.is_floating_point():
+                raise TypeError(
+                    f"`{argname}` has dtype {x.dtype} and the model failed on it ({err}); "
+                    "integer inputs suit models that start with an embedding; pass float "
+                    "features otherwise."
+                ) from err
+            raise
+        if logits.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"The model maps {x.shape[0]} examples of `{argname}` to {logits.shape[0]} "
+                f"rows of logits (shape {tuple(logits.shape)}); expected one row per example."
+            )
+        bad = ~torch.isfinite(logits).all(dim=1)
+        if bad.any():
+            rows = bad.nonzero().flatten().tolist()
+            raise ValueError(
+                f"The model's logits on `{argname}` are not finite (NaN or inf) at rows "
+                f"{rows[:10]}{' ...' if len(rows) > 10 else ''}; the kernel is undefined there."
+            )
+        return logits.detach()
+
+
+def check_inputs(x1: Any, x2: Any = None) -> None:
+    """Validate the probe batches of a kernel call before any heavy work."""
+    for name, x in (("x1", x1), ("x2", x2)):
+        if x is None and name == "x2":
+            continue
+        if not isinstance(x, Tensor):
+            raise TypeError(f"Expected `{name}` to be a torch.Tensor but got {type(x).__name__}.")
+        if x.ndim == 0 or x.shape[0] == 0:
+            raise ValueError(
+                f"Expected `{name}` to be a non-empty batch of shape (N, ...) with N >= 1 but "
+                f"got shape {tuple(x.shape)}."
+            )
+    if x2 is not None and x2.shape[1:] != x1.shape[1:]:
+        raise ValueError(
+            f"Expected `x2` to have the per-example shape of `x1`, {tuple(x1.shape[1:])}, but "
+            f"got {tuple(x2.shape[1:])} (x1: {tuple(x1.shape)}, x2: {tuple(x2.shape)})."
+        )
+    if x2 is not None and x1.is_floating_point() != x2.is_floating_point():
+        raise TypeError(
+            f"`x1` and `x2` must both be floating or both be integer; got {x1.dtype} and "
+            f"{x2.dtype}."
+        )

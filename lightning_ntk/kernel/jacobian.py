@@ -1,0 +1,59 @@
+"""Jacobian contraction: materialise per-example Jacobians, then contract.
+
+``J(X) = vmap(jacrev(f))(θ, X)`` gives ``{name: (N, C, *shape)}``; flattened to
+``(N, C, P_l)`` per parameter, the kernel is ``Σ_l J1_l J2_lᵀ``.
+
+Cost: ``C`` backward passes per example (batched by ``vmap``) plus ``N1·N2·C²·P``
+multiply-adds for the full layout (``N1·N2·C·P`` for diagonal / trace). Memory:
+``(N1 + N2)·C·P`` numbers per block, bounded through ``chunk_size``. Works for any
+differentiable model: it is the fallback of every other method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch.func import jacrev, vmap
+
+from .._functional import FunctionalModel
+from ._layout import contract_jacobians
+
+
+def jacobians(fm: FunctionalModel, x: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
+    """Per-example Jacobians ``{name: (N, C, P_l)}`` of the logits w.r.t. ``names``."""
+    wrt = {name: fm.params[name] for name in names}
+    fixed = {name: p for name, p in fm.params.items() if name not in wrt}
+
+    def logits(wrt_params: dict[str, Tensor], x_single: Tensor) -> Tensor:
+        return fm.single({**fixed, **wrt_params}, x_single)
+
+    jac = vmap(jacrev(logits), in_dims=(None, 0))(wrt, x)  # {name: (N, C, *shape)}
+    return {name: j.flatten(start_dim=2) for name, j in jac.items()}
+
+
+def contract(
+    J1: dict[str, Tensor], J2: dict[str, Tensor], output: str, per_layer: bool
+) -> dict[str, Tensor]:
+    """Kernel blocks from Jacobians: one per parameter, or the total under key ``""``."""
+    if per_layer:
+        return {name: contract_jacobians(J1[name], J2[name], output) for name in J1}
+    cat1 = torch.cat(list(J1.values()), dim=2)  # (N1, C, P)
+    cat2 = cat1 if J2 is J1 else torch.cat(list(J2.values()), dim=2)  # (N2, C, P)
+    return {"": contract_jacobians(cat1, cat2, output)}
+
+
+class JacobianMethod:
+    """``method="jacobian"``: see the module docstring."""
+
+    name = "jacobian"
+
+    def __init__(self, fm: FunctionalModel, output: str, per_layer: bool) -> None:
+        self.fm, self.output, self.per_layer = fm, output, per_layer
+
+    def features(self, x: Tensor) -> dict[str, Tensor]:
+        return jacobians(self.fm, x, self.fm.names)
+
+    def block(self, f1: dict[str, Tensor], f2: dict[str, Tensor]) -> dict[str, Tensor]:
+        return contract(f1, f2, self.output, self.per_layer)

@@ -1,0 +1,86 @@
+"""NTK-vector products: columns of ``Θ(X1, X2)`` without a Jacobian of ``X1``.
+
+Column ``(j, b)`` of the kernel is ``J(X1) J(x_j)[b]ᵀ``: a ``vjp`` of ``f(X2)`` with
+the one-hot cotangent ``e_{j,b}`` gives the parameter tangent ``J(x_j)[b]``, and a ``jvp``
+of ``f(X1)`` along it gives the column. Both are batched with ``vmap`` over a group of
+cotangents whose size bounds the memory (``k·P`` for the tangents plus ``k`` forward
+passes over ``X1``), unlike the nested-``vmap`` recipe that pushes all ``N2·C``
+cotangents at once.
+
+Cost: ``N2·C`` vjps and jvps, each over a batch of ``N1``: about ``3·N1·N2·C`` forward
+passes. It wins when ``P`` is so large that even one Jacobian block does not fit, and it
+needs no knowledge of the layers. The full kernel is always computed; ``"diagonal"`` and
+``"trace"`` are read from it. ``per_layer=True`` costs one jvp per parameter group.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.func import jvp, vjp, vmap
+
+from .._functional import FunctionalModel
+from ._layout import reduce_full
+
+# Tangent memory budget per group of cotangents (numbers, not bytes).
+_TANGENT_BUDGET = 2**24
+
+
+class NTKVPMethod:
+    """``method="ntk_vp"``: see the module docstring."""
+
+    name = "ntk_vp"
+
+    def __init__(
+        self,
+        fm: FunctionalModel,
+        output: str,
+        per_layer: bool,
+        group_size: Optional[int] = None,
+    ) -> None:
+        self.fm, self.output, self.per_layer = fm, output, per_layer
+        self.group_size = group_size
+
+    def features(self, x: Tensor) -> Tensor:
+        return x  # nothing to precompute: every block runs its own vjp / jvp
+
+    def block(self, x1: Tensor, x2: Tensor) -> dict[str, Tensor]:
+        fm = self.fm
+        N1, N2 = x1.shape[0], x2.shape[0]
+        logits2, vjp_fn = vjp(lambda p: fm(p, x2), fm.params)
+        C = logits2.shape[1]
+        group = self.group_size or max(1, min(N2 * C, _TANGENT_BUDGET // max(fm.num_params, 1)))
+        groups = {key: [] for key in (fm.names if self.per_layer else [""])}
+        eye = torch.eye(N2 * C, dtype=logits2.dtype, device=logits2.device)
+        for start in range(0, N2 * C, group):
+            cotangents = eye[start : start + group].reshape(-1, N2, C)  # (k, N2, C)
+            (tangents,) = vmap(vjp_fn)(cotangents)  # {name: (k, *shape)}
+            for key in groups:
+                groups[key].append(self._push_forward(x1, tangents, key))  # (k, N1, C)
+        blocks = {}
+        for key, columns in groups.items():
+            cols = torch.cat(columns).reshape(N2, C, N1, C)  # [j, b, i, a]
+            blocks[key] = reduce_full(cols.permute(2, 0, 3, 1), self.output)
+        return blocks
+
+    def _push_forward(self, x1: Tensor, tangents: dict[str, Tensor], key: str) -> Tensor:
+        """``J(X1) t`` for each tangent ``t`` in the group: ``(k, N1, C)``."""
+        fm = self.fm
+        if key == "":
+            primals = fm.params
+
+            def f(p: dict[str, Tensor]) -> Tensor:
+                return fm(p, x1)
+        else:
+            primals = {key: fm.params[key]}
+            tangents = {key: tangents[key]}
+
+            def f(p: dict[str, Tensor]) -> Tensor:
+                return fm({**fm.params, **p}, x1)
+
+        def column(t: dict[str, Tensor]) -> Tensor:
+            return jvp(f, (primals,), (t,))[1]
+
+        return vmap(column)(tangents)

@@ -1,0 +1,62 @@
+"""Slow, dense, float64 reference for the empirical NTK.
+
+It materialises the whole Jacobian ``J (N, C, P)`` with ``vmap(jacrev)`` in float64 and
+contracts it with one ``einsum``. It is exact and simple by design, and it is what every
+fast method in :mod:`lightning_ntk.kernel` is tested against. Memory is ``O(N·C·P)``:
+use it on small models and probe sets only.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torch.func import jacrev, vmap
+
+from ._functional import FunctionalModel, OutputFn, ParamSelector, check_inputs
+from .kernel._layout import check_output
+
+
+def reference_ntk(
+    model: nn.Module,
+    x1: Tensor,
+    x2: Optional[Tensor] = None,
+    *,
+    output: str = "full",
+    params: ParamSelector = None,
+    output_fn: OutputFn = None,
+) -> Tensor:
+    """Empirical NTK ``Θ(X1, X2) = J(X1) J(X2)ᵀ`` computed densely in float64.
+
+    Args:
+        model: the network; evaluated functionally in eval mode, never mutated.
+        x1: inputs ``(N1, ...)``.
+        x2: inputs ``(N2, ...)``; ``None`` means ``x1``.
+        output: ``"full" (N1, N2, C, C)``, ``"diagonal" (N1, N2, C)`` or
+            ``"trace" (N1, N2)`` (mean over classes).
+        params: parameter selection, as in :func:`lightning_ntk.empirical_ntk`.
+        output_fn: maps the model's raw output to ``(N, C)`` logits.
+
+    Returns:
+        The kernel in float64, in the requested layout.
+    """
+    check_output(output)
+    check_inputs(x1, x2)
+    fm = FunctionalModel(model, params=params, output_fn=output_fn, dtype=torch.float64)
+    x1 = fm.cast_input(x1)
+    x2 = x1 if x2 is None else fm.cast_input(x2)
+    fm.checked_logits(x1, "x1")
+    fm.checked_logits(x2, "x2")
+
+    def flat_jacobian(x: Tensor) -> Tensor:
+        jac = vmap(jacrev(fm.single), in_dims=(None, 0))(fm.params, x)  # {name: (N, C, *shape)}
+        return torch.cat([j.flatten(start_dim=2) for j in jac.values()], dim=2)  # (N, C, P)
+
+    J1 = flat_jacobian(x1)
+    J2 = flat_jacobian(x2)
+    K = torch.einsum("iap,jbp->ijab", J1, J2)  # (N1, N2, C, C)
+    if output == "full":
+        return K
+    diag = torch.diagonal(K, dim1=2, dim2=3)  # (N1, N2, C)
+    return diag if output == "diagonal" else diag.mean(dim=-1)
