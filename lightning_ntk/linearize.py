@@ -1,0 +1,336 @@
+"""The linearized model ``f_lin(x; θ) = f(x; θ0) + J0(x)(θ − θ0)`` and how far a network is from it.
+
+:func:`linearize` snapshots ``θ0`` and returns a :class:`LinearizedModel`. Each call is
+one ``torch.func.jvp`` at ``θ0`` with tangent ``θ − θ0``: the Jacobian ``J0(x)`` is never
+materialised, so the cost is about two forward passes whatever the number of parameters.
+
+Distances between a network's logits ``f = f(X; θt)``, its linearization
+``f_lin = f_lin(X; θt)`` and its initial logits ``f0 = f(X; θ0)``, all ``(N, C)``:
+
+* :func:`linearization_error` ``= ‖f − f_lin‖_F / max(‖f − f0‖_F, eps)``: the part of the
+  function's change the linear model misses, relative to the change itself;
+* :func:`prob_tv`: mean over rows of the total-variation distance
+  ``½ Σ_a |softmax(f)_a − softmax(f_lin)_a|``;
+* :func:`argmax_agreement`: fraction of rows where ``argmax f == argmax f_lin``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jvp
+
+from ._functional import (
+    FunctionalModel,
+    OutputFn,
+    ParamSelector,
+    eval_mode,
+    exact_matmuls,
+    unwrap_module,
+)
+
+__all__ = [
+    "LinearizedModel",
+    "argmax_agreement",
+    "linearization_error",
+    "linearize",
+    "prob_tv",
+]
+
+ParamSource = Union[None, Mapping[str, Tensor], nn.Module]
+
+_BUFFERS = ("initial", "current")
+
+
+def linearize(
+    model: nn.Module,
+    params0: Optional[Mapping[str, Tensor]] = None,
+    *,
+    params: ParamSelector = None,
+    output_fn: OutputFn = None,
+    store_on: Union[str, torch.device, None] = None,
+    buffers: str = "initial",
+    dtype: Optional[torch.dtype] = None,
+) -> LinearizedModel:
+    """Linearize ``model`` around its current parameters (or ``params0``).
+
+    ``f_lin(x; θ) = f(x; θ0) + J0(x)(θ − θ0)`` with ``J0(x) = ∂f(x; θ)/∂θ`` at ``θ0``.
+
+    Args:
+        model: the network; evaluated functionally in eval mode and never written to.
+            The returned object keeps a reference to it: calling it without ``params``
+            reads the model's parameters *at call time*.
+        params0: ``{name: tensor}`` to linearize around instead of the model's current
+            values; it must hold every selected parameter, with matching shapes.
+        params: which parameters ``θ`` spans (see :func:`lightning_ntk.empirical_ntk`);
+            the others are held fixed like the buffers (see ``buffers``).
+        output_fn: maps the model's raw output (tensor, tuple, dict) to ``(N, C)`` logits.
+        store_on: device for the ``θ0`` snapshot (e.g. ``"cpu"`` for a large model on a
+            GPU); it is moved to the model's device for each call. ``None``: the
+            model's device.
+        buffers: ``"initial"`` (default) evaluates ``f(x; θ0)`` and its Jacobian with the
+            buffers (e.g. BatchNorm running statistics) and unselected parameters as they
+            are now (copied), so the linear model is one fixed function of ``θ``;
+            ``"current"`` reads them from the module at call time.
+        dtype: compute dtype (default: the parameters'; float32 for half / bf16).
+
+    Returns:
+        A :class:`LinearizedModel`.
+    """
+    return LinearizedModel(
+        model,
+        params0,
+        params=params,
+        output_fn=output_fn,
+        store_on=store_on,
+        buffers=buffers,
+        dtype=dtype,
+    )
+
+
+class LinearizedModel:
+    """``f_lin(x; θ) = f(x; θ0) + J0(x)(θ − θ0)``, one ``jvp`` per call.
+
+    Build it with :func:`linearize`; the arguments are the same.
+
+    Attributes:
+        names: the parameter names ``θ`` spans, in registration order.
+        params0: ``{name: tensor}``, the detached snapshot ``θ0`` (on ``store_on``).
+        model: the (unwrapped) module whose live parameters ``θt`` are read by default.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params0: Optional[Mapping[str, Tensor]] = None,
+        *,
+        params: ParamSelector = None,
+        output_fn: OutputFn = None,
+        store_on: Union[str, torch.device, None] = None,
+        buffers: str = "initial",
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        if buffers not in _BUFFERS:
+            raise ValueError(f"Expected `buffers` to be one of {_BUFFERS} but got {buffers!r}.")
+        self._fm = FunctionalModel(model, params=params, output_fn=output_fn, dtype=dtype)
+        self.model = self._fm.module
+        self.names: list[str] = list(self._fm.names)
+        self._buffers = buffers
+        self._store_on = None if store_on is None else torch.device(store_on)
+        source = self._fm.params if params0 is None else params0
+        if params0 is not None and not isinstance(params0, Mapping):
+            raise TypeError(
+                "Expected `params0` to be None or a mapping {name: tensor} but got "
+                f"{type(params0).__name__}."
+            )
+        snapshot = self._select(source, "params0")
+        device = self._store_on or self._fm.device
+        # clone: the module's parameters are updated in place while it trains
+        self.params0: dict[str, Tensor] = {
+            name: t.detach().to(device=device, dtype=self._fm.dtype).clone()
+            for name, t in snapshot.items()
+        }
+        self._constants0 = {name: t.clone() for name, t in self._fm.constants.items()}
+
+    # ------------------------------------------------------------------ evaluation
+
+    def __call__(self, x: Tensor, params: ParamSource = None) -> Tensor:
+        """Logits ``f_lin(x; θ) = f(x; θ0) + J0(x)(θ − θ0)``, shape ``(N, C)``.
+
+        Args:
+            x: a batch ``(N, ...)`` the model accepts (integer inputs for embeddings).
+            params: ``θ``: ``None`` for the model's current parameters (read now, detached);
+                a mapping ``{name: tensor}`` or an ``nn.Module`` with the same parameter
+                names. Gradients flow to tensors passed here, so the linearized model
+                can be trained.
+        """
+        theta = self._theta(params)
+        theta0 = self._params0_on_device()
+        tangent = {name: theta[name] - theta0[name] for name in self.names}
+        f0, Jt = self._jvp(x, theta0, tangent)
+        return f0 + Jt
+
+    def initial_logits(self, x: Tensor) -> Tensor:
+        """``f(x; θ0)``, shape ``(N, C)``."""
+        x = self._fm.cast_input(x)
+        with exact_matmuls(self._fm.device), torch.no_grad():
+            return self._evaluate(self._params0_on_device(), x)
+
+    def tangent_logits(self, x: Tensor, tangent: ParamSource) -> Tensor:
+        """``J0(x) v`` for a tangent ``v`` (a mapping or module like ``params``), ``(N, C)``.
+
+        ``tangent_logits(x, lin.params0)`` is ``J0(x) θ0``, the shift ``s`` of plain
+        weight decay in :func:`lightning_ntk.kernel_solution`.
+        """
+        if tangent is None:
+            raise TypeError("Expected `tangent` to be a mapping {name: tensor} or a module.")
+        v = self._theta(tangent, argname="tangent")
+        return self._jvp(x, self._params0_on_device(), v)[1]
+
+    # ------------------------------------------------------------------ helpers
+
+    def _jvp(
+        self, x: Tensor, theta0: dict[str, Tensor], tangent: dict[str, Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        x = self._fm.cast_input(x)
+        with exact_matmuls(self._fm.device):
+            return jvp(lambda p: self._evaluate(p, x), (theta0,), (tangent,))
+
+    def _evaluate(self, theta: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        constants = self._constants0 if self._buffers == "initial" else self._live_constants()
+        with eval_mode(self.model):
+            out = functional_call(self.model, (dict(theta), constants), (x,))
+        return self._fm.to_logits(out)
+
+    def _live_constants(self) -> dict[str, Tensor]:
+        selected = set(self.names)
+        live: dict[str, Tensor] = {}
+        for name, p in self.model.named_parameters():
+            if name not in selected:
+                live[name] = self._fm._cast(p.detach())
+        for name, b in self.model.named_buffers():
+            live[name] = self._fm._cast(b.detach())
+        return live
+
+    def _params0_on_device(self) -> dict[str, Tensor]:
+        device = self._fm.device
+        return {name: t.to(device, non_blocking=True) for name, t in self.params0.items()}
+
+    def _theta(self, params: ParamSource, argname: str = "params") -> dict[str, Tensor]:
+        if params is None:
+            live = dict(self.model.named_parameters())
+            chosen = {name: live[name].detach() for name in self.names}
+        elif isinstance(params, nn.Module):
+            chosen = self._select(dict(unwrap_module(params).named_parameters()), argname)
+        elif isinstance(params, Mapping):
+            chosen = self._select(params, argname)
+        else:
+            raise TypeError(
+                f"Expected `{argname}` to be None, a mapping {{name: tensor}} or an nn.Module "
+                f"but got {type(params).__name__}."
+            )
+        device, dtype = self._fm.device, self._fm.dtype
+        return {name: t.to(device=device, dtype=dtype) for name, t in chosen.items()}
+
+    def _select(self, source: Mapping[str, Tensor], argname: str) -> dict[str, Tensor]:
+        """The selected names from ``source``, checked for presence, type and shape."""
+        missing = [name for name in self.names if name not in source]
+        if missing:
+            raise ValueError(
+                f"`{argname}` lacks the parameters {missing}; expected every one of "
+                f"{self.names} (got {sorted(source)})."
+            )
+        shapes = {name: p.shape for name, p in self._fm.params.items()}
+        chosen: dict[str, Tensor] = {}
+        for name in self.names:
+            t = source[name]
+            if not isinstance(t, Tensor):
+                raise TypeError(
+                    f"Expected `{argname}[{name!r}]` to be a tensor but got {type(t).__name__}."
+                )
+            if t.shape != shapes[name]:
+                raise ValueError(
+                    f"Expected `{argname}[{name!r}]` to have shape {tuple(shapes[name])} but "
+                    f"got {tuple(t.shape)}."
+                )
+            chosen[name] = t
+        return chosen
+
+
+# ---------------------------------------------------------------------- distances
+
+
+def linearization_error(
+    logits: Tensor, logits_lin: Tensor, logits0: Tensor, eps: float = 1e-12
+) -> Tensor:
+    """``‖f − f_lin‖_F / max(‖f − f0‖_F, eps)`` over a batch.
+
+    Args:
+        logits: ``f(X; θt)``, shape ``(N, C)``.
+        logits_lin: ``f_lin(X; θt)``, shape ``(N, C)``.
+        logits0: ``f(X; θ0)``, shape ``(N, C)``.
+        eps: floor of the denominator (the error of an unmoved network is 0, not NaN).
+
+    Returns:
+        A 0-dim tensor: 0 for a network that is exactly linear in its parameters, about
+        1 when the linear model explains none of the change.
+    """
+    num_sq, den_sq = _linearization_error_update(logits, logits_lin, logits0)
+    return _linearization_error_compute(num_sq, den_sq, eps)
+
+
+def prob_tv(logits: Tensor, logits_lin: Tensor) -> Tensor:
+    """Mean over rows of ``½ Σ_a |softmax(f)_a − softmax(f_lin)_a|``, in ``[0, 1]``.
+
+    Args:
+        logits: ``(N, C)``.
+        logits_lin: ``(N, C)``.
+
+    Returns:
+        A 0-dim tensor.
+    """
+    _check_logits(logits=logits, logits_lin=logits_lin)
+    return _prob_tv_rows(logits, logits_lin).mean()
+
+
+def argmax_agreement(logits: Tensor, logits_lin: Tensor) -> Tensor:
+    """Fraction of rows whose predicted class is the same under ``f`` and ``f_lin``.
+
+    Args:
+        logits: ``(N, C)``.
+        logits_lin: ``(N, C)``.
+
+    Returns:
+        A 0-dim floating tensor in ``[0, 1]``.
+    """
+    _check_logits(logits=logits, logits_lin=logits_lin)
+    dtype = logits.dtype if logits.is_floating_point() else torch.float32
+    return _argmax_equal_rows(logits, logits_lin).to(dtype).mean()
+
+
+def _linearization_error_update(
+    logits: Tensor, logits_lin: Tensor, logits0: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Sums ``(‖f − f_lin‖², ‖f − f0‖²)`` of one batch, in float64."""
+    _check_logits(logits=logits, logits_lin=logits_lin, logits0=logits0)
+    f = logits.double()
+    num_sq = (f - logits_lin.double()).square().sum()
+    den_sq = (f - logits0.double()).square().sum()
+    return num_sq, den_sq
+
+
+def _linearization_error_compute(num_sq: Tensor, den_sq: Tensor, eps: float) -> Tensor:
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps <= 0:
+        raise ValueError(f"Expected `eps` to be a positive float but got {eps!r}.")
+    return num_sq.sqrt() / den_sq.sqrt().clamp_min(eps)
+
+
+def _prob_tv_rows(logits: Tensor, logits_lin: Tensor) -> Tensor:
+    """Total-variation distance of each row's softmaxes, ``(N,)``."""
+    p = torch.softmax(logits.double(), dim=-1)
+    q = torch.softmax(logits_lin.double(), dim=-1)
+    return 0.5 * (p - q).abs().sum(dim=-1)
+
+
+def _argmax_equal_rows(logits: Tensor, logits_lin: Tensor) -> Tensor:
+    return logits.argmax(dim=-1) == logits_lin.argmax(dim=-1)
+
+
+def _check_logits(**named: Tensor) -> None:
+    """All arguments must be ``(N, C)`` tensors of one shape."""
+    first_name, first = next(iter(named.items()))
+    for name, t in named.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"Expected `{name}` to be a torch.Tensor but got {type(t).__name__}.")
+        if t.ndim != 2:
+            raise ValueError(
+                f"Expected `{name}` to be logits of shape (N, C) but got shape {tuple(t.shape)}."
+            )
+        if t.shape != first.shape:
+            raise ValueError(
+                f"Expected `{name}` to have the shape of `{first_name}`, {tuple(first.shape)}, "
+                f"but got {tuple(t.shape)}."
+            )
