@@ -1,0 +1,194 @@
+"""The probe set: drawing it once, splitting batches into inputs and labels, model access.
+
+The probe is drawn by indexing the dataset itself with the tracker's own
+``torch.Generator``: no data-loader iterator is created (creating one draws a seed from
+the global RNG), and every RNG a dataset's ``__getitem__`` may touch (torch, ``random``,
+NumPy) is restored afterwards, so training sees the same data in the same order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ._functional import unwrap_module
+
+BatchToXY = Callable[[Any], tuple[Any, Optional[Tensor]]]
+ForwardFn = Callable[[nn.Module, Tensor], Any]
+
+_INPUT_KEYS = ("x", "input", "inputs", "input_ids", "features", "image", "images", "data")
+_LABEL_KEYS = ("y", "label", "labels", "target", "targets")
+
+# Candidates read from a dataset to stratify a probe of ``n`` examples: ``n · factor``.
+_POOL_FACTOR = 20
+
+
+def default_batch_to_xy(batch: Any) -> tuple[Any, Optional[Tensor]]:
+    """Split a batch into ``(inputs, labels)``; labels are ``None`` when there are none.
+
+    * a tensor is all inputs;
+    * a tuple / list is ``(inputs, labels, ...)``;
+    * a mapping uses the first of the keys ``x, input, inputs, input_ids, features,
+      image, images, data`` for inputs and ``y, label, labels, target, targets`` for labels.
+
+    Raises:
+        TypeError: a batch of another type, or a mapping without a known input key.
+    """
+    if isinstance(batch, Tensor):
+        return batch, None
+    if isinstance(batch, Mapping):
+        x_key = next((k for k in _INPUT_KEYS if k in batch), None)
+        if x_key is None:
+            raise TypeError(
+                f"Cannot find the inputs in a batch with keys {sorted(batch)}; expected one of "
+                f"{_INPUT_KEYS}. Pass `batch_to_xy=lambda batch: (inputs, labels)`."
+            )
+        y_key = next((k for k in _LABEL_KEYS if k in batch), None)
+        return batch[x_key], (batch[y_key] if y_key is not None else None)
+    if isinstance(batch, (tuple, list)) and len(batch) >= 1:
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    raise TypeError(
+        f"Cannot split a batch of type {type(batch).__name__} into inputs and labels; pass "
+        "`batch_to_xy=lambda batch: (inputs, labels)`."
+    )
+
+
+def draw_probe(
+    dataset: Any,
+    n_probe: int,
+    generator: torch.Generator,
+    *,
+    collate_fn: Optional[Callable[[list[Any]], Any]] = None,
+    batch_to_xy: Optional[BatchToXY] = None,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """Draw ``n_probe`` examples of a map-style dataset, stratified by class.
+
+    A random pool of ``min(len, 20·n_probe)`` indices is read (in the generator's order)
+    and, when labels exist, the probe takes classes in turn (round-robin over the classes
+    present, each class's examples in pool order), so every class is represented as
+    evenly as the pool allows.
+
+    Args:
+        dataset: map-style dataset (``len`` and ``__getitem__``).
+        n_probe: number of probe examples, ``1 ≤ n_probe ≤ len(dataset)``.
+        generator: the tracker's own generator (the global RNG is not used).
+        collate_fn: turns a list of items into a batch (the data loader's);
+            default ``torch.utils.data.default_collate``.
+        batch_to_xy: splits a batch into ``(inputs, labels)``.
+
+    Returns:
+        ``(probe_x (n_probe, ...), probe_y (n_probe,) or None)``.
+
+    Raises:
+        ValueError: ``n_probe`` larger than the dataset, or an empty dataset.
+        TypeError: a dataset without ``len`` / ``__getitem__`` (an iterable dataset).
+    """
+    if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        raise TypeError(
+            f"Cannot draw a probe from a {type(dataset).__name__}: expected a map-style "
+            "dataset with __len__ and __getitem__; pass `probe_x` / `probe_y` explicitly."
+        )
+    size = len(dataset)
+    if size == 0:
+        raise ValueError("Cannot draw a probe from an empty dataset (len 0).")
+    if n_probe > size:
+        raise ValueError(
+            f"Expected `n_probe` to be at most the dataset size {size} but got {n_probe}."
+        )
+    collate = collate_fn or torch.utils.data.default_collate
+    split = batch_to_xy or default_batch_to_xy
+    pool = torch.randperm(size, generator=generator)[: min(size, _POOL_FACTOR * n_probe)]
+    with preserved_rng():
+        items = [dataset[int(i)] for i in pool]
+    x, y = split(collate(items))
+    if y is None or not isinstance(y, Tensor) or y.ndim != 1 or y.is_floating_point():
+        chosen = torch.arange(n_probe)
+    else:
+        chosen = _stratified(y, n_probe)
+    return _take(x, chosen), (None if y is None else _take(y, chosen))
+
+
+def _stratified(labels: Tensor, n: int) -> Tensor:
+    """Indices of ``n`` entries taking the classes in turn, each in its given order."""
+    per_class = [(labels == c).nonzero().flatten().tolist() for c in labels.unique().tolist()]
+    chosen: list[int] = []
+    depth = 0
+    while len(chosen) < n:
+        for members in per_class:
+            if depth < len(members) and len(chosen) < n:
+                chosen.append(members[depth])
+        depth += 1
+    return torch.tensor(sorted(chosen))
+
+
+def _take(x: Any, index: Tensor) -> Any:
+    if isinstance(x, Tensor):
+        return x[index]
+    if isinstance(x, Mapping):
+        return {k: _take(v, index) for k, v in x.items()}
+    if isinstance(x, Sequence) and not isinstance(x, str):
+        return type(x)(_take(v, index) for v in x)
+    raise TypeError(f"Expected probe inputs to be a tensor but got {type(x).__name__}.")
+
+
+@contextlib.contextmanager
+def preserved_rng(device: Optional[torch.device] = None) -> Iterator[None]:
+    """Leave the torch (CPU and ``device``), ``random`` and NumPy RNG states as found."""
+    devices = [device] if device is not None and device.type == "cuda" else []
+    py_state = random.getstate()
+    np_state = np.random.get_state()  # noqa: NPY002 - the legacy global state is what we keep
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)  # noqa: NPY002
+
+
+class ForwardModule(nn.Module):
+    """``x ↦ forward_fn(model, x)`` as a module, so the model is evaluated functionally.
+
+    Its parameters are the model's, prefixed ``"model."``; compiled sub-modules run
+    eagerly inside it (the kernel transforms need eager execution).
+    """
+
+    PREFIX = "model."
+
+    def __init__(self, model: nn.Module, forward_fn: Optional[ForwardFn] = None) -> None:
+        super().__init__()
+        self.model = unwrap_module(model)
+        self._forward_fn = forward_fn
+
+    def forward(self, x: Tensor) -> Any:
+        with _eager():
+            if self._forward_fn is None:
+                return self.model(x)
+            return self._forward_fn(self.model, x)
+
+
+def strip_prefix(name: str) -> str:
+    """A parameter name of :class:`ForwardModule` as the user's model names it."""
+    name = name[len(ForwardModule.PREFIX) :] if name.startswith(ForwardModule.PREFIX) else name
+    return name.replace("_orig_mod.", "")
+
+
+def module_of(name: str) -> str:
+    """The module a parameter belongs to: its name without ``.weight`` / ``.bias`` etc."""
+    name = strip_prefix(name)
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
+@contextlib.contextmanager
+def _eager() -> Iterator[None]:
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is None:  # torch < 2.6: compiled sub-modules are traced as they are
+        yield
+        return
+    with set_stance("force_eager"):
+        yield

@@ -1,0 +1,71 @@
+"""When the tracker computes a report: log-spaced steps, every n steps, every n epochs.
+
+The kernel moves fastest early in training and its drift, like the logit divergence of
+hard-label training, is a function of ``log(step)``; the default schedule is therefore
+log-spaced: steps ``⌈b^k⌉`` for ``k = 0, 1, 2, ...`` with ``b = log_base`` (default 2:
+steps 1, 2, 4, 8, ...). A run of ``T`` steps then costs ``≈ log_b(T)`` kernel
+evaluations. ``every_n_steps`` and ``every_n_epochs`` add fixed intervals; a step is due
+when any of the active rules fires.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The steps (optimizer steps, counted from 1) and epochs at which a report is due.
+
+    Args:
+        every_n_steps: a report every ``n`` optimizer steps, or ``None``.
+        every_n_epochs: a report at the end of every ``n``-th epoch, or ``None``.
+        log_base: log-spaced steps ``⌈b^k⌉`` (``b > 1``), or ``None`` to turn them off.
+    """
+
+    every_n_steps: Optional[int] = None
+    every_n_epochs: Optional[int] = None
+    log_base: Optional[float] = 2.0
+
+    def __post_init__(self) -> None:
+        for name in ("every_n_steps", "every_n_epochs"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ValueError(
+                    f"Expected `{name}` to be a positive int or None but got {value!r}."
+                )
+        base = self.log_base
+        if base is not None and (
+            isinstance(base, bool) or not isinstance(base, (int, float)) or not base > 1
+        ):
+            raise ValueError(f"Expected `log_base` to be a number > 1 or None but got {base!r}.")
+        if self.every_n_steps is None and self.every_n_epochs is None and base is None:
+            raise ValueError(
+                "The schedule never fires: set `every_n_steps`, `every_n_epochs` or `log_base`."
+            )
+
+    def step_due(self, step: int) -> bool:
+        """Whether a report is due after optimizer step ``step`` (``step ≥ 1``)."""
+        if step < 1:
+            return False
+        if self.every_n_steps is not None and step % self.every_n_steps == 0:
+            return True
+        return self.log_base is not None and step in _log_steps_up_to(step, self.log_base)
+
+    def epoch_due(self, epoch: int) -> bool:
+        """Whether a report is due at the end of epoch ``epoch`` (counted from 0)."""
+        return self.every_n_epochs is not None and (epoch + 1) % self.every_n_epochs == 0
+
+
+def _log_steps_up_to(step: int, base: float) -> set[int]:
+    steps, k = set(), 0
+    while True:
+        s = math.ceil(base**k - 1e-9)
+        if s > step:
+            return steps
+        steps.add(s)
+        k += 1

@@ -1,0 +1,341 @@
+"""NTKMonitor: a Lightning callback that watches the empirical NTK while a classifier trains.
+
+A thin adapter over :class:`~lightning_ntk.tracker.NTKTracker`: it draws the probe set
+from the training data (or takes the one given), starts the tracker when training
+starts, asks it for a report on its schedule, logs the report and acts on the verdict.
+
+One implementation serves both Lightning namespaces: :func:`monitor_class` builds the
+callback class for ``"pytorch_lightning"`` (``lightning_ntk.NTKMonitor``, defined here)
+or ``"lightning.pytorch"`` (``lightning_ntk.lightning.NTKMonitor``). The namespace is
+imported only when the class is first used.
+
+Logging. Every report is logged
+
+* through ``pl_module.log`` (``logger=False``), so ``trainer.callback_metrics`` holds
+  ``ntk/*`` for ``EarlyStopping`` / ``ModelCheckpoint`` and the progress bar shows
+  ``ntk/relative_change`` and ``ntk/lazy``;
+* straight to every attached logger with ``logger.log_metrics(..., step=global_step)``,
+  so no report is dropped by the Trainer's ``log_every_n_steps``;
+* with TensorBoard extras (:mod:`lightning_ntk.loggers`) when a ``TensorBoardLogger`` of
+  either namespace is attached.
+
+Distributed. Under DDP every rank computes the same report (same probe, same synced
+parameters) and takes part in one broadcast per report, so the verdict, the logged
+values and the actions are rank 0's on every rank; ``"stop"`` stops all ranks at the
+same step. Sharded strategies (FSDP, DeepSpeed, model parallel) are refused at ``setup``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from collections.abc import Mapping
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from .exceptions import LinearizationBreakdownError, LinearizationBreakdownWarning
+from .loggers import tensorboard_writers, write_extras, write_layout
+from .tracker import NTKReport, NTKTracker
+
+__all__ = ["NTKMonitor", "NTKMonitorBase", "monitor_class"]  # noqa: F822 - NTKMonitor is lazy
+
+ACTIONS = ("warn", "stop", "raise")
+PROGRESS_BAR_KEYS = ("ntk/relative_change", "ntk/lazy")
+_SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
+_MODULES = {
+    "pytorch_lightning": "lightning_ntk.callback",
+    "lightning.pytorch": "lightning_ntk.lightning",
+}
+
+
+class NTKMonitorBase:
+    """Watch the empirical NTK of the trained classifier and flag when it leaves the kernel regime.
+
+    At the start of training the monitor draws ``n_probe`` examples from the training
+    dataset (stratified by class, with its own generator: the data order and the global
+    RNG are untouched) unless ``probe_x`` is given, snapshots ``θ0`` and ``Θ0``, then on
+    its schedule (default: steps 1, 2, 4, 8, …) logs every field of an
+    :class:`~lightning_ntk.tracker.NTKReport` as ``ntk/<field>``, plus ``ntk/lazy``
+    and the per-layer drift ``ntk/layer/<module>/relative_change``.
+
+    The model is never run in training mode and never written to: every evaluation is
+    functional (``torch.func``), in eval mode, with autocast off.
+
+    Args:
+        probe_x: probe inputs ``(N, ...)``; ``None`` draws them from the training data.
+        probe_y: probe labels ``(N,)`` or soft targets ``(N, C)``.
+        n_probe: examples to draw when ``probe_x`` is ``None``.
+        output: kernel layout ``"full"``, ``"diagonal"`` or ``"trace"``.
+        method: kernel method ``"auto"``, ``"structured"``, ``"jacobian"`` or ``"ntk_vp"``.
+        params: parameter names (or a predicate) spanning the kernel; ``None``: all
+            trainable parameters.
+        per_layer: report per-layer drift (``None``: on unless ``method="ntk_vp"``).
+        top_layers: how many of the most-moving layers are logged.
+        every_n_steps: also report every ``n`` optimizer steps.
+        every_n_epochs: also report at the end of every ``n``-th epoch.
+        log_base: report at steps ``⌈b^k⌉`` (``None`` turns the log-spaced schedule off).
+        thresholds: verdict thresholds, a dict of
+            :class:`~lightning_ntk._verdict.Thresholds` fields (e.g.
+            ``{"relative_change": [0.1, 0.5]}``).
+        weight_decay: overrides the weight decay read from the first optimizer.
+        label_smoothing: overrides the label smoothing read from the module's loss.
+        on_breakdown: what to do when the verdict turns ``"broken"``: ``"warn"`` (a
+            :class:`~lightning_ntk.LinearizationBreakdownWarning`, once per transition),
+            ``"stop"`` (stop training on every rank), ``"raise"``
+            (:class:`~lightning_ntk.LinearizationBreakdownError`), or a callable receiving
+            the report (called once per transition).
+        forward_fn: ``forward_fn(pl_module, x) -> logits`` when the module's forward is not
+            ``logits = pl_module(x)``.
+        output_fn: maps the raw output to ``(N, C)`` logits (e.g. ``lambda o: o["logits"]``).
+        batch_to_xy: ``batch -> (inputs, labels)`` for batches that are not ``(x, y)``,
+            a tensor, or a dict with ``x`` / ``y``-like keys.
+        prog_bar: show ``ntk/relative_change`` and ``ntk/lazy`` in the progress bar.
+        tensorboard_extras: write the spectrum histogram, kernel image, diagnosis text and
+            custom-scalars layout to attached TensorBoard loggers.
+        seed: seed of the probe-drawing generator.
+    """
+
+    _namespace = ""
+
+    def __init__(
+        self,
+        *,
+        probe_x: Optional[Tensor] = None,
+        probe_y: Optional[Tensor] = None,
+        n_probe: int = 32,
+        output: str = "full",
+        method: str = "auto",
+        params: Optional[Union[str, list[str], Callable[..., bool]]] = None,
+        per_layer: Optional[bool] = None,
+        top_layers: int = 5,
+        every_n_steps: Optional[int] = None,
+        every_n_epochs: Optional[int] = None,
+        log_base: Optional[float] = 2.0,
+        thresholds: Optional[dict[str, Any]] = None,
+        weight_decay: Optional[float] = None,
+        label_smoothing: Optional[float] = None,
+        on_breakdown: Union[str, Callable[[NTKReport], Any]] = "warn",
+        forward_fn: Optional[Callable[[Any, Tensor], Any]] = None,
+        output_fn: Optional[Callable[[Any], Tensor]] = None,
+        batch_to_xy: Optional[Callable[[Any], Any]] = None,
+        prog_bar: bool = True,
+        tensorboard_extras: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not (on_breakdown in ACTIONS or callable(on_breakdown)):
+            raise ValueError(
+                f"Expected `on_breakdown` to be one of {ACTIONS} or a callable taking the "
+                f"report but got {on_breakdown!r}."
+            )
+        for name, flag in (("prog_bar", prog_bar), ("tensorboard_extras", tensorboard_extras)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"Expected `{name}` to be a bool but got {flag!r}.")
+        for name, value in (("weight_decay", weight_decay), ("label_smoothing", label_smoothing)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0
+            ):
+                raise ValueError(
+                    f"Expected `{name}` to be a non-negative number or None but got {value!r}."
+                )
+        self.tracker = NTKTracker(
+            probe_x,
+            probe_y,
+            n_probe=n_probe,
+            output=output,
+            method=method,
+            params=params,
+            output_fn=output_fn,
+            forward_fn=forward_fn,
+            per_layer=per_layer,
+            top_layers=top_layers,
+            every_n_steps=every_n_steps,
+            every_n_epochs=every_n_epochs,
+            log_base=log_base,
+            thresholds=thresholds,
+            weight_decay=weight_decay,
+            label_smoothing=label_smoothing,
+            seed=seed,
+            batch_to_xy=batch_to_xy,
+        )
+        self.on_breakdown = on_breakdown
+        self.prog_bar = prog_bar
+        self.tensorboard_extras = tensorboard_extras
+        self._probe_given = probe_x is not None
+        self._restored = False
+        self._last_verdict: Optional[str] = None
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Refuse sharded strategies, whose parameters no rank holds whole."""
+        names = {cls.__name__ for cls in type(trainer.strategy).__mro__}
+        sharded = names.intersection(_SHARDED)
+        if sharded:
+            raise ValueError(
+                f"NTKMonitor does not support sharded strategies (got "
+                f"{type(trainer.strategy).__name__}): the kernel needs every parameter on "
+                "each rank. Use strategy='ddp' (or a single device) for monitored runs."
+            )
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        """Draw the probe (if needed), read the set-up and snapshot ``θ0``, ``Θ0``."""
+        if self._restored and self.tracker.started:
+            self._restored = False
+            return
+        tracker = self.tracker
+        if not self._probe_given:
+            tracker.draw_probe(_first_dataloader(trainer.train_dataloader))
+        optimizers = list(getattr(trainer, "optimizers", []) or [])
+        if tracker.weight_decay is None:
+            tracker.optimizer = optimizers[0] if optimizers else None
+        if tracker.label_smoothing is None:
+            tracker.loss = _find_loss(pl_module)
+        tracker.start(pl_module, step=trainer.global_step)
+        self._last_verdict = None
+        if self.tensorboard_extras and trainer.is_global_zero:
+            for writer in tensorboard_writers(trainer.loggers):
+                write_layout(writer)
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Report when the schedule says so (never during the sanity check)."""
+        if trainer.sanity_checking:
+            return
+        step = trainer.global_step
+        if self.tracker.is_due(step):
+            self._report(trainer, pl_module, step, epoch_end=False)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        """Report at the end of every ``every_n_epochs``-th epoch."""
+        step = trainer.global_step
+        if self.tracker.is_epoch_due(trainer.current_epoch, step):
+            self._report(trainer, pl_module, step, epoch_end=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The tracker's state (probe, ``θ0``, ``Θ0``, history) and the last verdict."""
+        return {"tracker": self.tracker.state_dict(), "last_verdict": self._last_verdict}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; training resumes without a new ``θ0``."""
+        self.tracker.load_state_dict(state_dict["tracker"])
+        self._last_verdict = state_dict.get("last_verdict")
+        self._restored = True
+        self._probe_given = self.tracker.probe_x is not None
+
+    # ------------------------------------------------------------------ reports
+
+    @property
+    def history(self) -> list[NTKReport]:
+        """Every report of this run, oldest first."""
+        return self.tracker.history
+
+    def _report(self, trainer: Any, pl_module: Any, step: int, epoch_end: bool) -> None:
+        tracker = self.tracker
+        tracker.update(pl_module, step)
+        local = (tracker.history[-1], tracker.scalars())
+        report, scalars = trainer.strategy.broadcast(local, src=0)  # same on every rank
+        tracker.history[-1] = report
+        for name, value in scalars.items():
+            pl_module.log(
+                name,
+                value,
+                on_step=not epoch_end,
+                on_epoch=epoch_end,
+                prog_bar=self.prog_bar and name in PROGRESS_BAR_KEYS,
+                logger=False,
+                batch_size=1,
+            )
+        for logger in trainer.loggers:
+            logger.log_metrics(scalars, step=step)
+        if self.tensorboard_extras and trainer.is_global_zero:
+            for writer in tensorboard_writers(trainer.loggers):
+                write_extras(
+                    writer,
+                    report,
+                    eigenvalues=tracker.eigenvalues,
+                    kernel=tracker.kernel_matrix() if tracker.kernel is not None else None,
+                    labels=tracker.probe_y,
+                    thresholds=tracker.thresholds,
+                )
+        self._act(trainer, report)
+
+    def _act(self, trainer: Any, report: NTKReport) -> None:
+        transition = report.verdict == "broken" and self._last_verdict != "broken"
+        self._last_verdict = report.verdict
+        if report.verdict != "broken":
+            return
+        action = self.on_breakdown
+        if action == "stop":
+            trainer.should_stop = True
+        elif action == "raise":
+            raise LinearizationBreakdownError(f"Step {report.step}: {report.message}")
+        elif transition and action == "warn":
+            warnings.warn(
+                f"Step {report.step}: {report.message}", LinearizationBreakdownWarning, stacklevel=2
+            )
+        elif transition and callable(action):
+            action(report)
+
+
+def monitor_class(namespace: str) -> type:
+    """The NTKMonitor callback class for a Lightning namespace.
+
+    Args:
+        namespace: ``"pytorch_lightning"`` or ``"lightning.pytorch"``.
+    """
+    if namespace not in _MODULES:
+        raise ValueError(
+            f"Expected `namespace` to be one of {tuple(_MODULES)} but got {namespace!r}."
+        )
+    callback_base = importlib.import_module(namespace).Callback
+    return type(
+        "NTKMonitor",
+        (NTKMonitorBase, callback_base),
+        {
+            "__module__": _MODULES[namespace],
+            "__doc__": NTKMonitorBase.__doc__,
+            "_namespace": namespace,
+        },
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name == "NTKMonitor":
+        cls = monitor_class("pytorch_lightning")
+        globals()["NTKMonitor"] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _first_dataloader(loaders: Any) -> Any:
+    """The first ``DataLoader`` in what ``trainer.train_dataloader`` returns."""
+    if isinstance(loaders, torch.utils.data.DataLoader):
+        return loaders
+    if isinstance(loaders, Mapping):
+        loaders = list(loaders.values())
+    if isinstance(loaders, (list, tuple)):
+        for item in loaders:
+            found = _first_dataloader(item)
+            if found is not None:
+                return found
+    iterables = getattr(loaders, "iterables", None)  # a CombinedLoader
+    if iterables is not None:
+        return _first_dataloader(iterables)
+    if loaders is None:
+        raise ValueError(
+            "NTKMonitor found no training dataloader to draw the probe from; pass `probe_x` "
+            "(and `probe_y`)."
+        )
+    return loaders
+
+
+def _find_loss(pl_module: nn.Module) -> Optional[nn.Module]:
+    """The first sub-module with a ``label_smoothing`` attribute (``nn.CrossEntropyLoss``)."""
+    for module in pl_module.modules():
+        if hasattr(module, "label_smoothing") and isinstance(module, nn.modules.loss._Loss):
+            return module
+    return None

@@ -1,0 +1,15 @@
+"""The NTK monitor for the ``lightning.pytorch`` namespace (``import lightning as L``).
+
+``from lightning_ntk.lightning import NTKMonitor`` gives the same callback as
+``lightning_ntk.NTKMonitor``, built on ``lightning.pytorch.Callback`` so that
+``lightning.pytorch.Trainer`` and its ``LightningCLI`` accept it. Both classes come from
+one implementation, :class:`lightning_ntk.callback.NTKMonitorBase`.
+"""
+
+from __future__ import annotations
+
+from .callback import monitor_class
+
+__all__ = ["NTKMonitor"]
+
+NTKMonitor = monitor_class("lightning.pytorch")

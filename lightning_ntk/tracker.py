@@ -1,0 +1,725 @@
+"""NTKTracker: the framework-free state behind the monitor, and the NTKReport it produces.
+
+The tracker holds a fixed probe set ``X = (x_1..x_N)`` (labels ``y`` optional), and at
+:meth:`NTKTracker.start` snapshots ``θ0``, the kernel ``Θ0 = Θ(X, X; θ0)``, the initial
+logits ``f(X; θ0)`` and their mean centered norm. Each :meth:`NTKTracker.update`
+computes ``Θ_t`` and every :class:`NTKReport` field:
+
+* kernel drift ``relative_change = ‖Θ_t − Θ0‖_F / ‖Θ0‖_F`` and ``kernel_distance``
+  ``= 1 − ⟨Θ_t, Θ0⟩_F / (‖Θ_t‖_F ‖Θ0‖_F)``; per layer (module), its own relative change;
+* spectrum of the ``(N·C, N·C)`` kernel matrix (``eig_max``, ``eig_min``,
+  ``effective_rank``, ``condition_number``) and ``target_alignment = A(K, YYᵀ)``;
+* the linearized model ``f_lin(x; θ_t) = f(x; θ0) + J0(x)(θ_t − θ0)``:
+  ``linearization_error``, ``prob_tv``, ``argmax_agreement``;
+* ``logit_norm`` (mean centered L2 norm), ``logit_growth = logit_norm_t / logit_norm_0``,
+  ``param_distance = ‖θ_t − θ0‖ / ‖θ0‖``;
+* the verdict ``"lazy" | "drifting" | "broken"``, its causes and one sentence with the
+  reason and the fix (:mod:`lightning_ntk._verdict`), using the regime the paper predicts
+  for the set-up (:func:`lightning_ntk.theory.predict_regime`).
+
+Nothing here imports Lightning; the callback is a thin adapter over this class.
+
+Cost and defaults. One report costs one kernel on the probe (``N²·C²`` entries in the
+``"full"`` layout, computed exactly by :func:`lightning_ntk.empirical_ntk`), one ``jvp``
+and an ``(N·C)²`` eigen-decomposition. The defaults — ``n_probe=32`` and log-spaced
+steps 1, 2, 4, 8, … — keep a run of ``T`` steps at ``≈ log2(T)`` reports. Memory: one
+copy of the selected parameters (``θ0``) and ``N²·C²`` numbers per kernel snapshot
+(per layer when ``per_layer`` is on).
+
+Verdict thresholds (drift, break) and what was measured (details: ``docs/verdicts.md``):
+
+=======================  ===========  ===========================  ===========================
+signal                   thresholds   lazy runs                    broken runs
+=======================  ===========  ===========================  ===========================
+relative_change          0.1, 0.5     0.02–0.04 (NTK-param, 2048,  0.6–2.0 (width 64, hard);
+                                      smoothing); 0.07–0.13 (512)  1–10 (standard param.)
+logit slope / doubling   0.3, 0.6     −0.1 … +0.3 after step 100   +1.0 (NTK-param) … +1.8
+                                      (label smoothing 0.1)        (standard), hard labels
+linearization_error      0.2, 0.5     see ``docs/verdicts.md``     see ``docs/verdicts.md``
+=======================  ===========  ===========================  ===========================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from ._functional import FunctionalModel, exact_matmuls
+from ._probe import (
+    BatchToXY,
+    ForwardFn,
+    ForwardModule,
+    default_batch_to_xy,
+    draw_probe,
+    module_of,
+    preserved_rng,
+)
+from ._schedule import Schedule
+from ._verdict import LAZY_SCORE, Thresholds, diagnose, logit_slope
+
+__all__ = ["NTKReport", "NTKTracker", "Thresholds"]
+
+OUTPUTS = ("full", "diagonal", "trace")
+METHODS = ("auto", "structured", "jacobian", "ntk_vp")
+
+
+@dataclass
+class NTKReport:
+    """One measurement of the kernel and the model on the probe set.
+
+    Attributes:
+        step: optimizer step of the measurement.
+        kernel_distance: ``1 − ⟨Θ_t, Θ0⟩_F / (‖Θ_t‖_F ‖Θ0‖_F)`` in ``[0, 1]``.
+        relative_change: ``‖Θ_t − Θ0‖_F / ‖Θ0‖_F``.
+        target_alignment: centered alignment of the kernel with ``YYᵀ`` (``nan``
+            without probe labels).
+        linearization_error: ``‖f − f_lin‖_F / max(‖f − f0‖_F, eps)``.
+        prob_tv: mean total-variation distance of ``softmax(f)`` and ``softmax(f_lin)``.
+        argmax_agreement: fraction of probe points where ``argmax f == argmax f_lin``.
+        logit_norm: mean over the probe of ``‖f(x) − mean_a f_a(x)‖_2``.
+        logit_growth: ``logit_norm / logit_norm`` at ``θ0``.
+        param_distance: ``‖θ_t − θ0‖_2 / ‖θ0‖_2``.
+        eig_max: largest eigenvalue of the kernel matrix.
+        eig_min: smallest eigenvalue of the kernel matrix.
+        effective_rank: ``exp`` of the entropy of the normalised positive eigenvalues.
+        condition_number: ``eig_max / max(eig_min, eps)``.
+        verdict: ``"lazy"``, ``"drifting"`` or ``"broken"``.
+        causes: short names of the signals that crossed a threshold.
+        predicted_regime: ``"lazy"``, ``"divergent"`` or ``"unknown"`` (the set-up's
+            prediction from the theory).
+        message: one sentence with the reason and the fix.
+    """
+
+    step: int
+    kernel_distance: float
+    relative_change: float
+    target_alignment: float
+    linearization_error: float
+    prob_tv: float
+    argmax_agreement: float
+    logit_norm: float
+    logit_growth: float
+    param_distance: float
+    eig_max: float
+    eig_min: float
+    effective_rank: float
+    condition_number: float
+    verdict: str
+    causes: list[str]
+    predicted_regime: str
+    message: str
+
+    def scalars(self) -> dict[str, float]:
+        """``{"ntk/<field>": value}`` for every numeric field, plus ``"ntk/lazy"``.
+
+        ``ntk/lazy`` is 1.0 for ``"lazy"``, 0.5 for ``"drifting"``, 0.0 for ``"broken"``.
+        """
+        out = {
+            f"ntk/{f.name}": float(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if f.name not in ("verdict", "causes", "predicted_regime", "message")
+        }
+        out["ntk/lazy"] = LAZY_SCORE[self.verdict]
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict of the fields (for checkpoints and JSON)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> NTKReport:
+        """Inverse of :meth:`to_dict`."""
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+
+
+class NTKTracker:
+    """Empirical NTK of a classifier on a fixed probe set, with a verdict on laziness.
+
+    Typical use in a plain loop::
+
+        tracker = NTKTracker(probe_x, probe_y, optimizer=opt)
+        tracker.start(model)
+        for step in range(1, steps + 1):
+            ...  # one optimizer step
+            if tracker.is_due(step):
+                report = tracker.update(model, step)
+
+    Args:
+        probe_x: probe inputs ``(N, ...)``; or ``None`` to draw them later with
+            :meth:`draw_probe`.
+        probe_y: probe labels ``(N,)`` (int) or soft targets ``(N, C)``; optional.
+        n_probe: examples drawn by :meth:`draw_probe` (stratified by class).
+        output: kernel layout ``"full"`` (default; ``(N, N, C, C)``), ``"diagonal"`` or
+            ``"trace"``.
+        method: kernel method ``"auto"``, ``"structured"``, ``"jacobian"`` or ``"ntk_vp"``.
+        params: parameters spanning the kernel (``None``: all trainable; names or a
+            predicate, as in :func:`lightning_ntk.empirical_ntk`).
+        output_fn: maps the model's raw output to ``(N, C)`` logits.
+        forward_fn: ``forward_fn(model, x) -> output`` for models whose forward is not
+            ``model(x)``; evaluated functionally like the model itself.
+        per_layer: report each layer's drift; ``None`` (default) turns it on unless
+            ``method="ntk_vp"`` (where it would multiply the cost; the other methods
+            compute per-layer parts at no extra cost).
+        top_layers: how many of the most-moving layers :meth:`scalars` reports.
+        dtype: compute dtype (default: the parameters'; float32 for half / bf16).
+        every_n_steps: also report every ``n`` optimizer steps.
+        every_n_epochs: also report at the end of every ``n``-th epoch.
+        log_base: report at steps ``⌈b^k⌉`` (default 2: 1, 2, 4, …); ``None`` disables.
+        thresholds: verdict thresholds (a :class:`Thresholds` or a dict of its fields).
+        weight_decay: the optimizer's weight decay, if known (for the predicted regime).
+        label_smoothing: the loss's label smoothing, if known.
+        optimizer: the optimizer (its weight decay and decoupling are read from it).
+        loss: the loss module (its label smoothing is read from it).
+        seed: seed of the tracker's own generator (probe drawing).
+        batch_to_xy: splits a dataset batch into ``(inputs, labels)``.
+    """
+
+    def __init__(
+        self,
+        probe_x: Optional[Tensor] = None,
+        probe_y: Optional[Tensor] = None,
+        *,
+        n_probe: int = 32,
+        output: str = "full",
+        method: str = "auto",
+        params: Any = None,
+        output_fn: Optional[Callable[[Any], Tensor]] = None,
+        forward_fn: Optional[ForwardFn] = None,
+        per_layer: Optional[bool] = None,
+        top_layers: int = 5,
+        dtype: Optional[torch.dtype] = None,
+        every_n_steps: Optional[int] = None,
+        every_n_epochs: Optional[int] = None,
+        log_base: Optional[float] = 2.0,
+        thresholds: Union[Thresholds, Mapping[str, Any], None] = None,
+        weight_decay: Optional[float] = None,
+        label_smoothing: Optional[float] = None,
+        optimizer: Optional[torch.optim.Optimizer] = None,
+        loss: Optional[nn.Module] = None,
+        seed: int = 0,
+        batch_to_xy: Optional[BatchToXY] = None,
+    ) -> None:
+        _check_positive_int("n_probe", n_probe)
+        _check_positive_int("top_layers", top_layers)
+        if output not in OUTPUTS:
+            raise ValueError(f"Expected `output` to be one of {OUTPUTS} but got {output!r}.")
+        if method not in METHODS:
+            raise ValueError(f"Expected `method` to be one of {METHODS} but got {method!r}.")
+        for name, fn in (
+            ("output_fn", output_fn),
+            ("forward_fn", forward_fn),
+            ("batch_to_xy", batch_to_xy),
+        ):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"Expected `{name}` to be callable or None but got {fn!r}.")
+        if per_layer is not None and not isinstance(per_layer, bool):
+            raise TypeError(f"Expected `per_layer` to be a bool or None but got {per_layer!r}.")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"Expected `seed` to be an int but got {seed!r}.")
+        self.n_probe = n_probe
+        self.output = output
+        self.method = method
+        self.params = params
+        self.output_fn = output_fn
+        self.forward_fn = forward_fn
+        self.per_layer = per_layer
+        self.top_layers = top_layers
+        self.dtype = dtype
+        self.schedule = Schedule(every_n_steps, every_n_epochs, log_base)
+        self.thresholds = _as_thresholds(thresholds)
+        self.weight_decay = weight_decay
+        self.label_smoothing = label_smoothing
+        self.optimizer = optimizer
+        self.loss = loss
+        self.batch_to_xy = batch_to_xy or default_batch_to_xy
+        self.generator = torch.Generator().manual_seed(seed)
+
+        self.probe_x: Optional[Tensor] = None
+        self.probe_y: Optional[Tensor] = None
+        if probe_x is not None:
+            self.set_probe(probe_x, probe_y)
+        elif probe_y is not None:
+            raise ValueError("`probe_y` was given without `probe_x`.")
+
+        self._state: Optional[dict[str, Any]] = None  # filled by start / load_state_dict
+        self.history: list[NTKReport] = []
+        self.layer_history: list[dict[str, dict[str, float]]] = []
+        self.kernel: Optional[Tensor] = None  # Θ_t of the last report
+        self.eigenvalues: Optional[Tensor] = None  # its spectrum, descending
+
+    # ------------------------------------------------------------------ probe set
+
+    def set_probe(self, probe_x: Tensor, probe_y: Optional[Tensor] = None) -> None:
+        """Use the given probe inputs ``(N, ...)`` and labels ``(N,)`` / ``(N, C)``.
+
+        Raises:
+            TypeError: a probe that is not a tensor.
+            ValueError: an empty probe, or labels whose length differs from the inputs'.
+        """
+        if not isinstance(probe_x, Tensor):
+            raise TypeError(
+                f"Expected `probe_x` to be a torch.Tensor but got {type(probe_x).__name__}; "
+                "for batches that are not (inputs, labels) pass `batch_to_xy`."
+            )
+        if probe_x.ndim == 0 or probe_x.shape[0] == 0:
+            raise ValueError(
+                "Expected `probe_x` to be a non-empty batch of shape (N, ...) with N >= 1 but "
+                f"got shape {tuple(probe_x.shape)}."
+            )
+        if probe_y is not None:
+            if not isinstance(probe_y, Tensor):
+                raise TypeError(
+                    f"Expected `probe_y` to be a torch.Tensor or None but got "
+                    f"{type(probe_y).__name__}."
+                )
+            if probe_y.ndim not in (1, 2) or probe_y.shape[0] != probe_x.shape[0]:
+                raise ValueError(
+                    f"Expected `probe_y` to have shape ({probe_x.shape[0]},) or "
+                    f"({probe_x.shape[0]}, C) to match `probe_x` of shape "
+                    f"{tuple(probe_x.shape)} but got {tuple(probe_y.shape)}."
+                )
+            probe_y = probe_y.detach().clone()
+        self.probe_x = probe_x.detach().clone()
+        self.probe_y = probe_y
+
+    def draw_probe(self, source: Any) -> None:
+        """Draw ``n_probe`` examples from a map-style dataset or a ``DataLoader``'s dataset.
+
+        Stratified by class when the items carry integer labels; drawn with the
+        tracker's own generator. No data-loader iterator is created and the global
+        RNGs are restored, so the training data order is unchanged.
+        """
+        dataset, collate = source, None
+        if isinstance(source, torch.utils.data.DataLoader):
+            dataset, collate = source.dataset, source.collate_fn
+        x, y = draw_probe(
+            dataset,
+            self.n_probe,
+            self.generator,
+            collate_fn=collate,
+            batch_to_xy=self.batch_to_xy,
+        )
+        self.set_probe(x, y)
+
+    # ------------------------------------------------------------------ schedule
+
+    @property
+    def started(self) -> bool:
+        """Whether ``θ0`` and ``Θ0`` have been taken (by :meth:`start` or a checkpoint)."""
+        return self._state is not None
+
+    @property
+    def last_step(self) -> Optional[int]:
+        """Step of the last report, or ``None``."""
+        return self.history[-1].step if self.history else None
+
+    def is_due(self, step: int) -> bool:
+        """Whether a report is due after optimizer step ``step`` (and not yet made)."""
+        return self.started and step != self.last_step and self.schedule.step_due(step)
+
+    def is_epoch_due(self, epoch: int, step: int) -> bool:
+        """Whether a report is due at the end of epoch ``epoch`` (at step ``step``)."""
+        return self.started and step != self.last_step and self.schedule.epoch_due(epoch)
+
+    # ------------------------------------------------------------------ measurements
+
+    def start(self, model: nn.Module, step: int = 0) -> None:
+        """Snapshot ``θ0``, ``Θ0``, the initial logits and their norm; clear the history.
+
+        Raises:
+            ValueError / TypeError: no probe set, or a model whose output on the probe is
+                not ``(N, C)`` logits (pass ``forward_fn`` or ``output_fn``).
+        """
+        if self.probe_x is None:
+            raise ValueError(
+                "No probe set: pass `probe_x` (and `probe_y`) or call `draw_probe` first."
+            )
+        wrapper = self._wrap(model)
+        device = _device_of(wrapper)
+        with preserved_rng(device):
+            fm = self._functional(wrapper)
+            x = fm.cast_input(self.probe_x)
+            try:
+                with exact_matmuls(fm.device):
+                    logits0 = fm.checked_logits(x, "probe_x")
+            except (TypeError, ValueError) as err:
+                raise type(err)(
+                    f"{err} (The probe is evaluated as `forward_fn(model, x)` if given, else "
+                    "`model(x)`; pass `forward_fn` or `output_fn` so it yields (N, C) logits.)"
+                ) from err
+            method = self.method
+            per_layer = self.per_layer if self.per_layer is not None else method != "ntk_vp"
+            self._state = {
+                "theta0": {n: p.detach().clone() for n, p in fm.params.items()},
+                "logits0": logits0.clone(),
+                "num_classes": int(logits0.shape[1]),
+                "method": method,
+                "per_layer": per_layer,
+                "start_step": int(step),
+            }
+            total, layers = self._kernel(wrapper)
+            metrics = _metrics()
+            self._state["K0"] = total
+            self._state["K0_layers"] = layers
+            self._state["logit_norm0"] = float(metrics.logit_norm(logits0))
+            self._state["predicted"] = self._predict()
+        self.history = []
+        self.layer_history = []
+        self.kernel = total
+        self.eigenvalues = None
+
+    def update(self, model: nn.Module, step: int) -> NTKReport:
+        """Measure ``Θ_t`` and the model at ``step``; append and return the report.
+
+        Metrics that cannot be computed (non-finite logits, a failed eigen-decomposition)
+        are ``nan`` and the verdict says so; no exception escapes for them.
+        """
+        if not self.started:
+            raise RuntimeError("Call `start(model)` (or `load_state_dict`) before `update`.")
+        wrapper = self._wrap(model)
+        with preserved_rng(_device_of(wrapper)):
+            report, layers = self._measure(wrapper, int(step))
+        self.history.append(report)
+        self.layer_history.append(layers)
+        return report
+
+    def scalars(self, report: Optional[NTKReport] = None) -> dict[str, float]:
+        """Logged scalars of a report (default: the last one).
+
+        ``ntk/<field>`` for every numeric field, ``ntk/lazy``, and for the ``top_layers``
+        layers that moved most ``ntk/layer/<module>/relative_change`` and
+        ``ntk/layer/<module>/share`` (its fraction of the kernel's trace).
+        """
+        if report is None:
+            if not self.history:
+                raise RuntimeError("No report yet: call `update` first.")
+            report = self.history[-1]
+        index = next(
+            (i for i in reversed(range(len(self.history))) if self.history[i] is report), None
+        )
+        out = report.scalars()
+        layers = self.layer_history[index] if index is not None else {}
+        ranked = sorted(layers.items(), key=lambda kv: -_finite_or(kv[1]["relative_change"]))
+        for name, values in ranked[: self.top_layers]:
+            out[f"ntk/layer/{name}/relative_change"] = values["relative_change"]
+            out[f"ntk/layer/{name}/share"] = values["share"]
+        return out
+
+    @property
+    def predicted(self) -> dict[str, str]:
+        """``{"regime": ..., "reason": ...}``: the paper's prediction for the set-up."""
+        if self._state is None:
+            return self._predict()
+        return dict(self._state["predicted"])
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        """Number of classes ``C`` (known after :meth:`start`)."""
+        return None if self._state is None else self._state["num_classes"]
+
+    def kernel_matrix(self) -> Tensor:
+        """The last kernel as an ``(N, N)`` matrix (mean over classes), for heat maps."""
+        if self.kernel is None:
+            raise RuntimeError("No kernel yet: call `start` first.")
+        K = self.kernel
+        if K.ndim == 4:
+            return K.diagonal(dim1=2, dim2=3).mean(dim=-1)
+        return K.mean(dim=-1) if K.ndim == 3 else K
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: probe, ``θ0``, ``Θ0``, initial logits, history.
+
+        Tensors are moved to the CPU; the result can be saved with ``torch.save``.
+        """
+        state = None
+        if self._state is not None:
+            state = {k: _to_cpu(v) for k, v in self._state.items()}
+        return {
+            "probe_x": _to_cpu(self.probe_x),
+            "probe_y": _to_cpu(self.probe_y),
+            "generator": self.generator.get_state(),
+            "state": state,
+            "history": [r.to_dict() for r in self.history],
+            "layer_history": [dict(layers) for layers in self.layer_history],
+            "kernel": _to_cpu(self.kernel),
+            "eigenvalues": _to_cpu(self.eigenvalues),
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; tensors move to the model's device on use."""
+        missing = {"probe_x", "probe_y", "state", "history"} - set(state_dict)
+        if missing:
+            raise ValueError(
+                f"Expected an NTKTracker state dict with keys {sorted(missing)}; got "
+                f"{sorted(state_dict)}."
+            )
+        self.probe_x = state_dict["probe_x"]
+        self.probe_y = state_dict["probe_y"]
+        if "generator" in state_dict:
+            self.generator.set_state(state_dict["generator"])
+        self._state = None if state_dict["state"] is None else dict(state_dict["state"])
+        self.history = [NTKReport.from_dict(r) for r in state_dict["history"]]
+        self.layer_history = [dict(x) for x in state_dict.get("layer_history", [])]
+        self.kernel = state_dict.get("kernel")
+        self.eigenvalues = state_dict.get("eigenvalues")
+
+    # ------------------------------------------------------------------ internals
+
+    def _wrap(self, model: nn.Module) -> ForwardModule:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"Expected `model` to be a torch.nn.Module but got {type(model).__name__}."
+            )
+        return ForwardModule(model, self.forward_fn)
+
+    def _selector(self) -> Any:
+        sel = self.params
+        prefix = ForwardModule.PREFIX
+        if sel is None:
+            return None
+        if isinstance(sel, str):
+            return prefix + sel
+        if callable(sel):
+            return lambda name, p: sel(name[len(prefix) :], p)
+        return [prefix + s if isinstance(s, str) else s for s in sel]
+
+    def _functional(self, wrapper: nn.Module) -> FunctionalModel:
+        return FunctionalModel(
+            wrapper, params=self._selector(), output_fn=self.output_fn, dtype=self.dtype
+        )
+
+    def _kernel(self, wrapper: nn.Module) -> tuple[Tensor, dict[str, Tensor]]:
+        """``Θ(X, X)`` in the chosen layout, and per module when ``per_layer`` is on."""
+        from .kernel import empirical_ntk
+
+        state = self._state
+        assert state is not None
+        result = empirical_ntk(
+            wrapper,
+            self._probe_on(wrapper)[0],
+            output=self.output,
+            method=state["method"],
+            params=self._selector(),
+            per_layer=state["per_layer"],
+            dtype=self.dtype,
+            output_fn=self.output_fn,
+        )
+        if not state["per_layer"]:
+            assert isinstance(result, Tensor)
+            return result, {}
+        assert isinstance(result, dict)
+        layers: dict[str, Tensor] = {}
+        for name, part in result.items():
+            module = module_of(name)
+            layers[module] = part if module not in layers else layers[module] + part
+        total = sum(layers.values())
+        assert isinstance(total, Tensor)
+        return total, layers
+
+    def _probe_on(self, wrapper: nn.Module) -> tuple[Tensor, Optional[Tensor]]:
+        assert self.probe_x is not None
+        device = _device_of(wrapper)
+        y = None if self.probe_y is None else self.probe_y.to(device)
+        return self.probe_x.to(device), y
+
+    def _measure(self, wrapper: ForwardModule, step: int) -> tuple[NTKReport, dict]:
+        from .linearize import argmax_agreement, linearization_error, linearize, prob_tv
+
+        metrics = _metrics()
+        state = self._state
+        assert state is not None
+        fm = self._functional(wrapper)
+        x, y = self._probe_on(wrapper)
+        x = fm.cast_input(x)
+        theta0 = {n: t.to(fm.device) for n, t in state["theta0"].items()}
+        with exact_matmuls(fm.device), torch.no_grad():
+            logits = fm(fm.params, x)
+        finite = bool(torch.isfinite(logits).all())
+        nan = math.nan
+        values: dict[str, float] = dict.fromkeys(_NUMERIC, nan)
+        layers: dict[str, dict[str, float]] = {}
+        values["param_distance"] = _safe(lambda: metrics.param_distance(fm.params, theta0))
+        if finite:
+            K, K_layers = self._kernel(wrapper)
+            K0 = state["K0"].to(K.device)
+            values["relative_change"] = _safe(lambda: metrics.relative_change(K, K0))
+            values["kernel_distance"] = _safe(lambda: metrics.kernel_distance(K, K0))
+            if y is not None:
+                values["target_alignment"] = _safe(
+                    lambda: metrics.target_alignment(K, y, num_classes=state["num_classes"])
+                )
+            spec = _safe_spectrum(metrics, K)
+            if spec is not None:
+                values.update(
+                    eig_max=spec.eig_max,
+                    eig_min=spec.eig_min,
+                    effective_rank=spec.effective_rank,
+                    condition_number=spec.condition_number,
+                )
+            self.kernel, self.eigenvalues = K, None if spec is None else spec.eigenvalues
+            layers = _layer_drift(metrics, K, K_layers, state["K0_layers"])
+            f_lin = linearize(
+                wrapper,
+                theta0,
+                params=self._selector(),
+                output_fn=self.output_fn,
+                buffers="current",
+                dtype=self.dtype,
+            )
+            with torch.no_grad():
+                logits_lin = f_lin(x)
+                logits0 = f_lin.initial_logits(x)
+            values["linearization_error"] = _safe(
+                lambda: linearization_error(logits, logits_lin, logits0)
+            )
+            values["prob_tv"] = _safe(lambda: prob_tv(logits, logits_lin))
+            values["argmax_agreement"] = _safe(lambda: argmax_agreement(logits, logits_lin))
+            values["logit_norm"] = _safe(lambda: metrics.logit_norm(logits))
+            norm0 = state["logit_norm0"]
+            values["logit_growth"] = values["logit_norm"] / norm0 if norm0 > 0 else nan
+        steps = [r.step for r in self.history] + [step]
+        norms = [r.logit_norm for r in self.history] + [values["logit_norm"]]
+        slope = logit_slope(
+            steps, norms, self.thresholds.trend_octaves, self.thresholds.min_trend_step
+        )
+        predicted = state["predicted"]
+        diagnosis = diagnose(
+            relative_change=values["relative_change"],
+            linearization_error=values["linearization_error"],
+            slope=slope,
+            finite=finite,
+            thresholds=self.thresholds,
+            predicted_regime=predicted["regime"],
+            prediction_reason=predicted["reason"],
+        )
+        report = NTKReport(
+            step=step,
+            **values,
+            verdict=diagnosis.verdict,
+            causes=list(diagnosis.causes),
+            predicted_regime=predicted["regime"],
+            message=diagnosis.message,
+        )
+        return report, layers
+
+    def _predict(self) -> dict[str, str]:
+        """The theory's regime for the known set-up; ``"unknown"`` without its inputs."""
+        setup = (self.weight_decay, self.optimizer, self.label_smoothing, self.loss)
+        if all(value is None for value in setup):
+            return {
+                "regime": "unknown",
+                "reason": "set-up unknown: pass `optimizer` / `weight_decay` and `loss` / "
+                "`label_smoothing` to compare with the theory's prediction",
+            }
+        from .theory import predict_regime
+
+        targets = self.probe_y
+        prediction = predict_regime(
+            weight_decay=self.weight_decay,
+            optimizer=self.optimizer,
+            label_smoothing=self.label_smoothing,
+            loss=self.loss,
+            targets=targets,
+            num_classes=self.num_classes,
+        )
+        return {"regime": prediction.regime, "reason": prediction.reason}
+
+
+_NUMERIC = tuple(
+    f.name
+    for f in dataclasses.fields(NTKReport)
+    if f.name not in ("step", "verdict", "causes", "predicted_regime", "message")
+)
+
+
+def _metrics() -> Any:
+    from . import metrics
+
+    return metrics
+
+
+def _layer_drift(
+    metrics: Any, K: Tensor, K_layers: Mapping[str, Tensor], K0_layers: Mapping[str, Tensor]
+) -> dict[str, dict[str, float]]:
+    """``{module: {"relative_change": ‖K_l − K0_l‖/‖K0_l‖, "share": tr K_l / tr K}}``."""
+    total_trace = float(_trace(K))
+    out = {}
+    for name, K_l in K_layers.items():
+        K0_l = K0_layers.get(name)
+        if K0_l is None:
+            continue
+        K0_l = K0_l.to(K_l.device)
+        rc = _safe(lambda K_l=K_l, K0_l=K0_l: metrics.relative_change(K_l, K0_l))
+        share = float(_trace(K_l)) / total_trace if total_trace != 0 else math.nan
+        out[name] = {"relative_change": rc, "share": share}
+    return out
+
+
+def _trace(K: Tensor) -> Tensor:
+    """Trace of the kernel matrix ``Σ_i Σ_a K[i, i, a, a]`` in any layout."""
+    diag = K.diagonal(dim1=0, dim2=1)  # (..., N)
+    if K.ndim == 4:
+        return diag.diagonal(dim1=0, dim2=1).sum()
+    return diag.sum()
+
+
+def _safe(fn: Callable[[], Any]) -> float:
+    try:
+        value = fn()
+    except (RuntimeError, ValueError, ZeroDivisionError):
+        return math.nan
+    return float(value)
+
+
+def _safe_spectrum(metrics: Any, K: Tensor) -> Any:
+    try:
+        return metrics.spectrum(K)
+    except (RuntimeError, ValueError):
+        return None
+
+
+def _finite_or(value: float, default: float = -math.inf) -> float:
+    return value if math.isfinite(value) else default
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    return value
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Expected `{name}` to be a positive int but got {value!r}.")
+
+
+def _as_thresholds(value: Union[Thresholds, Mapping[str, Any], None]) -> Thresholds:
+    if value is None:
+        return Thresholds()
+    if isinstance(value, Thresholds):
+        return value
+    if isinstance(value, Mapping):
+        fields = {f.name for f in dataclasses.fields(Thresholds)}
+        unknown = set(value) - fields
+        if unknown:
+            raise ValueError(
+                f"Expected `thresholds` keys among {sorted(fields)} but got {sorted(unknown)}."
+            )
+        return Thresholds(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
+    raise TypeError(f"Expected `thresholds` to be a Thresholds, a dict or None but got {value!r}.")
