@@ -90,7 +90,9 @@ def select_parameters(module: nn.Module, params: ParamSelector = None) -> list[s
     return selected
 
 
-def compute_dtype(module: nn.Module, names: Sequence[str], dtype: Optional[torch.dtype]) -> torch.dtype:
+def compute_dtype(
+    module: nn.Module, names: Sequence[str], dtype: Optional[torch.dtype]
+) -> torch.dtype:
     """The floating dtype kernels are computed in: ``dtype``, else the parameters' own.
 
     Half and bfloat16 parameters are computed in float32: their round-off would swamp

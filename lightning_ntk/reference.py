@@ -51,7 +51,7 @@ def reference_ntk(
 
     def flat_jacobian(x: Tensor) -> Tensor:
         jac = vmap(jacrev(fm.single), in_dims=(None, 0))(fm.params, x)  # {name: (N, C, *shape)}
-        return torch.cat([j.flatten(start_dim=2) for j in jac.values()], dim=2)  # (N, C, P)
+        return torch.cat([j.reshape(*j.shape[:2], -1) for j in jac.values()], dim=2)  # (N, C, P)
 
     J1 = flat_jacobian(x1)
     J2 = flat_jacobian(x2)

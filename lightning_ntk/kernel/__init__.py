@@ -22,7 +22,7 @@ from .._functional import FunctionalModel, OutputFn, ParamSelector, check_inputs
 from ._layout import check_output, symmetrize, transpose_kernel
 from .jacobian import JacobianMethod
 from .ntk_vp import NTKVPMethod
-from .structured import StructuredMethod, plan_structure
+from .structured import StructuredMethod, StructurePlan, plan_structure
 
 __all__ = ["NTKMethod", "choose_method", "empirical_ntk"]
 
@@ -55,7 +55,9 @@ def _check_method(method: Union[str, NTKMethod]) -> NTKMethod:
         raise ValueError(f"Expected `method` to be one of {choices} but got {method!r}.") from None
 
 
-def choose_method(fm: FunctionalModel, x: Tensor, num_classes: int, chunk: int) -> NTKMethod:
+def choose_method(
+    fm: FunctionalModel, plan: StructurePlan, num_classes: int, chunk: int
+) -> NTKMethod:
     """The cost model behind ``method="auto"``.
 
     * If any supported layer holds a selected parameter, ``"structured"``: its kernel
@@ -64,7 +66,7 @@ def choose_method(fm: FunctionalModel, x: Tensor, num_classes: int, chunk: int) 
     * Otherwise ``"jacobian"`` while one Jacobian block (``chunk·C·P`` numbers) fits the
       budget, else ``"ntk_vp"``, whose memory does not grow with ``N·C·P``.
     """
-    if plan_structure(fm).structured_names:
+    if plan.structured_names:
         return NTKMethod.STRUCTURED
     if chunk * num_classes * fm.num_params <= _JACOBIAN_BUDGET:
         return NTKMethod.JACOBIAN
@@ -126,7 +128,9 @@ def empirical_ntk(
     if chunk_size is not None and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
     ):
-        raise ValueError(f"Expected `chunk_size` to be a positive int or None but got {chunk_size!r}.")
+        raise ValueError(
+            f"Expected `chunk_size` to be a positive int or None but got {chunk_size!r}."
+        )
 
     fm = FunctionalModel(model, params=params, output_fn=output_fn, dtype=dtype)
     symmetric = x2 is None
@@ -137,11 +141,15 @@ def empirical_ntk(
         if not symmetric:
             fm.checked_logits(x2, "x2")
     chunk = chunk_size or max(x1.shape[0], x2.shape[0])
+    plan = None
+    if method in (NTKMethod.AUTO, NTKMethod.STRUCTURED):
+        with exact_matmuls(fm.device):
+            plan = plan_structure(fm, x1)
     if method is NTKMethod.AUTO:
-        method = choose_method(fm, x1, num_classes, chunk)
+        method = choose_method(fm, plan, num_classes, chunk)
     engine: Any
     if method is NTKMethod.STRUCTURED:
-        engine = StructuredMethod(fm, output, per_layer)
+        engine = StructuredMethod(fm, output, per_layer, plan, block_size=chunk)
     elif method is NTKMethod.JACOBIAN:
         engine = JacobianMethod(fm, output, per_layer)
     else:

@@ -30,7 +30,7 @@ def jacobians(fm: FunctionalModel, x: Tensor, names: Sequence[str]) -> dict[str,
         return fm.single({**fixed, **wrt_params}, x_single)
 
     jac = vmap(jacrev(logits), in_dims=(None, 0))(wrt, x)  # {name: (N, C, *shape)}
-    return {name: j.flatten(start_dim=2) for name, j in jac.items()}
+    return {name: j.reshape(*j.shape[:2], -1) for name, j in jac.items()}
 
 
 def contract(
@@ -53,7 +53,9 @@ class JacobianMethod:
         self.fm, self.output, self.per_layer = fm, output, per_layer
 
     def features(self, x: Tensor) -> dict[str, Tensor]:
+        """Per-example Jacobians ``{name: (N, C, P_l)}`` of a chunk."""
         return jacobians(self.fm, x, self.fm.names)
 
     def block(self, f1: dict[str, Tensor], f2: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Kernel block: one entry per parameter, or the total under ``""``."""
         return contract(f1, f2, self.output, self.per_layer)

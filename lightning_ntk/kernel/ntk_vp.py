@@ -44,9 +44,11 @@ class NTKVPMethod:
         self.group_size = group_size
 
     def features(self, x: Tensor) -> Tensor:
+        """The chunk itself: every block runs its own vjp / jvp."""
         return x  # nothing to precompute: every block runs its own vjp / jvp
 
     def block(self, x1: Tensor, x2: Tensor) -> dict[str, Tensor]:
+        """Kernel block ``Θ(x1, x2)``: one entry per parameter, or the total under ``""``."""
         fm = self.fm
         N1, N2 = x1.shape[0], x2.shape[0]
         logits2, vjp_fn = vjp(lambda p: fm(p, x2), fm.params)

@@ -1,33 +1,440 @@
-"""Structured per-layer contraction (work in progress: every parameter falls back)."""
+"""Structured per-layer contraction: the kernel from layer inputs and output cotangents.
+
+One forward pass records, for every supported layer, its input ``H``; one batched
+backward pass (``C`` cotangents at once) gives the cotangents ``G[a]`` of its output for
+every class ``a``. No parameter gradient is ever taken by autograd. Then, per layer:
+
+* ``nn.Linear`` (any leading dimensions): ``Θ_W = Σ_{t,s} (H Hᵀ) ⊙ (G Gᵀ)``, which for a
+  plain ``(N, d_in)`` input is ``(H Hᵀ) ⊙ (G Gᵀ)``; the bias adds ``G Gᵀ`` (folded into
+  the same product as ``(H Hᵀ + 1) ⊙ (G Gᵀ)``).
+* ``nn.Conv1d/2d/3d`` (zero padding, any stride / dilation / groups): the same with the
+  unfolded input patches as ``H``; per layer the cheaper of the patch Gram and
+  per-example-gradient contraction is used (:func:`._factors.prefer_gram`).
+* ``nn.Embedding``: the same with one-hot ``H``, i.e. the token-equality Gram.
+* affine parameters of ``nn.LayerNorm``, ``nn.BatchNorm1d/2d/3d`` (running statistics)
+  and ``nn.GroupNorm``: small per-example gradients ``Σ G ⊙ x̂`` and ``Σ G``.
+
+Everything else falls back to exact Jacobian contraction (:mod:`.jacobian`) for that
+parameter: parameters of other modules (custom layers, attention's packed projections),
+tied or reused weights (a parameter held by two modules, a module called twice),
+convolutions with non-zero padding modes, embeddings with ``max_norm``, BatchNorm without
+running statistics, subclasses that override ``forward``. Before use, every structured
+parameter is *verified*: its reconstructed gradient for a random cotangent on a few probe
+examples must equal autograd's, otherwise (e.g. the parameter is also used outside its
+module's call) it falls back too. The kernel is therefore always exact.
+"""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
-from torch import Tensor
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from .._functional import FunctionalModel
-from .jacobian import contract, jacobians
+from ._factors import LayerInput, contract_gram, per_example_outer, prefer_gram
+from ._layout import contract_jacobians
+from .jacobian import jacobians
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+_VERIFY_EXAMPLES = 4
+_VERIFY_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}
+
+
+@dataclass
+class _Layer:
+    """A supported module whose selected parameters get a structured kernel."""
+
+    name: str  # module name
+    module: nn.Module
+    weight: Optional[str] = None  # full parameter names, if selected
+    bias: Optional[str] = None
+    use_gram: bool = False  # decided per block size in StructuredMethod
+
+    @property
+    def param_names(self) -> list[str]:
+        """The layer's selected parameter names."""
+        return [n for n in (self.weight, self.bias) if n is not None]
 
 
 @dataclass
 class StructurePlan:
-    structured_names: list[str] = field(default_factory=list)
+    """Which selected parameters are structured and which fall back to Jacobians."""
+
+    layers: list[_Layer] = field(default_factory=list)
     fallback_names: list[str] = field(default_factory=list)
 
+    @property
+    def structured_names(self) -> list[str]:
+        """Selected parameters with a structured kernel, in layer order."""
+        return [n for layer in self.layers for n in layer.param_names]
 
-def plan_structure(fm: FunctionalModel) -> StructurePlan:
-    return StructurePlan([], list(fm.names))
+
+def plan_structure(fm: FunctionalModel, x: Tensor) -> StructurePlan:
+    """Find the supported layers of ``fm`` and verify them on a few examples of ``x``."""
+    candidates = _candidate_layers(fm)
+    if candidates:
+        candidates = _verified(fm, candidates, x[:_VERIFY_EXAMPLES])
+    structured = {n for layer in candidates for n in layer.param_names}
+    return StructurePlan(candidates, [n for n in fm.names if n not in structured])
 
 
 class StructuredMethod:
+    """``method="structured"``: see the module docstring."""
+
     name = "structured"
 
-    def __init__(self, fm: FunctionalModel, output: str, per_layer: bool) -> None:
-        self.fm, self.output, self.per_layer = fm, output, per_layer
+    def __init__(
+        self,
+        fm: FunctionalModel,
+        output: str,
+        per_layer: bool,
+        plan: StructurePlan,
+        block_size: int,
+    ) -> None:
+        self.fm, self.output, self.per_layer, self.plan = fm, output, per_layer, plan
+        self._block_size = block_size
 
-    def features(self, x: Tensor) -> dict[str, Tensor]:
-        return jacobians(self.fm, x, self.fm.names)
+    # ----------------------------------------------------------------- features
+    def features(self, x: Tensor) -> dict[str, Any]:
+        """Per-example gradients ``{name: (N, C, P)}`` and Gram factors for a chunk."""
+        per_example: dict[str, Tensor] = {}
+        grams: dict[str, tuple[LayerInput, Tensor, bool]] = {}
+        if self.plan.layers:
+            inputs, cotangents = _record(self.fm, self.plan.layers, x, cotangents=None)
+            for layer in self.plan.layers:
+                H, G = _weight_factors(layer, inputs[layer.name], cotangents[layer.name], self.fm)
+                for name, J in _small_per_example(
+                    layer, inputs[layer.name], cotangents[layer.name], self.fm
+                ).items():
+                    per_example[name] = J
+                if layer.weight is None or isinstance(layer.module, _NORMS):
+                    continue  # norm weights are among the small per-example gradients
+                if self._use_gram(layer, H, G):
+                    fold_bias = not self.per_layer and layer.bias in per_example
+                    if fold_bias:
+                        del per_example[layer.bias]
+                    grams[layer.weight] = (H, G, fold_bias)
+                else:
+                    groups = getattr(layer.module, "groups", 1)
+                    per_example[layer.weight] = per_example_outer(H, G, groups)
+        if self.plan.fallback_names:
+            per_example.update(jacobians(self.fm, x, self.plan.fallback_names))
+        return {"per_example": per_example, "grams": grams}
 
-    def block(self, f1: dict[str, Tensor], f2: dict[str, Tensor]) -> dict[str, Tensor]:
-        return contract(f1, f2, self.output, self.per_layer)
+    def _use_gram(self, layer: _Layer, H: LayerInput, G: Tensor) -> bool:
+        if getattr(layer.module, "groups", 1) != 1:
+            return False
+        C, _, T, D = G.shape
+        return prefer_gram(self._block_size, C, T, H.width, D, self.output, H.tokens is not None)
+
+    # ------------------------------------------------------------------- blocks
+    def block(self, f1: dict[str, Any], f2: dict[str, Any]) -> dict[str, Tensor]:
+        """Kernel block: one entry per parameter, or the total under ``""``."""
+        J1, J2 = f1["per_example"], f2["per_example"]
+        parts: dict[str, Tensor] = {}
+        for name, (H1, G1, fold_bias) in f1["grams"].items():
+            H2, G2, _ = f2["grams"][name]
+            A = H1.gram(H2)  # (N1, T, N2, S)
+            if fold_bias:
+                A = A + 1.0  # bias gradient Σ_t G: the same product with H·H' + 1
+            parts[name] = contract_gram(A, G1, G2, self.output)
+        if self.per_layer:
+            for name in J1:
+                parts[name] = contract_jacobians(J1[name], J2[name], self.output)
+            return parts
+        total = None
+        if J1:
+            cat1 = torch.cat(list(J1.values()), dim=2)  # (N1, C, P')
+            cat2 = cat1 if J2 is J1 else torch.cat(list(J2.values()), dim=2)
+            total = contract_jacobians(cat1, cat2, self.output)
+        for K in parts.values():
+            total = K if total is None else total + K
+        return {"": total}
+
+
+# --------------------------------------------------------------------------- plan
+def _candidate_layers(fm: FunctionalModel) -> list[_Layer]:
+    """Supported modules whose selected parameters they alone hold."""
+    owners: dict[int, int] = {}
+    for module in fm.module.modules():
+        for p in module._parameters.values():
+            if p is not None:
+                owners[id(p)] = owners.get(id(p), 0) + 1
+    selected = set(fm.names)
+    layers = []
+    for mod_name, module in fm.module.named_modules():
+        if not _supported(module):
+            continue
+        prefix = f"{mod_name}." if mod_name else ""
+        layer = _Layer(mod_name, module)
+        for role in ("weight", "bias"):
+            p = module._parameters.get(role)
+            full = prefix + role
+            if p is not None and full in selected and owners[id(p)] == 1:
+                setattr(layer, role, full)
+        if layer.param_names:
+            layers.append(layer)
+    return layers
+
+
+def _supported(module: nn.Module) -> bool:
+    """Whether the module is of a type with a structured kernel and its stock forward."""
+    for base in (nn.Linear, *_CONVS, nn.Embedding, *_NORMS):
+        if isinstance(module, base):
+            if (
+                type(module).forward is not base.forward
+                and base is not nn.modules.batchnorm._BatchNorm
+            ):
+                return False
+            break
+    else:
+        return False
+    if isinstance(module, _CONVS):
+        return module.padding_mode == "zeros"
+    if isinstance(module, nn.Embedding):
+        return module.max_norm is None
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return (
+            module.track_running_stats
+            and module.running_mean is not None
+            and (type(module).forward is nn.modules.batchnorm._BatchNorm.forward)
+        )
+    return True
+
+
+def _verified(fm: FunctionalModel, layers: list[_Layer], x: Tensor) -> list[_Layer]:
+    """Keep the parameters whose reconstructed gradients match autograd's.
+
+    For a random cotangent ``u (n, C)`` (the method's own generator; the global RNG is
+    untouched), compares ``Σ_{i,a} u[i,a] ∂f_a(x_i)/∂θ`` rebuilt from the layer's
+    ``H`` and ``G`` with autograd's, per parameter. A layer whose module is not called
+    exactly once per forward is dropped before that.
+    """
+    calls: dict[str, int] = {}
+    with _hooks(
+        layers, lambda layer, inp, out: calls.__setitem__(layer.name, calls.get(layer.name, 0) + 1)
+    ):
+        with torch.no_grad():
+            logits = fm(fm.params, x)
+    layers = [layer for layer in layers if calls.get(layer.name, 0) == 1]
+    if not layers:
+        return layers
+    generator = torch.Generator().manual_seed(0)
+    u = torch.randn(logits.shape, generator=generator, dtype=logits.dtype).to(logits.device)
+    inputs, cotangents = _record(fm, layers, x, cotangents=u.unsqueeze(0))
+
+    names = [n for layer in layers for n in layer.param_names]
+    with torch.enable_grad():
+        wrt = {n: fm.params[n].detach().requires_grad_() for n in names}
+        out = fm({**fm.params, **wrt}, x)
+        auto = torch.autograd.grad(out, list(wrt.values()), grad_outputs=u, allow_unused=True)
+    auto_grads = dict(zip(names, auto))
+    rtol = _VERIFY_RTOL.get(fm.dtype, 1e-3)
+    kept = []
+    for layer in layers:
+        rebuilt = _summed_gradients(layer, inputs[layer.name], cotangents[layer.name], fm)
+        for name, grad in rebuilt.items():
+            ref = auto_grads[name]
+            ref = torch.zeros_like(grad) if ref is None else ref.reshape(grad.shape)
+            scale = max(ref.norm().item(), grad.norm().item(), 1e-30)
+            if (grad - ref).norm().item() > rtol * scale:  # used outside the module's call
+                setattr(layer, "weight" if name == layer.weight else "bias", None)
+        if layer.param_names:
+            kept.append(layer)
+    return kept
+
+
+# ------------------------------------------------------------------ recording
+@contextlib.contextmanager
+def _hooks(layers: list[_Layer], hook: Callable[[_Layer, Any, Any], Any]) -> Iterator[None]:
+    handles = [
+        layer.module.register_forward_hook(lambda m, i, o, layer=layer: hook(layer, i, o))
+        for layer in layers
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _record(
+    fm: FunctionalModel, layers: list[_Layer], x: Tensor, cotangents: Optional[Tensor]
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Inputs of each layer and the cotangents of its output.
+
+    A zero tensor ``z`` requiring grad is added to each layer's output, so that
+    ``∂f/∂z = ∂f/∂y``; autograd then never differentiates with respect to parameters.
+
+    Args:
+        fm: the functional model.
+        layers: the layers to record.
+        x: a chunk of inputs ``(N, ...)``.
+        cotangents: ``(R, N, C)`` output cotangents; ``None`` for the ``C`` one-hot
+            directions (``R = C``).
+
+    Returns:
+        ``{layer: input}`` and ``{layer: (R, N, *output_shape) cotangents}``.
+    """
+    inputs: dict[str, Tensor] = {}
+    zeros: dict[str, Tensor] = {}
+
+    def hook(layer: _Layer, inp: tuple, out: Tensor) -> Tensor:
+        inputs[layer.name] = inp[0].detach()
+        z = torch.zeros_like(out, requires_grad=True)
+        zeros[layer.name] = z
+        return out + z
+
+    with torch.enable_grad(), _hooks(layers, hook):
+        logits = fm(fm.params, x)  # (N, C)
+    N, C = logits.shape
+    if cotangents is None:
+        eye = torch.eye(C, dtype=logits.dtype, device=logits.device)
+        cotangents = eye.unsqueeze(1).expand(C, N, C)  # (C, N, C)
+    names = list(zeros)
+    try:
+        grads = torch.autograd.grad(
+            logits,
+            [zeros[n] for n in names],
+            grad_outputs=cotangents,
+            is_grads_batched=True,
+            allow_unused=True,
+        )
+    except RuntimeError:  # an op without a batching rule: one backward per direction
+        rows = [
+            torch.autograd.grad(
+                logits,
+                [zeros[n] for n in names],
+                grad_outputs=ct,
+                retain_graph=True,
+                allow_unused=True,
+            )
+            for ct in cotangents
+        ]
+        grads = tuple(
+            None if rows[0][k] is None else torch.stack([r[k] for r in rows])
+            for k in range(len(names))
+        )
+    result = {}
+    for name, grad in zip(names, grads):
+        z = zeros[name]
+        result[name] = grad if grad is not None else z.new_zeros(len(cotangents), *z.shape)
+    return inputs, result
+
+
+# ------------------------------------------------------------------ per layer
+def _weight_factors(
+    layer: _Layer, inp: Tensor, grad: Tensor, fm: FunctionalModel
+) -> tuple[Optional[LayerInput], Tensor]:
+    """``H`` and ``G (R, N, T, D)`` of the layer's weight (``(None, grad)`` for norms)."""
+    module = layer.module
+    R, N = grad.shape[:2]
+    if isinstance(module, nn.Linear):
+        K = inp.shape[-1]
+        return LayerInput(dense=inp.reshape(N, -1, K)), grad.reshape(R, N, -1, grad.shape[-1])
+    if isinstance(module, _CONVS):
+        patches = _unfold(inp, module)  # (N, T, Cin·k)
+        G = grad.flatten(start_dim=3).transpose(2, 3)  # (R, N, T, Cout)
+        return LayerInput(dense=patches), G
+    if isinstance(module, nn.Embedding):
+        tokens = inp.reshape(N, -1)
+        if module.padding_idx is not None:
+            tokens = tokens.masked_fill(tokens == module.padding_idx, -1)
+        G = grad.reshape(R, N, -1, grad.shape[-1])
+        return LayerInput(tokens=tokens, vocab=module.num_embeddings, dtype=fm.dtype), G
+    return None, grad
+
+
+def _small_per_example(
+    layer: _Layer, inp: Tensor, grad: Tensor, fm: FunctionalModel
+) -> dict[str, Tensor]:
+    """Per-example gradients ``(N, C, P)`` of biases and norm-layer affine weights."""
+    module = layer.module
+    R, N = grad.shape[:2]
+    out: dict[str, Tensor] = {}
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        if layer.bias is not None:
+            out[layer.bias] = grad.reshape(R, N, -1, grad.shape[-1]).sum(2).transpose(0, 1)
+        return out
+    if isinstance(module, _CONVS):
+        if layer.bias is not None:
+            out[layer.bias] = grad.flatten(start_dim=3).sum(3).transpose(0, 1)
+        return out
+    # norm layers: y = x̂ ⊙ w + b
+    if isinstance(module, nn.LayerNorm):
+        P = module.weight.numel() if module.weight is not None else module.bias.numel()
+        x_hat = F.layer_norm(inp, module.normalized_shape, eps=module.eps).reshape(N, -1, P)
+        g = grad.reshape(R, N, -1, P)
+        weight_grad = lambda: (g * x_hat).sum(2)  # noqa: E731
+        bias_grad = lambda: g.sum(2)  # noqa: E731
+    else:  # BatchNorm (running statistics) and GroupNorm: per channel
+        Ch = inp.shape[1]
+        if isinstance(module, nn.GroupNorm):
+            x_hat = F.group_norm(inp, module.num_groups, eps=module.eps)
+        else:
+            prefix = f"{layer.name}." if layer.name else ""
+            mean = fm.constants[prefix + "running_mean"]
+            var = fm.constants[prefix + "running_var"]
+            shape = (1, Ch) + (1,) * (inp.ndim - 2)
+            x_hat = (inp - mean.view(shape)) * torch.rsqrt(var.view(shape) + module.eps)
+        x_hat = x_hat.reshape(N, Ch, -1)
+        g = grad.reshape(R, N, Ch, -1)
+        weight_grad = lambda: (g * x_hat).sum(3)  # noqa: E731
+        bias_grad = lambda: g.sum(3)  # noqa: E731
+    if layer.weight is not None:
+        out[layer.weight] = weight_grad().transpose(0, 1)
+    if layer.bias is not None:
+        out[layer.bias] = bias_grad().transpose(0, 1)
+    return out
+
+
+def _summed_gradients(
+    layer: _Layer, inp: Tensor, grad: Tensor, fm: FunctionalModel
+) -> dict[str, Tensor]:
+    """``Σ_i`` of the layer's per-example gradients for one cotangent (``grad (1, N, ...)``)."""
+    summed = {
+        name: J.sum(0).reshape(-1) for name, J in _small_per_example(layer, inp, grad, fm).items()
+    }
+    if layer.weight is not None and not isinstance(layer.module, _NORMS):
+        H, G = _weight_factors(layer, inp, grad, fm)
+        groups = getattr(layer.module, "groups", 1)
+        if groups == 1:
+            summed[layer.weight] = H.summed_outer(G[0]).reshape(-1)
+        else:
+            summed[layer.weight] = per_example_outer(H, G, groups).sum(0).reshape(-1)
+    return summed
+
+
+def _unfold(x: Tensor, conv: nn.Module) -> Tensor:
+    """Input patches of an N-d convolution: ``(N, T, C_in·Π k)``, weight-flatten order."""
+    dims = x.ndim - 2
+    kernel, stride, dilation = conv.kernel_size, conv.stride, conv.dilation
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            pads = [(0, 0)] * dims
+        else:  # "same": as torch pads, the extra element goes to the end
+            pads = []
+            for k, d in zip(kernel, dilation):
+                total = d * (k - 1)
+                pads.append((total // 2, total - total // 2))
+    else:
+        pads = [(p, p) for p in conv.padding]
+    flat_pad = [v for pair in reversed(pads) for v in pair]
+    x = F.pad(x, flat_pad)
+    for d in range(dims):
+        span = dilation[d] * (kernel[d] - 1) + 1
+        x = x.unfold(2 + d, span, stride[d])[..., :: dilation[d]]
+    # (N, C_in, *out, *k) -> (N, *out, C_in, *k)
+    N = x.shape[0]
+    perm = [0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims)]
+    x = x.permute(perm)
+    T = 1
+    for s in x.shape[1 : 1 + dims]:
+        T *= s
+    return x.reshape(N, T, -1)

@@ -1,0 +1,155 @@
+"""Per-layer factors of the Jacobian and their contractions into kernel blocks.
+
+For a layer ``y = W h`` applied at ``T`` positions (1 for a plain ``Linear``, the output
+pixels of a convolution, the tokens of a sequence), the Jacobian of the logits with
+respect to ``W`` for example ``i`` and class ``a`` is ``Σ_t G[a,i,t] ⊗ H[i,t]``, with
+``H[i, t] ∈ R^K`` the layer input at position ``t`` and ``G[a, i, t] ∈ R^D`` the cotangent
+``∂f_a(x_i)/∂y[i, t]``. Hence
+
+    Θ_W(x_i, x_j)[a, b] = Σ_{t,s} (H[i,t]·H[j,s]) (G[a,i,t]·G[b,j,s]).
+
+Two exact ways to evaluate it, chosen per layer by :func:`prefer_gram`:
+
+* **Gram** ("patch Gram" for convolutions): ``A = H Hᵀ`` and ``B = G Gᵀ``, then the
+  Hadamard-and-sum above; never forms a per-example gradient. Costs
+  ``N1·N2·T·S·(K + C²·D)`` for the full layout; wins when ``T`` is small.
+* **Per-example gradients**: ``J[i, a] = Σ_t G[a,i,t] ⊗ H[i,t] ∈ R^{D·K}``, then
+  ``J1 J2ᵀ``. Costs ``N·C·T·D·K + N1·N2·C²·D·K``; wins for convolutions with many
+  output pixels.
+
+An embedding is the same layer with a one-hot ``H``: ``H[i,t]·H[j,s] = [tok_it = tok_js]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._layout import from_class_diagonal
+
+# Above this many numbers, a per-example gradient block is not materialised.
+_JP_BUDGET = 2**27
+
+
+@dataclass
+class LayerInput:
+    """The input ``H`` of a weight, per example and position.
+
+    Exactly one of ``dense`` (``(N, T, K)`` features) and ``tokens`` (``(N, T)`` indices
+    into ``vocab`` rows, ``-1`` where the row gets no gradient, e.g. ``padding_idx``) is set.
+    """
+
+    dense: Optional[Tensor] = None
+    tokens: Optional[Tensor] = None
+    vocab: int = 0
+    dtype: torch.dtype = torch.float32  # of the one-hot rows built from tokens
+
+    @property
+    def positions(self) -> int:
+        """``T``: positions per example."""
+        source = self.dense if self.dense is not None else self.tokens
+        return source.shape[1]
+
+    @property
+    def width(self) -> int:
+        """``K``: input features (the vocabulary size for tokens)."""
+        return self.dense.shape[2] if self.dense is not None else self.vocab
+
+    def gram(self, other: LayerInput) -> Tensor:
+        """``A[i, t, j, s] = H[i,t]·H'[j,s]``: ``(N1, T, N2, S)``."""
+        if self.dense is not None:
+            N1, T, K = self.dense.shape
+            N2, S, _ = other.dense.shape
+            return (self.dense.reshape(N1 * T, K) @ other.dense.reshape(N2 * S, K).T).view(
+                N1, T, N2, S
+            )
+        t1 = self.tokens.reshape(-1, 1)
+        t2 = other.tokens.reshape(1, -1)
+        A = ((t1 == t2) & (t1 >= 0)).to(self.dtype)
+        return A.view(*self.tokens.shape, *other.tokens.shape)
+
+    def as_dense(self) -> Tensor:
+        """``H`` as dense features ``(N, T, K)`` (one-hot rows for tokens)."""
+        if self.dense is not None:
+            return self.dense
+        onehot = F.one_hot(self.tokens.clamp(min=0), self.vocab).to(self.dtype)
+        return onehot * (self.tokens >= 0).unsqueeze(-1).to(self.dtype)
+
+    def summed_outer(self, G: Tensor) -> Tensor:
+        """``Σ_{i,t} G[i,t] ⊗ H[i,t]`` for one cotangent ``G (N, T, D)``, in the weight's layout.
+
+        That is ``(D, K)`` for a Linear or convolution weight and ``(V, D)`` for an
+        embedding table.
+        """
+        D = G.shape[-1]
+        if self.dense is not None:
+            return G.reshape(-1, D).T @ self.dense.reshape(-1, self.dense.shape[-1])
+        tokens = self.tokens.reshape(-1)
+        keep = tokens >= 0
+        rows = G.reshape(-1, D)[keep]
+        return G.new_zeros(self.vocab, D).index_add_(0, tokens[keep], rows)
+
+
+def per_example_outer(H: LayerInput, G: Tensor, groups: int = 1) -> Tensor:
+    """Per-example gradients ``J[i, a] = Σ_t G[a,i,t] ⊗ H[i,t]``: ``(N, C, D·K)``.
+
+    With ``groups > 1`` (grouped convolution) input and output channels split into
+    ``groups`` blocks and only matching blocks interact.
+    """
+    dense = H.as_dense()  # (N, T, K)
+    C, N, T, D = G.shape
+    if groups == 1:
+        # (N, C·D, T) @ (N, T, K) -> (N, C·D, K)
+        J = G.permute(1, 0, 3, 2).reshape(N, C * D, T) @ dense
+        return J.reshape(N, C, D * dense.shape[-1])
+    K = dense.shape[-1] // groups
+    Hg = dense.reshape(N, T, groups, K)
+    Gg = G.reshape(C, N, T, groups, D // groups)
+    J = torch.einsum("aitgd,itgk->iagdk", Gg, Hg)
+    return J.reshape(N, C, D * K)
+
+
+def contract_gram(A: Tensor, G1: Tensor, G2: Tensor, output: str) -> Tensor:
+    """``Θ[i,j,a,b] = Σ_{t,s} A[i,t,j,s] (G1[a,i,t]·G2[b,j,s])`` in the requested layout.
+
+    Args:
+        A: input Gram ``(N1, T, N2, S)``.
+        G1: cotangents ``(C, N1, T, D)``.
+        G2: cotangents ``(C, N2, S, D)``.
+        output: ``"full"``, ``"diagonal"`` or ``"trace"``.
+    """
+    C, N1, T, D = G1.shape
+    N2, S = G2.shape[1], G2.shape[2]
+    if output == "full":
+        B = (G1.reshape(C * N1 * T, D) @ G2.reshape(C * N2 * S, D).T).view(C, N1, T, C, N2, S)
+        if T == 1 and S == 1:  # plain Linear: a Hadamard product
+            return A.view(N1, N2, 1, 1) * B.view(C, N1, C, N2).permute(1, 3, 0, 2)
+        return torch.einsum("itjs,aitbjs->ijab", A, B)
+    B = torch.bmm(G1.reshape(C, N1 * T, D), G2.reshape(C, N2 * S, D).transpose(1, 2))
+    B = B.view(C, N1, T, N2, S)
+    if T == 1 and S == 1:
+        K = A.view(1, N1, N2) * B.view(C, N1, N2)
+    else:
+        K = torch.einsum("itjs,aitjs->aij", A, B)
+    return from_class_diagonal(K, output)
+
+
+def prefer_gram(N: int, C: int, T: int, K: int, D: int, output: str, tokens: bool) -> bool:
+    """Whether the Gram evaluation of a weight's kernel is cheaper than per-example gradients.
+
+    Flop counts for a block of ``N × N`` examples; ``c2`` is ``C²`` for the full layout and
+    ``C`` otherwise. Per-example gradients are ruled out when one block of them would
+    exceed the memory budget (for embeddings: ``N·C·V·D`` numbers).
+    """
+    c2 = C * C if output == "full" else C
+    gram = N * N * T * T * (K + 2 * c2 * D)
+    per_example = 2 * N * C * T * D * K + N * N * c2 * D * K
+    if N * C * D * K > _JP_BUDGET:
+        return True
+    if tokens:
+        per_example += N * T * K  # the one-hot expansion
+    return gram <= per_example
