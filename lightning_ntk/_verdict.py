@@ -53,9 +53,9 @@ class Thresholds:
 
     relative_change: tuple[float, float] = (0.1, 0.5)
     linearization_error: tuple[float, float] = (0.2, 0.5)
-    logit_slope: tuple[float, float] = (0.3, 0.6)
+    logit_slope: tuple[float, float] = (0.5, 0.8)
     trend_octaves: float = 2.0
-    min_trend_step: int = 32
+    min_trend_step: int = 100
 
     def __post_init__(self) -> None:
         for name in ("relative_change", "linearization_error", "logit_slope"):
@@ -91,7 +91,7 @@ def logit_slope(
     """Least-squares slope of ``logit_norm`` against ``log2(step)`` over the last octaves.
 
     Uses the points with ``step ≥ max(min_step, step_last / 2^octaves)``; ``nan`` with
-    fewer than three such points.
+    fewer than two such points.
     """
     if not steps:
         return math.nan
@@ -101,7 +101,7 @@ def logit_slope(
         for s, v in zip(steps, logit_norms)
         if s >= lower and s > 0 and math.isfinite(v)
     ]
-    if len(pts) < 3:
+    if len(pts) < 2:
         return math.nan
     mean_t = sum(t for t, _ in pts) / len(pts)
     mean_v = sum(v for _, v in pts) / len(pts)
