@@ -65,11 +65,18 @@ def module_class(namespace: str = "pytorch_lightning") -> type:
             dict_batches: bool = False,
             n: int = 48,
             batch_size: int = 16,
+            momentum: float = 0.0,
+            shuffle: bool = True,
         ) -> None:
             super().__init__()
             self.net = mlp(d, width, classes, bn_dropout)
             self.loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-            self.lr, self.weight_decay = lr, weight_decay
+            self.lr, self.weight_decay, self.momentum, self.shuffle = (
+                lr,
+                weight_decay,
+                momentum,
+                shuffle,
+            )
             self.dict_batches, self.n, self.batch_size, self.d, self.classes = (
                 dict_batches,
                 n,
@@ -89,12 +96,17 @@ def module_class(namespace: str = "pytorch_lightning") -> type:
             return self.loss_fn(self(x), y)
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.SGD(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+            return torch.optim.SGD(
+                self.parameters(),
+                lr=self.lr,
+                weight_decay=self.weight_decay,
+                momentum=self.momentum,
+            )
 
         def train_dataloader(self) -> DataLoader:
             x, y = blobs(self.n, self.d, self.classes)
             data = DictDataset(x, y) if self.dict_batches else TensorDataset(x, y)
-            return DataLoader(data, batch_size=self.batch_size, shuffle=True)
+            return DataLoader(data, batch_size=self.batch_size, shuffle=self.shuffle)
 
     Classifier.__qualname__ = Classifier.__name__ = f"Classifier_{namespace.replace('.', '_')}"
     return Classifier
