@@ -1,0 +1,284 @@
+"""What the theory predicts: the regime of a training setup and the kernel-predicted logits.
+
+"The Neural Tangent Kernel for Classification" (Plenk et al., arXiv 2605.17606): with
+cross-entropy, a wide network stays in the kernel (lazy) regime when the loss has an
+L2 term on the parameters (``λ > 0``) or when the targets are non-degenerate (every
+class has positive probability, e.g. label smoothing). With hard one-hot targets and
+``λ = 0`` zero loss needs infinite logits: they diverge and the linearization breaks.
+
+* :func:`predict_regime` reads those conditions off an optimizer, a loss and targets.
+* :func:`kernel_solution` gives the trained logits of the linearized model in closed form
+  (a fixed point solved by Newton's method), on the training set and at new inputs.
+* :func:`kernel_flow` integrates the function-space gradient-descent dynamics step by step.
+
+Conventions shared by the last two. Logits ``f (N, C)``, ``p(f)`` the row softmax,
+targets ``Y (N, C)`` (after label smoothing ``ε``: ``(1 − ε) Y + ε / C``), learning rate
+``η``, L2 strength ``λ``. The loss is ``mean_i CE(f(x_i), y_i) + (λ/2)‖θ − θ_ref‖²``
+(``reduction="mean"``, the default and PyTorch's) or the sum over ``i``
+(``reduction="sum"``); ``G = Θ0 / N`` or ``G = Θ0`` is the kernel the gradient sees.
+Gradient descent on the *linearized* model, ``θ ← θ − η ∇``, moves its logits exactly by
+
+    f ← f − η [G (p(f) − Y) + λ (f − f0 + s)],
+
+because ``f_lin`` is linear in ``θ``: ``s = 0`` for decay towards ``θ_ref = θ0``
+(``decay_to="init"``) and ``s = J0 θ0`` (a jvp, :func:`weight_decay_shift`) for plain
+weight decay towards 0 (``decay_to="zero"``, what ``torch.optim.SGD(weight_decay=λ)``
+does). Its fixed points:
+
+* ``λ > 0``: ``f* = f0 − s − (1/λ) G (p(f*) − Y)``, and at new inputs
+  ``f*(x) = f0(x) − s(x) − (1/λ) G(x, X) (p(f*) − Y)``;
+* ``λ = 0``, every target probability positive: ``f* = f0 + Θ0 α`` with
+  ``p(f*) = Y`` (each row of ``α`` summing to 0), and ``f*(x) = f0(x) + Θ0(x, X) α``;
+* ``λ = 0`` and some target probability 0 (hard labels): none; the centered logits
+  grow without bound (logarithmically in the number of steps).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ._kernel_solution import (
+    KernelSolution,
+    check_nonnegative,
+    check_smoothing,
+    check_soft_targets,
+    check_tensor,
+    kernel_flow,
+    kernel_solution,
+    weight_decay_shift,
+)
+
+__all__ = [
+    "KernelSolution",
+    "RegimePrediction",
+    "kernel_flow",
+    "kernel_solution",
+    "predict_regime",
+    "weight_decay_shift",
+]
+
+
+# ---------------------------------------------------------------------- regime
+
+
+@dataclass(frozen=True)
+class RegimePrediction:
+    """The regime the paper's conditions predict for a training setup.
+
+    Attributes:
+        regime: ``"lazy"`` (the NTK stays about constant, the linearized model explains
+            training) or ``"divergent"`` (logits diverge, the linearization breaks down).
+        reason: one sentence naming the condition that decided it.
+        weight_decay: the effective L2 strength ``λ`` found (0.0 if none).
+        min_target_prob: the smallest target probability of any class (0.0 for hard
+            labels; NaN when label smoothing is on but the number of classes is unknown).
+        decoupled_decay: ``λ`` is decoupled (AdamW-style) weight decay, which is not an
+            L2 term in the loss; it is counted as regularisation, with a note in ``reason``.
+    """
+
+    regime: str
+    reason: str
+    weight_decay: float
+    min_target_prob: float
+    decoupled_decay: bool
+
+    @property
+    def lazy(self) -> bool:
+        """``regime == "lazy"``."""
+        return self.regime == "lazy"
+
+
+def predict_regime(
+    *,
+    weight_decay: Optional[float] = None,
+    optimizer: Optional[Any] = None,
+    label_smoothing: Optional[float] = None,
+    loss: Optional[nn.Module] = None,
+    targets: Optional[Tensor] = None,
+    num_classes: Optional[int] = None,
+    decoupled_decay: Optional[bool] = None,
+) -> RegimePrediction:
+    """Predict the lazy / divergent regime of cross-entropy training.
+
+    Lazy when ``λ > 0`` (L2 regularisation) or when every class has a positive target
+    probability (label smoothing ``ε > 0``: minimum ``ε / C``; soft targets: their
+    minimum); divergent otherwise (hard one-hot targets, ``λ = 0``).
+
+    Args:
+        weight_decay: declared ``λ ≥ 0``.
+        optimizer: a ``torch.optim.Optimizer`` (anything with ``param_groups``); ``λ`` is
+            read from its groups' ``weight_decay``. Rule: groups holding a parameter with
+            two or more dimensions are weight groups and ``λ`` is the smallest decay among
+            them; groups of biases and norm parameters only may have 0 (reported in the
+            reason). ``AdamW`` and ``decoupled_weight_decay=True`` groups are decoupled.
+        label_smoothing: declared ``ε ∈ [0, 1)``.
+        loss: an ``nn.CrossEntropyLoss`` (its ``label_smoothing`` is read) or
+            ``nn.NLLLoss`` (no smoothing).
+        targets: integer labels ``(N,)`` (hard) or soft targets ``(N, C)`` (rows sum to 1).
+        num_classes: ``C``, for ``ε / C`` when no soft targets give it.
+        decoupled_decay: declare whether ``weight_decay`` is decoupled (default: read from
+            the optimizer, else ``False``).
+
+    Returns:
+        A :class:`RegimePrediction`.
+
+    Raises:
+        ValueError: negative ``λ``, ``ε`` outside ``[0, 1)``, soft targets that are
+            negative or do not sum to 1, or declared values that contradict the
+            optimizer / loss / targets.
+        TypeError: an optimizer without ``param_groups`` or an unsupported loss.
+    """
+    lam, decoupled, decay_note = _resolve_weight_decay(weight_decay, optimizer, decoupled_decay)
+    eps = _resolve_smoothing(label_smoothing, loss)
+    base_min, C = _resolve_targets(targets, num_classes)
+    if eps > 0:
+        min_prob = (1 - eps) * base_min + eps / C if C is not None else math.nan
+    else:
+        min_prob = base_min
+    positive_targets = eps > 0 or min_prob > 0
+    if lam > 0:
+        regime = "lazy"
+        if decoupled:
+            reason = (
+                f"Lazy: decoupled (AdamW-style) weight decay λ={lam:g} is not an L2 term in "
+                "the loss, but it keeps the parameters bounded like the paper's "
+                "parameter-space regularisation and is treated as such"
+            )
+        else:
+            reason = (
+                f"Lazy: L2 regularisation λ={lam:g} gives the cross-entropy objective a "
+                "finite optimum near initialisation, the paper's first condition for a "
+                "constant NTK"
+            )
+    elif positive_targets:
+        regime = "lazy"
+        source = f"label smoothing ε={eps:g}" if eps > 0 else "soft targets"
+        prob = "ε/C" if math.isnan(min_prob) else f"{min_prob:.3g}"
+        reason = (
+            f"Lazy: with {source} every class has target probability ≥ {prob}, so zero "
+            "loss needs only finite logits (the paper's non-degenerate-target condition), "
+            "even without regularisation"
+        )
+    else:
+        regime = "divergent"
+        reason = (
+            "Divergent: hard one-hot targets with no L2 regularisation (λ = 0) need infinite "
+            "logits for zero loss, so the logits grow without bound and training leaves the "
+            "kernel regime at any width; add weight decay or label smoothing"
+        )
+    return RegimePrediction(
+        regime=regime,
+        reason=reason + decay_note + ".",
+        weight_decay=lam,
+        min_target_prob=float(min_prob),
+        decoupled_decay=decoupled,
+    )
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _resolve_weight_decay(
+    declared: Optional[float], optimizer: Optional[Any], decoupled: Optional[bool]
+) -> tuple[float, bool, str]:
+    """``(λ, decoupled, note)`` from a declared value and / or an optimizer."""
+    lam = None if declared is None else check_nonnegative(declared, "weight_decay")
+    note = ""
+    found_decoupled = False
+    if optimizer is not None:
+        groups = getattr(optimizer, "param_groups", None)
+        if not isinstance(groups, (list, tuple)):
+            raise TypeError(
+                "Expected `optimizer` to be a torch.optim.Optimizer (with `param_groups`) but "
+                f"got {type(optimizer).__name__}."
+            )
+        groups = [g for g in groups if len(g.get("params", ())) > 0]
+        is_adamw = isinstance(optimizer, torch.optim.AdamW)
+        weight_groups = [g for g in groups if any(p.ndim >= 2 for p in g["params"])]
+        considered = weight_groups or groups
+        decays = [float(g.get("weight_decay", 0.0) or 0.0) for g in considered]
+        from_optimizer = min(decays) if decays else 0.0
+        if from_optimizer < 0:
+            raise ValueError(
+                f"Expected the optimizer's `weight_decay` to be >= 0 but got {from_optimizer}."
+            )
+        undecayed = [
+            g for g in groups if g not in weight_groups and float(g.get("weight_decay", 0)) == 0
+        ]
+        if weight_groups and undecayed and from_optimizer > 0:
+            note = " (biases / norm parameters without decay are fine: λ is the weight groups')"
+        if len(set(decays)) > 1:
+            note += (
+                f" (parameter groups differ in weight decay {sorted(set(decays))}; λ is their "
+                "minimum)"
+            )
+        found_decoupled = from_optimizer > 0 and (
+            is_adamw or any(g.get("decoupled_weight_decay", False) for g in considered)
+        )
+        if lam is not None and not math.isclose(lam, from_optimizer, rel_tol=1e-9, abs_tol=0):
+            raise ValueError(
+                f"Declared `weight_decay`={lam:g} contradicts the optimizer's weight decay "
+                f"{from_optimizer:g}; pass only one of them."
+            )
+        lam = from_optimizer
+    if decoupled is not None:
+        if not isinstance(decoupled, bool):
+            raise TypeError(f"Expected `decoupled_decay` to be a bool but got {decoupled!r}.")
+        found_decoupled = decoupled
+    return (lam or 0.0), bool(found_decoupled and (lam or 0.0) > 0), note
+
+
+def _resolve_smoothing(declared: Optional[float], loss: Optional[nn.Module]) -> float:
+    eps = None if declared is None else check_smoothing(declared)
+    if loss is not None:
+        if isinstance(loss, nn.CrossEntropyLoss):
+            from_loss = float(loss.label_smoothing)
+        elif isinstance(loss, nn.NLLLoss):
+            from_loss = 0.0
+        else:
+            raise TypeError(
+                "Expected `loss` to be an nn.CrossEntropyLoss or nn.NLLLoss (the theory is "
+                f"about cross-entropy) but got {type(loss).__name__}; declare "
+                "`label_smoothing` instead."
+            )
+        if eps is not None and not math.isclose(eps, from_loss, abs_tol=1e-12):
+            raise ValueError(
+                f"Declared `label_smoothing`={eps:g} contradicts the loss's "
+                f"label_smoothing={from_loss:g}; pass only one of them."
+            )
+        eps = from_loss
+    return eps or 0.0
+
+
+def _resolve_targets(
+    targets: Optional[Tensor], num_classes: Optional[int]
+) -> tuple[float, Optional[int]]:
+    """``(min target probability before smoothing, C or None)``; hard labels give 0."""
+    if num_classes is not None and (
+        isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2
+    ):
+        raise ValueError(f"Expected `num_classes` to be an int >= 2 but got {num_classes!r}.")
+    if targets is None:
+        return 0.0, num_classes
+    check_tensor(targets, "targets")
+    if targets.ndim == 2 and targets.is_floating_point():
+        C = targets.shape[1]
+        if num_classes is not None and num_classes != C:
+            raise ValueError(
+                f"Expected soft `targets` with `num_classes`={num_classes} columns but got "
+                f"shape {tuple(targets.shape)}."
+            )
+        Y = targets.double()
+        check_soft_targets(Y)
+        return float(Y.min()), C
+    if targets.ndim == 1 and not targets.is_floating_point():
+        return 0.0, num_classes
+    raise ValueError(
+        "Expected `targets` to be integer labels of shape (N,) or soft targets of shape "
+        f"(N, C) but got shape {tuple(targets.shape)} with dtype {targets.dtype}."
+    )
