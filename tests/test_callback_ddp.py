@@ -42,7 +42,7 @@ def _summary(trainer, monitor) -> dict:
 
 @pytest.mark.slow
 def test_ddp_two_processes_agree_with_a_single_process(tmp_path):
-    single_trainer, single = _fit("auto", 1, batch_size=48)
+    _, single = _fit("auto", 1, batch_size=48)
     rc = {r.step: r.relative_change for r in single.history}
     assert sorted(rc) == [1, 2, 4, 8]
     # break between steps 2 and 4, so that "stop" must stop both ranks after step 4
