@@ -106,7 +106,8 @@ class StructuredMethod:
         per_example: dict[str, Tensor] = {}
         grams: dict[str, tuple[LayerInput, Tensor, bool]] = {}
         if self.plan.layers:
-            inputs, cotangents = _record(self.fm, self.plan.layers, x, cotangents=None)
+            rec = _record(self.fm, self.plan.layers, x)
+            inputs, cotangents = rec.inputs, rec.cotangents
             for layer in self.plan.layers:
                 H, G = _weight_factors(layer, inputs[layer.name], cotangents[layer.name], self.fm)
                 for name, J in _small_per_example(
@@ -213,35 +214,27 @@ def _verified(fm: FunctionalModel, layers: list[_Layer], x: Tensor) -> list[_Lay
 
     For a random cotangent ``u (n, C)`` (the method's own generator; the global RNG is
     untouched), compares ``Σ_{i,a} u[i,a] ∂f_a(x_i)/∂θ`` rebuilt from the layer's
-    ``H`` and ``G`` with autograd's, per parameter. A layer whose module is not called
-    exactly once per forward is dropped before that.
+    ``H`` and ``G`` with autograd's, per parameter, from one forward and one backward
+    pass. A layer whose module is not called exactly once per forward is dropped.
     """
-    calls: dict[str, int] = {}
-    with _hooks(
-        layers, lambda layer, inp, out: calls.__setitem__(layer.name, calls.get(layer.name, 0) + 1)
-    ):
-        with torch.no_grad():
-            logits = fm(fm.params, x)
-    layers = [layer for layer in layers if calls.get(layer.name, 0) == 1]
-    if not layers:
-        return layers
     generator = torch.Generator().manual_seed(0)
-    u = torch.randn(logits.shape, generator=generator, dtype=logits.dtype).to(logits.device)
-    inputs, cotangents = _record(fm, layers, x, cotangents=u.unsqueeze(0))
+
+    def random_cotangent(logits: Tensor) -> Tensor:
+        u = torch.randn(logits.shape, generator=generator, dtype=logits.dtype)
+        return u.to(logits.device).unsqueeze(0)  # (1, n, C)
 
     names = [n for layer in layers for n in layer.param_names]
-    with torch.enable_grad():
-        wrt = {n: fm.params[n].detach().requires_grad_() for n in names}
-        out = fm({**fm.params, **wrt}, x)
-        auto = torch.autograd.grad(out, list(wrt.values()), grad_outputs=u, allow_unused=True)
-    auto_grads = dict(zip(names, auto))
+    wrt = {n: fm.params[n].detach().requires_grad_() for n in names}
+    rec = _record(fm, layers, x, cotangents=random_cotangent, wrt=wrt)
     rtol = _VERIFY_RTOL.get(fm.dtype, 1e-3)
     kept = []
     for layer in layers:
-        rebuilt = _summed_gradients(layer, inputs[layer.name], cotangents[layer.name], fm)
+        if rec.calls.get(layer.name, 0) != 1:
+            continue  # reused module (or never called): its inputs are not one H
+        rebuilt = _summed_gradients(layer, rec.inputs[layer.name], rec.cotangents[layer.name], fm)
         for name, grad in rebuilt.items():
-            ref = auto_grads[name]
-            ref = torch.zeros_like(grad) if ref is None else ref.reshape(grad.shape)
+            ref = rec.param_grads[name]
+            ref = torch.zeros_like(grad) if ref is None else ref[0].reshape(grad.shape)
             scale = max(ref.norm().item(), grad.norm().item(), 1e-30)
             if (grad - ref).norm().item() > rtol * scale:  # used outside the module's call
                 setattr(layer, "weight" if name == layer.weight else "bias", None)
@@ -264,68 +257,79 @@ def _hooks(layers: list[_Layer], hook: Callable[[_Layer, Any, Any], Any]) -> Ite
             handle.remove()
 
 
+@dataclass
+class _Recording:
+    inputs: dict[str, Tensor]  # layer -> its input
+    cotangents: dict[str, Tensor]  # layer -> (R, N, *output_shape)
+    param_grads: dict[str, Optional[Tensor]]  # wrt name -> (R, *shape)
+    calls: dict[str, int]  # layer -> calls in one forward
+
+
 def _record(
-    fm: FunctionalModel, layers: list[_Layer], x: Tensor, cotangents: Optional[Tensor]
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Inputs of each layer and the cotangents of its output.
+    fm: FunctionalModel,
+    layers: list[_Layer],
+    x: Tensor,
+    cotangents: Optional[Callable[[Tensor], Tensor]] = None,
+    wrt: Optional[dict[str, Tensor]] = None,
+) -> _Recording:
+    """Inputs of each layer and the cotangents of its output, from one forward and backward.
 
     A zero tensor ``z`` requiring grad is added to each layer's output, so that
-    ``∂f/∂z = ∂f/∂y``; autograd then never differentiates with respect to parameters.
+    ``∂f/∂z = ∂f/∂y``; autograd never differentiates with respect to parameters unless
+    asked to through ``wrt``.
 
     Args:
         fm: the functional model.
         layers: the layers to record.
         x: a chunk of inputs ``(N, ...)``.
-        cotangents: ``(R, N, C)`` output cotangents; ``None`` for the ``C`` one-hot
-            directions (``R = C``).
-
-    Returns:
-        ``{layer: input}`` and ``{layer: (R, N, *output_shape) cotangents}``.
+        cotangents: maps the logits ``(N, C)`` to ``R`` output cotangents ``(R, N, C)``;
+            ``None`` for the ``C`` one-hot directions (``R = C``).
+        wrt: parameters (requiring grad) to differentiate as well, replacing
+            ``fm.params`` entries of the same name in the forward pass.
     """
     inputs: dict[str, Tensor] = {}
     zeros: dict[str, Tensor] = {}
+    calls: dict[str, int] = {}
 
     def hook(layer: _Layer, inp: tuple, out: Tensor) -> Tensor:
+        calls[layer.name] = calls.get(layer.name, 0) + 1
         inputs[layer.name] = inp[0].detach()
         z = torch.zeros_like(out, requires_grad=True)
         zeros[layer.name] = z
         return out + z
 
+    wrt = wrt or {}
     with torch.enable_grad(), _hooks(layers, hook):
-        logits = fm(fm.params, x)  # (N, C)
+        logits = fm({**fm.params, **wrt}, x)  # (N, C)
     N, C = logits.shape
     if cotangents is None:
         eye = torch.eye(C, dtype=logits.dtype, device=logits.device)
-        cotangents = eye.unsqueeze(1).expand(C, N, C)  # (C, N, C)
-    names = list(zeros)
+        cts = eye.unsqueeze(1).expand(C, N, C)  # (C, N, C)
+    else:
+        cts = cotangents(logits)
+    targets = [zeros[n] for n in zeros] + list(wrt.values())
     try:
         grads = torch.autograd.grad(
-            logits,
-            [zeros[n] for n in names],
-            grad_outputs=cotangents,
-            is_grads_batched=True,
-            allow_unused=True,
+            logits, targets, grad_outputs=cts, is_grads_batched=True, allow_unused=True
         )
     except RuntimeError:  # an op without a batching rule: one backward per direction
         rows = [
             torch.autograd.grad(
-                logits,
-                [zeros[n] for n in names],
-                grad_outputs=ct,
-                retain_graph=True,
-                allow_unused=True,
+                logits, targets, grad_outputs=ct, retain_graph=True, allow_unused=True
             )
-            for ct in cotangents
+            for ct in cts
         ]
         grads = tuple(
             None if rows[0][k] is None else torch.stack([r[k] for r in rows])
-            for k in range(len(names))
+            for k in range(len(targets))
         )
-    result = {}
-    for name, grad in zip(names, grads):
-        z = zeros[name]
-        result[name] = grad if grad is not None else z.new_zeros(len(cotangents), *z.shape)
-    return inputs, result
+    layer_grads = dict(zip(zeros, grads))
+    result = {
+        name: g if g is not None else zeros[name].new_zeros(len(cts), *zeros[name].shape)
+        for name, g in layer_grads.items()
+    }
+    param_grads = dict(zip(wrt, grads[len(zeros) :]))
+    return _Recording(inputs, result, param_grads, calls)
 
 
 # ------------------------------------------------------------------ per layer
