@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,19 +35,19 @@ from torch import Tensor, nn
 from .kernel._layout import check_output
 
 __all__ = [
+    "DECAY_TO",
     "LOSSES",
     "SWEEP_METRICS",
     "SlopeFit",
     "WidthSweepResult",
-    "assert_breaks_down",
-    "assert_lazy_scaling",
-    "assert_lazy_training",
+    "build_model",
     "fit_loglog_slope",
     "make_classification_data",
     "width_sweep",
 ]
 
 LOSSES = ("cross_entropy", "mse")
+DECAY_TO = ("zero", "init")
 SWEEP_METRICS = ("relative_change", "linearization_error", "logit_growth")
 
 # two-sided 95% Student-t quantiles t_{0.975, df}, df = 1..30; 1.96 beyond
@@ -145,14 +145,14 @@ def make_classification_data(
     Returns:
         ``(x, y)``: inputs ``(N, d)`` and integer labels ``(N,)``.
     """
-    for name, value, minimum in (("num_classes", num_classes, 2), ("in_features", in_features, 1)):
-        if not (_is_int(value) and value >= minimum):
-            raise ValueError(f"Expected `{name}` to be an int >= {minimum} but got {value!r}.")
-    if not (_is_int(num_examples) and num_examples >= num_classes):
-        raise ValueError(
-            f"Expected `num_examples` to be an int >= num_classes ({num_classes}) but got "
-            f"{num_examples!r}."
-        )
+    expect(is_int(num_classes) and num_classes >= 2, "num_classes", "an int >= 2", num_classes)
+    expect(is_int(in_features) and in_features >= 1, "in_features", "a positive int", in_features)
+    expect(
+        is_int(num_examples) and num_examples >= num_classes,
+        "num_examples",
+        f"an int >= num_classes ({num_classes})",
+        num_examples,
+    )
     generator = torch.Generator().manual_seed(int(seed))
     means = torch.randn(num_classes, in_features, generator=generator, dtype=torch.float64)
     y = torch.arange(num_examples) % num_classes
@@ -177,6 +177,8 @@ class WidthSweepResult:
         logit_step_slopes: slope of the logit norm against ``ln(step)`` over the late
             checkpoints (``step >= steps/8``), ``(W, S)``.
         final_loss: training loss at the last step, ``(W, S)``.
+        diverged_at: the step at which a run's loss or logits stopped being finite (its
+            metrics are then NaN), else ``None``, ``(W, S)``.
         settings: the training settings, for the report.
         checks: what an assertion compared (``(description, passed)`` lines).
     """
@@ -190,6 +192,7 @@ class WidthSweepResult:
     logit_norms: tuple[tuple[tuple[float, ...], ...], ...]
     logit_step_slopes: tuple[tuple[float, ...], ...]
     final_loss: tuple[tuple[float, ...], ...]
+    diverged_at: tuple[tuple[Optional[int], ...], ...]
     settings: dict[str, object]
     checks: list[tuple[str, bool]] = field(default_factory=list)
 
@@ -207,15 +210,19 @@ class WidthSweepResult:
         """A multi-line table of the sweep, the fitted slopes and the checks."""
         settings = ", ".join(f"{k}={v}" for k, v in self.settings.items())
         head = f"{'width':>7} {'rel. change':>12} {'lin. error':>11} {'logit growth':>13} "
-        head += f"{'d|f|/dln t':>11} {'final loss':>11}"
+        head += f"{'dlogit/dln t':>12} {'final loss':>11}"
         lines = [f"width sweep ({settings}; seeds {self.seeds})", "  " + head]
         for i, width in enumerate(self.widths):
             rc, le, lg = (self.mean[m][i] for m in SWEEP_METRICS)
             loss = sum(self.final_loss[i]) / len(self.final_loss[i])
             lines.append(
                 f"  {width:>7} {rc:>12.4g} {le:>11.4g} {lg:>13.4g} "
-                f"{self.mean_logit_step_slope[i]:>11.3f} {loss:>11.4g}"
+                f"{self.mean_logit_step_slope[i]:>12.3f} {loss:>11.4g}"
             )
+        for width, row in zip(self.widths, self.diverged_at):
+            for seed, step in zip(self.seeds, row):
+                if step is not None:
+                    lines.append(f"  width {width}, seed {seed}: diverged at step {step}")
         if len(self.widths) >= 2:
             lines.append("  log-log slope vs width:")
             lines.extend(f"    {m}: {self.slopes[m].describe()}" for m in SWEEP_METRICS)
@@ -232,6 +239,7 @@ def width_sweep(
     lr: float,
     loss: str = "cross_entropy",
     weight_decay: float = 0.0,
+    decay_to: str = "zero",
     label_smoothing: float = 0.0,
     seeds: Sequence[int] = (0, 1, 2),
     probe: Optional[Tensor] = None,
@@ -242,9 +250,9 @@ def width_sweep(
 ) -> WidthSweepResult:
     """Train ``model_factory(width)`` for each width and seed; measure how lazy it stays.
 
-    Training is plain SGD (``torch.optim.SGD(lr, weight_decay)``, i.e. weight decay
-    towards 0) on ``data``, full batch or in mini-batches drawn by a generator seeded
-    with the seed; the model is in train mode while training and evaluated in eval mode.
+    Training is plain SGD on ``data``, full batch or in mini-batches drawn by a generator
+    seeded with the seed; the model keeps its own train / eval mode while training and
+    is measured in eval mode. The global RNG is left as it was.
 
     Args:
         model_factory: ``width -> nn.Module`` mapping ``(N, ...)`` inputs to ``(N, C)``
@@ -257,6 +265,10 @@ def width_sweep(
         loss: ``"cross_entropy"`` or ``"mse"`` (squared error to the one-hot / soft targets,
             summed over classes, averaged over examples).
         weight_decay: ``λ >= 0``.
+        decay_to: ``"zero"``: plain weight decay, gradient ``+ λθ``
+            (``torch.optim.SGD(weight_decay=λ)``); ``"init"``: decay towards the
+            initialisation, gradient ``+ λ(θ − θ0)``, the regularizer of the paper's
+            kernel-regime theory.
         label_smoothing: ``ε ∈ [0, 1)``: targets ``(1 − ε) y + ε/C``.
         seeds: initialisation (and mini-batch) seeds.
         probe: inputs on which kernels and logits are measured; ``None``: the first (up
@@ -271,8 +283,10 @@ def width_sweep(
         A :class:`WidthSweepResult`.
     """
     config = _SweepConfig.check(
-        model_factory, widths, data, steps, lr, loss, weight_decay, label_smoothing, seeds,
-        probe, batch_size, num_checkpoints, kernel_output, method,
+        model_factory, data, widths=widths, steps=steps, lr=lr, loss=loss,
+        weight_decay=weight_decay, decay_to=decay_to, label_smoothing=label_smoothing,
+        seeds=seeds, probe=probe, batch_size=batch_size, num_checkpoints=num_checkpoints,
+        kernel_output=kernel_output, method=method,
     )  # fmt: skip
     runs = {(w, s): _train_one(config, w, s) for w in config.widths for s in config.seeds}
     values = {
@@ -298,158 +312,9 @@ def width_sweep(
         logit_norms=per_run("logit_norms"),
         logit_step_slopes=per_run("logit_step_slope"),
         final_loss=per_run("final_loss"),
+        diverged_at=per_run("diverged_at"),
         settings=config.settings(),
     )
-
-
-def assert_lazy_training(
-    model_factory: Callable[[int], nn.Module],
-    data: tuple[Tensor, Tensor],
-    *,
-    width: int,
-    steps: int,
-    lr: float,
-    max_relative_change: float = 0.1,
-    max_linearization_error: Optional[float] = None,
-    **sweep_kwargs: object,
-) -> WidthSweepResult:
-    """Assert that training at ``width`` stays in the kernel regime.
-
-    Checks that the seed-averaged ``relative_change`` of the kernel on the probe is at most
-    ``max_relative_change`` and, if given, that the seed-averaged ``linearization_error``
-    is at most ``max_linearization_error``.
-
-    Args:
-        model_factory: ``width -> nn.Module``.
-        data: ``(x, y)`` training data.
-        width: the width to train.
-        steps: SGD steps.
-        lr: learning rate.
-        max_relative_change: bound on the kernel drift.
-        max_linearization_error: optional bound on the linearization error.
-        **sweep_kwargs: any other argument of :func:`width_sweep` (``loss``,
-            ``weight_decay``, ``label_smoothing``, ``seeds``, ``probe``, ``batch_size``, ...).
-
-    Returns:
-        The :class:`WidthSweepResult` (when it passed).
-
-    Raises:
-        AssertionError: with :meth:`WidthSweepResult.report` as the message.
-    """
-    _check_bound("max_relative_change", max_relative_change)
-    if max_linearization_error is not None:
-        _check_bound("max_linearization_error", max_linearization_error)
-    result = width_sweep(model_factory, [width], data, steps=steps, lr=lr, **sweep_kwargs)
-    _check_at_most(result, "relative_change", max_relative_change)
-    if max_linearization_error is not None:
-        _check_at_most(result, "linearization_error", max_linearization_error)
-    return _raise_unless_passed(result)
-
-
-def assert_lazy_scaling(
-    model_factory: Callable[[int], nn.Module],
-    data: tuple[Tensor, Tensor],
-    *,
-    widths: Sequence[int],
-    steps: int,
-    lr: float,
-    max_slope: float = -0.25,
-    **sweep_kwargs: object,
-) -> WidthSweepResult:
-    """Assert that the kernel drift shrinks with the width like a power ``≤ max_slope``.
-
-    The log-log slope of the seed-averaged ``relative_change`` against the width must be at
-    most ``max_slope`` (the kernel regime predicts ``−1/2``; a network that is not
-    approaching a kernel limit gives a slope near 0).
-
-    Args:
-        model_factory: ``width -> nn.Module``.
-        data: ``(x, y)`` training data.
-        widths: at least two distinct widths.
-        steps: SGD steps.
-        lr: learning rate (the same at every width).
-        max_slope: upper bound on the fitted slope.
-        **sweep_kwargs: any other argument of :func:`width_sweep`.
-
-    Returns:
-        The :class:`WidthSweepResult` (when it passed).
-
-    Raises:
-        AssertionError: with :meth:`WidthSweepResult.report` as the message.
-    """
-    if len(set(widths)) < 2:
-        raise ValueError(
-            f"Expected `widths` to hold at least two distinct widths but got {widths!r}."
-        )
-    _check_finite("max_slope", max_slope)
-    result = width_sweep(model_factory, widths, data, steps=steps, lr=lr, **sweep_kwargs)
-    fit = result.slopes["relative_change"]
-    result.checks.append(
-        (
-            f"slope of relative_change vs width {fit.slope:+.3f} <= {max_slope:+.3f}",
-            bool(fit.slope <= max_slope),
-        )
-    )
-    return _raise_unless_passed(result)
-
-
-def assert_breaks_down(
-    model_factory: Callable[[int], nn.Module],
-    data: tuple[Tensor, Tensor],
-    *,
-    width: Union[int, Sequence[int]],
-    steps: int,
-    lr: float,
-    min_logit_slope: float = 0.25,
-    min_logit_growth: Optional[float] = None,
-    **sweep_kwargs: object,
-) -> WidthSweepResult:
-    """Assert that training leaves the kernel regime: the centered logits keep growing.
-
-    The counterpart of :func:`assert_lazy_training` for degenerate, unregularized
-    training (hard one-hot targets, ``weight_decay=0``): zero loss needs infinite logits,
-    so the centered logit norm grows without bound, about logarithmically in the steps.
-    At each width, the seed-averaged slope of the centered logit norm against
-    ``ln(step)`` over the late checkpoints must be at least ``min_logit_slope`` and, if
-    given, the seed-averaged ``logit_growth`` at least ``min_logit_growth``.
-
-    Args:
-        model_factory: ``width -> nn.Module``.
-        data: ``(x, y)`` training data.
-        width: a width, or several (breakdown happens at every finite width).
-        steps: SGD steps; enough for the training loss to get small.
-        lr: learning rate.
-        min_logit_slope: lower bound on ``d logit_norm / d ln(step)``.
-        min_logit_growth: optional lower bound on ``logit_norm_T / logit_norm_0``.
-        **sweep_kwargs: any other argument of :func:`width_sweep`.
-
-    Returns:
-        The :class:`WidthSweepResult` (when it passed).
-
-    Raises:
-        AssertionError: with :meth:`WidthSweepResult.report` as the message.
-    """
-    _check_finite("min_logit_slope", min_logit_slope)
-    if min_logit_growth is not None:
-        _check_finite("min_logit_growth", min_logit_growth)
-    widths = [width] if isinstance(width, int) else list(width)
-    result = width_sweep(model_factory, widths, data, steps=steps, lr=lr, **sweep_kwargs)
-    for w, slope in zip(result.widths, result.mean_logit_step_slope):
-        result.checks.append(
-            (
-                f"width {w}: d logit_norm / d ln(step) = {slope:.3f} >= {min_logit_slope:g}",
-                bool(slope >= min_logit_slope),
-            )
-        )
-    if min_logit_growth is not None:
-        for w, growth in zip(result.widths, result.mean["logit_growth"]):
-            result.checks.append(
-                (
-                    f"width {w}: logit_growth = {growth:.3f} >= {min_logit_growth:g}",
-                    bool(growth >= min_logit_growth),
-                )
-            )
-    return _raise_unless_passed(result)
 
 
 # ---------------------------------------------------------------------------- training
@@ -465,6 +330,7 @@ class _SweepConfig:
     lr: float
     loss: str
     weight_decay: float
+    decay_to: str
     label_smoothing: float
     seeds: tuple[int, ...]
     probe: Tensor
@@ -474,170 +340,182 @@ class _SweepConfig:
     method: str
 
     @classmethod
-    def check(
-        cls, model_factory, widths, data, steps, lr, loss, weight_decay, label_smoothing,
-        seeds, probe, batch_size, num_checkpoints, kernel_output, method,
-    ) -> _SweepConfig:  # fmt: skip
+    def check(cls, model_factory: object, data: object, **kw: object) -> _SweepConfig:
+        """Validate :func:`width_sweep`'s arguments before any training."""
         if not callable(model_factory):
             raise TypeError(
-                f"Expected `model_factory` to be a callable width -> nn.Module but got "
+                "Expected `model_factory` to be a callable width -> nn.Module but got "
                 f"{type(model_factory).__name__}."
             )
-        widths_t = tuple(widths) if isinstance(widths, Sequence) else ()
-        if not widths_t or not all(_is_int(w) and w > 0 for w in widths_t):
-            raise ValueError(
-                f"Expected `widths` to be a non-empty sequence of positive ints but got {widths!r}."
-            )
         if not (isinstance(data, (tuple, list)) and len(data) == 2):
-            raise TypeError(
-                f"Expected `data` to be a pair (x, y) of tensors but got {type(data).__name__}."
-            )
+            raise TypeError(f"Expected `data` to be a pair (x, y) of tensors but got {data!r}.")
         x, y = data
-        if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+        if not (isinstance(x, Tensor) and isinstance(y, Tensor)):
             raise TypeError("Expected `data` to be a pair (x, y) of torch.Tensors.")
-        if x.ndim < 1 or x.shape[0] == 0 or y.shape[:1] != x.shape[:1]:
-            raise ValueError(
-                "Expected `data` = (x, y) with x (N, ...) and y (N,) labels or (N, C) targets, "
-                f"N >= 1, but got x {tuple(x.shape)} and y {tuple(y.shape)}."
-            )
-        if not (y.ndim == 1 and not y.is_floating_point()) and not (
-            y.ndim == 2 and y.is_floating_point()
-        ):
-            raise ValueError(
-                "Expected the targets `data[1]` to be integer labels (N,) or float soft targets "
-                f"(N, C) but got dtype {y.dtype} and shape {tuple(y.shape)}."
-            )
-        if not (_is_int(steps) and steps >= 1):
-            raise ValueError(f"Expected `steps` to be a positive int but got {steps!r}.")
-        if not (_is_number(lr) and lr > 0):
-            raise ValueError(f"Expected `lr` to be a positive float but got {lr!r}.")
-        if loss not in LOSSES:
-            raise ValueError(f"Expected `loss` to be one of {LOSSES} but got {loss!r}.")
-        if not (_is_number(weight_decay) and weight_decay >= 0):
-            raise ValueError(
-                f"Expected `weight_decay` to be a float >= 0 but got {weight_decay!r}."
-            )
-        if not (_is_number(label_smoothing) and 0 <= label_smoothing < 1):
-            raise ValueError(
-                f"Expected `label_smoothing` to be a float in [0, 1) but got {label_smoothing!r}."
-            )
-        seeds_t = tuple(seeds) if isinstance(seeds, Sequence) else ()
-        if not seeds_t or not all(_is_int(s) for s in seeds_t):
-            raise ValueError(
-                f"Expected `seeds` to be a non-empty sequence of ints but got {seeds!r}."
-            )
-        if probe is None:
-            probe = x[:32]
-        elif not isinstance(probe, Tensor) or probe.shape[1:] != x.shape[1:] or len(probe) == 0:
-            shape = tuple(probe.shape) if isinstance(probe, Tensor) else type(probe).__name__
-            raise ValueError(
-                "Expected `probe` to be None or a non-empty batch shaped like the training "
-                f"inputs, (M, *{tuple(x.shape[1:])}), but got {shape}."
-            )
-        if batch_size is not None and not (_is_int(batch_size) and batch_size >= 1):
-            raise ValueError(
-                f"Expected `batch_size` to be None or a positive int but got {batch_size!r}."
-            )
-        if not (_is_int(num_checkpoints) and num_checkpoints >= 2):
-            raise ValueError(
-                f"Expected `num_checkpoints` to be an int >= 2 but got {num_checkpoints!r}."
-            )
-        check_output(kernel_output)
-        checkpoints = _log_spaced(steps, num_checkpoints)
+        labels = y.ndim == 1 and not y.is_floating_point()
+        soft = y.ndim == 2 and y.is_floating_point()
+        expect(
+            x.ndim >= 1 and len(x) > 0 and y.shape[:1] == x.shape[:1] and (labels or soft),
+            "data",
+            "(x, y) with x (N, ...) and y integer labels (N,) or float targets (N, C)",
+            f"x {tuple(x.shape)} and y {y.dtype} {tuple(y.shape)}",
+        )
+        widths, seeds = as_ints("widths", kw["widths"], 1), as_ints("seeds", kw["seeds"], None)
+        steps, lr, wd = kw["steps"], kw["lr"], kw["weight_decay"]
+        smoothing, batch_size, num_checkpoints = (
+            kw["label_smoothing"], kw["batch_size"], kw["num_checkpoints"]
+        )  # fmt: skip
+        expect(is_int(steps) and steps >= 1, "steps", "a positive int", steps)
+        expect(is_number(lr) and lr > 0, "lr", "a positive float", lr)
+        expect(kw["loss"] in LOSSES, "loss", f"one of {LOSSES}", kw["loss"])
+        expect(is_number(wd) and wd >= 0, "weight_decay", "a float >= 0", wd)
+        expect(kw["decay_to"] in DECAY_TO, "decay_to", f"one of {DECAY_TO}", kw["decay_to"])
+        expect(
+            is_number(smoothing) and 0 <= smoothing < 1, "label_smoothing", "in [0, 1)", smoothing
+        )
+        expect(
+            batch_size is None or (is_int(batch_size) and batch_size >= 1),
+            "batch_size",
+            "None or a positive int",
+            batch_size,
+        )
+        expect(
+            is_int(num_checkpoints) and num_checkpoints >= 2,
+            "num_checkpoints",
+            "an int >= 2",
+            num_checkpoints,
+        )
+        probe = x[:32] if kw["probe"] is None else kw["probe"]
+        expect(
+            isinstance(probe, Tensor) and len(probe) > 0 and probe.shape[1:] == x.shape[1:],
+            "probe",
+            f"None or a non-empty batch (M, *{tuple(x.shape[1:])}) like the training inputs",
+            tuple(probe.shape) if isinstance(probe, Tensor) else probe,
+        )
+        check_output(kw["kernel_output"])
         return cls(
-            model_factory, widths_t, x, y, steps, float(lr), loss,
-            float(weight_decay), float(label_smoothing), seeds_t, probe, batch_size, checkpoints,
-            kernel_output, method,
+            model_factory, widths, x, y, steps, float(lr), kw["loss"], float(wd), kw["decay_to"],
+            float(smoothing), seeds, probe, batch_size, _log_spaced(steps, num_checkpoints),
+            kw["kernel_output"], kw["method"],
         )  # fmt: skip
 
     def settings(self) -> dict[str, object]:
+        decay = f"{self.weight_decay:g}" + (" (to init)" if self.decay_to == "init" else "")
         return {
             "steps": self.steps,
-            "lr": self.lr,
+            "lr": f"{self.lr:g}",
             "loss": self.loss,
-            "weight_decay": self.weight_decay,
-            "label_smoothing": self.label_smoothing,
+            "weight_decay": decay,
+            "label_smoothing": f"{self.label_smoothing:g}",
             "batch_size": self.batch_size or "full",
         }
 
 
-def _train_one(config: _SweepConfig, width: int, seed: int) -> dict[str, object]:
-    """Train one network; its drift metrics and logit trajectory."""
-    from . import metrics
-    from .kernel import empirical_ntk
-    from .linearize import linearization_error, linearize
-
+def build_model(model_factory: Callable[[int], nn.Module], width: int, seed: int) -> nn.Module:
+    """``model_factory(width)`` under ``torch.manual_seed(seed)``; the global RNG is restored."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = config.model_factory(width)
+        model = model_factory(width)
     if not isinstance(model, nn.Module):
         raise TypeError(
             f"Expected `model_factory` to return an nn.Module but got {type(model).__name__}."
         )
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    x = config.x.to(device, dtype if config.x.is_floating_point() else None)
-    probe = config.probe.to(device, dtype if config.probe.is_floating_point() else None)
-    targets = config.targets.to(device)
+    return model
+
+
+def _train_one(config: _SweepConfig, width: int, seed: int) -> dict[str, object]:
+    """Train one network; its drift metrics and logit trajectory."""
+    from .kernel import empirical_ntk
+    from .linearize import linearization_error, linearize
+    from .metrics import logit_norm, relative_change
+
+    model = build_model(config.model_factory, width, seed)
+    first = next(model.parameters())
+    x, probe = (_like(t, first) for t in (config.x, config.probe))
+    targets = config.targets.to(first.device)
     kernel = {"output": config.kernel_output, "method": config.method}
 
     K_0 = empirical_ntk(model, probe, **kernel)
     f_lin = linearize(model)
     logits_0 = f_lin.initial_logits(probe)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    to_init = config.decay_to == "init" and config.weight_decay > 0
+    theta_0 = [p.detach().clone() for p in params] if to_init else []
+    optimizer = torch.optim.SGD(
+        params, lr=config.lr, weight_decay=0.0 if to_init else config.weight_decay
+    )
     generator = torch.Generator().manual_seed(seed)
-    logit_norms, checkpoints = [], set(config.checkpoints)
-    was_training = model.training
-    loss_value = math.nan
+    logit_norms, loss_value = [], math.nan
     for step in range(1, config.steps + 1):
         index = None
         if config.batch_size is not None and config.batch_size < len(x):
-            index = torch.randperm(len(x), generator=generator)[: config.batch_size].to(device)
-        batch_x = x if index is None else x[index]
-        batch_t = targets if index is None else targets[index]
-        model.train(was_training)
+            index = torch.randperm(len(x), generator=generator)[: config.batch_size].to(x.device)
         optimizer.zero_grad(set_to_none=True)
-        loss = _loss(config, model(batch_x), batch_t)
+        logits = model(x if index is None else x[index])
+        loss = _loss(config, logits, targets if index is None else targets[index])
         loss.backward()
-        optimizer.step()
+        for p, p0 in zip(params, theta_0):  # decay towards θ0: gradient of (λ/2)‖θ − θ0‖²
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad.add_(p.detach() - p0, alpha=config.weight_decay)
         loss_value = float(loss.detach())
-        if step in checkpoints:
-            logit_norms.append(float(metrics.logit_norm(_eval_logits(model, probe))))
-    model.train(was_training)
-    K_t = empirical_ntk(model, probe, **kernel)
+        if not math.isfinite(loss_value):
+            return _diverged(step, loss_value, len(config.checkpoints))
+        optimizer.step()
+        if step in config.checkpoints:
+            logit_norms.append(float(logit_norm(_eval_logits(model, probe))))
     logits_t = _eval_logits(model, probe)
+    if not torch.isfinite(logits_t).all():
+        return _diverged(config.steps, loss_value, len(config.checkpoints))
+    K_t = empirical_ntk(model, probe, **kernel)
     logits_lin = f_lin(probe).detach()
     late = [i for i, s in enumerate(config.checkpoints) if s >= config.steps / 8]
     late = late if len(late) >= 2 else list(range(len(config.checkpoints)))[-2:]
     return {
-        "relative_change": float(metrics.relative_change(K_t, K_0)),
+        "relative_change": float(relative_change(K_t, K_0)),
         "linearization_error": float(linearization_error(logits_t, logits_lin, logits_0)),
-        "logit_growth": float(metrics.logit_norm(logits_t) / metrics.logit_norm(logits_0)),
+        "logit_growth": float(logit_norm(logits_t) / logit_norm(logits_0)),
         "logit_norms": tuple(logit_norms),
         "logit_step_slope": _line(
             [math.log(config.checkpoints[i]) for i in late], [logit_norms[i] for i in late]
         )[0],
         "final_loss": loss_value,
+        "diverged_at": None,
     }
 
 
+def _diverged(step: int, loss_value: float, num_checkpoints: int) -> dict[str, object]:
+    """The record of a run whose loss or logits stopped being finite at ``step``."""
+    record: dict[str, object] = {metric: math.nan for metric in SWEEP_METRICS}
+    record.update(
+        logit_norms=(math.nan,) * num_checkpoints,
+        logit_step_slope=math.nan,
+        final_loss=loss_value,
+        diverged_at=step,
+    )
+    return record
+
+
+def _like(t: Tensor, param: Tensor) -> Tensor:
+    """``t`` on the parameter's device; floating inputs in its dtype."""
+    return t.to(param.device, param.dtype if t.is_floating_point() else None)
+
+
 def _loss(config: _SweepConfig, logits: Tensor, targets: Tensor) -> Tensor:
-    num_classes = logits.shape[1]
+    """Cross-entropy or squared error against (smoothed) targets, mean over the batch."""
+    if config.loss == "cross_entropy" and targets.ndim == 1:
+        return F.cross_entropy(logits, targets, label_smoothing=config.label_smoothing)
+    soft = F.one_hot(targets, logits.shape[1]) if targets.ndim == 1 else targets
+    soft = (1 - config.label_smoothing) * soft.to(
+        logits.dtype
+    ) + config.label_smoothing / logits.shape[1]
     if config.loss == "cross_entropy":
-        if targets.ndim == 1:
-            return F.cross_entropy(logits, targets, label_smoothing=config.label_smoothing)
-        return F.cross_entropy(logits, _smooth(targets.to(logits.dtype), config.label_smoothing))
-    soft = F.one_hot(targets, num_classes).to(logits.dtype) if targets.ndim == 1 else targets
-    soft = _smooth(soft.to(logits.dtype), config.label_smoothing)
+        return F.cross_entropy(logits, soft)
     return (logits - soft).square().sum(dim=1).mean()
 
 
-def _smooth(targets: Tensor, epsilon: float) -> Tensor:
-    return (1 - epsilon) * targets + epsilon / targets.shape[1]
-
-
 def _eval_logits(model: nn.Module, x: Tensor) -> Tensor:
-    """Logits in eval mode, no grad; every submodule's mode restored."""
+    """Logits in eval mode, without grad; every submodule's mode restored."""
     flags = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
@@ -650,8 +528,6 @@ def _eval_logits(model: nn.Module, x: Tensor) -> Tensor:
 
 def _log_spaced(steps: int, num: int) -> tuple[int, ...]:
     """About ``num`` distinct integers from 1 to ``steps``, geometrically spaced."""
-    if steps == 1:
-        return (1,)
     points = {round(math.exp(i * math.log(steps) / (num - 1))) for i in range(num)}
     return tuple(sorted(points | {steps}))
 
@@ -675,32 +551,26 @@ def _log(value: float) -> float:
     return math.log(value) if value > 0 and math.isfinite(value) else math.nan
 
 
-def _check_at_most(result: WidthSweepResult, metric: str, bound: float) -> None:
-    for w, value in zip(result.widths, result.mean[metric]):
-        result.checks.append(
-            (f"width {w}: {metric} = {value:.4g} <= {bound:g}", bool(value <= bound))
-        )
+def expect(ok: bool, name: str, expected: str, got: object) -> None:
+    """Raise ``ValueError("Expected `name` to be <expected> but got <got>.")`` unless ``ok``."""
+    if not ok:
+        raise ValueError(f"Expected `{name}` to be {expected} but got {got!r}.")
 
 
-def _raise_unless_passed(result: WidthSweepResult) -> WidthSweepResult:
-    if not result.passed:
-        raise AssertionError(result.report())
-    return result
+def as_ints(name: str, values: object, minimum: Optional[int]) -> tuple[int, ...]:
+    """A non-empty sequence of ints (each ``>= minimum``) as a tuple, or ValueError."""
+    items = tuple(values) if isinstance(values, Sequence) and not isinstance(values, str) else ()
+    ok = bool(items) and all(is_int(v) and (minimum is None or v >= minimum) for v in items)
+    kind = "ints" if minimum is None else f"ints >= {minimum}"
+    expect(ok, name, f"a non-empty sequence of {kind}", values)
+    return items
 
 
-def _check_bound(name: str, value: object) -> None:
-    if not (_is_number(value) and value >= 0):
-        raise ValueError(f"Expected `{name}` to be a float >= 0 but got {value!r}.")
-
-
-def _check_finite(name: str, value: object) -> None:
-    if not (_is_number(value) and math.isfinite(value)):
-        raise ValueError(f"Expected `{name}` to be a finite float but got {value!r}.")
-
-
-def _is_int(value: object) -> bool:
+def is_int(value: object) -> bool:
+    """An ``int`` that is not a ``bool``."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: object) -> bool:
+def is_number(value: object) -> bool:
+    """A finite ``int`` or ``float`` that is not a ``bool``."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -40,10 +40,11 @@ from ._analytic import NTKMLP, analytic_nngp, analytic_ntk
 from ._sweep import (
     SlopeFit,
     WidthSweepResult,
-    assert_breaks_down,
-    assert_lazy_scaling,
-    assert_lazy_training,
+    as_ints,
+    build_model,
+    expect,
     fit_loglog_slope,
+    is_number,
     make_classification_data,
     width_sweep,
 )
@@ -256,7 +257,7 @@ def assert_converges_to_analytic(
     from .kernel import empirical_ntk
 
     widths = _check_widths(widths)
-    seeds = _check_seeds(seeds)
+    seeds = as_ints("seeds", seeds, None)
     if normalize not in _NORMALIZE:
         raise ValueError(f"Expected `normalize` to be one of {_NORMALIZE} but got {normalize!r}.")
     _check_nonnegative("slope_tol", slope_tol)
@@ -267,7 +268,7 @@ def assert_converges_to_analytic(
     for width in widths:
         row = []
         for seed in seeds:
-            model = _build(model_factory, width, seed)
+            model = build_model(model_factory, width, seed)
             if reference is None:
                 reference = _reference_kernel(model, x, K_inf)
             K = empirical_ntk(model, x, output="trace", method=method).detach()
@@ -307,6 +308,141 @@ def assert_converges_to_analytic(
     if failures:
         raise AssertionError(result.report())
     return result
+
+
+def assert_lazy_training(
+    model_factory: Callable[[int], nn.Module],
+    data: tuple[Tensor, Tensor],
+    *,
+    width: int,
+    steps: int,
+    lr: float,
+    max_relative_change: float = 0.1,
+    max_linearization_error: Optional[float] = None,
+    **sweep_kwargs: object,
+) -> WidthSweepResult:
+    """Assert that training at ``width`` stays in the kernel regime.
+
+    Checks that the seed-averaged ``relative_change`` of the kernel on the probe is at most
+    ``max_relative_change`` and, if given, that the seed-averaged ``linearization_error``
+    is at most ``max_linearization_error``.
+
+    Args:
+        model_factory: ``width -> nn.Module``.
+        data: ``(x, y)`` training data.
+        width: the width to train.
+        steps: SGD steps.
+        lr: learning rate.
+        max_relative_change: bound on the kernel drift.
+        max_linearization_error: optional bound on the linearization error.
+        **sweep_kwargs: any other argument of :func:`width_sweep` (``loss``,
+            ``weight_decay``, ``label_smoothing``, ``seeds``, ``probe``, ``batch_size``, ...).
+
+    Returns:
+        The :class:`WidthSweepResult` (when it passed).
+
+    Raises:
+        AssertionError: with :meth:`WidthSweepResult.report` as the message.
+    """
+    _check_nonnegative("max_relative_change", max_relative_change)
+    if max_linearization_error is not None:
+        _check_nonnegative("max_linearization_error", max_linearization_error)
+    result = width_sweep(model_factory, [width], data, steps=steps, lr=lr, **sweep_kwargs)
+    _check_at_most(result, "relative_change", max_relative_change)
+    if max_linearization_error is not None:
+        _check_at_most(result, "linearization_error", max_linearization_error)
+    return _raise_unless_passed(result)
+
+
+def assert_lazy_scaling(
+    model_factory: Callable[[int], nn.Module],
+    data: tuple[Tensor, Tensor],
+    *,
+    widths: Sequence[int],
+    steps: int,
+    lr: float,
+    max_slope: float = -0.25,
+    **sweep_kwargs: object,
+) -> WidthSweepResult:
+    """Assert that the kernel drift shrinks with the width like a power ``≤ max_slope``.
+
+    The log-log slope of the seed-averaged ``relative_change`` against the width must be at
+    most ``max_slope`` (the kernel regime predicts ``−1/2``; a network that is not
+    approaching a kernel limit gives a slope near 0).
+
+    Args:
+        model_factory: ``width -> nn.Module``.
+        data: ``(x, y)`` training data.
+        widths: at least two distinct widths.
+        steps: SGD steps.
+        lr: learning rate (the same at every width).
+        max_slope: upper bound on the fitted slope.
+        **sweep_kwargs: any other argument of :func:`width_sweep`.
+
+    Returns:
+        The :class:`WidthSweepResult` (when it passed).
+
+    Raises:
+        AssertionError: with :meth:`WidthSweepResult.report` as the message.
+    """
+    _check_widths(widths)
+    _check_finite_number("max_slope", max_slope)
+    result = width_sweep(model_factory, widths, data, steps=steps, lr=lr, **sweep_kwargs)
+    fit = result.slopes["relative_change"]
+    text = f"slope of relative_change vs width {fit.slope:+.3f} <= {max_slope:+.3f}"
+    result.checks.append((text, bool(fit.slope <= max_slope)))
+    return _raise_unless_passed(result)
+
+
+def assert_breaks_down(
+    model_factory: Callable[[int], nn.Module],
+    data: tuple[Tensor, Tensor],
+    *,
+    width: Union[int, Sequence[int]],
+    steps: int,
+    lr: float,
+    min_logit_slope: float = 0.25,
+    min_logit_growth: Optional[float] = None,
+    **sweep_kwargs: object,
+) -> WidthSweepResult:
+    """Assert that training leaves the kernel regime: the centered logits keep growing.
+
+    The counterpart of :func:`assert_lazy_training` for degenerate, unregularized
+    training (hard one-hot targets, ``weight_decay=0``): zero loss needs infinite logits,
+    so the centered logit norm grows without bound, about logarithmically in the steps.
+    At each width, the seed-averaged slope of the centered logit norm against
+    ``ln(step)`` over the late checkpoints must be at least ``min_logit_slope`` and, if
+    given, the seed-averaged ``logit_growth`` at least ``min_logit_growth``.
+
+    Args:
+        model_factory: ``width -> nn.Module``.
+        data: ``(x, y)`` training data.
+        width: a width, or several (breakdown happens at every finite width).
+        steps: SGD steps; enough for the training loss to get small.
+        lr: learning rate.
+        min_logit_slope: lower bound on ``d logit_norm / d ln(step)``.
+        min_logit_growth: optional lower bound on ``logit_norm_T / logit_norm_0``.
+        **sweep_kwargs: any other argument of :func:`width_sweep`.
+
+    Returns:
+        The :class:`WidthSweepResult` (when it passed).
+
+    Raises:
+        AssertionError: with :meth:`WidthSweepResult.report` as the message.
+    """
+    _check_finite_number("min_logit_slope", min_logit_slope)
+    if min_logit_growth is not None:
+        _check_finite_number("min_logit_growth", min_logit_growth)
+    widths = [width] if isinstance(width, int) else list(width)
+    result = width_sweep(model_factory, widths, data, steps=steps, lr=lr, **sweep_kwargs)
+    for w, slope in zip(result.widths, result.mean_logit_step_slope):
+        text = f"width {w}: d logit_norm / d ln(step) = {slope:.3f} >= {min_logit_slope:g}"
+        result.checks.append((text, bool(slope >= min_logit_slope)))
+    if min_logit_growth is not None:
+        for w, growth in zip(result.widths, result.mean["logit_growth"]):
+            text = f"width {w}: logit_growth = {growth:.3f} >= {min_logit_growth:g}"
+            result.checks.append((text, bool(growth >= min_logit_growth)))
+    return _raise_unless_passed(result)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -349,18 +485,6 @@ def _compare(
     )
 
 
-def _build(model_factory: Callable[[int], nn.Module], width: int, seed: int) -> nn.Module:
-    """``model_factory(width)`` under ``torch.manual_seed(seed)``; global RNG restored."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = model_factory(width)
-    if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"Expected `model_factory` to return an nn.Module but got {type(model).__name__}."
-        )
-    return model
-
-
 def _reference_kernel(
     model: nn.Module, x: Tensor, K_inf: Union[Callable[[Tensor], Tensor], None]
 ) -> Tensor:
@@ -385,26 +509,25 @@ def _divides_by_width(model: nn.Module, normalize: str) -> bool:
 
 
 def _check_widths(widths: Sequence[int]) -> tuple[int, ...]:
-    values = tuple(widths) if isinstance(widths, Sequence) else ()
-    ok = len(values) >= 2 and all(
-        isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in values
-    )
-    if not ok or len(set(values)) < 2:
-        raise ValueError(
-            f"Expected `widths` to be a sequence of at least two distinct positive ints but got "
-            f"{widths!r}."
-        )
+    values = as_ints("widths", widths, 1)
+    expect(len(set(values)) >= 2, "widths", "at least two distinct positive ints", widths)
     return tuple(sorted(values))
 
 
-def _check_seeds(seeds: Sequence[int]) -> tuple[int, ...]:
-    values = tuple(seeds) if isinstance(seeds, Sequence) else ()
-    if not values or not all(isinstance(s, int) and not isinstance(s, bool) for s in values):
-        raise ValueError(f"Expected `seeds` to be a non-empty sequence of ints but got {seeds!r}.")
-    return values
-
-
 def _check_nonnegative(name: str, value: object) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not (ok and value >= 0):
-        raise ValueError(f"Expected `{name}` to be a float >= 0 but got {value!r}.")
+    expect(is_number(value) and value >= 0, name, "a finite float >= 0", value)
+
+
+def _check_finite_number(name: str, value: object) -> None:
+    expect(is_number(value), name, "a finite float", value)
+
+
+def _check_at_most(result: WidthSweepResult, metric: str, bound: float) -> None:
+    for w, value in zip(result.widths, result.mean[metric]):
+        result.checks.append((f"width {w}: {metric} = {value:.4g} <= {bound:g}", value <= bound))
+
+
+def _raise_unless_passed(result: WidthSweepResult) -> WidthSweepResult:
+    if not result.passed:
+        raise AssertionError(result.report())
+    return result

@@ -17,6 +17,15 @@ from lightning_ntk.testing import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Small matrices: one thread avoids oversubscribing a shared CPU.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def x():
     return torch.randn(6, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
