@@ -377,3 +377,24 @@ def test_hard_labels_diverge_and_label_smoothing_does_not():
         assert report.predicted_regime == expected
     assert "logits diverging" in causes[0.0]
     assert "logits diverging" not in causes[0.2]
+
+
+@pytest.mark.slow
+def test_plain_pytorch_loop_example_writes_tensorboard_logs(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "plain_pytorch_loop.py"
+    spec = importlib.util.spec_from_file_location("plain_pytorch_loop", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    trackers = example.main(["--logdir", str(tmp_path)])  # asserts its own verdicts
+    assert [r.step for r in trackers[0.0].history][-1] == 512
+    acc = EventAccumulator(str(tmp_path / "smoothing_0.0"), size_guidance={"images": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert {"ntk/relative_change", "ntk/lazy", "ntk/logit_norm"} <= set(tags["scalars"])
+    assert "ntk/spectrum" in tags["histograms"] and "ntk/kernel" in tags["images"]
+    assert "ntk/diagnosis/text_summary" in tags["tensors"]
