@@ -343,6 +343,9 @@ class NTKTracker:
             )
         wrapper = self._wrap(model)
         device = _device_of(wrapper)
+        self.probe_x = self.probe_x.to(device)  # kept on the model's device
+        if self.probe_y is not None:
+            self.probe_y = self.probe_y.to(device)
         with preserved_rng(device):
             fm = self._functional(wrapper)
             x = fm.cast_input(self.probe_x)

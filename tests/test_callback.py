@@ -127,6 +127,53 @@ def test_early_stopping_on_an_ntk_metric():
     assert stopper.stopped_epoch == 0
 
 
+def test_model_checkpoint_monitors_an_ntk_metric(tmp_path):
+    import pytorch_lightning as pl
+
+    from lightning_ntk import NTKMonitor
+
+    checkpoint = pl.callbacks.ModelCheckpoint(
+        dirpath=tmp_path, monitor="ntk/kernel_distance", mode="min", every_n_epochs=1
+    )
+    monitor = NTKMonitor(n_probe=9, every_n_steps=3, log_base=None)
+    fit("pytorch_lightning", [monitor, checkpoint], max_steps=6, enable_checkpointing=True)
+    assert checkpoint.best_model_path.endswith(".ckpt")
+    assert float(checkpoint.best_model_score) == pytest.approx(
+        min(r.kernel_distance for r in monitor.history)
+    )
+
+
+class _WithValidation(module_class("pytorch_lightning")):
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", self.loss_fn(self(x), y))
+
+    def val_dataloader(self):
+        return self.train_dataloader()
+
+
+def test_epoch_schedule_and_no_report_in_the_sanity_check():
+    import pytorch_lightning as pl
+
+    from lightning_ntk import NTKMonitor
+
+    monitor = NTKMonitor(n_probe=9, every_n_epochs=1, log_base=None)
+    calls = []
+    original = monitor.tracker.update
+
+    def spy(model, step):
+        calls.append((step, model.trainer.sanity_checking))
+        return original(model, step)
+
+    monitor.tracker.update = spy
+    trainer = pl.Trainer(
+        callbacks=monitor, num_sanity_val_steps=2, **trainer_kwargs(max_epochs=2, max_steps=-1)
+    )
+    trainer.fit(_WithValidation())
+    assert calls == [(3, False), (6, False)]
+    assert float(trainer.callback_metrics["ntk/step"]) == 6.0
+
+
 @pytest.mark.parametrize("namespace", NAMESPACES)
 def test_on_breakdown_warn_once_per_transition(namespace):
     monitor = monitor_cls(namespace)(n_probe=9, thresholds=BREAK_AT_ONCE, every_n_steps=1)
