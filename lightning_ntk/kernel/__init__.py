@@ -85,6 +85,8 @@ def empirical_ntk(
     chunk_size: Optional[int] = None,
     dtype: Optional[torch.dtype] = None,
     output_fn: OutputFn = None,
+    store_on: Union[str, torch.device, None] = None,
+    distributed: bool = False,
 ) -> Union[Tensor, dict[str, Tensor]]:
     """Empirical Neural Tangent Kernel ``Θ(X1, X2) = J(X1) J(X2)ᵀ`` of a classifier.
 
@@ -111,6 +113,12 @@ def empirical_ntk(
         dtype: compute dtype (default: the parameters' dtype, float32 for half / bf16
             models); ``torch.float64`` for accurate spectra. TF32 is never used.
         output_fn: maps the model's raw output (tensor, tuple, dict) to ``(N, C)`` logits.
+        store_on: device the assembled kernel is kept on (e.g. ``"cpu"`` for a large
+            probe computed on a GPU: only one block at a time lives on the GPU).
+        distributed: share the blocks among the ranks of the initialised default
+            ``torch.distributed`` process group (every rank must call, with the same
+            inputs); each rank computes its share and one all-reduce assembles the kernel
+            on all ranks. Ignored when no process group is initialised.
 
     Returns:
         The kernel in the requested layout, on the model's device, in the compute dtype;
@@ -155,35 +163,72 @@ def empirical_ntk(
     else:
         engine = NTKVPMethod(fm, output, per_layer)
 
+    keys = list(fm.names) if per_layer else [""]
+    layout = {"full": (num_classes, num_classes), "diagonal": (num_classes,), "trace": ()}[output]
+    shape = (x1.shape[0], x2.shape[0], *layout)
     with exact_matmuls(fm.device):
-        blocks = _blockwise(engine, x1, x2, chunk, symmetric, output)
-    if per_layer:
-        return {name: blocks[name] for name in fm.names if name in blocks}
-    return blocks[""]
+        blocks = _blockwise(
+            engine, x1, x2, chunk, symmetric, output, keys, shape,
+            None if store_on is None else torch.device(store_on), distributed,
+        )  # fmt: skip
+    return blocks if per_layer else blocks[""]
 
 
 def _blockwise(
-    engine: Any, x1: Tensor, x2: Tensor, chunk: int, symmetric: bool, output: str
+    engine: Any,
+    x1: Tensor,
+    x2: Tensor,
+    chunk: int,
+    symmetric: bool,
+    output: str,
+    keys: list[str],
+    shape: tuple[int, ...],
+    store_on: Optional[torch.device],
+    distributed: bool,
 ) -> dict[str, Tensor]:
-    """Assemble kernel blocks of ``chunk`` examples each; for ``x2 = x1`` only ``j ≥ i``."""
-    starts1 = range(0, x1.shape[0], chunk)
-    starts2 = range(0, x2.shape[0], chunk)
-    result: dict[str, Tensor] = {}
-    for bi, s1 in enumerate(starts1):
-        rows = slice(s1, s1 + chunk)
-        f1 = engine.features(x1[rows])
-        for bj, s2 in enumerate(starts2):
-            if symmetric and bj < bi:
-                continue
-            cols = slice(s2, s2 + chunk)
-            f2 = f1 if symmetric and bi == bj else engine.features(x2[cols])
-            for key, block in engine.block(f1, f2).items():
-                if key not in result:
-                    shape = (x1.shape[0], x2.shape[0], *block.shape[2:])
-                    result[key] = block.new_empty(shape)
-                result[key][rows, cols] = block
-                if symmetric and bi != bj:
-                    result[key][cols, rows] = transpose_kernel(block, output)
+    """Assemble kernel blocks of ``chunk`` examples each; for ``x2 = x1`` only ``j ≥ i``.
+
+    Blocks are dealt round-robin to the ranks of the default process group when
+    ``distributed`` (each block is computed by exactly one rank, so a sum all-reduce
+    assembles the kernel on every rank), and kept on ``store_on`` as they are computed.
+    """
+    rank, world = _rank_and_world(distributed)
+    device = x1.device if world > 1 else (store_on or x1.device)
+    result = {key: torch.zeros(shape, dtype=engine.fm.dtype, device=device) for key in keys}
+    pairs = [
+        (s1, s2)
+        for bi, s1 in enumerate(range(0, x1.shape[0], chunk))
+        for bj, s2 in enumerate(range(0, x2.shape[0], chunk))
+        if not (symmetric and bj < bi)
+    ]
+    cached_start, f1 = None, None
+    for s1, s2 in pairs[rank::world]:
+        rows, cols = slice(s1, s1 + chunk), slice(s2, s2 + chunk)
+        if cached_start != s1:
+            cached_start, f1 = s1, engine.features(x1[rows])
+        f2 = f1 if symmetric and s1 == s2 else engine.features(x2[cols])
+        for key, block in engine.block(f1, f2).items():
+            block = block.to(device)
+            result[key][rows, cols] = block
+            if symmetric and s1 != s2:
+                result[key][cols, rows] = transpose_kernel(block, output)
+    if world > 1:
+        import torch.distributed as dist
+
+        for key in keys:
+            dist.all_reduce(result[key])
+            if store_on is not None:
+                result[key] = result[key].to(store_on)
     if symmetric:
         result = {key: symmetrize(K, output) for key, K in result.items()}
     return result
+
+
+def _rank_and_world(distributed: bool) -> tuple[int, int]:
+    if not distributed:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
