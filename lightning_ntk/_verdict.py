@@ -191,13 +191,13 @@ def _message(verdict: str, levels: dict[str, int], slope: float, rc: float, pred
         lead = "and the kernel is moving" if levels[CAUSE_LOGITS] else "kernel moving"
         if predicted == "lazy":
             reason = (
-                "although the set-up predicts lazy training: the network is far from the wide "
-                "limit (width, parameterization) or the learning rate is large"
+                " although the set-up predicts lazy training: the network is far from the "
+                "wide limit (width, parameterization) or the learning rate is large"
             )
         else:
-            reason = "finite-width feature learning or a large learning rate"
+            reason = ": finite-width feature learning or a large learning rate"
         parts.append(
-            f"{lead} (relative change {rc:.2f}): {reason} — widen the layers or lower the "
+            f"{lead} (relative change {rc:.2f}){reason} — widen the layers or lower the "
             "learning rate"
         )
     if not parts:  # only the linearization error crossed its threshold

@@ -164,10 +164,27 @@ class NTKMonitorBase:
         self.prog_bar = prog_bar
         self.tensorboard_extras = tensorboard_extras
         self._probe_given = probe_x is not None
+        self._seed = seed
         self._restored = False
         self._last_verdict: Optional[str] = None
 
     # ------------------------------------------------------------------ Lightning hooks
+
+    @property
+    def state_key(self) -> str:
+        """Checkpoint key; monitors with different probes / layouts / schedules coexist."""
+        tracker = self.tracker
+        schedule = tracker.schedule
+        return self._generate_state_key(  # type: ignore[attr-defined]
+            n_probe=tracker.n_probe,
+            output=tracker.output,
+            method=tracker.method,
+            params=tracker.params if isinstance(tracker.params, (str, list)) else None,
+            seed=self._seed,
+            every_n_steps=schedule.every_n_steps,
+            every_n_epochs=schedule.every_n_epochs,
+            log_base=schedule.log_base,
+        )
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """Refuse sharded strategies, whose parameters no rank holds whole."""

@@ -319,3 +319,21 @@ def test_real_fsdp_strategy_is_refused_at_setup(namespace):
     trainer = SimpleNamespace(strategy=pl.strategies.FSDPStrategy())
     with pytest.raises(ValueError, match=r"sharded strategies .*strategy='ddp'"):
         monitor_cls(namespace)().setup(trainer, nn.Linear(2, 2), "fit")
+
+
+def test_two_monitors_keep_separate_checkpoint_state(tmp_path):
+    import pytorch_lightning as pl
+
+    from lightning_ntk import NTKMonitor
+
+    full, trace = NTKMonitor(n_probe=9), NTKMonitor(n_probe=9, output="trace")
+    trainer, _ = fit("pytorch_lightning", [full, trace], max_steps=2)
+    path = tmp_path / "two.ckpt"
+    trainer.save_checkpoint(path)
+    states = torch.load(path, weights_only=False)["callbacks"]
+    assert {full.state_key, trace.state_key} <= set(states) and full.state_key != trace.state_key
+    restored = NTKMonitor(n_probe=9, output="trace")
+    restored.load_state_dict(states[trace.state_key])
+    assert restored.history == trace.history
+    assert restored.tracker.kernel.shape == (9, 9)
+    assert pl.Callback in type(restored).__mro__
