@@ -33,7 +33,7 @@ from torch.func import functional_call, jacrev, vmap
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from lightning_ntk import empirical_ntk  # noqa: E402
+from lightning_ntk import empirical_ntk
 
 # case -> (builder, input shape, N, chunk_size, methods)
 CASES = {
@@ -149,15 +149,19 @@ def main() -> None:
             r = rows[-1]
             print(f"  measured {case:9s} {method:10s} {r['seconds']:8.3f} s", flush=True)
 
-    print(f"\n{'case':10s} {'N':>4s} {'method':10s} {'time (s)':>9s} {'vs recipe':>10s} {'peak MiB':>9s}")
+    print(f"\n{'case':10s} {'N':>4s} {'method':10s} {'time (s)':>9s} {'vs recipe':>10s}", end="")
+    print(f" {'peak MiB':>9s}")
     for case in args.cases:
         case_rows = [r for r in rows if r["case"] == case]
         recipe = next((r for r in case_rows if r["method"] == "recipe"), None)
         for r in case_rows:
             ratio = f"{recipe['seconds'] / r['seconds']:9.1f}x" if recipe else f"{'-':>10s}"
-            print(f"{case:10s} {r['n']:4d} {r['method']:10s} {r['seconds']:9.3f} {ratio} {r['peak_mib']:9.0f}")
+            row = f"{case:10s} {r['n']:4d} {r['method']:10s} {r['seconds']:9.3f} {ratio}"
+            print(f"{row} {r['peak_mib']:9.0f}")
         if recipe:
-            worst = max(abs(r["checksum"] - recipe["checksum"]) / recipe["checksum"] for r in case_rows)
+            worst = max(
+                abs(r["checksum"] - recipe["checksum"]) / recipe["checksum"] for r in case_rows
+            )
             print(f"{'':10s} max relative checksum difference vs recipe: {worst:.1e}")
 
     peak = matmul_gflops()

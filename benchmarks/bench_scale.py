@@ -1,0 +1,130 @@
+"""Scale: many classes (sketch vs exact trace), large probe sets in blocks, 1 vs 2 processes.
+
+Usage::
+
+    python benchmarks/bench_scale.py                 # all three parts
+    python benchmarks/bench_scale.py --part classes  # or probe / processes
+
+* classes: C = 1000, N = 64 MLP: exact trace kernel against the sketched trace
+  (k random output projections), time and relative error (with the reported standard
+  error) for several k.
+* probe: trace kernel of an MLP for N up to 2048 in blocks of 256; time and peak
+  resident memory per N, each in a fresh process.
+* processes: the same N = 1024 kernel with its blocks shared between 2 gloo processes
+  (one thread each) against 1 process with one thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from _timing import median_seconds
+
+from lightning_ntk import empirical_ntk
+from lightning_ntk.kernel.sketch import sketched_trace_ntk
+
+
+def mlp(d_in: int, width: int, classes: int) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(d_in, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+        nn.Linear(width, classes),
+    )  # fmt: skip
+
+
+def part_classes() -> None:
+    model = mlp(64, 256, 1000)
+    x = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+    exact_seconds = median_seconds(lambda: empirical_ntk(model, x, output="trace"), 1)
+    exact = empirical_ntk(model, x, output="trace")
+    print(f"C=1000, N=64: exact trace kernel {exact_seconds:.2f} s")
+    print(f"{'k':>5s} {'seconds':>8s} {'speed-up':>8s} {'rel. error':>10s} {'rel. SE':>8s}")
+    for k in (8, 32, 128):
+        seconds = median_seconds(lambda k=k: sketched_trace_ntk(model, x, num_projections=k), 1)
+        sketch = sketched_trace_ntk(model, x, num_projections=k)
+        err = ((sketch.estimate - exact).norm() / exact.norm()).item()
+        se = (sketch.standard_error.norm() / exact.norm()).item()
+        print(f"{k:5d} {seconds:8.2f} {exact_seconds / seconds:7.1f}x {err:10.4f} {se:8.4f}")
+
+
+def one_probe(n: int) -> dict:
+    model = mlp(64, 512, 10)
+    x = torch.randn(n, 64, generator=torch.Generator().manual_seed(0))
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    empirical_ntk(model, x, output="trace", chunk_size=256)
+    seconds = time.perf_counter() - start
+    peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+    return {"n": n, "seconds": seconds, "peak_mib": peak}
+
+
+def part_probe() -> None:
+    print(f"{'N':>5s} {'seconds':>8s} {'peak MiB':>9s}  (trace layout, blocks of 256)")
+    for n in (256, 512, 1024, 2048):
+        out = subprocess.run(
+            [sys.executable, __file__, "--one-probe", str(n)], capture_output=True, text=True,
+            check=True,
+        )  # fmt: skip
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{r['n']:5d} {r['seconds']:8.2f} {r['peak_mib']:9.0f}", flush=True)
+
+
+def _worker(rank: int, world: int, port: int, n: int, queue) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model = mlp(64, 512, 10)
+    x = torch.randn(n, 64, generator=torch.Generator().manual_seed(0))
+    dist.barrier()
+    start = time.perf_counter()
+    empirical_ntk(model, x, output="trace", chunk_size=128, distributed=True)
+    dist.barrier()
+    if rank == 0:
+        queue.put(time.perf_counter() - start)
+    dist.destroy_process_group()
+
+
+def part_processes(n: int = 1024) -> None:
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    for world in (1, 2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        queue = ctx.Queue()
+        mp.spawn(_worker, args=(world, port, n, queue), nprocs=world, join=True)
+        print(f"N={n} trace kernel, {world} process(es) x 1 thread: {queue.get():.2f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--part", choices=["classes", "probe", "processes"], action="append")
+    parser.add_argument("--one-probe", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one_probe:
+        print(json.dumps(one_probe(args.one_probe)))
+        return
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for part in args.part or ["classes", "probe", "processes"]:
+        print(f"\n== {part}")
+        {"classes": part_classes, "probe": part_probe, "processes": part_processes}[part]()
+
+
+if __name__ == "__main__":
+    main()

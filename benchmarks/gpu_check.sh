@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One prepared check of the CUDA path (under 5 minutes on one modern GPU): the CUDA-marked
+# tests (exactness against the float64 CPU reference) and the GPU benchmarks, written to
+# ${OUT:-benchmarks/results}/gpu_check.txt. Never part of CI.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-benchmarks/results}"
+mkdir -p "$out"
+log="$out/gpu_check.txt"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+{
+  echo "== environment"; date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+  echo "== CUDA tests"
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_cuda.py
+  echo "== benchmarks"
+  timeout 120 python3 benchmarks/bench_gpu.py
+} 2>&1 | tee "$log"
