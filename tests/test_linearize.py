@@ -257,3 +257,13 @@ def test_distances_closed_forms_and_shapes():
         linearization_error(logits, logits, logits.flatten())
     with pytest.raises(ValueError, match="Expected `eps` to be a positive float"):
         linearization_error(logits, logits, logits, eps=0)
+
+
+def test_package_attribute_stays_callable_after_submodule_import():
+    import lightning_ntk
+    import lightning_ntk.linearize  # sets the package attribute to the module
+    from lightning_ntk import linearize as exported
+
+    model = _mlp()
+    assert isinstance(exported(model), LinearizedModel)
+    assert isinstance(lightning_ntk.linearize(model, params="2"), LinearizedModel)
