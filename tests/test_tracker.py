@@ -398,3 +398,21 @@ def test_plain_pytorch_loop_example_writes_tensorboard_logs(tmp_path):
     assert {"ntk/relative_change", "ntk/lazy", "ntk/logit_norm"} <= set(tags["scalars"])
     assert "ntk/spectrum" in tags["histograms"] and "ntk/kernel" in tags["images"]
     assert "ntk/diagnosis/text_summary" in tags["tensors"]
+
+
+def test_tracker_imports_no_lightning_and_each_namespace_imports_only_itself():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from lightning_ntk import NTKTracker, NTKReport\n"
+        "import lightning_ntk.loggers\n"
+        "assert 'pytorch_lightning' not in sys.modules and 'lightning' not in sys.modules\n"
+        "from lightning_ntk.lightning import NTKMonitor\n"
+        "assert 'lightning.pytorch' in sys.modules and 'pytorch_lightning' not in sys.modules\n"
+        "from lightning_ntk import NTKMonitor as Classic\n"
+        "assert 'pytorch_lightning' in sys.modules and Classic is not NTKMonitor\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
