@@ -86,7 +86,7 @@ def deep_ensemble(
         check_positive_int(batch_size, "batch_size")
     check_targets_rows(targets, N)
     generator = torch.Generator().manual_seed(int(seed))
-    logits0, logits, train_logits = [], [], []
+    logits0, logits, train_logits0, train_logits = [], [], [], []
     for _ in range(num_members):
         model = build_model(model_fn, generator)
         dtype = next(model.parameters()).dtype
@@ -94,6 +94,7 @@ def deep_ensemble(
         y = targets.to(dtype) if targets.is_floating_point() else targets
         with torch.no_grad():
             logits0.append(model(xt).double())
+            train_logits0.append(model(xs).double())
         _train(model, xs, y, steps, eta, lam, decay_to, eps, reduction, batch_size, generator)
         with torch.no_grad():
             logits.append(model(xt).double())
@@ -101,6 +102,7 @@ def deep_ensemble(
     return EnsemblePrediction.from_member_logits(
         torch.stack(logits),
         member_logits0=torch.stack(logits0),
+        member_train_logits0=torch.stack(train_logits0),
         member_train_logits=torch.stack(train_logits),
     )
 

@@ -236,6 +236,7 @@ def kernel_ensemble(
     return EnsemblePrediction.from_member_logits(
         solution.test_logits,
         member_logits0=f0[:, N:],
+        member_train_logits0=f0[:, :N],
         member_train_logits=solution.train_logits,
         converged=solution.converged,
         residual=solution.residual,

@@ -30,6 +30,8 @@ class EnsemblePrediction:
         expected_entropy: ``E[H[softmax f(x)]]``, ``(M,)``.
         mutual_information: ``entropy − expected_entropy ≥ 0`` (disagreement), ``(M,)``.
         member_logits0: the members' initial logits at the test points, ``(S, M, C)``.
+        member_train_logits0: the members' initial logits on the training set,
+            ``(S, N, C)``.
         member_train_logits: the members' final logits on the training set, ``(S, N, C)``.
         converged: every member's fixed point met the tolerance (kernel ensembles).
         residual: the largest fixed-point residual over the members (kernel ensembles).
@@ -45,6 +47,7 @@ class EnsemblePrediction:
     expected_entropy: Tensor
     mutual_information: Tensor
     member_logits0: Optional[Tensor] = None
+    member_train_logits0: Optional[Tensor] = None
     member_train_logits: Optional[Tensor] = None
     converged: Optional[bool] = None
     residual: Optional[float] = None
