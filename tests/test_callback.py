@@ -337,3 +337,28 @@ def test_two_monitors_keep_separate_checkpoint_state(tmp_path):
     assert restored.history == trace.history
     assert restored.tracker.kernel.shape == (9, 9)
     assert pl.Callback in type(restored).__mro__
+
+
+def _report(step: int, verdict: str) -> NTKReport:
+    nan = float("nan")
+    return NTKReport(step, *([nan] * 13), verdict, [], "unknown", f"{verdict} at {step}")
+
+
+def test_warning_once_per_transition_into_broken():
+    from lightning_ntk import NTKMonitor
+
+    monitor = NTKMonitor()
+    trainer = SimpleNamespace(should_stop=False)
+    verdicts = ["lazy", "broken", "broken", "drifting", "broken", "broken"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step, verdict in enumerate(verdicts, start=1):
+            monitor._act(trainer, _report(step, verdict))
+    messages = [str(w.message) for w in caught if w.category is LinearizationBreakdownWarning]
+    assert messages == ["Step 2: broken at 2", "Step 5: broken at 5"]
+    assert trainer.should_stop is False
+    stopper = NTKMonitor(on_breakdown="stop")
+    stopper._act(trainer, _report(1, "drifting"))
+    assert trainer.should_stop is False
+    stopper._act(trainer, _report(2, "broken"))
+    assert trainer.should_stop is True
