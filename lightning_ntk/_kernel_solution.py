@@ -77,7 +77,8 @@ def kernel_solution(
         decay_to: ``"init"`` (``λ/2 ‖θ − θ0‖²``, ``s = 0``) or ``"zero"`` (plain weight
             decay ``λ/2 ‖θ‖²``, ``s = J0 θ0``). Ignored when ``λ = 0``.
         shift: ``s = J0(X) θ0`` ``(N, C)`` for ``decay_to="zero"``; or pass ``model`` and
-            ``x`` to compute it (:func:`weight_decay_shift`).
+            ``x`` to compute it (:func:`weight_decay_shift`, over all trainable parameters:
+            pass ``shift`` yourself if the kernel spans a subset).
         ntk_test: ``Θ0(X_test, X)``, ``empirical_ntk(model, X_test, X)``, ``(M, N, C, C)``
             (or the matching diagonal / trace layout).
         logits0_test: ``f(X_test; θ0)``, ``(M, C)``; required with ``ntk_test``.
@@ -87,7 +88,9 @@ def kernel_solution(
         x_test: test inputs, with ``model``.
         reduction: ``"mean"`` (loss averaged over the ``N`` examples, ``G = Θ0/N``) or
             ``"sum"`` (``G = Θ0``).
-        tol: convergence tolerance on the residual.
+        tol: convergence tolerance: ``λ > 0``, on ``max |F|`` or on the relative Newton
+            step (see :func:`lightning_ntk._solve.solve_regularized`); ``λ = 0``, on
+            ``max |p(f*) − Y|`` (never below 1e-8).
         max_iter: Newton iterations at most.
         raise_on_failure: raise ``RuntimeError`` when the residual misses ``tol``
             (default); ``False`` returns the result with ``converged=False``.

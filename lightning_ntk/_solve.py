@@ -66,7 +66,9 @@ def solve_regularized(
     ``L(f) + (λ/2)(f − c)ᵀ G⁻¹ (f − c)``; its Jacobian ``I + G D(f) / λ`` has
     eigenvalues with real part ``≥ 1`` (``G D`` is a product of PSD matrices), so each
     Newton step is well defined. Steps are halved until ``‖F‖_∞`` decreases
-    sufficiently (Armijo on the residual norm).
+    sufficiently (Armijo on the residual norm). Converged when ``max |F| ≤ tol`` or when
+    a full Newton step moves ``f`` by at most ``tol · (1 + max |f|)`` (for small ``λ`` the
+    residual's round-off floor, ``~ eps ‖G‖ / λ``, can exceed ``tol``).
 
     Args:
         G: ``(N·C, N·C)`` kernel seen by the gradient.
@@ -74,7 +76,7 @@ def solve_regularized(
         y: ``(N·C,)`` targets.
         lam: ``λ > 0``.
         C: number of classes.
-        tol: stop when ``max |F(f)| ≤ tol``.
+        tol: tolerance on the residual and on the relative Newton step.
         max_iter: Newton iterations at most.
     """
     eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
@@ -90,6 +92,11 @@ def solve_regularized(
             return NewtonResult(f, iteration - 1, True, float(F.abs().max()))
         jacobian = eye + times_softmax_jacobian(G, f, C) / lam
         step = torch.linalg.solve(jacobian, -F)
+        if float(step.abs().max()) <= tol * (1 + float(f.abs().max())):
+            # Newton's step bounds the distance to the root: f is accurate to round-off
+            f = f + step
+            F = residual_of(f)
+            return NewtonResult(f, iteration, True, float(F.abs().max()))
         t = 1.0
         while True:
             f_new = f + t * step
