@@ -119,7 +119,6 @@ def diagnose(
     finite: bool,
     thresholds: Thresholds,
     predicted_regime: str,
-    prediction_reason: str = "",
 ) -> Diagnosis:
     """Verdict, causes and message from the signals of one report.
 
@@ -130,7 +129,6 @@ def diagnose(
         finite: whether the logits on the probe were finite.
         thresholds: the drift / break thresholds.
         predicted_regime: ``"lazy"``, ``"divergent"`` or ``"unknown"`` from the set-up.
-        prediction_reason: the theory's sentence for the prediction.
     """
     if not finite:
         return Diagnosis(
