@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -236,7 +236,7 @@ def width_sweep(
     data: tuple[Tensor, Tensor],
     *,
     steps: int,
-    lr: float,
+    lr: Union[float, Callable[[int], float]],
     loss: str = "cross_entropy",
     weight_decay: float = 0.0,
     decay_to: str = "zero",
@@ -261,7 +261,8 @@ def width_sweep(
         data: ``(x, y)`` with ``x`` ``(N, ...)`` and ``y`` integer labels ``(N,)`` or soft
             targets ``(N, C)``.
         steps: SGD steps ``>= 1``.
-        lr: learning rate ``> 0``.
+        lr: learning rate ``> 0``, or a callable ``width -> lr`` (e.g. ``lambda w: 0.5 / w``
+            for a standard-parameterized network, whose kernel grows like the width).
         loss: ``"cross_entropy"`` or ``"mse"`` (squared error to the one-hot / soft targets,
             summed over classes, averaged over examples).
         weight_decay: ``λ >= 0``.
@@ -327,7 +328,7 @@ class _SweepConfig:
     x: Tensor
     targets: Tensor  # integer labels (N,) or soft targets (N, C)
     steps: int
-    lr: float
+    lr: Union[float, Callable[[int], float]]
     loss: str
     weight_decay: float
     decay_to: str
@@ -366,7 +367,8 @@ class _SweepConfig:
             kw["label_smoothing"], kw["batch_size"], kw["num_checkpoints"]
         )  # fmt: skip
         expect(is_int(steps) and steps >= 1, "steps", "a positive int", steps)
-        expect(is_number(lr) and lr > 0, "lr", "a positive float", lr)
+        ok_lr = callable(lr) or (is_number(lr) and lr > 0)
+        expect(ok_lr, "lr", "a positive float or a callable width -> lr", lr)
         expect(kw["loss"] in LOSSES, "loss", f"one of {LOSSES}", kw["loss"])
         expect(is_number(wd) and wd >= 0, "weight_decay", "a float >= 0", wd)
         expect(kw["decay_to"] in DECAY_TO, "decay_to", f"one of {DECAY_TO}", kw["decay_to"])
@@ -394,16 +396,24 @@ class _SweepConfig:
         )
         check_output(kw["kernel_output"])
         return cls(
-            model_factory, widths, x, y, steps, float(lr), kw["loss"], float(wd), kw["decay_to"],
-            float(smoothing), seeds, probe, batch_size, _log_spaced(steps, num_checkpoints),
-            kw["kernel_output"], kw["method"],
+            model_factory, widths, x, y, steps, lr if callable(lr) else float(lr), kw["loss"],
+            float(wd), kw["decay_to"], float(smoothing), seeds, probe, batch_size,
+            _log_spaced(steps, num_checkpoints), kw["kernel_output"], kw["method"],
         )  # fmt: skip
+
+    def lr_at(self, width: int) -> float:
+        """The learning rate at ``width``."""
+        if not callable(self.lr):
+            return self.lr
+        lr = self.lr(width)
+        expect(is_number(lr) and lr > 0, "lr(width)", f"a positive float at width {width}", lr)
+        return float(lr)
 
     def settings(self) -> dict[str, object]:
         decay = f"{self.weight_decay:g}" + (" (to init)" if self.decay_to == "init" else "")
         return {
             "steps": self.steps,
-            "lr": f"{self.lr:g}",
+            "lr": "lr(width)" if callable(self.lr) else f"{self.lr:g}",
             "loss": self.loss,
             "weight_decay": decay,
             "label_smoothing": f"{self.label_smoothing:g}",
@@ -441,9 +451,8 @@ def _train_one(config: _SweepConfig, width: int, seed: int) -> dict[str, object]
     params = [p for p in model.parameters() if p.requires_grad]
     to_init = config.decay_to == "init" and config.weight_decay > 0
     theta_0 = [p.detach().clone() for p in params] if to_init else []
-    optimizer = torch.optim.SGD(
-        params, lr=config.lr, weight_decay=0.0 if to_init else config.weight_decay
-    )
+    lr = config.lr_at(width)
+    optimizer = torch.optim.SGD(params, lr=lr, weight_decay=0.0 if to_init else config.weight_decay)
     generator = torch.Generator().manual_seed(seed)
     logit_norms, loss_value = [], math.nan
     for step in range(1, config.steps + 1):

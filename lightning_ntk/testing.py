@@ -316,7 +316,7 @@ def assert_lazy_training(
     *,
     width: int,
     steps: int,
-    lr: float,
+    lr: Union[float, Callable[[int], float]],
     max_relative_change: float = 0.1,
     max_linearization_error: Optional[float] = None,
     **sweep_kwargs: object,
@@ -332,7 +332,7 @@ def assert_lazy_training(
         data: ``(x, y)`` training data.
         width: the width to train.
         steps: SGD steps.
-        lr: learning rate.
+        lr: learning rate, or a callable ``width -> lr``.
         max_relative_change: bound on the kernel drift.
         max_linearization_error: optional bound on the linearization error.
         **sweep_kwargs: any other argument of :func:`width_sweep` (``loss``,
@@ -360,7 +360,7 @@ def assert_lazy_scaling(
     *,
     widths: Sequence[int],
     steps: int,
-    lr: float,
+    lr: Union[float, Callable[[int], float]],
     max_slope: float = -0.25,
     **sweep_kwargs: object,
 ) -> WidthSweepResult:
@@ -375,7 +375,7 @@ def assert_lazy_scaling(
         data: ``(x, y)`` training data.
         widths: at least two distinct widths.
         steps: SGD steps.
-        lr: learning rate (the same at every width).
+        lr: learning rate, or a callable ``width -> lr``.
         max_slope: upper bound on the fitted slope.
         **sweep_kwargs: any other argument of :func:`width_sweep`.
 
@@ -400,7 +400,7 @@ def assert_breaks_down(
     *,
     width: Union[int, Sequence[int]],
     steps: int,
-    lr: float,
+    lr: Union[float, Callable[[int], float]],
     min_logit_slope: float = 0.25,
     min_logit_growth: Optional[float] = None,
     **sweep_kwargs: object,
@@ -419,7 +419,7 @@ def assert_breaks_down(
         data: ``(x, y)`` training data.
         width: a width, or several (breakdown happens at every finite width).
         steps: SGD steps; enough for the training loss to get small.
-        lr: learning rate.
+        lr: learning rate, or a callable ``width -> lr``.
         min_logit_slope: lower bound on ``d logit_norm / d ln(step)``.
         min_logit_growth: optional lower bound on ``logit_norm_T / logit_norm_0``.
         **sweep_kwargs: any other argument of :func:`width_sweep`.

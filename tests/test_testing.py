@@ -193,6 +193,18 @@ def test_width_sweep_other_losses_targets_and_batches(data):
         assert result.final_loss[0][0] > 0
 
 
+def test_width_sweep_learning_rate_per_width(data):
+    # Standard parameterization: the kernel grows like the width, so lr ∝ 1/width.
+    def standard(width):
+        return NTKMLP(8, width, 1, 4, parameterization="standard", weight_std=math.sqrt(2))
+
+    result = width_sweep(standard, [32, 512], data, steps=30, lr=lambda w: 32.0 / w, seeds=(0,))
+    assert "lr=lr(width)" in result.report()
+    assert result.mean["relative_change"][1] < result.mean["relative_change"][0]
+    with pytest.raises(ValueError, match=r"`lr\(width\)`.*width 32"):
+        width_sweep(standard, [32], data, steps=2, lr=lambda w: -1.0, seeds=(0,))
+
+
 def test_width_sweep_reports_divergence(data):
     result = width_sweep(lambda w: mlp(w), [32], data, steps=30, lr=50.0, loss="mse", seeds=(0,))
     assert result.diverged_at[0][0] is not None
