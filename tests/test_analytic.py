@@ -172,9 +172,11 @@ def test_empirical_ntk_at_width_4096_matches_the_limit(activation, parameterizat
     if parameterization == "standard":
         K = K / 4096
     K_inf = analytic_ntk(x, depth=2, **kw)
-    # fluctuations are O(1/√4096) ≈ 1.6% times an O(1) constant (measured 2-4% over seeds)
-    assert float(torch.linalg.norm(K - K_inf) / torch.linalg.norm(K_inf)) < 0.06
-    assert float((K.diagonal() / K_inf.diagonal() - 1).abs().max()) < 0.1
+    # Fluctuations are O(1/√4096) ≈ 1.6% times an O(1) constant. Over seeds 0-5 the
+    # Frobenius error was 1.9-5.0% (relu) and 1.8-3.5% (erf), the worst diagonal entry
+    # 1-9.5%; the bounds leave room for any seed.
+    assert float(torch.linalg.norm(K - K_inf) / torch.linalg.norm(K_inf)) < 0.08
+    assert float((K.diagonal() / K_inf.diagonal() - 1).abs().max()) < 0.15
 
 
 @pytest.mark.parametrize("parameterization", ["ntk", "standard"])
@@ -193,10 +195,11 @@ def test_empirical_ntk_error_decays_like_inverse_sqrt_width(parameterization):
             bias_std=0.3,
         )
 
-    # The relative error e(n) = ‖K_n − K_∞‖/‖K_∞‖ is O(n^{-1/2}). Fitted on the mean over
-    # 4 seeds at widths 64..1024, the slope scattered by about ±0.07 (sd) around −0.45 over
-    # groups of seeds; ±0.2 is about 3 sd and still excludes no convergence (0) and a 1/n
-    # rate (−1).
+    # The relative error e(n) = ‖K_n − K_∞‖/‖K_∞‖ is O(n^{-1/2}). Fitted on the mean over 4
+    # seeds at widths 64..1024, five disjoint groups of seeds gave slopes -0.42..-0.52 (NTK)
+    # and -0.38..-0.48 (standard): mean about -0.46, sd about 0.04. The window -0.5 ± 0.2
+    # is 3-4 sd wide on the near side and still excludes no convergence (0) and a 1/n
+    # rate (-1).
     result = assert_converges_to_analytic(
         factory, [64, 128, 256, 512, 1024], x, seeds=(0, 1, 2, 3), slope_tol=0.2
     )
