@@ -14,8 +14,8 @@ linearization ``f_lin`` at ``θ_0`` and the initial logits ``f_0``, trains with 
 and the centered logit norm at log-spaced checkpoints, whose slope against ``log(step)``
 separates the regimes of the paper: it goes to 0 when the logits settle (weight decay,
 label smoothing) and stays positive when they diverge (hard targets, no regularization;
-about ``1/ln 2`` per unit of ``ln(step)``, i.e. +1 per doubling of the steps, in the
-measurements of DESIGN §6).
+for an MLP on scikit-learn digits about +1 per doubling of the steps, i.e. ``1/ln 2`` per
+unit of ``ln(step)``).
 
 Across widths, each metric gets a log-log slope (:func:`fit_loglog_slope`). In the kernel
 regime the drift shrinks like ``1/√n`` (slope ``−1/2``).

@@ -1,6 +1,6 @@
 """Test helpers for wide-limit behaviour: analytic kernels, assertions and width sweeps.
 
-Everything here returns a result object and, where it asserts, raises
+Every assertion returns a result object when it passes and otherwise raises
 :class:`AssertionError` with a diagnostic report (failing entries, ratios, tolerances,
 fitted slopes) that reads well in a pytest failure.
 
