@@ -95,7 +95,7 @@ class DemoConfig:
     @classmethod
     def fast(cls) -> DemoConfig:
         """A seconds-long smoke configuration (too short for meaningful verdicts)."""
-        return cls(width=64, narrow_width=16, steps=12, n_probe=10, every_n_steps=4)
+        return cls(width=32, narrow_width=8, steps=8, n_probe=10, every_n_steps=4)
 
     def specs(self) -> tuple[RunSpec, ...]:
         """The four runs (or ``runs`` when given)."""

@@ -1,0 +1,197 @@
+"""The ``lightning-ntk`` command: demo (smoke mode), report, and errors on bad options."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_ntk._report import NoNTKDataError, load_run, load_runs, summarize
+from lightning_ntk.cli import main
+
+RUN_NAMES = ("1_hard_labels", "2_l2_regularization", "3_label_smoothing", "4_narrow")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def demo_output(tmp_path_factory):
+    """Run ``lightning-ntk demo --fast`` once; return (exit code, stdout, output dir)."""
+    out = tmp_path_factory.mktemp("demo")
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        code = main(["demo", "--fast", "--no-progress", "--seed", "1", "--out", str(out)])
+    return code, buffer.getvalue(), out
+
+
+def _table_rows(stdout: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in stdout.splitlines():
+        fields = line.split()
+        if len(fields) == 8 and fields[0] in RUN_NAMES and fields[1].isdigit():
+            rows[fields[0]] = fields
+    return rows
+
+
+@pytest.mark.slow
+def test_demo_fast_prints_table_with_the_theorys_predictions(demo_output):
+    code, stdout, _ = demo_output
+    assert code == 0
+    rows = _table_rows(stdout)
+    assert sorted(rows) == list(RUN_NAMES)
+    predicted = {name: row[2] for name, row in rows.items()}
+    assert predicted == {
+        "1_hard_labels": "divergent",
+        "2_l2_regularization": "lazy",
+        "3_label_smoothing": "lazy",
+        "4_narrow": "lazy",
+    }
+    for row in rows.values():
+        assert row[3] in ("lazy", "drifting", "broken")
+        accuracy = float(row[7])
+        assert 0.0 <= accuracy <= 1.0
+    # one diagnosis sentence per run, after the table
+    for name in RUN_NAMES:
+        assert re.search(rf"^{name} \(step \d+; causes: .*\):\n    \S", stdout, re.MULTILINE)
+
+
+@pytest.mark.slow
+def test_demo_fast_writes_tensorboard_logs_and_figure(demo_output):
+    _, _, out = demo_output
+    figure = out / "ntk_demo.png"
+    assert figure.read_bytes()[:8] == PNG_MAGIC
+    for name in RUN_NAMES:
+        events = list((out / "runs" / name / "seed_1").glob("events.out.tfevents.*"))
+        assert events, f"no event file for {name}"
+
+
+@pytest.mark.slow
+def test_report_rebuilds_figure_and_verdicts_from_demo_logs(demo_output, tmp_path, capsys):
+    _, stdout, out = demo_output
+    figure = tmp_path / "figures" / "report.png"
+    assert main(["report", str(out / "runs"), "--out", str(figure)]) == 0
+    assert figure.read_bytes()[:8] == PNG_MAGIC
+    summary = capsys.readouterr().out
+    verdicts = {name: row[3] for name, row in _table_rows(stdout).items()}
+    for name in RUN_NAMES:  # the verdict read back from ntk/lazy is the monitor's
+        assert f"{name}/seed_1: {verdicts[name]} at step" in summary
+
+
+def _write_events(logdir: Path, scalars: dict[str, list[tuple[int, float]]], text=None):
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(logdir))
+    for tag, points in scalars.items():
+        for step, value in points:
+            writer.add_scalar(tag, value, step)
+    if text is not None:
+        for step, message in text:
+            writer.add_text("ntk/diagnosis", message, step)
+    writer.close()
+
+
+def test_load_run_reads_ntk_scalars_and_the_last_diagnosis(tmp_path):
+    _write_events(
+        tmp_path / "run",
+        {
+            "ntk/relative_change": [(1, 0.25), (2, 0.5), (4, 0.75)],
+            "ntk/lazy": [(1, 1.0), (2, 0.5), (4, 0.0)],
+            "train/loss": [(1, 2.0)],
+        },
+        text=[(2, "drifting at step 2"), (4, "broken at step 4")],
+    )
+    run = load_run(tmp_path / "run")
+    assert run.scalars["ntk/relative_change"] == ([1, 2, 4], [0.25, 0.5, 0.75])
+    assert "train/loss" not in run.scalars
+    assert run.verdict == "broken"
+    assert run.diagnosis == (4, "broken at step 4")
+    assert "run: broken at step 4" in summarize([run])
+
+
+def test_report_plots_a_plain_loop_log_with_its_logged_thresholds(tmp_path, capsys):
+    from lightning_ntk._report import _thresholds
+
+    points = [(s, 0.01 * s) for s in (1, 2, 4, 8, 128, 256)]
+    _write_events(
+        tmp_path / "logs" / "a",
+        {
+            "ntk/relative_change": points,
+            "ntk/linearization_error": points,
+            "ntk/logit_norm": points,
+            "ntk/lazy": [(256, 0.5)],
+            "ntk/threshold/relative_change_drift": [(256, 0.25)],
+            "ntk/threshold/relative_change_break": [(256, 0.75)],
+        },
+    )
+    runs = load_runs(tmp_path / "logs")
+    assert [r.label for r in runs] == ["a"]
+    assert _thresholds(runs)["relative_change"] == (0.25, 0.75)
+    assert main(["report", str(tmp_path / "logs")]) == 0
+    assert (tmp_path / "logs" / "ntk_report.png").read_bytes()[:8] == PNG_MAGIC
+    assert "a: drifting at step 256" in capsys.readouterr().out
+
+
+def test_report_without_event_files_fails_clearly(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 1
+    assert "Expected TensorBoard event files" in capsys.readouterr().err
+    with pytest.raises(NoNTKDataError, match="found none"):
+        load_runs(tmp_path)
+
+
+def test_report_without_ntk_scalars_fails_clearly(tmp_path, capsys):
+    _write_events(tmp_path / "other", {"train/loss": [(1, 1.0)]})
+    assert main(["report", str(tmp_path)]) == 1
+    assert "none with ntk/ scalars" in capsys.readouterr().err
+    with pytest.raises(NoNTKDataError, match="Expected ntk/ scalars"):
+        load_run(tmp_path / "other")
+
+
+def test_report_on_a_missing_directory_exits_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(tmp_path / "missing")])
+    assert exit_info.value.code == 2
+    assert "Expected LOGDIR to be an existing directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x", "cpu:0"])
+def test_demo_rejects_an_unknown_device(device, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--fast", "--device", device, "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert (
+        f"Expected --device to be one of auto, cpu, cuda, mps or 'cuda:N' but got '{device}'"
+        in (capsys.readouterr().err)
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_demo_rejects_cuda_without_a_gpu(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--fast", "--device", "cuda", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_demo_rejects_an_unwritable_output_directory(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--fast", "--out", str(blocker / "out")])
+    assert exit_info.value.code == 2
+    assert "Expected --out to be a writable directory" in capsys.readouterr().err
+
+
+def test_a_subcommand_is_required(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([])
+    assert exit_info.value.code == 2
+    assert "required" in capsys.readouterr().err
+
+
+def test_console_script_is_registered():
+    scripts = {ep.name: ep.value for ep in metadata.entry_points(group="console_scripts")}
+    assert scripts.get("lightning-ntk") == "lightning_ntk.cli:main"
