@@ -207,8 +207,9 @@ def _resolve_weight_decay(
             raise ValueError(
                 f"Expected the optimizer's `weight_decay` to be >= 0 but got {from_optimizer}."
             )
+        weight_ids = {id(g) for g in weight_groups}  # identity: groups hold tensors
         undecayed = [
-            g for g in groups if g not in weight_groups and float(g.get("weight_decay", 0)) == 0
+            g for g in groups if id(g) not in weight_ids and float(g.get("weight_decay", 0)) == 0
         ]
         if weight_groups and undecayed and from_optimizer > 0:
             note = " (biases / norm parameters without decay are fine: λ is the weight groups')"

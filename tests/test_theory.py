@@ -299,6 +299,10 @@ def test_regime_from_optimizer_and_loss():
         lr=0.1,
     )
     excluded = predict_regime(optimizer=groups)
+    same_length = torch.optim.SGD(  # groups of equal length, tensors of different shapes
+        [{"params": weights[:1], "weight_decay": 5e-4}, {"params": vectors[:1]}], lr=0.1
+    )
+    assert "biases / norm" in predict_regime(optimizer=same_length).reason
     assert excluded.lazy and excluded.weight_decay == pytest.approx(5e-4)
     assert "biases / norm parameters without decay" in excluded.reason
     partial = torch.optim.SGD(
