@@ -422,8 +422,12 @@ class _SweepConfig:
 
 
 def build_model(model_factory: Callable[[int], nn.Module], width: int, seed: int) -> nn.Module:
-    """``model_factory(width)`` under ``torch.manual_seed(seed)``; the global RNG is restored."""
-    with torch.random.fork_rng(devices=[]):
+    """``model_factory(width)`` under ``torch.manual_seed(seed)``; the global RNGs are restored.
+
+    The CPU generator is always restored; CUDA generators too once CUDA is initialised.
+    """
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
         model = model_factory(width)
     if not isinstance(model, nn.Module):
