@@ -5,11 +5,22 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 NAMESPACES = ("pytorch_lightning", "lightning.pytorch")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Run each test on one thread (restored after): tiny models train faster so, and do
+    not stall when the machine is busy. Test modules import it to make it apply."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def blobs(

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from lightning_ntk import LinearizationBreakdownError, LinearizationBreakdownWarning, NTKReport
-from tests._lightning_models import NAMESPACES, blobs, module_class, trainer_kwargs
+from tests._lightning_models import NAMESPACES, blobs, module_class, one_thread, trainer_kwargs  # noqa: F401
 
 BREAK_AT_ONCE = {"relative_change": (1e-9, 1e-8)}
 

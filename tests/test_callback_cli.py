@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 
-from tests._lightning_models import NAMESPACES, module_class
+from tests._lightning_models import NAMESPACES, module_class, one_thread  # noqa: F401
 
 CONFIG = """
 seed_everything: 0

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests._lightning_models import one_thread  # noqa: F401
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -47,7 +49,7 @@ def test_ddp_two_processes_agree_with_a_single_process(tmp_path):
     assert sorted(rc) == [1, 2, 4, 8]
     # break between steps 2 and 4, so that "stop" must stop both ranks after step 4
     break_at = (rc[2] + rc[4]) / 2
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, __file__, str(tmp_path), repr(break_at)],
         cwd=ROOT,

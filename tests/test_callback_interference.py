@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests._lightning_models import NAMESPACES, module_class, trainer_kwargs
+from tests._lightning_models import NAMESPACES, module_class, one_thread, trainer_kwargs  # noqa: F401
 from tests.test_callback import monitor_cls
 
 

@@ -17,7 +17,7 @@ from lightning_ntk import NTKReport, NTKTracker, reference_ntk
 from lightning_ntk._schedule import Schedule
 from lightning_ntk._verdict import Thresholds, diagnose, logit_slope
 from lightning_ntk.metrics import kernel_distance, relative_change
-from tests._lightning_models import DictDataset, blobs, mlp
+from tests._lightning_models import DictDataset, blobs, mlp, one_thread  # noqa: F401
 
 DESIGN_FIELDS = [
     "step",
