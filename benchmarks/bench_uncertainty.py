@@ -18,7 +18,10 @@ NNGP, mapped through the analytic NTK) and a GP classifier with the NNGP kernel
 * ``ρ var``: Spearman correlation of the per-point predictive variance
   ``Σ_a Var[p_a(x)]`` with the deep ensemble's;
 * ``member TV`` (deep-ensemble rows): mean TV between each trained network and the
-  kernel prediction from *its own* initial logits (no sampling noise; shrinks with width).
+  kernel prediction from *its own* initial logits (no sampling noise; shrinks with width);
+* ``sampling floor``: the first ``--members`` kernel draws scored as if they were the
+  deep ensemble (TV to the full kernel mean; ρ of their variance with the other draws'),
+  i.e. what a perfect theory would show against an ensemble of that size.
 
 Usage::
 
@@ -87,6 +90,20 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(spearman_corrcoef(a.float(), b.float()))
 
 
+def sampling_floor(member_probs: torch.Tensor, members: int) -> tuple:
+    """What a perfect prediction would score against a ``members``-network ensemble.
+
+    The kernel ensemble's first ``members`` draws play the deep ensemble: returns the
+    mean probabilities of those draws (scored like a predictor), the TV between them and
+    the mean of all draws, and the Spearman correlation of their per-point variance with
+    that of the remaining draws.
+    """
+    few, rest = member_probs[:members], member_probs[members:]
+    probs = few.mean(0)
+    rho = spearman(few.var(0).sum(-1), rest.var(0).sum(-1))
+    return probs, rho, tv(probs, member_probs.mean(0))
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     x, y, x_test, y_test = digits(args.train, args.test)
     net_kwargs = dict(activation="relu", weight_std=WEIGHT_STD, bias_std=BIAS_STD)
@@ -118,6 +135,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             nngp, y, nngp_test, nngp_diag, label_smoothing=eps, num_samples=2000, seed=args.seed
         )
         t_gp = time.perf_counter() - t0
+        floor = sampling_floor(kernel.member_probs, args.members)
         for width in args.widths:
             t0 = time.perf_counter()
             deep = deep_ensemble(
@@ -152,14 +170,16 @@ def run(args: argparse.Namespace) -> list[dict]:
                  None, t_kernel),
                 ("GP-Laplace (NNGP)", gp.probs, None, tv(gp.probs, deep.probs), None, t_gp),
             ]  # fmt: skip
+            if width == args.widths[0]:
+                entries.append(("sampling floor", *floor, None, 0.0))
             for name, probs, variance, to_deep, member, seconds in entries:
                 row = {"setup": setup, "width": width, "predictor": name, **scores(probs, y_test)}
                 row["tv_to_deep"] = to_deep
-                row["spearman_var"] = (
-                    spearman(variance, deep.variance)
-                    if variance is not None and name != "deep ensemble"
-                    else None
-                )
+                row["spearman_var"] = None
+                if name == "sampling floor":
+                    row["spearman_var"] = variance
+                elif variance is not None and name != "deep ensemble":
+                    row["spearman_var"] = spearman(variance, deep.variance)
                 row["member_tv"] = member
                 row["seconds"] = seconds
                 rows.append(row)
