@@ -416,3 +416,34 @@ def test_tracker_imports_no_lightning_and_each_namespace_imports_only_itself():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_linear_model_constant_kernel_but_diverging_logits():
+    """A linear model's NTK never moves; with hard labels its logits still diverge.
+
+    The verdict must name the logits alone (no "kernel moving"), and label smoothing
+    must make it lazy.
+    """
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(30) % 3
+    x = torch.randn(3, 6, generator=g)[y] + torch.randn(30, 6, generator=g)  # separable
+    reports = {}
+    for smoothing in (0.0, 0.2):
+        torch.manual_seed(0)
+        model = nn.Linear(6, 3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        loss_fn = nn.CrossEntropyLoss(label_smoothing=smoothing)
+        tracker = NTKTracker(x, y, optimizer=opt, loss=loss_fn)
+        tracker.start(model)
+        for step in range(1, 513):
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+            if tracker.is_due(step):
+                reports[smoothing] = tracker.update(model, step)
+    hard, smooth = reports[0.0], reports[0.2]
+    assert hard.relative_change == 0.0 and hard.linearization_error < 1e-5
+    assert (hard.verdict, hard.causes) == ("broken", ["logits diverging"])
+    assert "hard one-hot targets and no weight decay" in hard.message
+    assert "kernel" not in hard.message.split(":", 1)[1]
+    assert (smooth.verdict, smooth.causes) == ("lazy", [])
