@@ -26,10 +26,13 @@ the figure ``OUT/ntk_demo.png`` (built from those logs by :mod:`lightning_ntk._r
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import shutil
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
@@ -40,6 +43,10 @@ from torch import Tensor, nn
 
 __all__ = ["DemoConfig", "RunResult", "RunSpec", "load_digits_split", "run_demo"]
 
+_LIGHTNING_INFO_LOGGERS = (
+    "pytorch_lightning.utilities.rank_zero",
+    "lightning_fabric.utilities.rank_zero",
+)
 N_TEST = 297  # fixed test split of the 1,797 digits
 SPLIT_SEED = 0  # the split never changes with --seed
 
@@ -80,15 +87,15 @@ class DemoConfig:
         label_smoothing: ``ε`` of runs 3 and 4.
     """
 
-    width: int = 2048
+    width: int = 4096
     narrow_width: int = 64
-    depth: int = 2
+    depth: int = 1
     lr: float = 4.0
     batch_size: int = 64
     steps: int = 512
     n_probe: int = 40
     every_n_steps: int = 64
-    l2: float = 0.01
+    l2: float = 0.003
     label_smoothing: float = 0.1
     runs: tuple[RunSpec, ...] = field(default=(), compare=False)
 
@@ -269,22 +276,24 @@ def _train(
         seed=0,  # the same probe for every run and seed
     )
     accelerator, devices = _accelerator(device)
-    trainer = pl.Trainer(
-        max_steps=config.steps,
-        accelerator=accelerator,
-        devices=devices,
-        logger=TensorBoardLogger(str(runs_dir), name=spec.name, version=f"seed_{seed}"),
-        callbacks=[monitor],
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=progress,
-        log_every_n_steps=max(1, config.steps // 32),
-        num_sanity_val_steps=0,
-    )
-    with warnings.catch_warnings():
+    with _quiet_lightning_info():
+        trainer = pl.Trainer(
+            max_steps=config.steps,
+            accelerator=accelerator,
+            devices=devices,
+            logger=TensorBoardLogger(str(runs_dir), name=spec.name, version=f"seed_{seed}"),
+            callbacks=[monitor],
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=progress,
+            log_every_n_steps=max(1, config.steps // 32),
+            num_sanity_val_steps=0,
+        )
+    with warnings.catch_warnings(), _quiet_lightning_info():
         # digits fit in memory: worker processes would only slow the demo down
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+        warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")
         trainer.fit(module, loader)
     accuracy = module.accuracy(x_test, y_test)
     return RunResult(
@@ -295,6 +304,20 @@ def _train(
         logdir=logdir,
         seconds=time.perf_counter() - start,
     )
+
+
+@contextlib.contextmanager
+def _quiet_lightning_info() -> Iterator[None]:
+    """Hide Lightning's start-up info lines (hardware summary, tips) for the demo's runs."""
+    loggers = [logging.getLogger(name) for name in _LIGHTNING_INFO_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _accelerator(device: str) -> tuple[str, Any]:
