@@ -19,6 +19,9 @@ NNGP, mapped through the analytic NTK) and a GP classifier with the NNGP kernel
   ``Σ_a Var[p_a(x)]`` with the deep ensemble's;
 * ``member TV`` (deep-ensemble rows): mean TV between each trained network and the
   kernel prediction from *its own* initial logits (no sampling noise; shrinks with width);
+* ``paired TV`` and ``paired ρ var`` (deep-ensemble rows): the same two comparisons
+  against the kernel predictions from the deep ensemble's own ``--members``
+  initialisations, free of the sampling noise of a finite ensemble;
 * ``sampling floor``: the first ``--members`` kernel draws scored as if they were the
   deep ensemble (TV to the full kernel mean; ρ of their variance with the other draws'),
   i.e. what a perfect theory would show against an ensemble of that size.
@@ -161,7 +164,10 @@ def run(args: argparse.Namespace) -> list[dict]:
                 logits0_test=deep.member_logits0,
                 **flow,
             )
-            member_tv = tv(torch.softmax(paired.test_logits, -1), deep.member_probs)
+            paired_probs = torch.softmax(paired.test_logits, -1)  # (members, M, C)
+            member_tv = tv(paired_probs, deep.member_probs)
+            paired_tv = tv(paired_probs.mean(0), deep.probs)
+            paired_rho = spearman(paired_probs.var(0).sum(-1), deep.variance)
             single, n = deep.member_probs[0], args.members
             entries = [
                 ("single network", single, None, tv(single, deep.probs), None, t_deep / n),
@@ -181,6 +187,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                 elif variance is not None and name != "deep ensemble":
                     row["spearman_var"] = spearman(variance, deep.variance)
                 row["member_tv"] = member
+                row["paired_tv"] = paired_tv if name == "deep ensemble" else None
+                row["paired_spearman_var"] = paired_rho if name == "deep ensemble" else None
                 row["seconds"] = seconds
                 rows.append(row)
             print(f"# {setup} width {width}: deep ensemble {t_deep:.1f}s", file=sys.stderr)
@@ -189,8 +197,9 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     head = (
-        "| setup | width | predictor | accuracy | NLL | ECE | TV→deep | ρ var | member TV |\n"
-        "|---|---|---|---|---|---|---|---|---|"
+        "| setup | width | predictor | accuracy | NLL | ECE | TV→deep | ρ var | member TV "
+        "| paired TV | paired ρ var |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
 
@@ -201,7 +210,8 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['setup']} | {r['width']} | {r['predictor']} | {r['acc']:.3f} | "
             f"{r['nll']:.3f} | {r['ece']:.3f} | {fmt(r['tv_to_deep'], '.3f')} | "
-            f"{fmt(r['spearman_var'], '.2f')} | {fmt(r['member_tv'], '.4f')} |"
+            f"{fmt(r['spearman_var'], '.2f')} | {fmt(r['member_tv'], '.4f')} | "
+            f"{fmt(r['paired_tv'], '.4f')} | {fmt(r['paired_spearman_var'], '.3f')} |"
         )
     return "\n".join(lines)
 
