@@ -270,6 +270,14 @@ def test_compiled_submodule():
     assert "ntk/layer/net.0/relative_change" in monitor.tracker.scalars()
     for a, b in zip(monitor.history, plain.history):
         assert a.relative_change == pytest.approx(b.relative_change, rel=1e-5)
+    # the whole LightningModule compiled
+    pl.seed_everything(0, verbose=False)
+    compiled = torch.compile(module_class("pytorch_lightning")(), backend="eager")
+    whole = NTKMonitor(n_probe=9)
+    pl.Trainer(callbacks=whole, **trainer_kwargs(max_steps=4)).fit(compiled)
+    assert len(whole.history) == len(plain.history)
+    for a, b in zip(whole.history, plain.history):
+        assert a.relative_change == pytest.approx(b.relative_change, rel=1e-5)
 
 
 def test_bad_arguments_raise_clear_errors():
