@@ -195,3 +195,34 @@ def test_a_subcommand_is_required(capsys):
 def test_console_script_is_registered():
     scripts = {ep.name: ep.value for ep in metadata.entry_points(group="console_scripts")}
     assert scripts.get("lightning-ntk") == "lightning_ntk.cli:main"
+
+
+def test_digits_split_is_fixed_and_standardised_on_the_training_split():
+    from lightning_ntk._demo import load_digits_split
+
+    x_train, y_train, x_test, y_test = load_digits_split()
+    assert x_train.shape == (1500, 64) and x_test.shape == (297, 64)
+    assert y_train.shape == (1500,) and set(y_test.tolist()) <= set(range(10))
+    varying = x_train.std(dim=0) > 0
+    assert torch.allclose(x_train.mean(dim=0), torch.zeros(64), atol=1e-5)
+    assert torch.allclose(x_train.std(dim=0)[varying], torch.ones(int(varying.sum())), atol=1e-5)
+    again = load_digits_split()
+    assert all(torch.equal(a, b) for a, b in zip((x_train, y_train, x_test, y_test), again))
+
+
+def test_demo_l2_term_is_half_lambda_times_squared_distance_to_theta0():
+    from torch import nn
+
+    from lightning_ntk._demo import DigitsClassifier
+
+    torch.manual_seed(0)
+    network = nn.Linear(3, 2, dtype=torch.float64)
+    module = DigitsClassifier(network, lr=0.1, l2=0.25, label_smoothing=0.0)
+    module.log = lambda *args, **kwargs: None  # no Trainer attached
+    module.on_train_start()
+    batch = (torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0]))
+    with torch.no_grad():
+        network.weight.add_(1.0)  # ‖θ − θ0‖² = 6
+    ce = nn.functional.cross_entropy(network(batch[0]), batch[1])
+    loss = module.training_step(batch, 0)
+    torch.testing.assert_close(loss, ce + 0.5 * 0.25 * 6.0)
