@@ -123,7 +123,7 @@ def target_alignment(K: Tensor, targets: Tensor, num_classes: Optional[int] = No
     """
     K2 = _square_trace(K, "K")
     Y = targets_matrix(targets, num_classes, num_rows=K2.shape[0])
-    return kernel_alignment(K2, (Y @ Y.T).to(K2.dtype))
+    return kernel_alignment(K2, (Y @ Y.T).to(device=K2.device, dtype=K2.dtype))
 
 
 def targets_matrix(
