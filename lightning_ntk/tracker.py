@@ -359,20 +359,21 @@ class NTKTracker:
                 ) from err
             method = self.method
             per_layer = self.per_layer if self.per_layer is not None else method != "ntk_vp"
-            self._state = {
+            num_classes = int(logits0.shape[1])
+            total, layers = self._kernel(wrapper, method, per_layer)
+            state = {
                 "theta0": {n: p.detach().clone() for n, p in fm.params.items()},
                 "logits0": logits0.clone(),
-                "num_classes": int(logits0.shape[1]),
+                "num_classes": num_classes,
                 "method": method,
                 "per_layer": per_layer,
                 "start_step": int(step),
+                "K0": total,
+                "K0_layers": layers,
+                "logit_norm0": float(_metrics().logit_norm(logits0)),
+                "predicted": self._predict(num_classes),
             }
-            total, layers = self._kernel(wrapper)
-            metrics = _metrics()
-            self._state["K0"] = total
-            self._state["K0_layers"] = layers
-            self._state["logit_norm0"] = float(metrics.logit_norm(logits0))
-            self._state["predicted"] = self._predict()
+        self._state = state  # only a complete snapshot marks the tracker as started
         self.history = []
         self.layer_history = []
         self.kernel = total
@@ -419,7 +420,7 @@ class NTKTracker:
     def predicted(self) -> dict[str, str]:
         """``{"regime": ..., "reason": ...}``: the paper's prediction for the set-up."""
         if self._state is None:
-            return self._predict()
+            return self._predict(None)
         return dict(self._state["predicted"])
 
     @property
@@ -500,23 +501,23 @@ class NTKTracker:
             wrapper, params=self._selector(), output_fn=self.output_fn, dtype=self.dtype
         )
 
-    def _kernel(self, wrapper: nn.Module) -> tuple[Tensor, dict[str, Tensor]]:
+    def _kernel(
+        self, wrapper: nn.Module, method: str, per_layer: bool
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """``Θ(X, X)`` in the chosen layout, and per module when ``per_layer`` is on."""
         from .kernel import empirical_ntk
 
-        state = self._state
-        assert state is not None
         result = empirical_ntk(
             wrapper,
             self._probe_on(wrapper)[0],
             output=self.output,
-            method=state["method"],
+            method=method,
             params=self._selector(),
-            per_layer=state["per_layer"],
+            per_layer=per_layer,
             dtype=self.dtype,
             output_fn=self.output_fn,
         )
-        if not state["per_layer"]:
+        if not per_layer:
             assert isinstance(result, Tensor)
             return result, {}
         assert isinstance(result, dict)
@@ -552,7 +553,7 @@ class NTKTracker:
         layers: dict[str, dict[str, float]] = {}
         values["param_distance"] = _safe(lambda: metrics.param_distance(fm.params, theta0))
         if finite:
-            K, K_layers = self._kernel(wrapper)
+            K, K_layers = self._kernel(wrapper, state["method"], state["per_layer"])
             K0 = state["K0"].to(K.device)
             values["relative_change"] = _safe(lambda: metrics.relative_change(K, K0))
             values["kernel_distance"] = _safe(lambda: metrics.kernel_distance(K, K0))
@@ -613,7 +614,7 @@ class NTKTracker:
         )
         return report, layers
 
-    def _predict(self) -> dict[str, str]:
+    def _predict(self, num_classes: Optional[int]) -> dict[str, str]:
         """The theory's regime for the known set-up; ``"unknown"`` without its inputs."""
         setup = (self.weight_decay, self.optimizer, self.label_smoothing, self.loss)
         if all(value is None for value in setup):
@@ -631,7 +632,7 @@ class NTKTracker:
                 label_smoothing=self.label_smoothing,
                 loss=self.loss,
                 targets=self.probe_y,
-                num_classes=self.num_classes,
+                num_classes=num_classes,
             )
         except (TypeError, ValueError) as err:
             return {"regime": "unknown", "reason": f"set-up not understood: {err}"}
