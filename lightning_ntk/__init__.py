@@ -27,8 +27,7 @@ _LAZY_ATTRIBUTES: dict[str, str] = {
     # kernel
     "empirical_ntk": ".kernel",
     "reference_ntk": ".reference",
-    # linearized model
-    "linearize": ".linearize",
+    # linearized model (`linearize` itself is bound eagerly, below)
     "LinearizedModel": ".linearize",
     "linearization_error": ".linearize",
     "prob_tv": ".linearize",
@@ -37,6 +36,7 @@ _LAZY_ATTRIBUTES: dict[str, str] = {
     "predict_regime": ".theory",
     "RegimePrediction": ".theory",
     "kernel_solution": ".theory",
+    "KernelSolution": ".theory",
     "kernel_flow": ".theory",
     # monitoring
     "NTKTracker": ".tracker",
@@ -48,7 +48,12 @@ _LAZY_ATTRIBUTES: dict[str, str] = {
 
 _LAZY_SUBMODULES = {"kernel", "metrics", "testing", "theory", "reference", "lightning"}
 
-__all__ = sorted(_LAZY_ATTRIBUTES)
+__all__ = sorted([*_LAZY_ATTRIBUTES, "linearize"])
+
+# The function shares its name with its submodule: importing `lightning_ntk.linearize` (the
+# module) sets this package attribute to the module the first time. Binding the function
+# here, after that import, keeps `lightning_ntk.linearize` the function. Torch-only import.
+from .linearize import linearize  # noqa: E402
 
 
 def __getattr__(name: str) -> Any:
@@ -70,13 +75,13 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
     from .callback import NTKMonitor
     from .exceptions import LinearizationBreakdownError, LinearizationBreakdownWarning
     from .kernel import empirical_ntk
-    from .linearize import (
-        LinearizedModel,
-        argmax_agreement,
-        linearization_error,
-        linearize,
-        prob_tv,
-    )
+    from .linearize import LinearizedModel, argmax_agreement, linearization_error, prob_tv
     from .reference import reference_ntk
-    from .theory import RegimePrediction, kernel_flow, kernel_solution, predict_regime
+    from .theory import (
+        KernelSolution,
+        RegimePrediction,
+        kernel_flow,
+        kernel_solution,
+        predict_regime,
+    )
     from .tracker import NTKReport, NTKTracker

@@ -16,10 +16,8 @@ Distances between a network's logits ``f = f(X; θt)``, its linearization
 
 from __future__ import annotations
 
-import sys
-import types
 from collections.abc import Mapping
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -338,19 +336,3 @@ def _check_logits(**named: Tensor) -> None:
                 f"Expected `{name}` to have the shape of `{first_name}`, {tuple(first.shape)}, "
                 f"but got {tuple(t.shape)}."
             )
-
-
-class _CallableModule(types.ModuleType):
-    """This module, callable as :func:`linearize`.
-
-    Importing the submodule ``lightning_ntk.linearize`` makes Python set the package
-    attribute ``lightning_ntk.linearize`` to the module, hiding the lazily exported
-    function of the same name; calling the module keeps ``lightning_ntk.linearize(model)``
-    and ``from lightning_ntk import linearize`` working in either case.
-    """
-
-    def __call__(self, *args: Any, **kwargs: Any) -> LinearizedModel:
-        return linearize(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
