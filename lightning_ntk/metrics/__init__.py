@@ -10,9 +10,14 @@ Functions (:mod:`.functional`):
 
 Classes (:mod:`.classes`, ``torchmetrics.Metric``): :class:`TargetAlignment`,
 :class:`LinearizationError`, :class:`ProbTV`, :class:`ArgmaxAgreement`, :class:`LogitNorm`.
+They are imported lazily (PEP 562): the functions alone do not import torchmetrics.
 """
 
-from .classes import ArgmaxAgreement, LinearizationError, LogitNorm, ProbTV, TargetAlignment
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .functional import (
     Spectrum,
     argmax_agreement,
@@ -47,3 +52,17 @@ __all__ = [
     "spectrum",
     "target_alignment",
 ]
+
+_CLASSES = {"ArgmaxAgreement", "LinearizationError", "LogitNorm", "ProbTV", "TargetAlignment"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CLASSES:
+        value = getattr(importlib.import_module(".classes", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .classes import ArgmaxAgreement, LinearizationError, LogitNorm, ProbTV, TargetAlignment
