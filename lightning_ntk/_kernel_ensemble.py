@@ -17,6 +17,7 @@ from ._uncertainty_common import (
     check_inputs,
     check_option,
     check_positive_int,
+    check_targets_rows,
     targets_matrix,
 )
 
@@ -205,6 +206,7 @@ def kernel_ensemble(
     x_train, x_test = check_inputs(x_train, x_test)
     check_nonnegative(weight_decay, "weight_decay")
     eps = check_smoothing(label_smoothing)
+    check_targets_rows(targets, x_train.shape[0])
     hard = not targets.is_floating_point() or float(targets.min()) <= 0
     if steps is None and lr is None and weight_decay == 0 and eps == 0 and hard:
         raise ValueError(
