@@ -108,9 +108,10 @@ def gp_laplace_classifier(
     eps = check_smoothing(label_smoothing)
     Y = (1 - eps) * targets_matrix(targets, N, C) + eps / C
     K = kernel.double()
-    K_test = kernel_test.double()
+    K_test = kernel_test.double().to(K.device)
+    Y = Y.to(K.device)
     mode = _softmax_gp.find_mode(
-        K, torch.zeros(1, N, C, dtype=K.dtype), Y, tol=tol, max_iter=max_iter
+        K, torch.zeros(1, N, C, dtype=K.dtype, device=K.device), Y, tol=tol, max_iter=max_iter
     )
     if mode.residual > tol:
         raise RuntimeError(
@@ -124,7 +125,7 @@ def gp_laplace_classifier(
     B = torch.einsum("cnm,tm->tcn", E, K_test)  # b_a = E_a k*, (M, C, N)
     explained = torch.einsum("tcn,tn->tc", B, K_test)  # k*ᵀ E_a k*
     solved = torch.cholesky_solve(B.reshape(M * C, N).T, L_sum).T.reshape(M, C, N)
-    cov = torch.diag_embed(kernel_test_diag.double()[:, None] - explained)
+    cov = torch.diag_embed(kernel_test_diag.double().to(K.device)[:, None] - explained)
     cov = cov + torch.einsum("tcn,tdn->tcd", B, solved)
     cov = (cov + cov.transpose(1, 2)) / 2
     if averaging == "probit":
@@ -148,6 +149,6 @@ def _mc_probs(mean: Tensor, cov: Tensor, num_samples: int, seed: int) -> Tensor:
     eigenvalues, eigenvectors = torch.linalg.eigh(cov)  # (M, C), (M, C, C)
     root = eigenvectors * eigenvalues.clamp_min(0).sqrt()[:, None, :]
     generator = torch.Generator().manual_seed(int(seed))
-    z = torch.randn(num_samples, M, C, generator=generator, dtype=mean.dtype)
+    z = torch.randn(num_samples, M, C, generator=generator, dtype=mean.dtype).to(mean.device)
     samples = mean + torch.einsum("mcd,smd->smc", root, z)
     return torch.softmax(samples, dim=-1).mean(0)

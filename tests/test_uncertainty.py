@@ -221,6 +221,29 @@ def test_initial_draws_follow_the_nngp(data):
     assert float((empirical - sigma).abs().max() / sigma.diagonal().max()) < 0.06
 
 
+def test_unregularized_ensemble_matches_its_gaussian_closed_form(data):
+    # λ = 0: f*(x) = f0(x) + Θ(x, X) Θ⁻¹ (log Y − f0(X)) P, affine in the Gaussian f0, so
+    # the trained test logits are Gaussian with mean A log Y P (A = Θ(x, X) Θ⁻¹) and
+    # per-point covariance Σ(x, x) I + (A Σ_XX Aᵀ − 2 Σ(x, X) Aᵀ)[x, x] P.
+    x, y, x_test = data
+    eps, S = 0.1, 20000
+    e = kernel_ensemble(
+        x, y, x_test, model=NTKMLP(D, 8, 1, C), label_smoothing=eps, num_draws=S, seed=0
+    )
+    K, K_test = analytic_ntk(x, depth=1), analytic_ntk(x_test, x, depth=1)
+    sigma = analytic_nngp(torch.cat([x, x_test]), depth=1)
+    s_xx, s_tx, s_tt = sigma[:N, :N], sigma[N:, :N], sigma[N:, N:]
+    A = torch.linalg.solve(K, K_test.T).T  # (M, N)
+    P = torch.eye(C, dtype=DT) - 1 / C
+    log_y = ((1 - eps) * nn.functional.one_hot(y, C).double() + eps / C).log()
+    mean = A @ log_y @ P
+    scale = (A @ s_xx @ A.T - 2 * s_tx @ A.T).diagonal()
+    cov = s_tt.diagonal()[:, None, None] * torch.eye(C, dtype=DT) + scale[:, None, None] * P
+    spread = cov.diagonal(dim1=1, dim2=2).max().sqrt()
+    assert float((e.logit_mean - mean).abs().max()) < 5 * spread / math.sqrt(S)
+    assert float((e.logit_cov - cov).abs().max()) < 0.05 * float(cov.abs().max())
+
+
 def test_ensemble_is_deterministic_and_leaves_global_rng(data):
     x, y, x_test = data
     net = NTKMLP(D, 8, 1, C)
