@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -55,6 +56,7 @@ def gp_laplace_classifier(
     kernel_test: Tensor,
     kernel_test_diag: Tensor,
     *,
+    num_classes: Optional[int] = None,
     label_smoothing: float = 0.0,
     averaging: str = "mc",
     num_samples: int = 1000,
@@ -70,6 +72,7 @@ def gp_laplace_classifier(
         targets: integer labels ``(N,)`` or soft targets ``(N, C)``.
         kernel_test: ``K(X_test, X)``, ``(M, N)``.
         kernel_test_diag: prior variances ``k(x*, x*)``, ``(M,)``.
+        num_classes: ``C`` for integer labels (default: the largest label + 1).
         label_smoothing: ``ε ∈ [0, 1)`` applied to the targets (0: the usual categorical
             likelihood).
         averaging: ``"mc"`` or ``"probit"``.
@@ -104,7 +107,13 @@ def gp_laplace_classifier(
             f"Expected `kernel_test_diag` to be of shape ({M},) but got "
             f"{tuple(kernel_test_diag.shape)}."
         )
-    C = targets.shape[1] if targets.ndim == 2 else int(targets.max()) + 1
+    if targets.ndim == 2:
+        C = targets.shape[1]
+    elif num_classes is None:
+        C = int(targets.max()) + 1
+    else:
+        check_positive_int(num_classes, "num_classes", minimum=2)
+        C = num_classes
     eps = check_smoothing(label_smoothing)
     Y = (1 - eps) * targets_matrix(targets, N, C) + eps / C
     K = kernel.double()

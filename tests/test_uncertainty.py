@@ -346,7 +346,7 @@ def test_gp_laplace_classifies_a_separable_problem(separable):
     assert torch.equal(result.probs.argmax(-1), y_test)
     assert float(result.probs[torch.arange(9), y_test].min()) > 0.5
     torch.testing.assert_close(result.probs.sum(-1), torch.ones(9, dtype=DT))
-    probit = gp_laplace_classifier(K, y, K_test, k_diag, averaging="probit")
+    probit = gp_laplace_classifier(K, y, K_test, k_diag, averaging="probit", num_classes=C)
     assert float((probit.probs - result.probs).abs().max()) < 0.05
     # far from the data the latent variance is larger than at the training clusters
     far = torch.full((1, D), -6.0, dtype=DT)
@@ -413,5 +413,7 @@ def test_bad_input_raises_clear_errors(data, kernels):
         deep_ensemble(net, x, y, x_test, steps=1, lr=0.1)
     with pytest.raises(ValueError, match="`averaging` to be one of"):
         gp_laplace_classifier(K, y, K_test, torch.ones(M, dtype=DT), averaging="exact")
+    with pytest.raises(ValueError, match="`num_classes` to be an int >= 2"):
+        gp_laplace_classifier(K, y, K_test, torch.ones(M, dtype=DT), num_classes=1)
     with pytest.raises(ValueError, match=r"`kernel_test_diag` to be of shape \(5,\)"):
         gp_laplace_classifier(K, y, K_test, torch.ones(4, dtype=DT))
