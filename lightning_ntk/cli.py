@@ -56,6 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--fast", action="store_true", help="a seconds-long smoke run (small, short: no verdicts)"
     )
     demo.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help=(
+            "CPU threads for torch (default 1: the demo's networks are small, and extra "
+            "threads only slow them down on a busy machine)"
+        ),
+    )
+    demo.add_argument(
         "--no-progress", action="store_true", help="hide the progress bars (for logs and CI)"
     )
 
@@ -90,17 +99,26 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def _demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     device = _check_device(parser, args.device)
+    if args.threads < 1:
+        parser.error(f"Expected --threads to be a positive int but got {args.threads}.")
     _check_writable_dir(parser, args.out, "--out")
+    import torch
+
     from ._demo import DemoConfig, run_demo
 
     config = DemoConfig.fast() if args.fast else DemoConfig()
-    run_demo(
-        config,
-        out=args.out,
-        device=device,
-        seed=args.seed,
-        progress=not args.no_progress,
-    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        run_demo(
+            config,
+            out=args.out,
+            device=device,
+            seed=args.seed,
+            progress=not args.no_progress,
+        )
+    finally:
+        torch.set_num_threads(threads)
     return 0
 
 

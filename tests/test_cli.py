@@ -226,3 +226,10 @@ def test_demo_l2_term_is_half_lambda_times_squared_distance_to_theta0():
     ce = nn.functional.cross_entropy(network(batch[0]), batch[1])
     loss = module.training_step(batch, 0)
     torch.testing.assert_close(loss, ce + 0.5 * 0.25 * 6.0)
+
+
+def test_demo_rejects_a_non_positive_thread_count(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--fast", "--threads", "0", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "Expected --threads to be a positive int but got 0" in capsys.readouterr().err
