@@ -13,6 +13,7 @@ Groups:
 * theory: :func:`predict_regime`, :func:`kernel_solution`, :func:`kernel_flow`
 * monitoring: :class:`NTKTracker`, :class:`NTKReport`, :class:`NTKMonitor`
 * testing: :mod:`lightning_ntk.testing`
+* uncertainty: :func:`kernel_ensemble`, :func:`deep_ensemble`, :func:`gp_laplace_classifier`
 """
 
 from __future__ import annotations
@@ -44,9 +45,15 @@ _LAZY_ATTRIBUTES: dict[str, str] = {
     "NTKMonitor": ".callback",
     "LinearizationBreakdownWarning": ".exceptions",
     "LinearizationBreakdownError": ".exceptions",
+    # predictive uncertainty over random initialisation
+    "kernel_ensemble": ".uncertainty",
+    "deep_ensemble": ".uncertainty",
+    "gp_laplace_classifier": ".uncertainty",
 }
 
-_LAZY_SUBMODULES = {"kernel", "metrics", "testing", "theory", "reference", "lightning"}
+_LAZY_SUBMODULES = {
+    "kernel", "metrics", "testing", "theory", "reference", "lightning", "uncertainty",
+}  # fmt: skip
 
 __all__ = sorted([*_LAZY_ATTRIBUTES, "linearize"])
 
@@ -85,3 +92,4 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
         predict_regime,
     )
     from .tracker import NTKReport, NTKTracker
+    from .uncertainty import deep_ensemble, gp_laplace_classifier, kernel_ensemble
