@@ -230,7 +230,14 @@ class NTKMLP(nn.Module):
 
 
 class ScaledLinear(nn.Module):
-    """``h = (σ_w/√fan_in) · linear(x) + σ_b · b`` with unit-variance ``linear.weight``, ``b``."""
+    """``h = (σ_w/√fan_in) · W x + σ_b · b`` with unit-variance ``W`` and ``b``.
+
+    Both live in one stock ``nn.Linear`` (``linear.weight = W``, ``linear.bias = b``),
+    evaluated as ``σ_b · linear((σ_w / (σ_b √fan_in)) · x)`` — the same function and the
+    same gradients — so that :func:`lightning_ntk.empirical_ntk`'s structured method
+    covers every parameter (a bias held outside the ``nn.Linear`` would fall back to
+    per-example Jacobians). Without a bias: ``(σ_w/√fan_in) · linear(x)``.
+    """
 
     def __init__(self, fan_in: int, fan_out: int, weight_std: float, bias_std: float) -> None:
         super().__init__()
@@ -238,14 +245,14 @@ class ScaledLinear(nn.Module):
         nn.init.normal_(self.linear.weight)
         self.scale = weight_std / math.sqrt(fan_in)
         self.bias_std = bias_std
-        self.bias = nn.Parameter(torch.randn(fan_out)) if bias_std > 0 else None
+        if bias_std > 0:
+            self.linear.bias = nn.Parameter(torch.randn(fan_out))
 
     def forward(self, x: Tensor) -> Tensor:
         """``(N, fan_in)`` → ``(N, fan_out)``."""
-        h = self.scale * self.linear(x)
-        if self.bias is not None:
-            h = h + self.bias_std * self.bias
-        return h
+        if self.linear.bias is None:
+            return self.scale * self.linear(x)
+        return self.bias_std * self.linear((self.scale / self.bias_std) * x)
 
     def extra_repr(self) -> str:
         return f"scale={self.scale:.4g}, bias_std={self.bias_std:g}"

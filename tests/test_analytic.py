@@ -162,8 +162,14 @@ def test_ntk_mlp_is_built_from_plain_linear_layers():
     model = NTKMLP(4, width=16, depth=2, out_features=3, bias_std=0.1)
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     assert [tuple(m.weight.shape) for m in linears] == [(16, 4), (16, 16), (3, 16)]
-    assert all(m.bias is None for m in linears)
+    assert all(m.bias is not None and m.bias.shape == m.weight.shape[:1] for m in linears)
     assert model(torch.randn(7, 4)).shape == (7, 3)
+    # every parameter is held by a stock nn.Linear: the structured kernel covers them all
+    from lightning_ntk._functional import FunctionalModel
+    from lightning_ntk.kernel.structured import plan_structure
+
+    plan = plan_structure(FunctionalModel(model), torch.randn(3, 4))
+    assert plan.fallback_names == [] and len(plan.structured_names) == 6
     assert not any("bias" in n for n, _ in NTKMLP(4, 16, 2, 3, bias_std=0.0).named_parameters())
     standard = NTKMLP(4, 16, 2, 3, parameterization="standard", bias_std=0.1)
     assert [type(m) for m in standard.layers] == [nn.Linear] * 3
@@ -173,6 +179,7 @@ def test_ntk_mlp_initialisation_scales():
     torch.manual_seed(0)
     ntk = NTKMLP(400, 400, 1, 400, weight_std=2.0, bias_std=0.5)
     assert ntk.layers[0].linear.weight.std().item() == pytest.approx(1.0, rel=0.02)
+    assert ntk.layers[0].linear.bias.std().item() == pytest.approx(1.0, rel=0.1)
     assert ntk.layers[0].scale == pytest.approx(2.0 / 20)
     std = NTKMLP(400, 400, 1, 400, parameterization="standard", weight_std=2.0, bias_std=0.5)
     assert std.layers[0].weight.std().item() == pytest.approx(0.1, rel=0.02)
@@ -266,3 +273,12 @@ def test_ntk_mlp_rejects_bad_arguments():
         NTKMLP(3, 4, 1, 2, activation="gelu")
     with pytest.raises(ValueError, match="`parameterization`"):
         NTKMLP(3, 4, 1, 2, parameterization="mean_field")
+
+
+def test_ntk_mlp_layer_computes_the_ntk_parameterized_affine_map():
+    torch.manual_seed(0)
+    model = NTKMLP(5, 7, 0, 3, weight_std=1.5, bias_std=0.3).double()
+    layer = model.layers[0]
+    x = torch.randn(4, 5, dtype=torch.float64)
+    expected = 1.5 / 5**0.5 * x @ layer.linear.weight.T + 0.3 * layer.linear.bias
+    torch.testing.assert_close(model(x), expected)
