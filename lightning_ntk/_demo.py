@@ -30,12 +30,13 @@ import contextlib
 import logging
 import math
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import pytorch_lightning as pl
 import torch
@@ -290,6 +291,7 @@ def _train(
             num_sanity_val_steps=0,
         )
     with warnings.catch_warnings(), _quiet_lightning_info():
+        warnings.showwarning = _breakdown_on_one_line(warnings.showwarning)  # restored on exit
         # digits fit in memory: worker processes would only slow the demo down
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
@@ -304,6 +306,19 @@ def _train(
         logdir=logdir,
         seconds=time.perf_counter() - start,
     )
+
+
+def _breakdown_on_one_line(show: Callable[..., None]) -> Callable[..., None]:
+    """A ``warnings.showwarning`` printing the monitor's breakdown warning as one line."""
+    from .exceptions import LinearizationBreakdownWarning
+
+    def showwarning(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, LinearizationBreakdownWarning):
+            print(f"NTKMonitor: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return showwarning
 
 
 @contextlib.contextmanager

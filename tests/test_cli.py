@@ -233,3 +233,20 @@ def test_demo_rejects_a_non_positive_thread_count(tmp_path, capsys):
         main(["demo", "--fast", "--threads", "0", "--out", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "Expected --threads to be a positive int but got 0" in capsys.readouterr().err
+
+
+def test_demo_prints_breakdown_warnings_on_one_line_and_passes_others_on(capsys):
+    import warnings
+
+    from lightning_ntk._demo import _breakdown_on_one_line
+    from lightning_ntk.exceptions import LinearizationBreakdownWarning
+
+    passed_on = []
+    show = _breakdown_on_one_line(lambda *args: passed_on.append(args[1]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        warnings.warn("Step 3: logits diverging.", LinearizationBreakdownWarning, stacklevel=1)
+        warnings.warn("something else", UserWarning, stacklevel=1)
+    assert capsys.readouterr().err == "NTKMonitor: Step 3: logits diverging.\n"
+    assert passed_on == [UserWarning]
