@@ -383,3 +383,26 @@ def test_lightning_is_not_imported():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_structure_plan_is_reused_and_reverified_when_the_model_changes(monkeypatch):
+    from lightning_ntk.kernel import structured
+
+    calls = []
+    verified = structured._verified
+    monkeypatch.setattr(structured, "_verified", lambda *a: calls.append(1) or verified(*a))
+    model = nn.Sequential(
+        nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3)
+    ).double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    first = empirical_ntk(model, x)
+    empirical_ntk(model, x + 1.0)
+    assert len(calls) == 1  # same model, same structure: verified once
+    model[2].weight = nn.Parameter(model[2].weight.detach().clone())
+    empirical_ntk(model, x)
+    assert len(calls) == 2  # a replaced parameter: verified again
+    model[4] = nn.Linear(5, 3).double()  # a replaced layer
+    changed = empirical_ntk(model, x)
+    assert len(calls) == 3
+    assert_kernel_close(changed, reference_ntk(model, x), 1e-10, "after replacing a layer")
+    assert not torch.allclose(changed, first)

@@ -27,6 +27,7 @@ module's call) it falls back too. The kernel is therefore always exact.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -76,12 +77,39 @@ class StructurePlan:
 
 
 def plan_structure(fm: FunctionalModel, x: Tensor) -> StructurePlan:
-    """Find the supported layers of ``fm`` and verify them on a few examples of ``x``."""
-    candidates = _candidate_layers(fm)
-    if candidates:
-        candidates = _verified(fm, candidates, x[:_VERIFY_EXAMPLES])
-    structured = {n for layer in candidates for n in layer.param_names}
-    return StructurePlan(candidates, [n for n in fm.names if n not in structured])
+    """Find the supported layers of ``fm`` and verify them on a few examples of ``x``.
+
+    The verified plan is remembered per module (weakly) together with a fingerprint of
+    its structure: the selected names, the compute dtype, the per-example input shape and
+    every module's type and parameter identities. Repeated calls on the same model (a
+    monitor's reports) skip the verification pass; any change of that fingerprint (a
+    replaced layer or parameter, new tying) verifies again.
+    """
+    key = _fingerprint(fm, x)
+    cached = _PLANS.get(fm.module)
+    if cached is not None and cached[0] == key:
+        roles = cached[1]
+    else:
+        candidates = _candidate_layers(fm)
+        if candidates:
+            candidates = _verified(fm, candidates, x[:_VERIFY_EXAMPLES])
+        roles = [(layer.name, layer.weight, layer.bias) for layer in candidates]
+        _PLANS[fm.module] = (key, roles)
+    modules = dict(fm.module.named_modules())
+    layers = [_Layer(name, modules[name], weight, bias) for name, weight, bias in roles]
+    structured = {n for layer in layers for n in layer.param_names}
+    return StructurePlan(layers, [n for n in fm.names if n not in structured])
+
+
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _fingerprint(fm: FunctionalModel, x: Tensor) -> tuple:
+    structure = tuple(
+        (name, type(m), tuple((k, id(p)) for k, p in m._parameters.items()))
+        for name, m in fm.module.named_modules(remove_duplicate=False)
+    )
+    return (tuple(fm.names), fm.dtype, tuple(x.shape[1:]), x.dtype, structure)
 
 
 class StructuredMethod:
