@@ -196,6 +196,8 @@ class NTKMonitorBase:
                 f"{type(trainer.strategy).__name__}): the kernel needs every parameter on "
                 "each rank. Use strategy='ddp' (or a single device) for monitored runs."
             )
+        # every rank takes part in every report: the probe kernel's blocks are shared
+        self.tracker.distributed = trainer.world_size > 1
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         """Draw the probe (if needed), read the set-up and snapshot ``θ0``, ``Θ0``."""

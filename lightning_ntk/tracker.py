@@ -179,6 +179,11 @@ class NTKTracker:
         loss: the loss module (its label smoothing is read from it).
         seed: seed of the tracker's own generator (probe drawing).
         batch_to_xy: splits a dataset batch into ``(inputs, labels)``.
+        distributed: share the probe kernel's blocks among the ranks of the initialised
+            ``torch.distributed`` process group (each rank computes its share, one
+            all-reduce assembles the kernel). Every rank must then call :meth:`start` and
+            :meth:`update` together; ``NTKMonitor`` turns this on under multi-process
+            strategies.
     """
 
     def __init__(
@@ -205,6 +210,7 @@ class NTKTracker:
         loss: Optional[nn.Module] = None,
         seed: int = 0,
         batch_to_xy: Optional[BatchToXY] = None,
+        distributed: bool = False,
     ) -> None:
         _check_positive_int("n_probe", n_probe)
         _check_positive_int("top_layers", top_layers)
@@ -223,6 +229,9 @@ class NTKTracker:
             raise TypeError(f"Expected `per_layer` to be a bool or None but got {per_layer!r}.")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"Expected `seed` to be an int but got {seed!r}.")
+        if not isinstance(distributed, bool):
+            raise TypeError(f"Expected `distributed` to be a bool but got {distributed!r}.")
+        self.distributed = distributed
         self.n_probe = n_probe
         self.output = output
         self.method = method
@@ -507,15 +516,20 @@ class NTKTracker:
         """``Θ(X, X)`` in the chosen layout, and per module when ``per_layer`` is on."""
         from .kernel import empirical_ntk
 
+        probe = self._probe_on(wrapper)[0]
+        world = _world_size() if self.distributed else 1
         result = empirical_ntk(
             wrapper,
-            self._probe_on(wrapper)[0],
+            probe,
             output=self.output,
             method=method,
             params=self._selector(),
             per_layer=per_layer,
             dtype=self.dtype,
             output_fn=self.output_fn,
+            # two blocks of probe rows per rank: each rank gets its share of the pairs
+            chunk_size=None if world == 1 else max(1, math.ceil(len(probe) / (2 * world))),
+            distributed=world > 1,
         )
         if not per_layer:
             assert isinstance(result, Tensor)
@@ -740,3 +754,12 @@ def _as_thresholds(value: Union[Thresholds, Mapping[str, Any], None]) -> Thresho
             )
         return Thresholds(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
     raise TypeError(f"Expected `thresholds` to be a Thresholds, a dict or None but got {value!r}.")
+
+
+def _world_size() -> int:
+    """Processes in the initialised default ``torch.distributed`` group (1 if none)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1

@@ -38,6 +38,7 @@ def _fit(strategy: str, devices: int, batch_size: int, thresholds=None, on_break
 def _summary(trainer, monitor) -> dict:
     return {
         "global_step": trainer.global_step,
+        "kernel_blocks_shared": monitor.tracker.distributed,
         "reports": [r.to_dict() for r in monitor.history],
     }
 
@@ -61,6 +62,7 @@ def test_ddp_two_processes_agree_with_a_single_process(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1]  # same reports, verdicts and stopping step on every rank
+    assert ranks[0]["kernel_blocks_shared"]  # each rank computed its share of the kernel
     reports = ranks[0]["reports"]
     assert [r["step"] for r in reports] == [1, 2, 4]
     assert [r["verdict"] for r in reports][-1] == "broken"

@@ -188,9 +188,9 @@ def _blockwise(
 ) -> dict[str, Tensor]:
     """Assemble kernel blocks of ``chunk`` examples each; for ``x2 = x1`` only ``j ≥ i``.
 
-    Blocks are dealt round-robin to the ranks of the default process group when
-    ``distributed`` (each block is computed by exactly one rank, so a sum all-reduce
-    assembles the kernel on every rank), and kept on ``store_on`` as they are computed.
+    When ``distributed``, the ranks of the default process group take contiguous, equal
+    shares of the blocks (each block is computed by exactly one rank, so a sum all-reduce
+    assembles the kernel on every rank). Blocks are kept on ``store_on`` as computed.
     """
     rank, world = _rank_and_world(distributed)
     device = x1.device if world > 1 else (store_on or x1.device)
@@ -201,8 +201,9 @@ def _blockwise(
         for bj, s2 in enumerate(range(0, x2.shape[0], chunk))
         if not (symmetric and bj < bi)
     ]
+    share = pairs[rank * len(pairs) // world : (rank + 1) * len(pairs) // world]
     cached_start, f1 = None, None
-    for s1, s2 in pairs[rank::world]:
+    for s1, s2 in share:  # contiguous, so a row's features are computed once per rank
         rows, cols = slice(s1, s1 + chunk), slice(s2, s2 + chunk)
         if cached_start != s1:
             cached_start, f1 = s1, engine.features(x1[rows])
