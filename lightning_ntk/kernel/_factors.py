@@ -23,7 +23,7 @@ An embedding is the same layer with a one-hot ``H``: ``H[i,t]·H[j,s] = [tok_it 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -113,7 +113,9 @@ def per_example_outer(H: LayerInput, G: Tensor, groups: int = 1) -> Tensor:
     return J.reshape(N, C, D * K)
 
 
-def contract_gram(A: Tensor, G1: Tensor, G2: Tensor, output: str) -> Tensor:
+def contract_gram(
+    A: Tensor, G1: Tensor, G2: Tensor, output: str, with_bias: bool = False
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """``Θ[i,j,a,b] = Σ_{t,s} A[i,t,j,s] (G1[a,i,t]·G2[b,j,s])`` in the requested layout.
 
     Args:
@@ -121,21 +123,33 @@ def contract_gram(A: Tensor, G1: Tensor, G2: Tensor, output: str) -> Tensor:
         G1: cotangents ``(C, N1, T, D)``.
         G2: cotangents ``(C, N2, S, D)``.
         output: ``"full"``, ``"diagonal"`` or ``"trace"``.
+        with_bias: also return the bias kernel ``Σ_{t,s} G1[a,i,t]·G2[b,j,s]`` (the same
+            formula with ``A = 1``), which reuses the cotangent Gram ``B``.
+
+    Returns:
+        The weight's kernel, or ``(weight kernel, bias kernel)``.
     """
     C, N1, T, D = G1.shape
     N2, S = G2.shape[1], G2.shape[2]
     if output == "full":
         B = (G1.reshape(C * N1 * T, D) @ G2.reshape(C * N2 * S, D).T).view(C, N1, T, C, N2, S)
         if T == 1 and S == 1:  # plain Linear: a Hadamard product
-            return A.view(N1, N2, 1, 1) * B.view(C, N1, C, N2).permute(1, 3, 0, 2)
-        return torch.einsum("itjs,aitbjs->ijab", A, B)
+            bias = B.view(C, N1, C, N2).permute(1, 3, 0, 2)  # (N1, N2, C, C)
+            weight = A.view(N1, N2, 1, 1) * bias
+        else:
+            weight = torch.einsum("itjs,aitbjs->ijab", A, B)
+            bias = B.sum(dim=(2, 5)).permute(1, 3, 0, 2) if with_bias else None
+        return (weight, bias) if with_bias else weight
     B = torch.bmm(G1.reshape(C, N1 * T, D), G2.reshape(C, N2 * S, D).transpose(1, 2))
     B = B.view(C, N1, T, N2, S)
     if T == 1 and S == 1:
-        K = A.view(1, N1, N2) * B.view(C, N1, N2)
+        bias = B.view(C, N1, N2)
+        weight = A.view(1, N1, N2) * bias
     else:
-        K = torch.einsum("itjs,aitjs->aij", A, B)
-    return from_class_diagonal(K, output)
+        weight = torch.einsum("itjs,aitjs->aij", A, B)
+        bias = B.sum(dim=(2, 4)) if with_bias else None
+    weight = from_class_diagonal(weight, output)
+    return (weight, from_class_diagonal(bias, output)) if with_bias else weight
 
 
 def prefer_gram(N: int, C: int, T: int, K: int, D: int, output: str, tokens: bool) -> bool:

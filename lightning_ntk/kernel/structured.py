@@ -132,7 +132,7 @@ class StructuredMethod:
     def features(self, x: Tensor) -> dict[str, Any]:
         """Per-example gradients ``{name: (N, C, P)}`` and Gram factors for a chunk."""
         per_example: dict[str, Tensor] = {}
-        grams: dict[str, tuple[LayerInput, Tensor, bool]] = {}
+        grams: dict[str, tuple[LayerInput, Tensor, Optional[str]]] = {}
         if self.plan.layers:
             rec = _record(self.fm, self.plan.layers, x)
             inputs, cotangents = rec.inputs, rec.cotangents
@@ -145,10 +145,11 @@ class StructuredMethod:
                 if layer.weight is None or isinstance(layer.module, _NORMS):
                     continue  # norm weights are among the small per-example gradients
                 if self._use_gram(layer, H, G):
-                    fold_bias = not self.per_layer and layer.bias in per_example
-                    if fold_bias:
-                        del per_example[layer.bias]
-                    grams[layer.weight] = (H, G, fold_bias)
+                    # the bias kernel Σ G·G reuses the weight's cotangent Gram
+                    bias = layer.bias if layer.bias in per_example else None
+                    if bias is not None:
+                        del per_example[bias]
+                    grams[layer.weight] = (H, G, bias)
                 else:
                     groups = getattr(layer.module, "groups", 1)
                     per_example[layer.weight] = per_example_outer(H, G, groups)
@@ -167,12 +168,15 @@ class StructuredMethod:
         """Kernel block: one entry per parameter, or the total under ``""``."""
         J1, J2 = f1["per_example"], f2["per_example"]
         parts: dict[str, Tensor] = {}
-        for name, (H1, G1, fold_bias) in f1["grams"].items():
+        for name, (H1, G1, bias) in f1["grams"].items():
             H2, G2, _ = f2["grams"][name]
             A = H1.gram(H2)  # (N1, T, N2, S)
-            if fold_bias:
-                A = A + 1.0  # bias gradient Σ_t G: the same product with H·H' + 1
-            parts[name] = contract_gram(A, G1, G2, self.output)
+            if bias is None:
+                parts[name] = contract_gram(A, G1, G2, self.output)
+            elif self.per_layer:
+                parts[name], parts[bias] = contract_gram(A, G1, G2, self.output, with_bias=True)
+            else:  # bias gradient Σ_t G: the same product with H·H' + 1
+                parts[name] = contract_gram(A + 1.0, G1, G2, self.output)
         if self.per_layer:
             for name in J1:
                 parts[name] = contract_jacobians(J1[name], J2[name], self.output)
