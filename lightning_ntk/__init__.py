@@ -28,11 +28,13 @@ _LAZY_ATTRIBUTES: dict[str, str] = {
     # kernel
     "empirical_ntk": ".kernel",
     "reference_ntk": ".reference",
-    # linearized model (`linearize` itself is bound eagerly, below)
-    "LinearizedModel": ".linearize",
-    "linearization_error": ".linearize",
-    "prob_tv": ".linearize",
-    "argmax_agreement": ".linearize",
+    # linearized model (module `linearization`: a module named `linearize` would shadow
+    # the function of that name once imported)
+    "linearize": ".linearization",
+    "LinearizedModel": ".linearization",
+    "linearization_error": ".linearization",
+    "prob_tv": ".linearization",
+    "argmax_agreement": ".linearization",
     # theory
     "predict_regime": ".theory",
     "RegimePrediction": ".theory",
@@ -55,12 +57,7 @@ _LAZY_SUBMODULES = {
     "kernel", "metrics", "testing", "theory", "reference", "lightning", "uncertainty",
 }  # fmt: skip
 
-__all__ = sorted([*_LAZY_ATTRIBUTES, "linearize"])
-
-# The function shares its name with its submodule: importing `lightning_ntk.linearize` (the
-# module) sets this package attribute to the module the first time. Binding the function
-# here, after that import, keeps `lightning_ntk.linearize` the function. Torch-only import.
-from .linearize import linearize  # noqa: E402
+__all__ = sorted(_LAZY_ATTRIBUTES)
 
 
 def __getattr__(name: str) -> Any:
@@ -82,7 +79,13 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
     from .callback import NTKMonitor
     from .exceptions import LinearizationBreakdownError, LinearizationBreakdownWarning
     from .kernel import empirical_ntk
-    from .linearize import LinearizedModel, argmax_agreement, linearization_error, prob_tv
+    from .linearization import (
+        LinearizedModel,
+        argmax_agreement,
+        linearization_error,
+        linearize,
+        prob_tv,
+    )
     from .reference import reference_ntk
     from .theory import (
         KernelSolution,

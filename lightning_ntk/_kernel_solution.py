@@ -261,7 +261,7 @@ def weight_decay_shift(
     Returns:
         float64 ``(N, C)``.
     """
-    from .linearize import linearize
+    from .linearization import linearize
 
     lin = linearize(model, params=params, output_fn=output_fn, dtype=torch.float64)
     with torch.no_grad():

@@ -440,7 +440,7 @@ def build_model(model_factory: Callable[[int], nn.Module], width: int, seed: int
 def _train_one(config: _SweepConfig, width: int, seed: int) -> dict[str, object]:
     """Train one network; its drift metrics and logit trajectory."""
     from .kernel import empirical_ntk
-    from .linearize import linearization_error, linearize
+    from .linearization import linearization_error, linearize
     from .metrics import logit_norm, relative_change
 
     model = build_model(config.model_factory, width, seed)

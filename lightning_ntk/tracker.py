@@ -550,7 +550,7 @@ class NTKTracker:
         return self.probe_x.to(device), y
 
     def _measure(self, wrapper: ForwardModule, step: int) -> tuple[NTKReport, dict]:
-        from .linearize import argmax_agreement, linearization_error, linearize, prob_tv
+        from .linearization import argmax_agreement, linearization_error, linearize, prob_tv
 
         metrics = _metrics()
         state = self._state

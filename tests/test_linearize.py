@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_ntk.linearize import (
+from lightning_ntk.linearization import (
     LinearizedModel,
     argmax_agreement,
     linearization_error,
@@ -259,10 +259,12 @@ def test_distances_closed_forms_and_shapes():
         linearization_error(logits, logits, logits, eps=0)
 
 
-def test_package_attribute_stays_callable_after_submodule_import():
+def test_package_attribute_stays_the_function_after_submodule_import():
     import lightning_ntk
-    import lightning_ntk.linearize  # sets the package attribute to the module
+    import lightning_ntk.linearization
     from lightning_ntk import linearize as exported
+
+    assert exported is lightning_ntk.linearization.linearize
 
     model = _mlp()
     assert isinstance(exported(model), LinearizedModel)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from lightning_ntk import metrics
-from lightning_ntk.linearize import linearization_error, linearize
+from lightning_ntk.linearization import linearization_error, linearize
 from lightning_ntk.metrics import (
     ArgmaxAgreement,
     LinearizationError,

@@ -1,7 +1,7 @@
 """``torchmetrics.Metric`` versions of the kernel and linearization metrics.
 
 Each class only holds states; the maths is in :mod:`lightning_ntk.metrics.functional`
-and :mod:`lightning_ntk.linearize`. Every state is a float64 sum (``dist_reduce_fx="sum"``),
+and :mod:`lightning_ntk.linearization`. Every state is a float64 sum (``dist_reduce_fx="sum"``),
 so streaming over batches, and over ranks, gives the one-shot value.
 """
 
@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from ..linearize import (
+from ..linearization import (
     _argmax_equal_rows,
     _check_logits,
     _linearization_error_compute,

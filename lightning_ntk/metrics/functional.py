@@ -11,7 +11,7 @@ layout                shape                  entry
 ====================  =====================  ===========================================
 
 The linearization metrics (:func:`linearization_error`, :func:`prob_tv`,
-:func:`argmax_agreement`) live in :mod:`lightning_ntk.linearize` and are re-exported here.
+:func:`argmax_agreement`) live in :mod:`lightning_ntk.linearization` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..linearize import argmax_agreement, linearization_error, prob_tv
+from ..linearization import argmax_agreement, linearization_error, prob_tv
 
 __all__ = [
     "Spectrum",
