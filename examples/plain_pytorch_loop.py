@@ -42,7 +42,8 @@ def train(label_smoothing: float, steps: int, logdir: Path, seed: int = 0) -> NT
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-    tracker = NTKTracker(n_probe=30, optimizer=optimizer, loss=loss_fn)
+    # a short loop: doubling steps give the logit trend enough reports past step 100
+    tracker = NTKTracker(n_probe=30, log_base=2, optimizer=optimizer, loss=loss_fn)
     tracker.draw_probe(data)  # stratified, with the tracker's own generator
     tracker.start(model)
     writer = SummaryWriter(logdir / f"smoothing_{label_smoothing}")

@@ -21,8 +21,12 @@ Nothing here imports Lightning; the callback is a thin adapter over this class.
 
 Cost and defaults. One report costs one kernel on the probe (``N²·C²`` entries in the
 ``"full"`` layout, computed exactly by :func:`lightning_ntk.empirical_ntk`), one ``jvp``
-and an ``(N·C)²`` eigen-decomposition. The defaults — ``n_probe=32`` and log-spaced
-steps 1, 2, 4, 8, … — keep a run of ``T`` steps at ``≈ log2(T)`` reports. Memory: one
+and an ``(N·C)²`` eigen-decomposition. The defaults — ``n_probe=16`` and log-spaced
+steps 1, 4, 16, 64, … — keep a run of ``T`` steps at ``≈ log4(T)`` reports and the
+monitor's share of a 512-step run of the demo's network near 5 %
+(``benchmarks/bench_overhead.py``, ``docs/verdicts.md``); the logit trend then needs
+two reports at steps ≥ 100 within a factor 4 (from step 1024 on), so short runs that
+want it set ``log_base=2`` or ``every_n_steps``. Memory: one
 copy of the selected parameters (``θ0``) and ``N²·C²`` numbers per kernel snapshot
 (per layer when ``per_layer`` is on).
 
@@ -171,7 +175,7 @@ class NTKTracker:
         dtype: compute dtype (default: the parameters'; float32 for half / bf16).
         every_n_steps: also report every ``n`` optimizer steps.
         every_n_epochs: also report at the end of every ``n``-th epoch.
-        log_base: report at steps ``⌈b^k⌉`` (default 2: 1, 2, 4, …); ``None`` disables.
+        log_base: report at steps ``⌈b^k⌉`` (default 4: 1, 4, 16, …); ``None`` disables.
         thresholds: verdict thresholds (a :class:`Thresholds` or a dict of its fields).
         weight_decay: the optimizer's weight decay, if known (for the predicted regime).
         label_smoothing: the loss's label smoothing, if known.
@@ -191,7 +195,7 @@ class NTKTracker:
         probe_x: Optional[Tensor] = None,
         probe_y: Optional[Tensor] = None,
         *,
-        n_probe: int = 32,
+        n_probe: int = 16,
         output: str = "full",
         method: str = "auto",
         params: Any = None,
@@ -202,7 +206,7 @@ class NTKTracker:
         dtype: Optional[torch.dtype] = None,
         every_n_steps: Optional[int] = None,
         every_n_epochs: Optional[int] = None,
-        log_base: Optional[float] = 2.0,
+        log_base: Optional[float] = 4.0,
         thresholds: Union[Thresholds, Mapping[str, Any], None] = None,
         weight_decay: Optional[float] = None,
         label_smoothing: Optional[float] = None,

@@ -56,7 +56,7 @@ def test_both_namespaces_are_one_implementation():
 @pytest.mark.parametrize("as_list", [False, True])
 def test_every_report_reaches_the_loggers(namespace, as_list, tmp_path):
     pl = importlib.import_module(namespace)
-    monitor = monitor_cls(namespace)(n_probe=9)
+    monitor = monitor_cls(namespace)(n_probe=9, log_base=2)
     logger = pl.loggers.CSVLogger(tmp_path)
     trainer, _ = fit(
         namespace,
@@ -86,7 +86,7 @@ def test_tensorboard_scalars_histogram_image_text(namespace, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     pl = importlib.import_module(namespace)
-    monitor = monitor_cls(namespace)(n_probe=9)
+    monitor = monitor_cls(namespace)(n_probe=9, log_base=2)
     logger = pl.loggers.TensorBoardLogger(tmp_path, name="tb")
     fit(namespace, monitor, max_steps=4, logger=logger, log_every_n_steps=50)
     logger.experiment.flush()
@@ -121,7 +121,7 @@ def test_early_stopping_on_an_ntk_metric():
         divergence_threshold=1e-6,
         check_on_train_epoch_end=True,
     )
-    monitor = NTKMonitor(n_probe=9, every_n_steps=1)
+    monitor = NTKMonitor(n_probe=9, log_base=2, every_n_steps=1)
     trainer, _ = fit("pytorch_lightning", [monitor, stopper], max_steps=40, max_epochs=10)
     assert trainer.global_step == 3  # first epoch (3 batches) ends, the check stops it
     assert stopper.stopped_epoch == 0
@@ -176,7 +176,9 @@ def test_epoch_schedule_and_no_report_in_the_sanity_check():
 
 @pytest.mark.parametrize("namespace", NAMESPACES)
 def test_on_breakdown_warn_once_per_transition(namespace):
-    monitor = monitor_cls(namespace)(n_probe=9, thresholds=BREAK_AT_ONCE, every_n_steps=1)
+    monitor = monitor_cls(namespace)(
+        n_probe=9, log_base=2, thresholds=BREAK_AT_ONCE, every_n_steps=1
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fit(namespace, monitor, max_steps=5)
@@ -189,11 +191,15 @@ def test_on_breakdown_warn_once_per_transition(namespace):
 def test_on_breakdown_stop_raise_and_callable():
     from lightning_ntk import NTKMonitor
 
-    monitor = NTKMonitor(n_probe=9, thresholds=BREAK_AT_ONCE, every_n_steps=1, on_breakdown="stop")
+    monitor = NTKMonitor(
+        n_probe=9, log_base=2, thresholds=BREAK_AT_ONCE, every_n_steps=1, on_breakdown="stop"
+    )
     trainer, _ = fit("pytorch_lightning", monitor, max_steps=20)
     assert trainer.global_step == 1 and monitor.history[-1].verdict == "broken"
 
-    monitor = NTKMonitor(n_probe=9, thresholds=BREAK_AT_ONCE, every_n_steps=1, on_breakdown="raise")
+    monitor = NTKMonitor(
+        n_probe=9, log_base=2, thresholds=BREAK_AT_ONCE, every_n_steps=1, on_breakdown="raise"
+    )
     with pytest.raises(LinearizationBreakdownError, match="Step 1: Training has left"):
         fit("pytorch_lightning", monitor, max_steps=20)
 
@@ -208,11 +214,11 @@ def test_on_breakdown_stop_raise_and_callable():
 def test_predicted_regime_is_read_from_optimizer_and_loss():
     from lightning_ntk import NTKMonitor
 
-    hard = NTKMonitor(n_probe=9)
+    hard = NTKMonitor(n_probe=9, log_base=2)
     fit("pytorch_lightning", hard, max_steps=2)
-    smooth = NTKMonitor(n_probe=9)
+    smooth = NTKMonitor(n_probe=9, log_base=2)
     fit("pytorch_lightning", smooth, {"label_smoothing": 0.1}, max_steps=2)
-    decay = NTKMonitor(n_probe=9)
+    decay = NTKMonitor(n_probe=9, log_base=2)
     fit("pytorch_lightning", decay, {"weight_decay": 0.01}, max_steps=2)
     assert hard.history[-1].predicted_regime == "divergent"
     assert smooth.history[-1].predicted_regime == "lazy"
@@ -222,10 +228,12 @@ def test_predicted_regime_is_read_from_optimizer_and_loss():
 def test_dict_batches_and_batch_to_xy():
     from lightning_ntk import NTKMonitor
 
-    monitor = NTKMonitor(n_probe=9)
+    monitor = NTKMonitor(n_probe=9, log_base=2)
     fit("pytorch_lightning", monitor, {"dict_batches": True}, max_steps=2)
     assert torch.bincount(monitor.tracker.probe_y).tolist() == [3, 3, 3]
-    custom = NTKMonitor(n_probe=9, batch_to_xy=lambda b: (b["features"] * 2, b["label"]))
+    custom = NTKMonitor(
+        n_probe=9, log_base=2, batch_to_xy=lambda b: (b["features"] * 2, b["label"])
+    )
     fit("pytorch_lightning", custom, {"dict_batches": True}, max_steps=2)
     torch.testing.assert_close(custom.tracker.probe_x, 2 * monitor.tracker.probe_x)
 
@@ -245,10 +253,10 @@ def test_forward_fn_for_models_without_logits():
             x, y = batch
             return self.loss_fn(self(x)["logits"], y)
 
-    trainer = pl.Trainer(callbacks=NTKMonitor(n_probe=9), **trainer_kwargs(max_steps=2))
+    trainer = pl.Trainer(callbacks=NTKMonitor(n_probe=9, log_base=2), **trainer_kwargs(max_steps=2))
     with pytest.raises(TypeError, match="forward_fn"):
         trainer.fit(Model())
-    monitor = NTKMonitor(n_probe=9, forward_fn=lambda module, x: module(x)["logits"])
+    monitor = NTKMonitor(n_probe=9, log_base=2, forward_fn=lambda module, x: module(x)["logits"])
     pl.Trainer(callbacks=monitor, **trainer_kwargs(max_steps=2)).fit(Model())
     assert [r.step for r in monitor.history] == [1, 2]
 
@@ -262,9 +270,9 @@ def test_compiled_submodule():
     pl.seed_everything(0, verbose=False)
     model = module_class("pytorch_lightning")()
     model.net = torch.compile(model.net, backend="eager")
-    monitor = NTKMonitor(n_probe=9)
+    monitor = NTKMonitor(n_probe=9, log_base=2)
     pl.Trainer(callbacks=monitor, **trainer_kwargs(max_steps=4)).fit(model)
-    plain = NTKMonitor(n_probe=9)
+    plain = NTKMonitor(n_probe=9, log_base=2)
     fit("pytorch_lightning", plain, max_steps=4)
     assert [r.step for r in monitor.history] == [1, 2, 4]
     assert "ntk/layer/net.0/relative_change" in monitor.tracker.scalars()
@@ -273,7 +281,7 @@ def test_compiled_submodule():
     # the whole LightningModule compiled
     pl.seed_everything(0, verbose=False)
     compiled = torch.compile(module_class("pytorch_lightning")(), backend="eager")
-    whole = NTKMonitor(n_probe=9)
+    whole = NTKMonitor(n_probe=9, log_base=2)
     pl.Trainer(callbacks=whole, **trainer_kwargs(max_steps=4)).fit(compiled)
     assert len(whole.history) == len(plain.history)
     for a, b in zip(whole.history, plain.history):
@@ -334,13 +342,16 @@ def test_two_monitors_keep_separate_checkpoint_state(tmp_path):
 
     from lightning_ntk import NTKMonitor
 
-    full, trace = NTKMonitor(n_probe=9), NTKMonitor(n_probe=9, output="trace")
+    full, trace = (
+        NTKMonitor(n_probe=9, log_base=2),
+        NTKMonitor(n_probe=9, log_base=2, output="trace"),
+    )
     trainer, _ = fit("pytorch_lightning", [full, trace], max_steps=2)
     path = tmp_path / "two.ckpt"
     trainer.save_checkpoint(path)
     states = torch.load(path, weights_only=False)["callbacks"]
     assert {full.state_key, trace.state_key} <= set(states) and full.state_key != trace.state_key
-    restored = NTKMonitor(n_probe=9, output="trace")
+    restored = NTKMonitor(n_probe=9, log_base=2, output="trace")
     restored.load_state_dict(states[trace.state_key])
     assert restored.history == trace.history
     assert restored.tracker.kernel.shape == (9, 9)
@@ -355,7 +366,7 @@ def _report(step: int, verdict: str) -> NTKReport:
 def test_warning_once_per_transition_into_broken():
     from lightning_ntk import NTKMonitor
 
-    monitor = NTKMonitor()
+    monitor = NTKMonitor(log_base=2)
     trainer = SimpleNamespace(should_stop=False)
     verdicts = ["lazy", "broken", "broken", "drifting", "broken", "broken"]
     with warnings.catch_warnings(record=True) as caught:

@@ -19,7 +19,9 @@ def _final_state(namespace: str, with_monitor: bool, **overrides):
     pl = importlib.import_module(namespace)
     pl.seed_everything(0, verbose=False)
     model = module_class(namespace)(bn_dropout=True, momentum=0.9, lr=0.1)
-    callbacks = [monitor_cls(namespace)(n_probe=9, every_n_steps=1)] if with_monitor else []
+    callbacks = (
+        [monitor_cls(namespace)(n_probe=9, log_base=2, every_n_steps=1)] if with_monitor else []
+    )
     trainer = pl.Trainer(
         callbacks=callbacks, deterministic=True, **trainer_kwargs(max_steps=6, **overrides)
     )
@@ -71,7 +73,7 @@ def _resume_run(tmp_path: Path, name: str, max_steps: int, ckpt_path=None, save_
 
     pl.seed_everything(0, verbose=False)
     model = module_class("pytorch_lightning")(batch_size=48, shuffle=False, lr=0.2)
-    monitor = monitor_cls("pytorch_lightning")(n_probe=9, every_n_steps=3)
+    monitor = monitor_cls("pytorch_lightning")(n_probe=9, log_base=2, every_n_steps=3)
     logger = pl.loggers.CSVLogger(tmp_path, name=name, version=0)
     trainer = pl.Trainer(
         callbacks=monitor,

@@ -56,7 +56,7 @@ def test_report_has_exactly_the_design_fields_and_logged_names():
     x, y = blobs(12)
     torch.manual_seed(0)
     model = mlp()
-    tracker = NTKTracker(x, y)
+    tracker = NTKTracker(x, y, log_base=2)
     tracker.start(model)
     _sgd_steps(model, x, y, 2)
     report = tracker.update(model, 2)
@@ -81,7 +81,7 @@ def test_values_match_the_float64_reference_kernel():
     torch.manual_seed(1)
     model = mlp().double()
     x = x.double()
-    tracker = NTKTracker(x, y, output="full")
+    tracker = NTKTracker(x, y, output="full", log_base=2)
     K0 = reference_ntk(model, x)
     theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     tracker.start(model)
@@ -114,7 +114,7 @@ def test_layouts_and_methods(output):
     for method in ("jacobian", "ntk_vp"):
         torch.manual_seed(0)
         model = mlp()
-        tracker = NTKTracker(x, y, output=output, method=method)
+        tracker = NTKTracker(x, y, output=output, method=method, log_base=2)
         tracker.start(model)
         _sgd_steps(model, x, y, 2)
         reports.append(tracker.update(model, 2))
@@ -123,12 +123,14 @@ def test_layouts_and_methods(output):
 
 
 def test_log_spaced_schedule_and_intervals():
-    log = Schedule()
-    assert [s for s in range(1, 70) if log.step_due(s)] == [1, 2, 4, 8, 16, 32, 64]
+    log = Schedule()  # default base 4
+    assert [s for s in range(1, 300) if log.step_due(s)] == [1, 4, 16, 64, 256]
     assert not log.step_due(0)
+    doubling = Schedule(log_base=2)
+    assert [s for s in range(1, 70) if doubling.step_due(s)] == [1, 2, 4, 8, 16, 32, 64]
     tenth = Schedule(every_n_steps=10, log_base=None)
     assert [s for s in range(1, 35) if tenth.step_due(s)] == [10, 20, 30]
-    both = Schedule(every_n_steps=10)
+    both = Schedule(every_n_steps=10, log_base=2)
     assert [s for s in range(1, 25) if both.step_due(s)] == [1, 2, 4, 8, 10, 16, 20]
     epochs = Schedule(every_n_epochs=2, log_base=None)
     assert [e for e in range(6) if epochs.epoch_due(e)] == [1, 3, 5]
@@ -161,17 +163,17 @@ def test_probe_is_stratified_reproducible_and_leaves_rngs_alone():
     np.random.seed(7)  # noqa: NPY002
     states = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())  # noqa: NPY002
     loader = DataLoader(data, batch_size=8, shuffle=True)
-    t1 = NTKTracker(n_probe=9, seed=3)
+    t1 = NTKTracker(n_probe=9, seed=3, log_base=2)
     t1.draw_probe(loader)
     assert torch.equal(torch.get_rng_state(), states[0])
     assert random.getstate() == states[1]
     assert np.array_equal(np.random.get_state()[1], states[2])  # noqa: NPY002
     counts = torch.bincount(t1.probe_y, minlength=3)
     assert counts.tolist() == [3, 3, 3]
-    t2 = NTKTracker(n_probe=9, seed=3)
+    t2 = NTKTracker(n_probe=9, seed=3, log_base=2)
     t2.draw_probe(data)
     assert torch.equal(t1.probe_x, t2.probe_x)
-    t3 = NTKTracker(n_probe=9, seed=4)
+    t3 = NTKTracker(n_probe=9, seed=4, log_base=2)
     t3.draw_probe(data)
     assert not torch.equal(t1.probe_x, t3.probe_x)
     # every probe row is a dataset row with its label
@@ -182,7 +184,7 @@ def test_probe_is_stratified_reproducible_and_leaves_rngs_alone():
 
 def test_probe_from_dict_items():
     x, y = blobs(20)
-    tracker = NTKTracker(n_probe=6)
+    tracker = NTKTracker(n_probe=6, log_base=2)
     tracker.draw_probe(DictDataset(x, y))
     assert tracker.probe_x.shape == (6, 6)
     assert torch.bincount(tracker.probe_y).tolist() == [2, 2, 2]
@@ -191,29 +193,29 @@ def test_probe_from_dict_items():
 def test_bad_arguments_raise_clear_errors():
     x, y = blobs(6)
     with pytest.raises(ValueError, match="Expected `n_probe` to be a positive int but got 0"):
-        NTKTracker(n_probe=0)
+        NTKTracker(n_probe=0, log_base=2)
     with pytest.raises(ValueError, match=r"Expected `output` to be one of .* but got 'cube'"):
-        NTKTracker(x, y, output="cube")
+        NTKTracker(x, y, output="cube", log_base=2)
     with pytest.raises(ValueError, match=r"Expected `method` to be one of .* but got 'magic'"):
-        NTKTracker(x, y, method="magic")
+        NTKTracker(x, y, method="magic", log_base=2)
     with pytest.raises(ValueError, match=r"non-empty batch .* got shape \(0, 6\)"):
         NTKTracker(torch.empty(0, 6))
     with pytest.raises(ValueError, match=r"`probe_y` to have shape \(6,\)"):
-        NTKTracker(x, y[:4])
+        NTKTracker(x, y[:4], log_base=2)
     with pytest.raises(TypeError, match="`forward_fn` to be callable"):
-        NTKTracker(x, forward_fn=3)
+        NTKTracker(x, forward_fn=3, log_base=2)
     with pytest.raises(ValueError, match="`thresholds` keys among"):
         NTKTracker(x, thresholds={"kernel": (0.1, 0.2)})
     with pytest.raises(ValueError, match="0 < drift <= break"):
         NTKTracker(x, thresholds={"relative_change": (0.5, 0.1)})
     with pytest.raises(ValueError, match="`n_probe` to be at most the dataset size 6 but got 7"):
-        NTKTracker(n_probe=7).draw_probe(TensorDataset(x, y))
+        NTKTracker(n_probe=7, log_base=2).draw_probe(TensorDataset(x, y))
     with pytest.raises(ValueError, match="empty dataset"):
-        NTKTracker(n_probe=2).draw_probe(TensorDataset(x[:0], y[:0]))
+        NTKTracker(n_probe=2, log_base=2).draw_probe(TensorDataset(x[:0], y[:0]))
     with pytest.raises(ValueError, match="No probe set"):
-        NTKTracker().start(mlp())
+        NTKTracker(log_base=2).start(mlp())
     with pytest.raises(RuntimeError, match="before `update`"):
-        NTKTracker(x).update(mlp(), 1)
+        NTKTracker(x, log_base=2).update(mlp(), 1)
 
 
 class DictOut(nn.Module):
@@ -229,12 +231,12 @@ def test_model_without_logits_needs_forward_fn_or_output_fn():
     x, y = blobs(6)
     model = DictOut()
     with pytest.raises(TypeError, match="forward_fn"):
-        NTKTracker(x, y).start(model)
+        NTKTracker(x, y, log_base=2).start(model)
     for kwargs in (
         {"forward_fn": lambda m, inp: m(inp)["logits"]},
         {"output_fn": lambda out: out["logits"]},
     ):
-        tracker = NTKTracker(x, y, **kwargs)
+        tracker = NTKTracker(x, y, **kwargs, log_base=2)
         tracker.start(model)
         assert tracker.update(model, 1).relative_change == 0.0
 
@@ -242,7 +244,7 @@ def test_model_without_logits_needs_forward_fn_or_output_fn():
 def test_non_finite_logits_are_reported_not_raised():
     x, y = blobs(6)
     model = mlp()
-    tracker = NTKTracker(x, y)
+    tracker = NTKTracker(x, y, log_base=2)
     tracker.start(model)
     with torch.no_grad():
         model[0].weight[0, 0] = float("inf")
@@ -261,7 +263,7 @@ def test_tracker_leaves_the_model_and_rng_untouched():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     grads = [p.grad.clone() for p in model.parameters()]
     rng = torch.get_rng_state()
-    tracker = NTKTracker(x, y)
+    tracker = NTKTracker(x, y, log_base=2)
     tracker.start(model)
     tracker.update(model, 1)
     assert torch.equal(torch.get_rng_state(), rng)
@@ -276,7 +278,7 @@ def test_state_dict_resume_reports_the_same_values():
     x, y = blobs(12)
     torch.manual_seed(0)
     model = mlp()
-    a = NTKTracker(x, y)
+    a = NTKTracker(x, y, log_base=2)
     a.start(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     for step in range(1, 9):
@@ -288,7 +290,7 @@ def test_state_dict_resume_reports_the_same_values():
     buffer = io.BytesIO()
     torch.save(a.state_dict(), buffer)
     buffer.seek(0)
-    b = NTKTracker()
+    b = NTKTracker(log_base=2)
     b.load_state_dict(torch.load(buffer, weights_only=False))
     assert b.started and b.last_step == 8
     for step in range(9, 17):
@@ -364,7 +366,7 @@ def test_hard_labels_diverge_and_label_smoothing_does_not():
         model = mlp(width=32)
         opt = torch.optim.SGD(model.parameters(), lr=0.2)
         loss_fn = nn.CrossEntropyLoss(label_smoothing=smoothing)
-        tracker = NTKTracker(x, y, optimizer=opt, loss=loss_fn, per_layer=False)
+        tracker = NTKTracker(x, y, optimizer=opt, loss=loss_fn, per_layer=False, log_base=2)
         tracker.start(model)
         for step in range(1, 513):
             opt.zero_grad()
@@ -433,7 +435,7 @@ def test_linear_model_constant_kernel_but_diverging_logits():
         model = nn.Linear(6, 3)
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
         loss_fn = nn.CrossEntropyLoss(label_smoothing=smoothing)
-        tracker = NTKTracker(x, y, optimizer=opt, loss=loss_fn)
+        tracker = NTKTracker(x, y, optimizer=opt, loss=loss_fn, log_base=2)
         tracker.start(model)
         for step in range(1, 513):
             opt.zero_grad()
