@@ -89,10 +89,13 @@ def time_methods(model: nn.Module, x: torch.Tensor, output: str, repeats: int) -
     """Median seconds of each exact method (ntk_vp only where it is not hopeless) and auto."""
     n = x.shape[0]
     c = model(x[:1]).shape[1]
+    p = sum(q.numel() for q in model.parameters())
     times = {}
     for method in [*METHODS, "auto"]:
         if method == "ntk_vp" and n * c > 1000:
             continue  # N·C vjp/jvp pairs: minutes, and never the fastest at this size
+        if method == "jacobian" and n * c * p > 2**28:
+            continue  # the Jacobian block alone would exceed 1 GiB
         times[method] = median_seconds(
             lambda m=method: empirical_ntk(model, x, output=output, method=m), repeats
         )

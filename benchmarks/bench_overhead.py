@@ -14,6 +14,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import statistics
@@ -58,6 +59,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=512)
     parser.add_argument("--width", type=int, default=4096)
     args = parser.parse_args()
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)  # no per-run banner lines
     data = load_digits_split()
     train_once(True, 8, args.width, data)  # warm-up: imports, first kernels
     times: dict[bool, list[float]] = {False: [], True: []}

@@ -33,6 +33,8 @@ from ._layout import from_class_diagonal
 
 # Above this many numbers, a per-example gradient block is not materialised.
 _JP_BUDGET = 2**27
+# Above this many numbers, the cotangent Gram of one block is not materialised.
+_GRAM_BUDGET = 2**25
 
 
 @dataclass
@@ -156,14 +158,18 @@ def prefer_gram(N: int, C: int, T: int, K: int, D: int, output: str, tokens: boo
     """Whether the Gram evaluation of a weight's kernel is cheaper than per-example gradients.
 
     Flop counts for a block of ``N × N`` examples; ``c2`` is ``C²`` for the full layout and
-    ``C`` otherwise. Per-example gradients are ruled out when one block of them would
-    exceed the memory budget (for embeddings: ``N·C·V·D`` numbers).
+    ``C`` otherwise. Memory decides first: per-example gradients are ruled out when one
+    block of them (``N·C·D·K`` numbers; for embeddings ``K`` is the vocabulary) exceeds
+    its budget, and the Gram when its cotangent Gram (``c2·N²·T²`` numbers, large for long
+    sequences and many classes) exceeds its own while per-example gradients fit.
     """
     c2 = C * C if output == "full" else C
     gram = N * N * T * T * (K + 2 * c2 * D)
     per_example = 2 * N * C * T * D * K + N * N * c2 * D * K
     if N * C * D * K > _JP_BUDGET:
         return True
+    if c2 * N * N * T * T > _GRAM_BUDGET:
+        return False
     if tokens:
         per_example += N * T * K  # the one-hot expansion
     return gram <= per_example
