@@ -23,6 +23,7 @@ import resource
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -60,15 +61,31 @@ def part_classes() -> None:
         print(f"{k:5d} {seconds:8.2f} {exact_seconds / seconds:7.1f}x {err:10.4f} {se:8.4f}")
 
 
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
+
+
 def one_probe(n: int) -> dict:
+    """Time and peak resident memory above the pre-call level, sampled every millisecond."""
     model = mlp(64, 512, 10)
     x = torch.randn(n, 64, generator=torch.Generator().manual_seed(0))
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    empirical_ntk(model, x[:8], output="trace")  # warm-up: lazy initialisation
+    base, peak, running = _rss_mib(), [0.0], [True]
+
+    def sample() -> None:
+        while running[0]:
+            peak[0] = max(peak[0], _rss_mib() - base)
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
     start = time.perf_counter()
     empirical_ntk(model, x, output="trace", chunk_size=256)
     seconds = time.perf_counter() - start
-    peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
-    return {"n": n, "seconds": seconds, "peak_mib": peak}
+    running[0] = False
+    sampler.join()
+    return {"n": n, "seconds": seconds, "peak_mib": peak[0]}
 
 
 def part_probe() -> None:
