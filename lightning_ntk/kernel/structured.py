@@ -27,7 +27,6 @@ module's call) it falls back too. The kernel is therefore always exact.
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -79,29 +78,31 @@ class StructurePlan:
 def plan_structure(fm: FunctionalModel, x: Tensor) -> StructurePlan:
     """Find the supported layers of ``fm`` and verify them on a few examples of ``x``.
 
-    The verified plan is remembered per module (weakly) together with a fingerprint of
-    its structure: the selected names, the compute dtype, the per-example input shape and
-    every module's type and parameter identities. Repeated calls on the same model (a
-    monitor's reports) skip the verification pass; any change of that fingerprint (a
-    replaced layer or parameter, new tying) verifies again.
+    The verified plan is remembered under a fingerprint of the model's structure: the
+    selected names, the compute dtype, the per-example input shape and every module's
+    name, type and parameter identities. Repeated calls on the same model (a monitor's
+    reports, also through a fresh wrapper module each time) skip the verification pass;
+    any change of that fingerprint (a replaced layer or parameter, new tying) verifies
+    again. At most ``_MAX_PLANS`` plans are kept, the least recently used dropped first.
     """
     key = _fingerprint(fm, x)
-    cached = _PLANS.get(fm.module)
-    if cached is not None and cached[0] == key:
-        roles = cached[1]
-    else:
+    roles = _PLANS.pop(key, None)
+    if roles is None:
         candidates = _candidate_layers(fm)
         if candidates:
             candidates = _verified(fm, candidates, x[:_VERIFY_EXAMPLES])
         roles = [(layer.name, layer.weight, layer.bias) for layer in candidates]
-        _PLANS[fm.module] = (key, roles)
+    _PLANS[key] = roles  # (re)inserted last: most recently used
+    while len(_PLANS) > _MAX_PLANS:
+        del _PLANS[next(iter(_PLANS))]
     modules = dict(fm.module.named_modules())
     layers = [_Layer(name, modules[name], weight, bias) for name, weight, bias in roles]
     structured = {n for layer in layers for n in layer.param_names}
     return StructurePlan(layers, [n for n in fm.names if n not in structured])
 
 
-_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_MAX_PLANS = 32
+_PLANS: dict[tuple, list[tuple[str, Optional[str], Optional[str]]]] = {}
 
 
 def _fingerprint(fm: FunctionalModel, x: Tensor) -> tuple:

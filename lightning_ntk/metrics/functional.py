@@ -301,8 +301,8 @@ def param_distance(params_t: Mapping[str, Tensor], params_0: Mapping[str, Tensor
             "Expected `params_t` and `params_0` to name the same parameters; only in "
             f"`params_t`: {only_t}, only in `params_0`: {only_0}."
         )
-    diff_sq = torch.zeros((), dtype=torch.float64)
-    ref_sq = torch.zeros((), dtype=torch.float64)
+    diff_norms, ref_norms = [], []
+    device = next(iter(params_t.values())).device
     for name, p0 in params_0.items():
         pt = params_t[name]
         if pt.shape != p0.shape:
@@ -310,9 +310,12 @@ def param_distance(params_t: Mapping[str, Tensor], params_0: Mapping[str, Tensor
                 f"Expected `params_t[{name!r}]` to have the shape of `params_0[{name!r}]`, "
                 f"{tuple(p0.shape)}, but got {tuple(pt.shape)}."
             )
-        a, b = pt.detach().double(), p0.detach().double().to(pt.device)
-        diff_sq = diff_sq + (a - b).square().sum().cpu()
-        ref_sq = ref_sq + b.square().sum().cpu()
+        a, b = pt.detach(), p0.detach().to(pt.device)
+        # float64 norms per parameter, gathered on one device: one host sync in all
+        diff_norms.append(torch.linalg.vector_norm(a - b, dtype=torch.float64).to(device))
+        ref_norms.append(torch.linalg.vector_norm(b, dtype=torch.float64).to(device))
+    diff_sq = torch.stack(diff_norms).square().sum().cpu()
+    ref_sq = torch.stack(ref_norms).square().sum().cpu()
     first = next(iter(params_0.values()))
     dtype = first.dtype if first.is_floating_point() else torch.float32
     return _safe_divide(diff_sq.sqrt(), ref_sq.sqrt()).to(dtype)
