@@ -4,8 +4,8 @@ The kernel moves fastest early in training and its drift, like the logit diverge
 hard-label training, is a function of ``log(step)``; the default schedule is therefore
 log-spaced: steps ``⌈b^k⌉`` for ``k = 0, 1, 2, ...`` with ``b = log_base`` (default 4:
 steps 1, 4, 16, 64, 256, 1024, ...; ``log_base=2`` for 1, 2, 4, 8, ...). A run of ``T``
-steps then costs ``≈ log_b(T)`` kernel evaluations. ``every_n_steps`` and ``every_n_epochs`` add fixed intervals; a step is due
-when any of the active rules fires.
+steps then costs ``≈ log_b(T)`` kernel evaluations. ``every_n_steps`` and
+``every_n_epochs`` add fixed intervals; a step is due when any of the active rules fires.
 """
 
 from __future__ import annotations
