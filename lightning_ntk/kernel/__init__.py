@@ -144,29 +144,28 @@ def empirical_ntk(
     symmetric = x2 is None
     x1 = fm.cast_input(x1)
     x2 = x1 if symmetric else fm.cast_input(x2)
-    with exact_matmuls(fm.device), torch.no_grad():
-        num_classes = fm.checked_logits(x1, "x1").shape[1]
-        if not symmetric:
-            fm.checked_logits(x2, "x2")
-    chunk = chunk_size or max(x1.shape[0], x2.shape[0])
-    plan = None
-    if method in (NTKMethod.AUTO, NTKMethod.STRUCTURED):
-        with exact_matmuls(fm.device):
-            plan = plan_structure(fm, x1)
-    if method is NTKMethod.AUTO:
-        method = choose_method(fm, plan, num_classes, chunk)
-    engine: Any
-    if method is NTKMethod.STRUCTURED:
-        engine = StructuredMethod(fm, output, per_layer, plan, block_size=chunk)
-    elif method is NTKMethod.JACOBIAN:
-        engine = JacobianMethod(fm, output, per_layer)
-    else:
-        engine = NTKVPMethod(fm, output, per_layer)
-
-    keys = list(fm.names) if per_layer else [""]
-    layout = {"full": (num_classes, num_classes), "diagonal": (num_classes,), "trace": ()}[output]
-    shape = (x1.shape[0], x2.shape[0], *layout)
     with exact_matmuls(fm.device):
+        with torch.no_grad():
+            num_classes = fm.checked_logits(x1, "x1").shape[1]
+            if not symmetric:
+                fm.checked_logits(x2, "x2")
+        chunk = chunk_size or max(x1.shape[0], x2.shape[0])
+        plan = None
+        if method in (NTKMethod.AUTO, NTKMethod.STRUCTURED):
+            plan = plan_structure(fm, x1)
+        if method is NTKMethod.AUTO:
+            method = choose_method(fm, plan, num_classes, chunk)
+        engine: Any
+        if method is NTKMethod.STRUCTURED:
+            engine = StructuredMethod(fm, output, per_layer, plan, block_size=chunk)
+        elif method is NTKMethod.JACOBIAN:
+            engine = JacobianMethod(fm, output, per_layer)
+        else:
+            engine = NTKVPMethod(fm, output, per_layer)
+
+        keys = list(fm.names) if per_layer else [""]
+        layout = {"full": (num_classes, num_classes), "diagonal": (num_classes,), "trace": ()}
+        shape = (x1.shape[0], x2.shape[0], *layout[output])
         blocks = _blockwise(
             engine, x1, x2, chunk, symmetric, output, keys, shape,
             None if store_on is None else torch.device(store_on), distributed,

@@ -51,12 +51,6 @@ class LayerInput:
     dtype: torch.dtype = torch.float32  # of the one-hot rows built from tokens
 
     @property
-    def positions(self) -> int:
-        """``T``: positions per example."""
-        source = self.dense if self.dense is not None else self.tokens
-        return source.shape[1]
-
-    @property
     def width(self) -> int:
         """``K``: input features (the vocabulary size for tokens)."""
         return self.dense.shape[2] if self.dense is not None else self.vocab
