@@ -1,7 +1,7 @@
 """Opt-in kernel estimators for many classes, where even the exact trace is out of reach.
 
 The exact trace kernel ``(1/C) Σ_a J_a(x)·J_a(x')`` needs ``C`` backward passes per
-example. Both estimators here cost ``k`` instead; neither is exact, and both say so.
+example. The estimators here cost ``k`` or ``m`` instead, and each says what it gives.
 
 * :func:`sketched_trace_ntk`: for random output projections ``v ∈ R^C`` with
   ``E[v vᵀ] = I`` (Rademacher or standard Gaussian entries),
@@ -9,8 +9,19 @@ example. Both estimators here cost ``k`` instead; neither is exact, and both say
   of ``(vᵀJ(x))·(vᵀJ(x'))/C`` is an unbiased estimate of the trace kernel, with a
   standard error from their spread that shrinks like ``1/sqrt(k)``. Each projection is
   the kernel of the scalar model ``vᵀ f``, so every exact method applies to it.
-* :func:`class_subset_ntk`: the exact kernel restricted to a subset of classes, e.g.
-  :func:`probe_classes` (the probe's true classes plus each example's top-k logits).
+* :func:`class_subset_ntk`: the exact kernel restricted to ``m`` classes, ``m``
+  backward passes per example.
+
+  - shared subset ``c (m,)``: ``K[i, j, r, s] = Θ(x_i, x_j)[c_r, c_s]``, e.g. the
+    union returned by :func:`probe_classes` (the probe's labels plus every example's
+    top-k logits), which for many examples can hold most of the ``C`` classes;
+  - per-example subsets ``c (N1, m)``, ``c' (N2, m)``:
+    ``K[i, j, r, s] = Θ(x_i, x_j)[c[i, r], c'[j, s]]``, e.g.
+    ``probe_classes(..., per_example=True)`` (each example's label first, then its
+    top-k other logits), so ``m = k + 1`` whatever ``N``. It is the exact kernel of the
+    model ``x_i ↦ f(x_i)[c[i]] ∈ R^m``; the indices travel with the inputs, so every
+    method, chunking and parameter selection of :func:`lightning_ntk.empirical_ntk`
+    applies unchanged.
 """
 
 from __future__ import annotations
