@@ -7,7 +7,10 @@ Usage::
 
 * classes: C = 1000, N = 64 MLP: exact trace kernel against the sketched trace
   (k random output projections), time and relative error (with the reported standard
-  error) for several k.
+  error) for several k; then the exact kernel on per-example class subsets (each
+  example's label and its 4 largest other logits, m = 5), its time, and two checks of
+  its entries: against the exact ``"diagonal"`` kernel where both sides of a pair share
+  the class, and, for 8 examples, against the full kernel on the union of their classes.
 * probe: trace kernel of an MLP for N up to 2048 in blocks of 256; time and peak
   resident memory per N, each in a fresh process.
 * processes: the same N = 1024 kernel with its blocks shared between 2 gloo processes
@@ -35,7 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from _timing import median_seconds
 
 from lightning_ntk import empirical_ntk
-from lightning_ntk.kernel.sketch import sketched_trace_ntk
+from lightning_ntk.kernel.sketch import class_subset_ntk, probe_classes, sketched_trace_ntk
 
 
 def mlp(d_in: int, width: int, classes: int) -> nn.Module:
@@ -59,6 +62,54 @@ def part_classes() -> None:
         err = ((sketch.estimate - exact).norm() / exact.norm()).item()
         se = (sketch.standard_error.norm() / exact.norm()).item()
         print(f"{k:5d} {seconds:8.2f} {exact_seconds / seconds:7.1f}x {err:10.4f} {se:8.4f}")
+    part_class_subsets(model, x, exact_seconds)
+
+
+def part_class_subsets(model: nn.Module, x: torch.Tensor, exact_seconds: float) -> None:
+    """Per-example class subsets (label + 4 largest other logits) against exact kernels."""
+    labels = torch.randint(0, 1000, (len(x),), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model(x)
+    rows = probe_classes(logits, labels, top_k=4, per_example=True)  # (64, 5)
+    union = probe_classes(logits, labels, top_k=4)
+    m = rows.shape[1]
+    print(
+        f"\nper-example class subsets, m = {m} (label + top 4 other logits); the shared "
+        f"union of the same classes holds {len(union)} of 1000"
+    )
+    seconds = median_seconds(lambda: class_subset_ntk(model, x, classes=rows, output="full"), 1)
+    print(f"{'kernel':<40s} {'seconds':>8s} {'speed-up':>8s}")
+    print(f"{'exact trace (N, N), C = 1000':<40s} {exact_seconds:8.2f} {1.0:7.1f}x")
+    print(
+        f"{'per-example subset (N, N, 5, 5)':<40s} {seconds:8.2f} {exact_seconds / seconds:7.1f}x"
+    )
+
+    # check 1: K[i, j, r] = Θ(x_i, x_j)[c_ir, c_jr] is an entry of the exact diagonal
+    # layout wherever c_ir = c_jr (every i = j, and pairs that share a class at slot r)
+    diagonal = class_subset_ntk(model, x, classes=rows, output="diagonal")  # (N, N, m)
+    exact_diagonal = empirical_ntk(model, x, output="diagonal")  # (N, N, C)
+    shared = rows[:, None, :] == rows[None, :, :]  # (N, N, m)
+    expected = exact_diagonal.gather(2, rows[:, None, :].expand(-1, len(x), -1))
+    diff = (diagonal - expected)[shared].abs().max() / expected[shared].abs().max()
+    print(
+        f"check 1: per-example diagonal layout vs the exact diagonal kernel on the "
+        f"{int(shared.sum())} entries where both classes agree: max |diff| / max |K| = "
+        f"{diff:.1e}"
+    )
+    # check 2: every entry, cross-class ones included, for 8 examples against the full
+    # kernel on the union of their classes (a shared subset, exact)
+    few, few_rows = x[:8], rows[:8]
+    classes = torch.unique(few_rows)
+    position = torch.searchsorted(classes, few_rows)  # (8, m) positions in the union
+    full = class_subset_ntk(model, few, classes=classes)  # (8, 8, u, u)
+    i, j = torch.arange(8)[:, None, None, None], torch.arange(8)[None, :, None, None]
+    expected_full = full[i, j, position[:, None, :, None], position[None, :, None, :]]
+    got = class_subset_ntk(model, few, classes=few_rows)  # (8, 8, m, m)
+    diff = (got - expected_full).abs().max() / expected_full.abs().max()
+    print(
+        f"check 2: per-example full layout (8 examples) vs the full kernel on the union of "
+        f"their {len(classes)} classes: max |diff| / max |K| = {diff:.1e}"
+    )
 
 
 def _rss_mib() -> float:
