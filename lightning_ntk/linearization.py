@@ -3,6 +3,9 @@
 :func:`linearize` snapshots ``θ0`` and returns a :class:`LinearizedModel`. Each call is
 one ``torch.func.jvp`` at ``θ0`` with tangent ``θ − θ0``: the Jacobian ``J0(x)`` is never
 materialised, so the cost is about two forward passes whatever the number of parameters.
+Forward mode is the true derivative of the forward pass; the reverse-mode identity
+``J v = ∂/∂u ⟨Jᵀ u, v⟩`` is faster on CPU but silently differs wherever a backward is not
+that derivative (``Embedding(padding_idx=...)``, custom functions whose backward detaches).
 
 Distances between a network's logits ``f = f(X; θt)``, its linearization
 ``f_lin = f_lin(X; θt)`` and its initial logits ``f0 = f(X; θ0)``, all ``(N, C)``:
@@ -149,11 +152,21 @@ class LinearizedModel:
                 names. Gradients flow to tensors passed here, so the linearized model
                 can be trained.
         """
+        f_lin, _ = self.logits_and_initial(x, params)
+        return f_lin
+
+    def logits_and_initial(self, x: Tensor, params: ParamSource = None) -> tuple[Tensor, Tensor]:
+        """``(f_lin(x; θ), f(x; θ0))`` from the one ``jvp`` that yields both, ``(N, C)`` each.
+
+        Args:
+            x: as for :meth:`__call__`.
+            params: as for :meth:`__call__`.
+        """
         theta = self._theta(params)
         theta0 = self._params0_on_device()
         tangent = {name: theta[name] - theta0[name] for name in self.names}
         f0, Jt = self._jvp(x, theta0, tangent)
-        return f0 + Jt
+        return f0 + Jt, f0
 
     def initial_logits(self, x: Tensor) -> Tensor:
         """``f(x; θ0)``, shape ``(N, C)``."""

@@ -598,8 +598,7 @@ class NTKTracker:
                 dtype=self.dtype,
             )
             with torch.no_grad():
-                logits_lin = f_lin(x)
-                logits0 = f_lin.initial_logits(x)
+                logits_lin, logits0 = f_lin.logits_and_initial(x)
             values["linearization_error"] = _safe(
                 lambda: linearization_error(logits, logits_lin, logits0)
             )

@@ -127,6 +127,30 @@ def test_early_stopping_on_an_ntk_metric():
     assert stopper.stopped_epoch == 0
 
 
+def test_scalars_go_through_module_log_when_the_trainer_has_no_metric_dicts():
+    from types import MappingProxyType
+
+    from lightning_ntk.callback import _publish
+
+    logged = []
+    module = SimpleNamespace(log=lambda name, value, **kw: logged.append((name, value, kw)))
+    trainer = SimpleNamespace(
+        callback_metrics=MappingProxyType({}), progress_bar_metrics=MappingProxyType({})
+    )
+    scalars = {"ntk/relative_change": 0.25, "ntk/step": 3.0}
+    _publish(trainer, module, scalars, epoch_end=True, prog_bar=True)
+    assert [(name, value) for name, value, _ in logged] == list(scalars.items())
+    flags = [(kw["prog_bar"], kw["logger"], kw["on_epoch"], kw["on_step"]) for *_, kw in logged]
+    assert flags == [(True, False, True, False), (False, False, True, False)]
+
+    trainer = SimpleNamespace(callback_metrics={}, progress_bar_metrics={})
+    logged.clear()
+    _publish(trainer, module, scalars, epoch_end=False, prog_bar=False)
+    assert logged == [] and trainer.progress_bar_metrics == {}
+    assert {k: float(v) for k, v in trainer.callback_metrics.items()} == scalars
+    assert all(isinstance(v, torch.Tensor) for v in trainer.callback_metrics.values())
+
+
 def test_model_checkpoint_monitors_an_ntk_metric(tmp_path):
     import pytorch_lightning as pl
 

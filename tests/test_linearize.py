@@ -84,7 +84,11 @@ def test_equals_model_at_theta0_and_first_order_taylor():
     torch.testing.assert_close(lin(x), f0, rtol=0, atol=1e-15)
     torch.testing.assert_close(lin.initial_logits(x), f0, rtol=0, atol=0)
     direction = {n: d - lin.params0[n] for n, d in _perturbed(lin, 1.0, seed=3).items()}
-    Jv = lin(x, {n: lin.params0[n] + direction[n] for n in lin.names}) - f0
+    theta1 = {n: lin.params0[n] + direction[n] for n in lin.names}
+    Jv = lin(x, theta1) - f0
+    both = lin.logits_and_initial(x, theta1)  # one jvp for the two
+    torch.testing.assert_close(both[0], Jv + f0, rtol=0, atol=0)
+    torch.testing.assert_close(both[1], lin.initial_logits(x), rtol=0, atol=1e-15)
 
     def f_at(t):
         theta = {n: lin.params0[n] + t * direction[n] for n in lin.names}
