@@ -172,6 +172,22 @@ class ForwardModule(nn.Module):
             return self._forward_fn(self.model, x)
 
 
+def selector_on_wrapper(params: Any) -> Any:
+    """The model's ``params`` selector as a selector of its :class:`ForwardModule`.
+
+    ``None``, a name, a list of names or a predicate ``(name, parameter) -> bool``; names
+    gain the wrapper's prefix, and a predicate sees the model's own names.
+    """
+    prefix = ForwardModule.PREFIX
+    if params is None:
+        return None
+    if isinstance(params, str):
+        return prefix + params
+    if callable(params):
+        return lambda name, p: params(name[len(prefix) :], p)
+    return [prefix + s if isinstance(s, str) else s for s in params]
+
+
 def strip_prefix(name: str) -> str:
     """A parameter name of :class:`ForwardModule` as the user's model names it."""
     name = name[len(ForwardModule.PREFIX) :] if name.startswith(ForwardModule.PREFIX) else name

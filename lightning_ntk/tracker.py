@@ -64,6 +64,7 @@ from ._probe import (
     draw_probe,
     module_of,
     preserved_rng,
+    selector_on_wrapper,
 )
 from ._schedule import Schedule
 from ._verdict import LAZY_SCORE, Thresholds, diagnose, logit_slope
@@ -499,15 +500,7 @@ class NTKTracker:
         return ForwardModule(model, self.forward_fn)
 
     def _selector(self) -> Any:
-        sel = self.params
-        prefix = ForwardModule.PREFIX
-        if sel is None:
-            return None
-        if isinstance(sel, str):
-            return prefix + sel
-        if callable(sel):
-            return lambda name, p: sel(name[len(prefix) :], p)
-        return [prefix + s if isinstance(s, str) else s for s in sel]
+        return selector_on_wrapper(self.params)
 
     def _functional(self, wrapper: nn.Module) -> FunctionalModel:
         return FunctionalModel(

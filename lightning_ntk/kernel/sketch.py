@@ -32,8 +32,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .._functional import FunctionalModel, OutputFn, ParamSelector, check_inputs
-from .._probe import ForwardModule
+from .._functional import FunctionalModel, OutputFn, check_inputs
+from .._probe import ForwardModule, selector_on_wrapper
 
 _DISTRIBUTIONS = ("rademacher", "gaussian")
 
@@ -336,7 +336,7 @@ def _per_example_subset_ntk(
     wrapper = ForwardModule(model, _ClassRows(x1.shape[1:], x1.dtype, m, output_fn))
     z1 = _with_classes(x1, classes, carrier)
     z2 = None if x2 is None else _with_classes(fm.cast_input(x2), classes2, carrier)
-    result = empirical_ntk(wrapper, z1, z2, params=_on_wrapper(params), **kwargs)
+    result = empirical_ntk(wrapper, z1, z2, params=selector_on_wrapper(params), **kwargs)
     if isinstance(result, dict):
         prefix = len(ForwardModule.PREFIX)
         return {name[prefix:]: part for name, part in result.items()}
@@ -387,15 +387,3 @@ def _checked_rows(classes: Any, name: str, x: Tensor, x_name: str) -> int:
             f"of `{x_name}`, but got {tuple(classes.shape)}."
         )
     return classes.shape[1]
-
-
-def _on_wrapper(params: ParamSelector) -> ParamSelector:
-    """A ``params`` selector of the model as a selector of its :class:`ForwardModule`."""
-    prefix = ForwardModule.PREFIX
-    if params is None:
-        return None
-    if isinstance(params, str):
-        return prefix + params
-    if callable(params):
-        return lambda name, p: params(name[len(prefix) :], p)
-    return [prefix + s if isinstance(s, str) else s for s in params]
