@@ -18,10 +18,14 @@ Two exact ways to evaluate it, chosen per layer by :func:`prefer_gram`:
   output pixels.
 
 An embedding is the same layer with a one-hot ``H``: ``H[i,t]·H[j,s] = [tok_it = tok_js]``.
+Its Gram route (:func:`contract_token_pairs`) visits only the ``M`` matching position
+pairs, found by a sorted join, instead of all ``N1·T·N2·S``: ``M·C²·D`` for the full
+layout, in chunks of bounded memory.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -56,17 +60,19 @@ class LayerInput:
         return self.dense.shape[2] if self.dense is not None else self.vocab
 
     def gram(self, other: LayerInput) -> Tensor:
-        """``A[i, t, j, s] = H[i,t]·H'[j,s]``: ``(N1, T, N2, S)``."""
-        if self.dense is not None:
-            N1, T, K = self.dense.shape
-            N2, S, _ = other.dense.shape
-            return (self.dense.reshape(N1 * T, K) @ other.dense.reshape(N2 * S, K).T).view(
-                N1, T, N2, S
-            )
-        t1 = self.tokens.reshape(-1, 1)
-        t2 = other.tokens.reshape(1, -1)
-        A = ((t1 == t2) & (t1 >= 0)).to(self.dtype)
-        return A.view(*self.tokens.shape, *other.tokens.shape)
+        """``A[i, t, j, s] = H[i,t]·H'[j,s]``: ``(N1, T, N2, S)``, for dense inputs.
+
+        Tokens never form this Gram: see :func:`contract_token_pairs`.
+        """
+        N1, T, K = self.dense.shape
+        N2, S, _ = other.dense.shape
+        return (self.dense.reshape(N1 * T, K) @ other.dense.reshape(N2 * S, K).T).view(N1, T, N2, S)
+
+    def matches(self) -> int:
+        """``M``: pairs of positions of this block with equal tokens (itself included)."""
+        tokens = self.tokens.reshape(-1)
+        counts = torch.bincount(tokens[tokens >= 0], minlength=1)
+        return int((counts * counts).sum())
 
     def as_dense(self) -> Tensor:
         """``H`` as dense features ``(N, T, K)`` (one-hot rows for tokens)."""
@@ -127,6 +133,10 @@ def contract_gram(
     """
     C, N1, T, D = G1.shape
     N2, S = G2.shape[1], G2.shape[2]
+    c2 = C * C if output == "full" else C
+    rows = max(1, math.isqrt(_GRAM_BUDGET // max(1, c2 * T * S)))
+    if rows < max(N1, N2):  # the cotangent Gram of the block would not fit: tiles
+        return _tiled(A, G1, G2, output, with_bias, rows)
     if output == "full":
         B = (G1.reshape(C * N1 * T, D) @ G2.reshape(C * N2 * S, D).T).view(C, N1, T, C, N2, S)
         if T == 1 and S == 1:  # plain Linear: a Hadamard product
@@ -148,22 +158,98 @@ def contract_gram(
     return (weight, from_class_diagonal(bias, output)) if with_bias else weight
 
 
-def prefer_gram(N: int, C: int, T: int, K: int, D: int, output: str, tokens: bool) -> bool:
+def _tiled(
+    A: Tensor, G1: Tensor, G2: Tensor, output: str, with_bias: bool, rows: int
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """:func:`contract_gram` over tiles of ``rows × rows`` examples, assembled."""
+    N1, N2 = G1.shape[1], G2.shape[1]
+    tiles = [
+        [
+            contract_gram(A[i : i + rows, :, j : j + rows], G1[:, i : i + rows],
+                          G2[:, j : j + rows], output, with_bias)
+            for j in range(0, N2, rows)
+        ]
+        for i in range(0, N1, rows)
+    ]  # fmt: skip
+    if not with_bias:
+        return torch.cat([torch.cat(row, dim=1) for row in tiles], dim=0)
+    weight = torch.cat([torch.cat([t[0] for t in row], dim=1) for row in tiles], dim=0)
+    bias = torch.cat([torch.cat([t[1] for t in row], dim=1) for row in tiles], dim=0)
+    return weight, bias
+
+
+def prefer_gram(
+    N: int, C: int, T: int, K: int, D: int, output: str, matches: Optional[int] = None
+) -> bool:
     """Whether the Gram evaluation of a weight's kernel is cheaper than per-example gradients.
 
     Flop counts for a block of ``N × N`` examples; ``c2`` is ``C²`` for the full layout and
     ``C`` otherwise. Memory decides first: per-example gradients are ruled out when one
     block of them (``N·C·D·K`` numbers; for embeddings ``K`` is the vocabulary) exceeds
-    its budget, and the Gram when its cotangent Gram (``c2·N²·T²`` numbers, large for long
-    sequences and many classes) exceeds its own while per-example gradients fit.
+    its budget, and the dense Gram when its cotangent Gram (``c2·N²·T²`` numbers, large
+    for long sequences and many classes) exceeds its own while per-example gradients fit
+    (when neither fits, :func:`contract_gram` works through tiles of examples).
+    For an embedding (``matches``: the block's ``M`` equal-token position pairs) the Gram
+    route is :func:`contract_token_pairs`, ``2·M·c2·D`` flops in bounded memory.
     """
     c2 = C * C if output == "full" else C
-    gram = N * N * T * T * (K + 2 * c2 * D)
     per_example = 2 * N * C * T * D * K + N * N * c2 * D * K
     if N * C * D * K > _JP_BUDGET:
         return True
+    if matches is not None:
+        return 2 * matches * c2 * D <= per_example + N * T * K  # + the one-hot expansion
     if c2 * N * N * T * T > _GRAM_BUDGET:
         return False
-    if tokens:
-        per_example += N * T * K  # the one-hot expansion
-    return gram <= per_example
+    return N * N * T * T * (K + 2 * c2 * D) <= per_example
+
+
+def contract_token_pairs(
+    H1: LayerInput, H2: LayerInput, G1: Tensor, G2: Tensor, output: str
+) -> Tensor:
+    """An embedding's kernel ``Θ[i,j,a,b] = Σ_{(t,s): tok[i,t] = tok'[j,s]} G1[a,i,t]·G2[b,j,s]``.
+
+    The input Gram of one-hot rows is the token-equality indicator, so only the ``M``
+    matching position pairs contribute; they are contracted in chunks of at most
+    ``_GRAM_BUDGET`` numbers and summed into their example pair. Tokens ``-1`` (no
+    gradient, e.g. ``padding_idx``) match nothing.
+
+    Args:
+        H1: token input ``(N1, T)`` of the first block.
+        H2: token input ``(N2, S)`` of the second.
+        G1: cotangents ``(C, N1, T, D)``.
+        G2: cotangents ``(C, N2, S, D)``.
+        output: ``"full"``, ``"diagonal"`` or ``"trace"``.
+    """
+    C, N1, T, D = G1.shape
+    N2, S = G2.shape[1], G2.shape[2]
+    p, q = _matching_positions(H1.tokens.reshape(-1), H2.tokens.reshape(-1))
+    full = output == "full"
+    width = C * C if full else C
+    g1 = G1.reshape(C, N1 * T, D)
+    g2 = G2.reshape(C, N2 * S, D)
+    out = G1.new_zeros(N1 * N2, width)
+    step = max(1, _GRAM_BUDGET // (2 * C * D + width))
+    for start in range(0, p.numel(), step):
+        pc, qc = p[start : start + step], q[start : start + step]
+        X, Y = g1[:, pc], g2[:, qc]  # (C, m, D)
+        if full:
+            part = torch.bmm(X.transpose(0, 1), Y.permute(1, 2, 0)).reshape(-1, width)
+        else:
+            part = (X * Y).sum(dim=-1).T  # (m, C)
+        out.index_add_(0, (pc // T) * N2 + qc // S, part)
+    if full:
+        return out.view(N1, N2, C, C)
+    return from_class_diagonal(out.view(N1, N2, C).permute(2, 0, 1), output)
+
+
+def _matching_positions(t1: Tensor, t2: Tensor) -> tuple[Tensor, Tensor]:
+    """All ``(p, q)`` with ``t1[p] = t2[q] ≥ 0`` (a sorted join): two ``(M,)`` index tensors."""
+    order = torch.argsort(t2)
+    sorted2 = t2[order]
+    lo = torch.searchsorted(sorted2, t1)
+    counts = torch.where(t1 >= 0, torch.searchsorted(sorted2, t1, right=True) - lo, 0)
+    p = torch.repeat_interleave(torch.arange(t1.numel(), device=t1.device), counts)
+    run_start = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    offset = torch.arange(p.numel(), device=t1.device) - run_start
+    q = order[torch.repeat_interleave(lo, counts) + offset]
+    return p, q

@@ -10,7 +10,8 @@ every class ``a``. No parameter gradient is ever taken by autograd. Then, per la
 * ``nn.Conv1d/2d/3d`` (zero padding, any stride / dilation / groups): the same with the
   unfolded input patches as ``H``; per layer the cheaper of the patch Gram and
   per-example-gradient contraction is used (:func:`._factors.prefer_gram`).
-* ``nn.Embedding``: the same with one-hot ``H``, i.e. the token-equality Gram.
+* ``nn.Embedding``: the same with one-hot ``H``, i.e. the token-equality Gram, summed
+  over the matching token positions only.
 * affine parameters of ``nn.LayerNorm``, ``nn.BatchNorm1d/2d/3d`` (running statistics)
   and ``nn.GroupNorm``: small per-example gradients ``Σ G ⊙ x̂`` and ``Σ G``.
 
@@ -36,7 +37,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._functional import FunctionalModel
-from ._factors import LayerInput, contract_gram, per_example_outer, prefer_gram
+from ._factors import (
+    LayerInput,
+    contract_gram,
+    contract_token_pairs,
+    per_example_outer,
+    prefer_gram,
+)
 from ._layout import contract_jacobians
 from .jacobian import jacobians
 
@@ -162,7 +169,10 @@ class StructuredMethod:
         if getattr(layer.module, "groups", 1) != 1:
             return False
         C, _, T, D = G.shape
-        return prefer_gram(self._block_size, C, T, H.width, D, self.output, H.tokens is not None)
+        matches = None
+        if H.tokens is not None:  # per example of this block, scaled to a full block
+            matches = H.matches() * self._block_size // max(1, H.tokens.shape[0])
+        return prefer_gram(self._block_size, C, T, H.width, D, self.output, matches)
 
     # ------------------------------------------------------------------- blocks
     def block(self, f1: dict[str, Any], f2: dict[str, Any]) -> dict[str, Tensor]:
@@ -171,6 +181,9 @@ class StructuredMethod:
         parts: dict[str, Tensor] = {}
         for name, (H1, G1, bias) in f1["grams"].items():
             H2, G2, _ = f2["grams"][name]
+            if H1.tokens is not None:  # an embedding (no bias): matching tokens only
+                parts[name] = contract_token_pairs(H1, H2, G1, G2, self.output)
+                continue
             A = H1.gram(H2)  # (N1, T, N2, S)
             if bias is None:
                 parts[name] = contract_gram(A, G1, G2, self.output)
