@@ -13,7 +13,9 @@ Usage::
     python benchmarks/bench_ntk.py --json results.json
 
 Also reports the achieved GFLOP/s of the structured MLP path against a large
-``torch.mm`` measured in the same run.
+``torch.mm`` measured in the same run. ``--profile`` prints where the structured path's
+time goes (``torch.profiler``, self CPU time by op, grouped into matrix products,
+convolutions, elementwise/reduction work and the rest), for the MLP and the CNN.
 """
 
 from __future__ import annotations
@@ -126,15 +128,64 @@ def structured_mlp_flops(n: int, widths=(784, 1024, 1024, 10)) -> float:
     return flops
 
 
+# op-name fragments -> group, first match wins (aten names; "mm" also covers addmm / bmm)
+_GROUPS = (
+    ("matrix products", ("mm", "matmul", "linear", "einsum", "dot")),
+    ("convolutions", ("conv", "im2col", "col2im", "unfold")),
+    ("copies / layout", ("copy", "clone", "contiguous", "cat", "stack", "index", "fill", "zero")),
+    ("elementwise / reductions", ("mul", "add", "sub", "div", "sum", "mean", "relu", "threshold",
+                                  "pool", "where", "neg", "sqrt", "pow")),
+)  # fmt: skip
+
+
+def profile_structured(case: str, repeats: int) -> None:
+    """Self CPU time of the structured kernel's ops, grouped, for one case."""
+    from torch.profiler import ProfilerActivity, profile
+
+    builder, shape, n, chunk, _ = CASES[case]
+    model = build(builder)
+    x = torch.randn(n, *shape, generator=torch.Generator().manual_seed(1))
+    empirical_ntk(model, x, method="structured", chunk_size=chunk)  # warm-up, plan cached
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            empirical_ntk(model, x, method="structured", chunk_size=chunk)
+    wall = (time.perf_counter() - start) / repeats
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events) / repeats / 1e6
+    groups: dict[str, float] = {}
+    for e in events:
+        name = e.key.lower()
+        group = next((g for g, keys in _GROUPS if any(k in name for k in keys)), "other ops")
+        groups[group] = groups.get(group, 0.0) + e.self_cpu_time_total / repeats / 1e6
+    print(f"\nprofile of structured {case} (N={n}), per call: {wall * 1e3:.1f} ms wall "
+          f"(under the profiler), {total * 1e3:.1f} ms inside aten ops")  # fmt: skip
+    for group, seconds in sorted(groups.items(), key=lambda kv: -kv[1]):
+        print(f"  {group:26s} {seconds * 1e3:8.2f} ms  {100 * seconds / wall:5.1f} %")
+    print(f"  {'outside ops (Python)':26s} {(wall - total) * 1e3:8.2f} ms  "
+          f"{100 * (wall - total) / wall:5.1f} %")  # fmt: skip
+    top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:8]
+    print("  top ops: " + ", ".join(
+        f"{e.key} {e.self_cpu_time_total / repeats / 1e3:.2f} ms" for e in top
+    ))  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cases", nargs="*", default=list(CASES))
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--profile", action="store_true", help="profile the structured path")
     parser.add_argument("--one", nargs=2, metavar=("CASE", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure_one(*args.one, repeats=args.repeats)))
+        return
+    if args.profile:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+        print(f"torch.mm 2048x2048: {matmul_gflops():.1f} GFLOP/s")
+        for case in ("mlp", "cnn"):
+            profile_structured(case, args.repeats)
         return
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")

@@ -50,6 +50,7 @@ from .jacobian import jacobians
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 _VERIFY_EXAMPLES = 4
+_CONCAT_BELOW = 1024  # parameters: smaller per-example gradient blocks share one product
 _VERIFY_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}
 
 
@@ -195,11 +196,17 @@ class StructuredMethod:
             for name in J1:
                 parts[name] = contract_jacobians(J1[name], J2[name], self.output)
             return parts
+        # large per-example blocks are contracted one by one (concatenating them would
+        # copy them all); the small ones together, as one product
+        small = [name for name, J in J1.items() if J.shape[2] < _CONCAT_BELOW]
+        if small:
+            cat1 = torch.cat([J1[name] for name in small], dim=2)  # (N1, C, P')
+            cat2 = cat1 if J2 is J1 else torch.cat([J2[name] for name in small], dim=2)
+            parts[""] = contract_jacobians(cat1, cat2, self.output)
+        for name, J in J1.items():
+            if name not in small:
+                parts[name] = contract_jacobians(J, J2[name], self.output)
         total = None
-        if J1:
-            cat1 = torch.cat(list(J1.values()), dim=2)  # (N1, C, P')
-            cat2 = cat1 if J2 is J1 else torch.cat(list(J2.values()), dim=2)
-            total = contract_jacobians(cat1, cat2, self.output)
         for K in parts.values():
             total = K if total is None else total + K
         return {"": total}
@@ -477,6 +484,9 @@ def _unfold(x: Tensor, conv: nn.Module) -> Tensor:
         pads = [(p, p) for p in conv.padding]
     flat_pad = [v for pair in reversed(pads) for v in pair]
     x = F.pad(x, flat_pad)
+    if dims == 2:  # im2col: one pass, where the strided views below copy slowly
+        patches = F.unfold(x, kernel, dilation=dilation, stride=stride)  # (N, C_in·k, T)
+        return patches.transpose(1, 2)
     for d in range(dims):
         span = dilation[d] * (kernel[d] - 1) + 1
         x = x.unfold(2 + d, span, stride[d])[..., :: dilation[d]]
