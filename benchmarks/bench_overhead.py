@@ -2,12 +2,13 @@
 
 The demo's wide MLP (``NTKMLP``, width 4096, one hidden layer, NTK parameterization) is
 trained with SGD on scikit-learn's digits for ``--steps`` steps, with and without an
-``NTKMonitor``, same seed and data order; runs alternate (without, with, without, ...)
-so that drifts in machine speed hit both alike. For each monitor setting (default: the
-defaults, ``NTKMonitor()``) it prints the medians, the median of the paired ratios
-``with / without − 1``, and — much less noisy on a shared machine — the time spent
-inside the monitor's hooks as a share of the training time without it (budget: 5 %),
-with the number of reports and the median time of one.
+``NTKMonitor``, same seed and data order; runs alternate (without-with, then
+with-without, ...) so that drifts in machine speed and order effects hit both alike.
+For each monitor setting (default: the defaults, ``NTKMonitor()``) it prints the
+medians, the median of the paired ratios ``with / without − 1``, the ratio of the
+fastest runs of each (noise only ever adds time), and — much less noisy on a shared
+machine — the time spent inside the monitor's hooks as a share of the training time
+without it (budget: 5 %), with the number of reports and the median time of one.
 
 These runs share one process after a warm-up run, so they measure the steady state.
 ``--cold`` adds what a fresh process pays once: each run in its own process (imports
@@ -97,18 +98,22 @@ def steady_state(settings: dict, args, data) -> dict:
     """Alternating runs without / with the monitor in this (warm) process."""
     without, with_, inside, per_report = [], [], [], []
     reports = 0
-    for _ in range(args.repeats):
-        without.append(train_once(None, args.steps, args.width, data)[0])
-        seconds, calls, reports = train_once(settings, args.steps, args.width, data)
-        with_.append(seconds)
-        inside.append(sum(seconds for _, seconds in calls))
-        # the reports are the longest calls of the batch / epoch-end hooks
-        ends = sorted(seconds for hook, seconds in calls if hook.endswith("_end"))
-        per_report.append(statistics.median(ends[-reports:]) if reports else 0.0)
+    for r in range(args.repeats):
+        for arm in ("without", "with") if r % 2 == 0 else ("with", "without"):
+            if arm == "without":
+                without.append(train_once(None, args.steps, args.width, data)[0])
+                continue
+            seconds, calls, reports = train_once(settings, args.steps, args.width, data)
+            with_.append(seconds)
+            inside.append(sum(seconds for _, seconds in calls))
+            # the reports are the longest calls of the batch / epoch-end hooks
+            ends = sorted(seconds for hook, seconds in calls if hook.endswith("_end"))
+            per_report.append(statistics.median(ends[-reports:]) if reports else 0.0)
     return {
         "without": without,
         "with": with_,
         "paired": statistics.median(w / wo - 1 for w, wo in zip(with_, without)),
+        "fastest": min(with_) / min(without) - 1,
         "inside": statistics.median(inside),
         "share": statistics.median(inside) / statistics.median(without),
         "reports": reports,
@@ -160,14 +165,17 @@ def main() -> None:
               f"(runs: {', '.join(f'{t:.2f}' for t in r['without'])})")  # fmt: skip
         print(f"  with:    {statistics.median(r['with']):.2f} s "
               f"(runs: {', '.join(f'{t:.2f}' for t in r['with'])})")  # fmt: skip
-        print(f"  overhead, median of paired ratios: {100 * r['paired']:.1f} %")
+        print(f"  overhead: median of paired ratios {100 * r['paired']:.1f} %, "
+              f"fastest run against fastest run {100 * r['fastest']:.1f} %")  # fmt: skip
         print(f"  inside the monitor's hooks: {r['inside']:.3f} s = {100 * r['share']:.1f} % "
               f"of training without it; {r['reports']} reports of "
               f"{1e3 * r['per_report']:.1f} ms")  # fmt: skip
-    print(f"\n{'settings':40s} {'reports':>7s} {'per report':>10s} {'in hooks':>8s} {'paired':>7s}")
+    print(f"\n{'settings':32s} {'reports':>7s} {'per report':>10s} {'in hooks':>8s} "
+          f"{'paired':>7s} {'fastest':>7s}")  # fmt: skip
     for settings, r in rows:
-        print(f"{json.dumps(settings):40s} {r['reports']:7d} {1e3 * r['per_report']:8.1f}ms "
-              f"{100 * r['share']:7.1f}% {100 * r['paired']:6.1f}%")  # fmt: skip
+        print(f"{json.dumps(settings):32s} {r['reports']:7d} {1e3 * r['per_report']:8.1f}ms "
+              f"{100 * r['share']:7.1f}% {100 * r['paired']:6.1f}% "
+              f"{100 * r['fastest']:6.1f}%")  # fmt: skip
     if args.cold:
         without, with_ = cold_runs(settings_list[0], args)
         extra = statistics.median(with_) - statistics.median(without)

@@ -11,6 +11,9 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 {
   echo "== environment"; date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+  # the package's own dependencies besides torch, if this machine lacks them
+  python3 -c "import pytest, pytorch_lightning, torchmetrics" 2>/dev/null \
+    || python3 -m pip install -q pytest pytorch-lightning torchmetrics scikit-learn
   echo "== CUDA tests"
   timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_cuda.py
   echo "== benchmarks"

@@ -85,7 +85,7 @@ class DemoConfig:
         batch_size: minibatch size.
         steps: optimizer steps per run.
         n_probe: probe examples the monitor draws (stratified) from the training data.
-        every_n_steps: monitor interval on top of its log-spaced schedule (1, 2, 4, …).
+        every_n_steps: monitor interval on top of its log-spaced schedule (4, 16, 64, …).
         l2: ``λ`` of run 2.
         label_smoothing: ``ε`` of runs 3 and 4.
         runs: the runs to train instead of the four above (see :meth:`with_runs`).

@@ -2,9 +2,11 @@
 
 The kernel moves fastest early in training and its drift, like the logit divergence of
 hard-label training, is a function of ``log(step)``; the default schedule is therefore
-log-spaced: steps ``⌈b^k⌉`` for ``k = 0, 1, 2, ...`` with ``b = log_base`` (default 4:
-steps 1, 4, 16, 64, 256, 1024, ...; ``log_base=2`` for 1, 2, 4, 8, ...). A run of ``T``
-steps then costs ``≈ log_b(T)`` kernel evaluations. ``every_n_steps`` and
+log-spaced: steps ``⌈b^k⌉`` for ``k = 1, 2, 3, ...`` with ``b = log_base`` (default 4:
+steps 4, 16, 64, 256, 1024, ...; ``log_base=2`` for 2, 4, 8, ...). A run of ``T`` steps
+then costs ``⌊log_b(T)⌋`` kernel evaluations. The schedule starts at ``b`` rather than at
+step 1: after one step the kernel has barely moved, and on short runs that report is
+a sizeable share of the monitor's cost. ``every_n_steps`` and
 ``every_n_epochs`` add fixed intervals; a step is due when any of the active rules fires.
 """
 
@@ -22,7 +24,8 @@ class Schedule:
     Args:
         every_n_steps: a report every ``n`` optimizer steps, or ``None``.
         every_n_epochs: a report at the end of every ``n``-th epoch, or ``None``.
-        log_base: log-spaced steps ``⌈b^k⌉`` (``b > 1``), or ``None`` to turn them off.
+        log_base: log-spaced steps ``⌈b^k⌉``, ``k ≥ 1`` (``b > 1``), or ``None`` to turn
+            them off.
     """
 
     every_n_steps: Optional[int] = None
@@ -62,7 +65,7 @@ class Schedule:
 
 
 def _log_steps_up_to(step: int, base: float) -> set[int]:
-    steps, k = set(), 0
+    steps, k = set(), 1
     while True:
         s = math.ceil(base**k - 1e-9)
         if s > step:

@@ -58,7 +58,7 @@ class NTKMonitorBase:
     At the start of training the monitor draws ``n_probe`` examples from the training
     dataset (stratified by class, with its own generator: the data order and the global
     RNG are untouched) unless ``probe_x`` is given, snapshots ``θ0`` and ``Θ0``, then on
-    its schedule (default: steps 1, 4, 16, 64, …) logs every field of an
+    its schedule (default: steps 4, 16, 64, 256, …) logs every field of an
     :class:`~lightning_ntk.tracker.NTKReport` as ``ntk/<field>``, plus ``ntk/lazy``
     and the per-layer drift ``ntk/layer/<module>/relative_change``.
 
@@ -77,7 +77,8 @@ class NTKMonitorBase:
         top_layers: how many of the most-moving layers are logged.
         every_n_steps: also report every ``n`` optimizer steps.
         every_n_epochs: also report at the end of every ``n``-th epoch.
-        log_base: report at steps ``⌈b^k⌉`` (``None`` turns the log-spaced schedule off).
+        log_base: report at steps ``⌈b^k⌉``, ``k ≥ 1`` (``None`` turns the log-spaced
+            schedule off).
         thresholds: verdict thresholds, a dict of
             :class:`~lightning_ntk._verdict.Thresholds` fields (e.g.
             ``{"relative_change": [0.1, 0.5]}``).
@@ -169,6 +170,7 @@ class NTKMonitorBase:
         self._seed = seed
         self._restored = False
         self._last_verdict: Optional[str] = None
+        self._state_key: Optional[tuple[dict[str, Any], str]] = None
 
     # ------------------------------------------------------------------ Lightning hooks
 
@@ -177,7 +179,7 @@ class NTKMonitorBase:
         """Checkpoint key; monitors with different probes / layouts / schedules coexist."""
         tracker = self.tracker
         schedule = tracker.schedule
-        return self._generate_state_key(  # type: ignore[attr-defined]
+        settings = dict(
             n_probe=tracker.n_probe,
             output=tracker.output,
             method=tracker.method,
@@ -187,6 +189,13 @@ class NTKMonitorBase:
             every_n_epochs=schedule.every_n_epochs,
             log_base=schedule.log_base,
         )
+        # Lightning reads the key around every hook call of every step: build it once
+        # per distinct settings
+        cached = self._state_key
+        if cached is None or cached[0] != settings:
+            key = self._generate_state_key(**settings)  # type: ignore[attr-defined]
+            cached = self._state_key = (settings, key)
+        return cached[1]
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """Refuse sharded strategies, whose parameters no rank holds whole."""

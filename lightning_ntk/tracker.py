@@ -22,8 +22,8 @@ Nothing here imports Lightning; the callback is a thin adapter over this class.
 Cost and defaults. One report costs one kernel on the probe (``N²·C²`` entries in the
 ``"full"`` layout, computed exactly by :func:`lightning_ntk.empirical_ntk`), one ``jvp``
 and an ``(N·C)²`` eigen-decomposition. The defaults — ``n_probe=16`` and log-spaced
-steps 1, 4, 16, 64, … — keep a run of ``T`` steps at ``≈ log4(T)`` reports and the
-monitor's share of a 512-step run of the demo's network near 5 %
+steps 4, 16, 64, 256, … — keep a run of ``T`` steps at ``⌊log4(T)⌋`` reports and the
+monitor's share of a 512-step run of the demo's network under 5 %
 (``benchmarks/bench_overhead.py``, ``docs/verdicts.md``); the logit trend then needs
 two reports at steps ≥ 100 within a factor 4 (from step 1024 on), so short runs that
 want it set ``log_base=2`` or ``every_n_steps``. Memory: one
@@ -176,7 +176,8 @@ class NTKTracker:
         dtype: compute dtype (default: the parameters'; float32 for half / bf16).
         every_n_steps: also report every ``n`` optimizer steps.
         every_n_epochs: also report at the end of every ``n``-th epoch.
-        log_base: report at steps ``⌈b^k⌉`` (default 4: 1, 4, 16, …); ``None`` disables.
+        log_base: report at steps ``⌈b^k⌉``, ``k ≥ 1`` (default 4: 4, 16, 64, …); ``None``
+            disables.
         thresholds: verdict thresholds (a :class:`Thresholds` or a dict of its fields).
         weight_decay: the optimizer's weight decay, if known (for the predicted regime).
         label_smoothing: the loss's label smoothing, if known.

@@ -47,7 +47,7 @@ def _summary(trainer, monitor) -> dict:
 def test_ddp_two_processes_agree_with_a_single_process(tmp_path):
     _, single = _fit("auto", 1, batch_size=48)
     rc = {r.step: r.relative_change for r in single.history}
-    assert sorted(rc) == [1, 2, 4, 8]
+    assert sorted(rc) == [2, 4, 8]
     # break between steps 2 and 4, so that "stop" must stop both ranks after step 4
     break_at = (rc[2] + rc[4]) / 2
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -64,7 +64,7 @@ def test_ddp_two_processes_agree_with_a_single_process(tmp_path):
     assert ranks[0] == ranks[1]  # same reports, verdicts and stopping step on every rank
     assert ranks[0]["kernel_blocks_shared"]  # each rank computed its share of the kernel
     reports = ranks[0]["reports"]
-    assert [r["step"] for r in reports] == [1, 2, 4]
+    assert [r["step"] for r in reports] == [2, 4]
     assert [r["verdict"] for r in reports][-1] == "broken"
     assert all(r["verdict"] != "broken" for r in reports[:-1])
     assert ranks[0]["global_step"] == 4  # "stop" stopped both ranks together

@@ -93,8 +93,8 @@ def test_resume_from_checkpoint_reports_the_same_values(tmp_path):
     ckpt = tmp_path / "step6.ckpt"
     _resume_run(tmp_path, "first", 6, save_at=ckpt)
     resumed, resumed_logged = _resume_run(tmp_path, "resumed", 12, ckpt_path=ckpt)
-    assert [r.step for r in full.history] == [1, 2, 3, 4, 6, 8, 9, 12]
-    assert [r.step for r in resumed.history] == [1, 2, 3, 4, 6, 8, 9, 12]  # history restored
+    assert [r.step for r in full.history] == [2, 3, 4, 6, 8, 9, 12]
+    assert [r.step for r in resumed.history] == [2, 3, 4, 6, 8, 9, 12]  # history restored
     assert sorted(resumed_logged) == [8, 9, 12]
     for step in (8, 9, 12):
         expected, got = full_logged[step], resumed_logged[step]

@@ -124,14 +124,15 @@ def test_layouts_and_methods(output):
 
 def test_log_spaced_schedule_and_intervals():
     log = Schedule()  # default base 4
-    assert [s for s in range(1, 300) if log.step_due(s)] == [1, 4, 16, 64, 256]
+    assert [s for s in range(1, 300) if log.step_due(s)] == [4, 16, 64, 256]
     assert not log.step_due(0)
     doubling = Schedule(log_base=2)
-    assert [s for s in range(1, 70) if doubling.step_due(s)] == [1, 2, 4, 8, 16, 32, 64]
+    assert [s for s in range(1, 70) if doubling.step_due(s)] == [2, 4, 8, 16, 32, 64]
+    assert [s for s in range(1, 20) if Schedule(log_base=1.5).step_due(s)] == [2, 3, 4, 6, 8, 12, 18]
     tenth = Schedule(every_n_steps=10, log_base=None)
     assert [s for s in range(1, 35) if tenth.step_due(s)] == [10, 20, 30]
     both = Schedule(every_n_steps=10, log_base=2)
-    assert [s for s in range(1, 25) if both.step_due(s)] == [1, 2, 4, 8, 10, 16, 20]
+    assert [s for s in range(1, 25) if both.step_due(s)] == [2, 4, 8, 10, 16, 20]
     epochs = Schedule(every_n_epochs=2, log_base=None)
     assert [e for e in range(6) if epochs.epoch_due(e)] == [1, 3, 5]
     assert not epochs.step_due(4)
