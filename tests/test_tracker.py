@@ -128,7 +128,8 @@ def test_log_spaced_schedule_and_intervals():
     assert not log.step_due(0)
     doubling = Schedule(log_base=2)
     assert [s for s in range(1, 70) if doubling.step_due(s)] == [2, 4, 8, 16, 32, 64]
-    assert [s for s in range(1, 20) if Schedule(log_base=1.5).step_due(s)] == [2, 3, 4, 6, 8, 12, 18]
+    three_halves = Schedule(log_base=1.5)
+    assert [s for s in range(1, 20) if three_halves.step_due(s)] == [2, 3, 4, 6, 8, 12, 18]
     tenth = Schedule(every_n_steps=10, log_base=None)
     assert [s for s in range(1, 35) if tenth.step_due(s)] == [10, 20, 30]
     both = Schedule(every_n_steps=10, log_base=2)
