@@ -49,13 +49,20 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from ._functional import FunctionalModel, exact_matmuls
+from ._ntk_report import (
+    NUMERIC_FIELDS,
+    NTKReport,
+    finite_or,
+    layer_drift,
+    safe_spectrum,
+    safe_value,
+)
 from ._probe import (
     BatchToXY,
     ForwardFn,
@@ -67,81 +74,12 @@ from ._probe import (
     selector_on_wrapper,
 )
 from ._schedule import Schedule
-from ._verdict import LAZY_SCORE, Thresholds, diagnose, logit_slope
+from ._verdict import Thresholds, diagnose, logit_slope
 
 __all__ = ["NTKReport", "NTKTracker", "Thresholds"]
 
 OUTPUTS = ("full", "diagonal", "trace")
 METHODS = ("auto", "structured", "jacobian", "ntk_vp")
-
-
-@dataclass
-class NTKReport:
-    """One measurement of the kernel and the model on the probe set.
-
-    Attributes:
-        step: optimizer step of the measurement.
-        kernel_distance: ``1 − ⟨Θ_t, Θ0⟩_F / (‖Θ_t‖_F ‖Θ0‖_F)`` in ``[0, 1]``.
-        relative_change: ``‖Θ_t − Θ0‖_F / ‖Θ0‖_F``.
-        target_alignment: centered alignment of the kernel with ``YYᵀ`` (``nan``
-            without probe labels).
-        linearization_error: ``‖f − f_lin‖_F / max(‖f − f0‖_F, eps)``.
-        prob_tv: mean total-variation distance of ``softmax(f)`` and ``softmax(f_lin)``.
-        argmax_agreement: fraction of probe points where ``argmax f == argmax f_lin``.
-        logit_norm: mean over the probe of ``‖f(x) − mean_a f_a(x)‖_2``.
-        logit_growth: ``logit_norm / logit_norm`` at ``θ0``.
-        param_distance: ``‖θ_t − θ0‖_2 / ‖θ0‖_2``.
-        eig_max: largest eigenvalue of the kernel matrix.
-        eig_min: smallest eigenvalue of the kernel matrix.
-        effective_rank: ``exp`` of the entropy of the normalised positive eigenvalues.
-        condition_number: ``eig_max / max(eig_min, eps)``.
-        verdict: ``"lazy"``, ``"drifting"`` or ``"broken"``.
-        causes: short names of the signals that crossed a threshold.
-        predicted_regime: ``"lazy"``, ``"divergent"`` or ``"unknown"`` (the set-up's
-            prediction from the theory).
-        message: one sentence with the reason and the fix.
-    """
-
-    step: int
-    kernel_distance: float
-    relative_change: float
-    target_alignment: float
-    linearization_error: float
-    prob_tv: float
-    argmax_agreement: float
-    logit_norm: float
-    logit_growth: float
-    param_distance: float
-    eig_max: float
-    eig_min: float
-    effective_rank: float
-    condition_number: float
-    verdict: str
-    causes: list[str]
-    predicted_regime: str
-    message: str
-
-    def scalars(self) -> dict[str, float]:
-        """``{"ntk/<field>": value}`` for every numeric field, plus ``"ntk/lazy"``.
-
-        ``ntk/lazy`` is 1.0 for ``"lazy"``, 0.5 for ``"drifting"``, 0.0 for ``"broken"``.
-        """
-        out = {
-            f"ntk/{f.name}": float(getattr(self, f.name))
-            for f in dataclasses.fields(self)
-            if f.name not in ("verdict", "causes", "predicted_regime", "message")
-        }
-        out["ntk/lazy"] = LAZY_SCORE[self.verdict]
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        """A plain dict of the fields (for checkpoints and JSON)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> NTKReport:
-        """Inverse of :meth:`to_dict`."""
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
 
 
 class NTKTracker:
@@ -425,7 +363,7 @@ class NTKTracker:
         )
         out = report.scalars()
         layers = self.layer_history[index] if index is not None else {}
-        ranked = sorted(layers.items(), key=lambda kv: -_finite_or(kv[1]["relative_change"]))
+        ranked = sorted(layers.items(), key=lambda kv: -finite_or(kv[1]["relative_change"]))
         for name, values in ranked[: self.top_layers]:
             out[f"ntk/layer/{name}/relative_change"] = values["relative_change"]
             out[f"ntk/layer/{name}/share"] = values["share"]
@@ -561,19 +499,19 @@ class NTKTracker:
             logits = fm(fm.params, x)
         finite = bool(torch.isfinite(logits).all())
         nan = math.nan
-        values: dict[str, float] = dict.fromkeys(_NUMERIC, nan)
+        values: dict[str, float] = dict.fromkeys(NUMERIC_FIELDS, nan)
         layers: dict[str, dict[str, float]] = {}
-        values["param_distance"] = _safe(lambda: metrics.param_distance(fm.params, theta0))
+        values["param_distance"] = safe_value(lambda: metrics.param_distance(fm.params, theta0))
         if finite:
             K, K_layers = self._kernel(wrapper, state["method"], state["per_layer"])
             K0 = state["K0"].to(K.device)
-            values["relative_change"] = _safe(lambda: metrics.relative_change(K, K0))
-            values["kernel_distance"] = _safe(lambda: metrics.kernel_distance(K, K0))
+            values["relative_change"] = safe_value(lambda: metrics.relative_change(K, K0))
+            values["kernel_distance"] = safe_value(lambda: metrics.kernel_distance(K, K0))
             if y is not None:
-                values["target_alignment"] = _safe(
+                values["target_alignment"] = safe_value(
                     lambda: metrics.target_alignment(K, y, num_classes=state["num_classes"])
                 )
-            spec = _safe_spectrum(metrics, K)
+            spec = safe_spectrum(metrics, K)
             if spec is not None:
                 values.update(
                     eig_max=spec.eig_max,
@@ -582,7 +520,7 @@ class NTKTracker:
                     condition_number=spec.condition_number,
                 )
             self.kernel, self.eigenvalues = K, None if spec is None else spec.eigenvalues
-            layers = _layer_drift(metrics, K, K_layers, state["K0_layers"])
+            layers = layer_drift(metrics, K, K_layers, state["K0_layers"])
             f_lin = linearize(
                 wrapper,
                 theta0,
@@ -593,12 +531,12 @@ class NTKTracker:
             )
             with torch.no_grad():
                 logits_lin, logits0 = f_lin.logits_and_initial(x)
-            values["linearization_error"] = _safe(
+            values["linearization_error"] = safe_value(
                 lambda: linearization_error(logits, logits_lin, logits0)
             )
-            values["prob_tv"] = _safe(lambda: prob_tv(logits, logits_lin))
-            values["argmax_agreement"] = _safe(lambda: argmax_agreement(logits, logits_lin))
-            values["logit_norm"] = _safe(lambda: metrics.logit_norm(logits))
+            values["prob_tv"] = safe_value(lambda: prob_tv(logits, logits_lin))
+            values["argmax_agreement"] = safe_value(lambda: argmax_agreement(logits, logits_lin))
+            values["logit_norm"] = safe_value(lambda: metrics.logit_norm(logits))
             norm0 = state["logit_norm0"]
             values["logit_growth"] = values["logit_norm"] / norm0 if norm0 > 0 else nan
         steps = [r.step for r in self.history] + [step]
@@ -650,72 +588,10 @@ class NTKTracker:
         return {"regime": prediction.regime, "reason": prediction.reason}
 
 
-_NUMERIC = tuple(
-    f.name
-    for f in dataclasses.fields(NTKReport)
-    if f.name not in ("step", "verdict", "causes", "predicted_regime", "message")
-)
-
-
 def _metrics() -> Any:
     from . import metrics
 
     return metrics
-
-
-def _layer_drift(
-    metrics: Any, K: Tensor, K_layers: Mapping[str, Tensor], K0_layers: Mapping[str, Tensor]
-) -> dict[str, dict[str, float]]:
-    """``{module: {"relative_change": ‖K_l − K0_l‖/‖K0_l‖, "share": tr K_l / tr K}}``."""
-    total_trace = float(_trace(K))
-    out = {}
-    for name, K_l in K_layers.items():
-        K0_l = K0_layers.get(name)
-        if K0_l is None:
-            continue
-        K0_l = K0_l.to(K_l.device)
-        rc = _safe(lambda K_l=K_l, K0_l=K0_l: metrics.relative_change(K_l, K0_l))
-        share = float(_trace(K_l)) / total_trace if total_trace != 0 else math.nan
-        out[name] = {"relative_change": rc, "share": share}
-    return out
-
-
-def _trace(K: Tensor) -> Tensor:
-    """Trace of the kernel matrix ``Σ_i Σ_a K[i, i, a, a]`` in any layout."""
-    diag = K.diagonal(dim1=0, dim2=1)  # (..., N)
-    if K.ndim == 4:
-        return diag.diagonal(dim1=0, dim2=1).sum()
-    return diag.sum()
-
-
-def _safe(fn: Callable[[], Any]) -> float:
-    try:
-        value = fn()
-    except (RuntimeError, ValueError, ZeroDivisionError):
-        return math.nan
-    return float(value)
-
-
-def _safe_spectrum(metrics: Any, K: Tensor) -> Any:
-    """Spectrum of the kernel matrix, ``None`` if the eigen-decomposition fails.
-
-    On the CPU the ``(N·C)²`` eigen-decomposition runs on one thread: for matrices of
-    this size threading only adds synchronisation, and on an oversubscribed machine it
-    made ``eigvalsh`` of a 300 × 300 matrix take seconds instead of ~20 ms.
-    """
-    threads = torch.get_num_threads()
-    try:
-        if K.device.type == "cpu":
-            torch.set_num_threads(1)
-        return metrics.spectrum(K)
-    except (RuntimeError, ValueError):
-        return None
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _finite_or(value: float, default: float = -math.inf) -> float:
-    return value if math.isfinite(value) else default
 
 
 def _device_of(module: nn.Module) -> torch.device:
