@@ -26,8 +26,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from lightning_ntk import empirical_ntk
-from lightning_ntk._functional import FunctionalModel
 from lightning_ntk.kernel import choose_method
+from lightning_ntk.kernel._functional import FunctionalModel
 from lightning_ntk.kernel.structured import plan_structure
 
 METHODS = ["structured", "jacobian", "ntk_vp"]

@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from lightning_ntk import NTKMonitor
-from lightning_ntk._demo import DigitsClassifier, load_digits_split
+from lightning_ntk.cli._demo import DigitsClassifier, load_digits_split
 from lightning_ntk.testing import NTKMLP
 
 HOOKS = ("setup", "on_train_start", "on_train_batch_end", "on_train_epoch_end")

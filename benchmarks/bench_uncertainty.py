@@ -48,7 +48,7 @@ from torchmetrics.functional.classification import multiclass_calibration_error
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from lightning_ntk._analytic import NTKMLP, analytic_nngp, analytic_ntk
+from lightning_ntk.testing._analytic import NTKMLP, analytic_nngp, analytic_ntk
 from lightning_ntk.uncertainty import (
     deep_ensemble,
     gp_laplace_classifier,

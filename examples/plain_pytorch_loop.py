@@ -26,7 +26,7 @@ from torch.utils.data import TensorDataset
 from torch.utils.tensorboard import SummaryWriter
 
 from lightning_ntk import NTKTracker
-from lightning_ntk.loggers import write_extras, write_layout
+from lightning_ntk.monitor.loggers import write_extras, write_layout
 
 
 def digits() -> TensorDataset:

@@ -27,7 +27,7 @@ __version__ = "0.1.0"
 _LAZY_ATTRIBUTES: dict[str, str] = {
     # kernel
     "empirical_ntk": ".kernel",
-    "reference_ntk": ".reference",
+    "reference_ntk": ".kernel.reference",
     # linearized model (module `linearization`: a module named `linearize` would shadow
     # the function of that name once imported)
     "linearize": ".linearization",
@@ -42,9 +42,9 @@ _LAZY_ATTRIBUTES: dict[str, str] = {
     "KernelSolution": ".theory",
     "kernel_flow": ".theory",
     # monitoring
-    "NTKTracker": ".tracker",
-    "NTKReport": ".tracker",
-    "NTKMonitor": ".callback",
+    "NTKTracker": ".monitor.tracker",
+    "NTKReport": ".monitor.tracker",
+    "NTKMonitor": ".monitor.callback",
     "LinearizationBreakdownWarning": ".exceptions",
     "LinearizationBreakdownError": ".exceptions",
     # predictive uncertainty over random initialisation
@@ -54,7 +54,7 @@ _LAZY_ATTRIBUTES: dict[str, str] = {
 }
 
 _LAZY_SUBMODULES = {
-    "kernel", "metrics", "testing", "theory", "reference", "lightning", "uncertainty",
+    "kernel", "metrics", "testing", "theory", "lightning", "uncertainty", "monitor",
 }  # fmt: skip
 
 __all__ = sorted(_LAZY_ATTRIBUTES)
@@ -76,9 +76,9 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
-    from .callback import NTKMonitor
     from .exceptions import LinearizationBreakdownError, LinearizationBreakdownWarning
     from .kernel import empirical_ntk
+    from .kernel.reference import reference_ntk
     from .linearization import (
         LinearizedModel,
         argmax_agreement,
@@ -86,7 +86,8 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
         linearize,
         prob_tv,
     )
-    from .reference import reference_ntk
+    from .monitor.callback import NTKMonitor
+    from .monitor.tracker import NTKReport, NTKTracker
     from .theory import (
         KernelSolution,
         RegimePrediction,
@@ -94,5 +95,4 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
         kernel_solution,
         predict_regime,
     )
-    from .tracker import NTKReport, NTKTracker
     from .uncertainty import deep_ensemble, gp_laplace_classifier, kernel_ensemble

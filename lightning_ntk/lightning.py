@@ -3,12 +3,12 @@
 ``from lightning_ntk.lightning import NTKMonitor`` gives the same callback as
 ``lightning_ntk.NTKMonitor``, built on ``lightning.pytorch.Callback`` so that
 ``lightning.pytorch.Trainer`` and its ``LightningCLI`` accept it. Both classes come from
-one implementation, :class:`lightning_ntk.callback.NTKMonitorBase`.
+one implementation, :class:`lightning_ntk.monitor.callback.NTKMonitorBase`.
 """
 
 from __future__ import annotations
 
-from .callback import monitor_class
+from .monitor.callback import monitor_class
 
 __all__ = ["NTKMonitor"]
 

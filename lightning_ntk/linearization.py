@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
-from ._functional import (
+from .kernel._functional import (
     FunctionalModel,
     OutputFn,
     ParamSelector,

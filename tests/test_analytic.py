@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from lightning_ntk import empirical_ntk
-from lightning_ntk._analytic import _EXPECTATIONS
 from lightning_ntk.testing import (
     NTKMLP,
     analytic_nngp,
@@ -15,6 +14,7 @@ from lightning_ntk.testing import (
     assert_converges_to_analytic,
     assert_ntk_close,
 )
+from lightning_ntk.testing._analytic import _EXPECTATIONS
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -165,7 +165,7 @@ def test_ntk_mlp_is_built_from_plain_linear_layers():
     assert all(m.bias is not None and m.bias.shape == m.weight.shape[:1] for m in linears)
     assert model(torch.randn(7, 4)).shape == (7, 3)
     # every parameter is held by a stock nn.Linear: the structured kernel covers them all
-    from lightning_ntk._functional import FunctionalModel
+    from lightning_ntk.kernel._functional import FunctionalModel
     from lightning_ntk.kernel.structured import plan_structure
 
     plan = plan_structure(FunctionalModel(model), torch.randn(3, 4))

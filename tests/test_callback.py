@@ -42,13 +42,13 @@ def test_both_namespaces_are_one_implementation():
     import pytorch_lightning as pl
 
     from lightning_ntk import NTKMonitor
-    from lightning_ntk.callback import NTKMonitorBase
     from lightning_ntk.lightning import NTKMonitor as LNTKMonitor
+    from lightning_ntk.monitor.callback import NTKMonitorBase
 
     assert issubclass(NTKMonitor, pl.Callback) and not issubclass(NTKMonitor, L.Callback)
     assert issubclass(LNTKMonitor, L.Callback) and not issubclass(LNTKMonitor, pl.Callback)
     assert NTKMonitor.__init__ is LNTKMonitor.__init__ is NTKMonitorBase.__init__
-    assert NTKMonitor.__module__ == "lightning_ntk.callback"
+    assert NTKMonitor.__module__ == "lightning_ntk.monitor.callback"
     assert LNTKMonitor.__module__ == "lightning_ntk.lightning"
 
 
@@ -130,7 +130,7 @@ def test_early_stopping_on_an_ntk_metric():
 def test_scalars_go_through_module_log_when_the_trainer_has_no_metric_dicts():
     from types import MappingProxyType
 
-    from lightning_ntk.callback import _publish
+    from lightning_ntk.monitor.callback import _publish
 
     logged = []
     module = SimpleNamespace(log=lambda name, value, **kw: logged.append((name, value, kw)))

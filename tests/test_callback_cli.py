@@ -51,7 +51,7 @@ def test_monitor_from_yaml(namespace, tmp_path):
     monitors = [cb for cb in cli.trainer.callbacks if type(cb).__name__ == "NTKMonitor"]
     assert len(monitors) == 1
     monitor = monitors[0]
-    expected_module = {"pytorch_lightning": "lightning_ntk.callback"}.get(
+    expected_module = {"pytorch_lightning": "lightning_ntk.monitor.callback"}.get(
         namespace, "lightning_ntk.lightning"
     )
     assert type(monitor).__module__ == expected_module

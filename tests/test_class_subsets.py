@@ -10,8 +10,8 @@ from torch import Tensor, nn
 
 from lightning_ntk import empirical_ntk
 from lightning_ntk.kernel._layout import transpose_kernel
+from lightning_ntk.kernel.reference import reference_ntk
 from lightning_ntk.kernel.sketch import class_subset_ntk, probe_classes
-from lightning_ntk.reference import reference_ntk
 
 from .cases import CASES_BY_NAME
 

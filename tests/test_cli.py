@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_ntk._report import NoNTKDataError, load_run, load_runs, summarize
 from lightning_ntk.cli import main
+from lightning_ntk.cli._report import NoNTKDataError, load_run, load_runs, summarize
 
 RUN_NAMES = ("1_hard_labels", "2_l2_regularization", "3_label_smoothing", "4_narrow")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -113,7 +113,7 @@ def test_load_run_reads_ntk_scalars_and_the_last_diagnosis(tmp_path):
 
 
 def test_report_plots_a_plain_loop_log_with_its_logged_thresholds(tmp_path, capsys):
-    from lightning_ntk._report import _thresholds
+    from lightning_ntk.cli._report import _thresholds
 
     points = [(s, 0.01 * s) for s in (1, 2, 4, 8, 128, 256)]
     _write_events(
@@ -198,7 +198,7 @@ def test_console_script_is_registered():
 
 
 def test_digits_split_is_fixed_and_standardised_on_the_training_split():
-    from lightning_ntk._demo import load_digits_split
+    from lightning_ntk.cli._demo import load_digits_split
 
     x_train, y_train, x_test, y_test = load_digits_split()
     assert x_train.shape == (1500, 64) and x_test.shape == (297, 64)
@@ -213,7 +213,7 @@ def test_digits_split_is_fixed_and_standardised_on_the_training_split():
 def test_demo_l2_term_is_half_lambda_times_squared_distance_to_theta0():
     from torch import nn
 
-    from lightning_ntk._demo import DigitsClassifier
+    from lightning_ntk.cli._demo import DigitsClassifier
 
     torch.manual_seed(0)
     network = nn.Linear(3, 2, dtype=torch.float64)
@@ -238,7 +238,7 @@ def test_demo_rejects_a_non_positive_thread_count(tmp_path, capsys):
 def test_demo_prints_breakdown_warnings_on_one_line_and_passes_others_on(capsys):
     import warnings
 
-    from lightning_ntk._demo import _breakdown_on_one_line
+    from lightning_ntk.cli._demo import _breakdown_on_one_line
     from lightning_ntk.exceptions import LinearizationBreakdownWarning
 
     passed_on = []

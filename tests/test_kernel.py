@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from lightning_ntk import empirical_ntk, reference_ntk
-from lightning_ntk._functional import FunctionalModel
 from lightning_ntk.kernel import NTKMethod
+from lightning_ntk.kernel._functional import FunctionalModel
 from lightning_ntk.kernel.structured import plan_structure
 
 from .cases import CASES, CASES_BY_NAME, ModelCase

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from lightning_ntk import empirical_ntk
 from lightning_ntk.kernel import _factors, structured
 from lightning_ntk.kernel._factors import LayerInput, contract_token_pairs, prefer_gram
-from lightning_ntk.reference import reference_ntk
+from lightning_ntk.kernel.reference import reference_ntk
 from tests.cases import CASES_BY_NAME
 
 DT = torch.float64

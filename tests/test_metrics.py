@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from lightning_ntk import metrics
+from lightning_ntk.kernel.reference import reference_ntk
 from lightning_ntk.linearization import linearization_error, linearize
 from lightning_ntk.metrics import (
     ArgmaxAgreement,
@@ -23,7 +24,6 @@ from lightning_ntk.metrics import (
     spectrum,
     target_alignment,
 )
-from lightning_ntk.reference import reference_ntk
 
 DT = torch.float64
 

@@ -167,7 +167,7 @@ def test_plugin_can_be_disabled_and_loaded_explicitly(pytester):
     disabled.assert_outcomes(errors=1)
     disabled.stdout.fnmatch_lines(["*fixture 'ntk_seeds' not found*"])
     explicit = pytester.runpytest(
-        "-p", "no:lightning_ntk", "-p", "lightning_ntk.pytest_plugin", *INNER
+        "-p", "no:lightning_ntk", "-p", "lightning_ntk.testing.pytest_plugin", *INNER
     )
     explicit.assert_outcomes(passed=1)
 
@@ -176,7 +176,7 @@ def test_entry_point_registers_the_plugin_once_in_a_fresh_interpreter(pytester):
     pytester.makepyfile(
         test_once="""
 def test_registered_once(pytestconfig):
-    import lightning_ntk.pytest_plugin as plugin
+    import lightning_ntk.testing.pytest_plugin as plugin
     manager = pytestconfig.pluginmanager
     assert manager.get_plugin("lightning_ntk") is plugin
     assert [p for p in manager.get_plugins() if p is plugin] == [plugin]
@@ -188,7 +188,7 @@ def test_registered_once(pytestconfig):
 
 def test_importing_the_plugin_is_light():
     code = (
-        "import sys, lightning_ntk.pytest_plugin; "
+        "import sys, lightning_ntk.testing.pytest_plugin; "
         "heavy = [m for m in ('torch', 'lightning', 'pytorch_lightning') if m in sys.modules]; "
         "print(heavy); sys.exit(1 if heavy else 0)"
     )

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_ntk.kernel.reference import reference_ntk
 from lightning_ntk.linearization import linearize
 from lightning_ntk.metrics import logit_norm
-from lightning_ntk.reference import reference_ntk
 from lightning_ntk.theory import (
     KernelSolution,
     RegimePrediction,

@@ -14,9 +14,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ntk import NTKReport, NTKTracker, reference_ntk
-from lightning_ntk._schedule import Schedule
-from lightning_ntk._verdict import Thresholds, diagnose, logit_slope
 from lightning_ntk.metrics import kernel_distance, relative_change
+from lightning_ntk.monitor._schedule import Schedule
+from lightning_ntk.monitor._verdict import Thresholds, diagnose, logit_slope
 from tests._lightning_models import DictDataset, blobs, mlp, one_thread  # noqa: F401
 
 DESIGN_FIELDS = [
@@ -411,7 +411,7 @@ def test_tracker_imports_no_lightning_and_each_namespace_imports_only_itself():
     code = (
         "import sys\n"
         "from lightning_ntk import NTKTracker, NTKReport\n"
-        "import lightning_ntk.loggers\n"
+        "import lightning_ntk.monitor.loggers\n"
         "assert 'pytorch_lightning' not in sys.modules and 'lightning' not in sys.modules\n"
         "from lightning_ntk.lightning import NTKMonitor\n"
         "assert 'lightning.pytorch' in sys.modules and 'pytorch_lightning' not in sys.modules\n"

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_ntk._analytic import NTKMLP, analytic_nngp, analytic_ntk
+from lightning_ntk.testing._analytic import NTKMLP, analytic_nngp, analytic_ntk
 from lightning_ntk.theory import kernel_flow, kernel_solution
 from lightning_ntk.uncertainty import (
     EnsemblePrediction,

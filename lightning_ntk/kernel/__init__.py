@@ -18,7 +18,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .._functional import FunctionalModel, OutputFn, ParamSelector, check_inputs, exact_matmuls
+from ._functional import FunctionalModel, OutputFn, ParamSelector, check_inputs, exact_matmuls
 from ._layout import check_output, symmetrize, transpose_kernel
 from .jacobian import JacobianMethod
 from .ntk_vp import NTKVPMethod

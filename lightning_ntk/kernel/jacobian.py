@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.func import jacrev, vmap
 
-from .._functional import FunctionalModel
+from ._functional import FunctionalModel
 from ._layout import contract_jacobians
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
-from .._functional import FunctionalModel
+from ._functional import FunctionalModel
 from ._layout import reduce_full
 
 # Tangent memory budget per group of cotangents (numbers, not bytes).

@@ -36,7 +36,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._functional import FunctionalModel
 from ._factors import (
     LayerInput,
     contract_gram,
@@ -44,6 +43,7 @@ from ._factors import (
     per_example_outer,
     prefer_gram,
 )
+from ._functional import FunctionalModel
 from ._layout import contract_jacobians
 from .jacobian import jacobians
 

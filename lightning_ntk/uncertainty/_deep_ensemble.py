@@ -7,8 +7,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from ._kernel_solution import check_nonnegative, check_smoothing
-from ._uncertainty_common import (
+from ..theory._kernel_solution import check_nonnegative, check_smoothing
+from ._common import (
     EnsemblePrediction,
     build_model,
     check_inputs,

@@ -13,8 +13,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from ..kernel._functional import OutputFn, ParamSelector
 from . import _solve
-from ._functional import OutputFn, ParamSelector
 
 _DECAY_TO = ("init", "zero")
 _REDUCTIONS = ("mean", "sum")
@@ -89,7 +89,7 @@ def kernel_solution(
         reduction: ``"mean"`` (loss averaged over the ``N`` examples, ``G = Θ0/N``) or
             ``"sum"`` (``G = Θ0``).
         tol: convergence tolerance: ``λ > 0``, on ``max |F|`` or on the relative Newton
-            step (see :func:`lightning_ntk._solve.solve_regularized`); ``λ = 0``, on
+            step (see :func:`lightning_ntk.theory._solve.solve_regularized`); ``λ = 0``, on
             ``max |p(f*) − Y|`` (never below 1e-8).
         max_iter: Newton iterations at most.
         raise_on_failure: raise ``RuntimeError`` when the residual misses ``tol``
@@ -261,7 +261,7 @@ def weight_decay_shift(
     Returns:
         float64 ``(N, C)``.
     """
-    from .linearization import linearize
+    from ..linearization import linearize
 
     lin = linearize(model, params=params, output_fn=output_fn, dtype=torch.float64)
     with torch.no_grad():
@@ -407,7 +407,7 @@ def check_smoothing(eps: Any) -> float:
 
 def _targets_matrix(targets: Tensor, N: int, C: int) -> Tensor:
     """Float64 ``Y (N, C)`` from labels ``(N,)`` or soft targets ``(N, C)``, validated."""
-    from .metrics.functional import targets_matrix
+    from ..metrics.functional import targets_matrix
 
     check_tensor(targets, "targets")
     Y = targets_matrix(targets, C if not targets.is_floating_point() else None, num_rows=N)

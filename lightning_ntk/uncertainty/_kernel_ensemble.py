@@ -8,10 +8,10 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from . import _softmax_gp
-from ._analytic import NTKMLP
-from ._kernel_solution import check_nonnegative, check_smoothing, check_tensor
-from ._uncertainty_common import (
+from ..testing._analytic import NTKMLP
+from ..theory import _softmax_gp
+from ..theory._kernel_solution import check_nonnegative, check_smoothing, check_tensor
+from ._common import (
     EnsemblePrediction,
     build_model,
     check_inputs,
@@ -303,7 +303,7 @@ def _prior_kernels(
         last = net.layers[-1]
         C = (last.linear if hasattr(last, "linear") else last).out_features
         return ntk, net.analytic_nngp(x), C
-    from .kernel import empirical_ntk
+    from ..kernel import empirical_ntk
 
     ntk, second_moment, C = 0.0, 0.0, None
     for _ in range(num_inits):

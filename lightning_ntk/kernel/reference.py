@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.func import jacrev, vmap
 
 from ._functional import FunctionalModel, OutputFn, ParamSelector, check_inputs
-from .kernel._layout import check_output
+from ._layout import check_output
 
 
 def reference_ntk(

@@ -14,7 +14,7 @@ computes ``Θ_t`` and every :class:`NTKReport` field:
 * ``logit_norm`` (mean centered L2 norm), ``logit_growth = logit_norm_t / logit_norm_0``,
   ``param_distance = ‖θ_t − θ0‖ / ‖θ0‖``;
 * the verdict ``"lazy" | "drifting" | "broken"``, its causes and one sentence with the
-  reason and the fix (:mod:`lightning_ntk._verdict`), using the regime the paper predicts
+  reason and the fix (:mod:`lightning_ntk.monitor._verdict`), using the regime the paper predicts
   for the set-up (:func:`lightning_ntk.theory.predict_regime`).
 
 Nothing here imports Lightning; the callback is a thin adapter over this class.
@@ -54,15 +54,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ._functional import FunctionalModel, exact_matmuls
-from ._ntk_report import (
-    NUMERIC_FIELDS,
-    NTKReport,
-    finite_or,
-    layer_drift,
-    safe_spectrum,
-    safe_value,
-)
+from ..kernel._functional import FunctionalModel, exact_matmuls
 from ._probe import (
     BatchToXY,
     ForwardFn,
@@ -75,6 +67,14 @@ from ._probe import (
 )
 from ._schedule import Schedule
 from ._verdict import Thresholds, diagnose, logit_slope
+from .report import (
+    NUMERIC_FIELDS,
+    NTKReport,
+    finite_or,
+    layer_drift,
+    safe_spectrum,
+    safe_value,
+)
 
 __all__ = ["NTKReport", "NTKTracker", "Thresholds"]
 
@@ -450,7 +450,7 @@ class NTKTracker:
         self, wrapper: nn.Module, method: str, per_layer: bool
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """``Θ(X, X)`` in the chosen layout, and per module when ``per_layer`` is on."""
-        from .kernel import empirical_ntk
+        from ..kernel import empirical_ntk
 
         probe = self._probe_on(wrapper)[0]
         world = _world_size() if self.distributed else 1
@@ -486,7 +486,7 @@ class NTKTracker:
         return self.probe_x.to(device), y
 
     def _measure(self, wrapper: ForwardModule, step: int) -> tuple[NTKReport, dict]:
-        from .linearization import argmax_agreement, linearization_error, linearize, prob_tv
+        from ..linearization import argmax_agreement, linearization_error, linearize, prob_tv
 
         metrics = _metrics()
         state = self._state
@@ -572,7 +572,7 @@ class NTKTracker:
                 "reason": "set-up unknown: pass `optimizer` / `weight_decay` and `loss` / "
                 "`label_smoothing` to compare with the theory's prediction",
             }
-        from .theory import predict_regime
+        from ..theory import predict_regime
 
         try:
             prediction = predict_regime(
@@ -589,7 +589,7 @@ class NTKTracker:
 
 
 def _metrics() -> Any:
-    from . import metrics
+    from .. import metrics
 
     return metrics
 

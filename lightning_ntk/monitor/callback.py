@@ -1,6 +1,6 @@
 """NTKMonitor: a Lightning callback that watches the empirical NTK while a classifier trains.
 
-A thin adapter over :class:`~lightning_ntk.tracker.NTKTracker`: it draws the probe set
+A thin adapter over :class:`~lightning_ntk.monitor.tracker.NTKTracker`: it draws the probe set
 from the training data (or takes the one given), starts the tracker when training
 starts, asks it for a report on its schedule, logs the report and acts on the verdict.
 
@@ -18,7 +18,7 @@ Logging. Every report is logged
   a third of a report's time on a small model;
 * straight to every attached logger with ``logger.log_metrics(..., step=global_step)``,
   so no report is dropped by the Trainer's ``log_every_n_steps``;
-* with TensorBoard extras (:mod:`lightning_ntk.loggers`) when a ``TensorBoardLogger`` of
+* with TensorBoard extras (:mod:`lightning_ntk.monitor.loggers`) when a ``TensorBoardLogger`` of
   either namespace is attached.
 
 Distributed. Under DDP every rank computes the same report (same probe, same synced
@@ -37,7 +37,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .exceptions import LinearizationBreakdownError, LinearizationBreakdownWarning
+from ..exceptions import LinearizationBreakdownError, LinearizationBreakdownWarning
 from .loggers import tensorboard_writers, write_extras, write_layout
 from .tracker import NTKReport, NTKTracker
 
@@ -47,7 +47,7 @@ ACTIONS = ("warn", "stop", "raise")
 PROGRESS_BAR_KEYS = ("ntk/relative_change", "ntk/lazy")
 _SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
 _MODULES = {
-    "pytorch_lightning": "lightning_ntk.callback",
+    "pytorch_lightning": "lightning_ntk.monitor.callback",
     "lightning.pytorch": "lightning_ntk.lightning",
 }
 
@@ -59,7 +59,7 @@ class NTKMonitorBase:
     dataset (stratified by class, with its own generator: the data order and the global
     RNG are untouched) unless ``probe_x`` is given, snapshots ``θ0`` and ``Θ0``, then on
     its schedule (default: steps 4, 16, 64, 256, …) logs every field of an
-    :class:`~lightning_ntk.tracker.NTKReport` as ``ntk/<field>``, plus ``ntk/lazy``
+    :class:`~lightning_ntk.monitor.tracker.NTKReport` as ``ntk/<field>``, plus ``ntk/lazy``
     and the per-layer drift ``ntk/layer/<module>/relative_change``.
 
     The model is never run in training mode and never written to: every evaluation is
@@ -80,7 +80,7 @@ class NTKMonitorBase:
         log_base: report at steps ``⌈b^k⌉``, ``k ≥ 1`` (``None`` turns the log-spaced
             schedule off).
         thresholds: verdict thresholds, a dict of
-            :class:`~lightning_ntk._verdict.Thresholds` fields (e.g.
+            :class:`~lightning_ntk.monitor._verdict.Thresholds` fields (e.g.
             ``{"relative_change": [0.1, 0.5]}``).
         weight_decay: overrides the weight decay read from the first optimizer.
         label_smoothing: overrides the label smoothing read from the module's loss.

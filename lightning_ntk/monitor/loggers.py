@@ -87,7 +87,7 @@ def write_extras(
 
     Args:
         writer: a ``SummaryWriter``-like object.
-        report: an :class:`~lightning_ntk.tracker.NTKReport`; its ``step`` is the x-axis.
+        report: an :class:`~lightning_ntk.monitor.tracker.NTKReport`; its ``step`` is the x-axis.
         eigenvalues: eigenvalues of the kernel matrix (``ntk/spectrum``), if known.
         kernel: the ``(N, N)`` kernel matrix (``ntk/kernel``), if known.
         labels: probe labels ``(N,)`` to sort the heat map by class.

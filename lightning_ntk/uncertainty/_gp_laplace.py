@@ -22,9 +22,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _softmax_gp
-from ._kernel_solution import check_smoothing, check_tensor
-from ._uncertainty_common import check_option, check_positive_int, targets_matrix
+from ..theory import _softmax_gp
+from ..theory._kernel_solution import check_smoothing, check_tensor
+from ._common import check_option, check_positive_int, targets_matrix
 
 _AVERAGING = ("mc", "probit")
 

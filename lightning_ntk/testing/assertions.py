@@ -1,29 +1,7 @@
-"""Test helpers for wide-limit behaviour: analytic kernels, assertions and width sweeps.
+"""Assertions on kernels and on training.
 
-Every assertion returns a result object when it passes and otherwise raises
-:class:`AssertionError` with a diagnostic report (failing entries, ratios, tolerances,
-fitted slopes) that reads well in a pytest failure.
-
-Analytic kernels and reference networks (see :mod:`lightning_ntk._analytic` for the
-recursion and the parameterizations):
-
-* :func:`analytic_ntk`, :func:`analytic_nngp`: infinite-width kernels of an MLP.
-* :class:`NTKMLP`: an MLP whose empirical NTK converges to :func:`analytic_ntk`.
-
-Assertions on kernels:
-
-* :func:`assert_ntk_close`: entrywise ``|K − K_ref| ≤ atol + rtol·|K_ref|``.
-* :func:`assert_converges_to_analytic`: the empirical kernel tends to the analytic one as
-  the width grows, at the ``1/√width`` rate.
-
-Training sweeps (see :mod:`lightning_ntk._sweep`):
-
-* :func:`width_sweep`: train each width over a few seeds; kernel drift, linearization
-  error and logit growth per width, with log-log slopes against the width.
-* :func:`assert_lazy_training`, :func:`assert_lazy_scaling`: the kernel barely moves, and
-  moves less the wider the network (regularized or non-degenerate targets).
-* :func:`assert_breaks_down`: centered logits keep growing with the steps (hard targets,
-  no regularization), the paper's breakdown of the kernel regime.
+Each returns a result object when it passes and otherwise raises :class:`AssertionError`
+with a diagnostic report.
 """
 
 from __future__ import annotations
@@ -254,7 +232,7 @@ def assert_converges_to_analytic(
     Raises:
         AssertionError: with :meth:`ConvergenceResult.report` as the message.
     """
-    from .kernel import empirical_ntk
+    from ..kernel import empirical_ntk
 
     widths = _check_widths(widths)
     seeds = as_ints("seeds", seeds, None)

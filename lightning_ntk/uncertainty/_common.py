@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from ._kernel_solution import check_soft_targets, check_tensor
+from ..theory._kernel_solution import check_soft_targets, check_tensor
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ def build_model(model_fn: Callable[[], nn.Module], generator: torch.Generator) -
 
 def targets_matrix(targets: Tensor, N: int, C: int) -> Tensor:
     """Float64 ``Y (N, C)`` from labels ``(N,)`` or soft targets ``(N, C)``."""
-    from .metrics.functional import targets_matrix as one_hot_or_soft
+    from ..metrics.functional import targets_matrix as one_hot_or_soft
 
     check_tensor(targets, "targets")
     check_targets_rows(targets, N)

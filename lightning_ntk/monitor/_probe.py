@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._functional import unwrap_module
+from ..kernel._functional import unwrap_module
 
 BatchToXY = Callable[[Any], tuple[Any, Optional[Tensor]]]
 ForwardFn = Callable[[nn.Module, Tensor], Any]

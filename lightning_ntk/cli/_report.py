@@ -11,7 +11,7 @@ plots against the step, one line per run:
 * the mean centered logit norm ``logit_norm``;
 
 with the verdict thresholds drawn (the ``ntk/threshold/*`` scalars of the logs when
-present, else :class:`~lightning_ntk.tracker.Thresholds` defaults; for the logits a line
+present, else :class:`~lightning_ntk.monitor.tracker.Thresholds` defaults; for the logits a line
 rising by the break slope per doubling of steps).
 """
 
@@ -203,7 +203,7 @@ def plot_runs(runs: Sequence[Run], out: Union[str, Path], *, title: Optional[str
 
 def _thresholds(runs: Sequence[Run]) -> dict[str, tuple[float, float]]:
     """``{signal: (drift, break)}``: from the logs' ``ntk/threshold/*``, else the defaults."""
-    from ._verdict import Thresholds
+    from ..monitor._verdict import Thresholds
 
     defaults = Thresholds()
     out = {
@@ -238,7 +238,7 @@ def _draw_thresholds(
         ]
     # The logit signal is a slope per doubling of steps: draw lines rising at those slopes
     # from the runs' mean logit norm at the first step where the slope is read.
-    from ._verdict import Thresholds
+    from ..monitor._verdict import Thresholds
 
     start = Thresholds().min_trend_step
     anchors, last_step = [], 0

@@ -23,7 +23,7 @@ within the run (``lr·λ·steps ≳ 1``) also shrinks ``θ0`` itself and moves t
 ``weight_decay=λ`` since the optimizer carries none.
 
 Results: a table on stdout, TensorBoard logs under ``OUT/runs/<run>/seed_<seed>`` and
-the figure ``OUT/ntk_demo.png`` (built from those logs by :mod:`lightning_ntk._report`).
+the figure ``OUT/ntk_demo.png`` (built from those logs by :mod:`lightning_ntk.cli._report`).
 """
 
 from __future__ import annotations
@@ -246,8 +246,8 @@ def _train(
 ) -> RunResult:
     from pytorch_lightning.loggers import TensorBoardLogger
 
-    from . import NTKMonitor
-    from .testing import NTKMLP
+    from .. import NTKMonitor
+    from ..testing import NTKMLP
 
     x_train, y_train, x_test, y_test = data
     logdir = runs_dir / spec.name / f"seed_{seed}"
@@ -313,7 +313,7 @@ def _train(
 
 def _breakdown_on_one_line(show: Callable[..., None]) -> Callable[..., None]:
     """A ``warnings.showwarning`` printing the monitor's breakdown warning as one line."""
-    from .exceptions import LinearizationBreakdownWarning
+    from ..exceptions import LinearizationBreakdownWarning
 
     def showwarning(message, category, filename, lineno, file=None, line=None) -> None:
         if issubclass(category, LinearizationBreakdownWarning):

@@ -101,7 +101,7 @@ def ntk_seeds(pytestconfig: pytest.Config) -> tuple[int, ...]:
 @pytest.fixture
 def ntk_probe(ntk_seeds: tuple[int, ...]) -> Callable[..., Any]:
     """``make(num_examples=16, in_features=8, num_classes=4, **kw) -> (x, y)``, seeded."""
-    from .testing import make_classification_data
+    from ._sweep import make_classification_data
 
     def make(
         num_examples: int = 16, in_features: int = 8, num_classes: int = 4, **kwargs: Any
@@ -115,7 +115,7 @@ def ntk_probe(ntk_seeds: tuple[int, ...]) -> Callable[..., Any]:
 @pytest.fixture
 def ntk_width_sweep(ntk_widths: tuple[int, ...], ntk_seeds: tuple[int, ...]) -> Callable[..., Any]:
     """:func:`lightning_ntk.testing.width_sweep` with ``widths`` / ``seeds`` bound."""
-    from .testing import width_sweep
+    from ._sweep import width_sweep
 
     def sweep(model_factory: Callable[[int], Any], data: Any, **kwargs: Any) -> Any:
         kwargs.setdefault("widths", ntk_widths)

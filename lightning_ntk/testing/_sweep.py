@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .kernel._layout import check_output
+from ..kernel._layout import check_output
 
 __all__ = [
     "DECAY_TO",
@@ -439,9 +439,9 @@ def build_model(model_factory: Callable[[int], nn.Module], width: int, seed: int
 
 def _train_one(config: _SweepConfig, width: int, seed: int) -> dict[str, object]:
     """Train one network; its drift metrics and logit trajectory."""
-    from .kernel import empirical_ntk
-    from .linearization import linearization_error, linearize
-    from .metrics import logit_norm, relative_change
+    from ..kernel import empirical_ntk
+    from ..linearization import linearization_error, linearize
+    from ..metrics import logit_norm, relative_change
 
     model = build_model(config.model_factory, width, seed)
     first = next(model.parameters())

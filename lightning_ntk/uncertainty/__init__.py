@@ -25,10 +25,10 @@ predictors. Here the kernel is always class-shared, ``K ⊗ I_C`` (trace layout 
   approximated (Rasmussen & Williams 2006, §3.5), as the Bayesian reference.
 """
 
+from ._common import EnsemblePrediction
 from ._deep_ensemble import deep_ensemble
 from ._gp_laplace import GPLaplacePrediction, gp_laplace_classifier
 from ._kernel_ensemble import KernelSolutions, kernel_ensemble, kernel_solutions
-from ._uncertainty_common import EnsemblePrediction
 
 __all__ = [
     "EnsemblePrediction",
