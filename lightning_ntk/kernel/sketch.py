@@ -32,7 +32,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ..monitor._probe import ForwardModule, selector_on_wrapper
+from ._forward import ForwardModule, selector_on_wrapper
 from ._functional import FunctionalModel, OutputFn, check_inputs
 
 _DISTRIBUTIONS = ("rademacher", "gaussian")
@@ -289,7 +289,7 @@ def _per_example_subset_ntk(
     Each example travels as ``z = [flatten(x), c]`` (``D + m`` numbers; floating inputs
     in the compute dtype, which holds integers below ``2/eps`` exactly, integer inputs
     in int64), and :class:`_ClassRows` splits ``z`` again inside a
-    :class:`~lightning_ntk.monitor._probe.ForwardModule`, so the kernel engine sees an ordinary
+    :class:`~lightning_ntk.kernel._forward.ForwardModule`, so the kernel engine sees an ordinary
     model ``z ↦ f(x)[c] ∈ R^m`` whose parameters are the model's, prefixed ``"model."``.
     """
     from . import empirical_ntk

@@ -54,17 +54,9 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from ..kernel._forward import ForwardFn, ForwardModule, module_of, selector_on_wrapper
 from ..kernel._functional import FunctionalModel, exact_matmuls
-from ._probe import (
-    BatchToXY,
-    ForwardFn,
-    ForwardModule,
-    default_batch_to_xy,
-    draw_probe,
-    module_of,
-    preserved_rng,
-    selector_on_wrapper,
-)
+from ._probe import BatchToXY, default_batch_to_xy, draw_probe, preserved_rng
 from ._schedule import Schedule
 from ._verdict import Thresholds, diagnose, logit_slope
 from .report import (
