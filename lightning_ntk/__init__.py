@@ -11,7 +11,8 @@ Groups:
   :func:`argmax_agreement`
 * metrics: :mod:`lightning_ntk.metrics`
 * theory: :func:`predict_regime`, :func:`kernel_solution`, :func:`kernel_flow`
-* monitoring: :class:`NTKTracker`, :class:`NTKReport`, :class:`NTKMonitor`
+* monitoring: :class:`NTKTracker`, :class:`NTKReport`, :class:`NTKMonitor`,
+  :class:`Thresholds`
 * testing: :mod:`lightning_ntk.testing`
 * uncertainty: :func:`kernel_ensemble`, :func:`deep_ensemble`, :func:`gp_laplace_classifier`
 """
@@ -45,6 +46,7 @@ _LAZY_ATTRIBUTES: dict[str, str] = {
     "NTKTracker": ".monitor.tracker",
     "NTKReport": ".monitor.tracker",
     "NTKMonitor": ".monitor.callback",
+    "Thresholds": ".monitor._verdict",
     "LinearizationBreakdownWarning": ".exceptions",
     "LinearizationBreakdownError": ".exceptions",
     # predictive uncertainty over random initialisation
@@ -72,7 +74,9 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__) | _LAZY_SUBMODULES)
+    # the public names, loaded or not, and the module's dunders; not the helpers above
+    dunders = {name for name in globals() if name.startswith("__")}
+    return sorted(dunders | set(__all__) | _LAZY_SUBMODULES)
 
 
 if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
@@ -86,6 +90,7 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
         linearize,
         prob_tv,
     )
+    from .monitor._verdict import Thresholds
     from .monitor.callback import NTKMonitor
     from .monitor.tracker import NTKReport, NTKTracker
     from .theory import (

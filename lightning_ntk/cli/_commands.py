@@ -20,6 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lightning-ntk",
         description="Watch the empirical NTK of a classifier while it trains.",
     )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {_version()}", help="print the version"
+    )
     sub = parser.add_subparsers(dest="command", metavar="{demo,report}")
     sub.required = True
 
@@ -76,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="figure path (default: LOGDIR/ntk_report.png)",
     )
     return parser
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
 
 
 def main(argv: Optional[list[str]] = None) -> int:

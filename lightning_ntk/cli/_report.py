@@ -11,7 +11,7 @@ plots against the step, one line per run:
 * the mean centered logit norm ``logit_norm``;
 
 with the verdict thresholds drawn (the ``ntk/threshold/*`` scalars of the logs when
-present, else :class:`~lightning_ntk.monitor.tracker.Thresholds` defaults; for the logits a line
+present, else :class:`~lightning_ntk.Thresholds` defaults; for the logits a line
 rising by the break slope per doubling of steps).
 """
 

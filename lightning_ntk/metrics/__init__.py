@@ -16,6 +16,7 @@ They are imported lazily (PEP 562): the functions alone do not import torchmetri
 from __future__ import annotations
 
 import importlib
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from .functional import (
@@ -62,6 +63,16 @@ def __getattr__(name: str) -> Any:
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    dunders = {name for name in globals() if name.startswith("__")}
+    submodules = {
+        name
+        for name, value in globals().items()
+        if isinstance(value, ModuleType) and value.__name__.startswith(f"{__name__}.")
+    }
+    return sorted(dunders | set(__all__) | submodules)
 
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -3,11 +3,16 @@
 Each class only holds states; the maths is in :mod:`lightning_ntk.metrics.functional`
 and :mod:`lightning_ntk.linearization`. Every state is a float64 sum (``dist_reduce_fx="sum"``),
 so streaming over batches, and over ranks, gives the one-shot value.
+
+Every class plots like torchmetrics' own: ``metric.plot()`` draws the current value,
+``metric.plot([v1, v2, ...])`` a series of values (needs ``matplotlib``: the ``plot``
+extra, ``pip install "lightning-ntk[plot]"``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from collections.abc import Sequence
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
@@ -31,7 +36,27 @@ def _zero(*shape: int) -> Tensor:
     return torch.zeros(shape, dtype=_F64)
 
 
-class TargetAlignment(Metric):
+class _PlotMixin:
+    """``plot()`` as in torchmetrics' own metrics (a scalar value, or a series of them)."""
+
+    def plot(self, val: Optional[Union[Tensor, Sequence[Tensor]]] = None, ax: Any = None) -> Any:
+        """Plot one value of the metric, or a series of values, with matplotlib.
+
+        Args:
+            val: a value returned by ``compute()`` / ``forward()``, or a sequence of them;
+                ``None`` plots the current ``compute()``.
+            ax: a matplotlib ``Axes`` to draw into; ``None`` makes a new figure.
+
+        Returns:
+            ``(figure, axes)``.
+
+        Raises:
+            ModuleNotFoundError: matplotlib is not installed (the ``plot`` extra).
+        """
+        return self._plot(val, ax)  # type: ignore[attr-defined]
+
+
+class TargetAlignment(_PlotMixin, Metric):
     """Centered alignment ``A(K_trace, Y Yᵀ)`` streamed over blocks of kernel rows.
 
     The probe kernel ``K (N, N)`` (or ``(N, N, C)`` / ``(N, N, C, C)``, reduced to trace)
@@ -55,6 +80,8 @@ class TargetAlignment(Metric):
     is_differentiable = False
     higher_is_better = True
     full_state_update = False
+    plot_lower_bound: Optional[float] = -1.0
+    plot_upper_bound: Optional[float] = 1.0
 
     def __init__(self, num_classes: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -95,7 +122,7 @@ class TargetAlignment(Metric):
 _STATS = ("num_rows", "num_entries", "sum_k", "sum_k2", "sum_r2", "sum_kyy", "ry", "sum_y", "yy")
 
 
-class LinearizationError(Metric):
+class LinearizationError(_PlotMixin, Metric):
     """``‖f − f_lin‖_F / max(‖f − f0‖_F, eps)`` accumulated over batches.
 
     Keeps the two sums of squares; the ratio of their square roots is the one-shot value
@@ -129,7 +156,7 @@ class LinearizationError(Metric):
         return _linearization_error_compute(self.residual_sq, self.change_sq, self.eps)
 
 
-class _RowMean(Metric):
+class _RowMean(_PlotMixin, Metric):
     """Mean over all rows seen of a per-row quantity."""
 
     is_differentiable = False
@@ -153,6 +180,8 @@ class ProbTV(_RowMean):
     """Mean total-variation distance between ``softmax(f)`` and ``softmax(f_lin)``."""
 
     higher_is_better: Optional[bool] = False
+    plot_lower_bound: Optional[float] = 0.0
+    plot_upper_bound: Optional[float] = 1.0
 
     def update(self, logits: Tensor, logits_lin: Tensor) -> None:
         """Add a batch of logits and linearized logits, each ``(N, C)``."""
@@ -164,6 +193,8 @@ class ArgmaxAgreement(_RowMean):
     """Fraction of rows where ``argmax f == argmax f_lin``."""
 
     higher_is_better: Optional[bool] = True
+    plot_lower_bound: Optional[float] = 0.0
+    plot_upper_bound: Optional[float] = 1.0
 
     def update(self, logits: Tensor, logits_lin: Tensor) -> None:
         """Add a batch of logits and linearized logits, each ``(N, C)``."""

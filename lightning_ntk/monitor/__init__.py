@@ -3,7 +3,8 @@
 * :class:`NTKTracker` (:mod:`.tracker`): framework-free; ``start(model)`` snapshots ``θ0``
   and ``Θ0`` on the probe set, ``update(model, step)`` returns an :class:`NTKReport`.
 * :class:`NTKReport` (:mod:`.report`): one report's numbers, verdict and message.
-* :mod:`._verdict`: thresholds and the diagnosis; :mod:`._schedule`: when to report;
+* :class:`Thresholds` (defined in the internal ``_verdict`` module): the verdict's
+  thresholds; ``_verdict`` also holds the diagnosis; :mod:`._schedule`: when to report;
   :mod:`._probe`: drawing the probe set from training batches.
 * :mod:`.loggers`: TensorBoard extras (spectrum, kernel image, custom-scalars layout).
 * :class:`NTKMonitor` (:mod:`.callback`): the thin Lightning adapter.
@@ -16,12 +17,14 @@ Layer: may import :mod:`lightning_ntk.kernel`, :mod:`lightning_ntk.linearization
 from __future__ import annotations
 
 import importlib
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 _LAZY_ATTRIBUTES: dict[str, str] = {
     "NTKTracker": ".tracker",
     "NTKReport": ".report",
     "NTKMonitor": ".callback",
+    "Thresholds": "._verdict",
 }
 
 __all__ = sorted(_LAZY_ATTRIBUTES)
@@ -36,10 +39,17 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    dunders = {name for name in globals() if name.startswith("__")}
+    submodules = {
+        name
+        for name, value in globals().items()
+        if isinstance(value, ModuleType) and value.__name__.startswith(f"{__name__}.")
+    }
+    return sorted(dunders | set(__all__) | submodules)
 
 
 if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
+    from ._verdict import Thresholds
     from .callback import NTKMonitor
     from .report import NTKReport
     from .tracker import NTKTracker
