@@ -47,7 +47,7 @@ def train(label_smoothing: float, steps: int, logdir: Path, seed: int = 0) -> NT
     tracker.draw_probe(data)  # stratified, with the tracker's own generator
     tracker.start(model)
     writer = SummaryWriter(logdir / f"smoothing_{label_smoothing}")
-    write_layout(writer)
+    write_layout(writer, tracker.thresholds)
     loader = torch.utils.data.DataLoader(data, batch_size=128, shuffle=True)
     step = 0
     while step < steps:

@@ -100,14 +100,15 @@ def test_tensorboard_scalars_histogram_image_text(namespace, tmp_path):
     assert "ntk/spectrum" in tags["histograms"]
     assert "ntk/kernel" in tags["images"]
     image = acc.Images("ntk/kernel")[-1]
-    assert (image.width, image.height) == (9, 9)
+    assert image.width >= 256 and image.height >= 256  # upsampled blocks, not 9 × 9 pixels
     assert "ntk/diagnosis/text_summary" in tags["tensors"]
     text = acc.Tensors("ntk/diagnosis/text_summary")[-1].tensor_proto.string_val[0].decode()
     assert monitor.history[-1].verdict in text
-    assert "ntk/threshold/relative_change_break" in tags["scalars"]
-    # custom-scalars layout: drift curves with their thresholds
+    # thresholds live in the custom-scalars layout's titles, not as constant series
+    assert not [tag for tag in tags["scalars"] if "threshold" in tag]
     layout = acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]
-    assert b"ntk/threshold/relative_change_break" in layout and b"ntk/relative_change" in layout
+    assert b"kernel relative change (drift 0.1, break 0.5)" in layout
+    assert b"ntk/relative_change" in layout
 
 
 def test_early_stopping_on_an_ntk_metric():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+import subprocess
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -21,6 +23,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def demo_output(tmp_path_factory):
     """Run ``lightning-ntk demo --fast`` once; return (exit code, stdout, output dir)."""
+    pytest.importorskip("sklearn", reason="the demo needs scikit-learn (the `demo` extra)")
+    pytest.importorskip("matplotlib", reason="the demo needs matplotlib (the `demo` extra)")
     out = tmp_path_factory.mktemp("demo")
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
@@ -133,6 +137,51 @@ def test_report_plots_a_plain_loop_log_with_its_logged_thresholds(tmp_path, caps
     assert main(["report", str(tmp_path / "logs")]) == 0
     assert (tmp_path / "logs" / "ntk_report.png").read_bytes()[:8] == PNG_MAGIC
     assert "a: drifting at step 256" in capsys.readouterr().out
+
+
+def test_report_reads_thresholds_from_the_layout_under_a_prefix(tmp_path, capsys):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_ntk import Thresholds
+    from lightning_ntk.cli._report import _thresholds
+    from lightning_ntk.monitor.loggers import write_layout
+
+    logdir = tmp_path / "logs" / "run"
+    writer = SummaryWriter(str(logdir))
+    write_layout(writer, Thresholds(relative_change=(0.3, 0.9)), prefix="cheap/")
+    write_layout(writer, Thresholds(relative_change=(0.2, 0.8)), prefix="ntk/")
+    for step in (1, 2, 4):
+        writer.add_scalar("cheap/relative_change", 0.1 * step, step)
+        writer.add_scalar("cheap/lazy", 1.0, step)
+        writer.add_scalar("ntk/relative_change", 0.2 * step, step)
+    writer.close()
+    (run,) = load_runs(tmp_path / "logs", prefix="cheap/")
+    assert run.scalars["ntk/relative_change"][1] == pytest.approx([0.1, 0.2, 0.4])
+    assert run.thresholds["relative_change"] == (0.3, 0.9)
+    assert _thresholds([run])["relative_change"] == (0.3, 0.9)
+    assert _thresholds([run])["linearization_error"] == Thresholds().linearization_error
+    assert main(["report", str(tmp_path / "logs"), "--prefix", "cheap/"]) == 0
+    assert "run: lazy at step 4" in capsys.readouterr().out
+
+
+def test_report_with_core_dependencies_prints_the_summary_and_names_the_extra(tmp_path):
+    _write_events(
+        tmp_path / "logs" / "a", {"ntk/relative_change": [(4, 0.5)], "ntk/lazy": [(4, 1.0)]}
+    )
+    code = (
+        "import sys; sys.modules['matplotlib'] = None  # as if not installed\n"
+        "from lightning_ntk.cli import main\n"
+        f"sys.exit(main(['report', {str(tmp_path / 'logs')!r}]))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("a: lazy at step 4")
+    assert (
+        lines[-1] == 'Figure: not drawn: it needs matplotlib (pip install "lightning-ntk[plot]").'
+    )
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "logs" / "ntk_report.png").exists()
 
 
 def test_report_without_event_files_fails_clearly(tmp_path, capsys):

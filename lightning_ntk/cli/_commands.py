@@ -76,7 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         type=Path,
         default=None,
-        help="figure path (default: LOGDIR/ntk_report.png)",
+        help="figure path (default: LOGDIR/ntk_report.png; the figure needs matplotlib)",
+    )
+    report.add_argument(
+        "--prefix",
+        default="ntk/",
+        help="prefix of the monitor's scalars, NTKMonitor(prefix=...) (default: ntk/)",
     )
     return parser
 
@@ -130,14 +135,25 @@ def _report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from ._report import NoNTKDataError, load_runs, plot_runs, summarize
 
     try:
-        runs = load_runs(logdir)
+        runs = load_runs(logdir, prefix=args.prefix)
     except NoNTKDataError as err:
         print(f"lightning-ntk report: error: {err}", file=sys.stderr)
         return 1
+    print(summarize(runs), flush=True)
+    if not _has_matplotlib():
+        print('\nFigure: not drawn: it needs matplotlib (pip install "lightning-ntk[plot]").')
+        return 0
     plot_runs(runs, out)
-    print(summarize(runs))
     print(f"\nFigure: {out}")
     return 0
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _check_device(parser: argparse.ArgumentParser, device: str) -> str:

@@ -10,15 +10,20 @@ plots against the step, one line per run:
 * ``linearization_error = ‖f − f_lin‖_F / ‖f − f0‖_F``;
 * the mean centered logit norm ``logit_norm``;
 
-with the verdict thresholds drawn (the ``ntk/threshold/*`` scalars of the logs when
-present, else :class:`~lightning_ntk.Thresholds` defaults; for the logits a line
-rising by the break slope per doubling of steps).
+with the verdict thresholds drawn (read from the titles of the custom-scalars layout the
+monitor writes, or the ``ntk/threshold/*`` scalars of logs from earlier versions, else
+the :class:`~lightning_ntk.Thresholds` defaults; for the logits a line rising by the
+break slope per doubling of steps).
+
+The text summary needs only the core dependencies; the figure needs matplotlib (the
+``plot`` extra).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +33,16 @@ __all__ = ["NoNTKDataError", "Run", "load_run", "load_runs", "plot_runs", "summa
 
 EVENT_PREFIX = "events.out.tfevents."
 DIAGNOSIS_TAG = "ntk/diagnosis"
+LAYOUT_TAG = "custom_scalars__config__"
+# chart titles of the layout (lightning_ntk.monitor.loggers.threshold_title)
+_TITLE = re.compile(
+    r"^(?P<name>kernel relative change|linearization error) "
+    r"\(drift (?P<drift>[-+.\de]+), break (?P<brk>[-+.\de]+)\)$"
+)
+_SIGNAL_OF_TITLE = {
+    "kernel relative change": "relative_change",
+    "linearization error": "linearization_error",
+}
 VERDICT_OF_SCORE = {1.0: "lazy", 0.5: "drifting", 0.0: "broken"}
 PANELS = (
     ("ntk/relative_change", "kernel drift ‖Θt − Θ0‖ / ‖Θ0‖", "relative_change"),
@@ -53,12 +68,14 @@ class Run:
         path: the run's directory.
         scalars: ``{tag: (steps, values)}`` for every ``ntk/`` scalar tag.
         diagnosis: ``(step, text)`` of the last ``ntk/diagnosis`` text, if logged.
+        thresholds: ``{signal: (drift, break)}`` read from the run's custom-scalars layout.
     """
 
     label: str
     path: Path
     scalars: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
     diagnosis: Optional[tuple[int, str]] = None
+    thresholds: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def last(self, tag: str) -> float:
         """The last logged value of ``tag`` (``nan`` if never logged)."""
@@ -72,8 +89,13 @@ class Run:
         return VERDICT_OF_SCORE.get(score, "unknown")
 
 
-def load_runs(logdir: Union[str, Path]) -> list[Run]:
+def load_runs(logdir: Union[str, Path], *, prefix: str = "ntk/") -> list[Run]:
     """Every run below ``logdir`` with ``ntk/`` scalars, labelled by its relative path.
+
+    Args:
+        logdir: a TensorBoard log directory.
+        prefix: the prefix of the monitor's scalars (``NTKMonitor(prefix=...)``); the
+            runs' scalars are keyed ``ntk/<name>`` whatever it is.
 
     Raises:
         NoNTKDataError: no event files, or none with ``ntk/`` scalars.
@@ -94,19 +116,27 @@ def load_runs(logdir: Union[str, Path]) -> list[Run]:
     runs = []
     for d in dirs:
         label = d.relative_to(logdir).as_posix() if d != logdir else d.name
-        run = load_run(d, label=label, strict=False)
+        run = load_run(d, label=label, strict=False, prefix=prefix)
         if run.scalars:
             runs.append(run)
     if not runs:
         raise NoNTKDataError(
-            f"Found {len(dirs)} TensorBoard run(s) below '{logdir}' but none with ntk/ scalars: "
-            "log them with NTKMonitor (or NTKTracker.scalars() in a plain loop)."
+            f"Found {len(dirs)} TensorBoard run(s) below '{logdir}' but none with {prefix} "
+            "scalars: log them with NTKMonitor (or NTKTracker.scalars() in a plain loop)."
         )
     return runs
 
 
-def load_run(path: Union[str, Path], *, label: Optional[str] = None, strict: bool = True) -> Run:
-    """The ``ntk/`` scalars and last diagnosis of the run whose event files are in ``path``.
+def load_run(
+    path: Union[str, Path],
+    *,
+    label: Optional[str] = None,
+    strict: bool = True,
+    prefix: str = "ntk/",
+) -> Run:
+    """The ``<prefix>`` scalars and last diagnosis of the run whose event files are in ``path``.
+
+    The scalars are keyed ``ntk/<name>`` whatever the prefix.
 
     Raises:
         NoNTKDataError: with ``strict``, when the run has no ``ntk/`` scalars.
@@ -119,18 +149,21 @@ def load_run(path: Union[str, Path], *, label: Optional[str] = None, strict: boo
     tags = accumulator.Tags()
     run = Run(label=label or path.name, path=path)
     for tag in tags.get("scalars", []):
-        if tag.startswith("ntk/"):
+        if tag.startswith(prefix):
             by_step = {e.step: e.value for e in accumulator.Scalars(tag)}  # last write wins
             steps = sorted(by_step)
-            run.scalars[tag] = (steps, [by_step[s] for s in steps])
+            run.scalars["ntk/" + tag[len(prefix) :]] = (steps, [by_step[s] for s in steps])
     for tag in tags.get("tensors", []):
-        if tag.startswith(DIAGNOSIS_TAG):
+        if tag == LAYOUT_TAG:
+            for event in accumulator.Tensors(tag):
+                run.thresholds.update(_layout_thresholds(event.tensor_proto, prefix))
+        if tag.startswith(f"{prefix}diagnosis"):
             events = accumulator.Tensors(tag)
             if events:
                 last = max(events, key=lambda e: e.step)
                 run.diagnosis = (last.step, _text_of(last.tensor_proto))
     if strict and not run.scalars:
-        raise NoNTKDataError(f"Expected ntk/ scalars in the run '{path}' but found none.")
+        raise NoNTKDataError(f"Expected {prefix} scalars in the run '{path}' but found none.")
     return run
 
 
@@ -202,7 +235,11 @@ def plot_runs(runs: Sequence[Run], out: Union[str, Path], *, title: Optional[str
 
 
 def _thresholds(runs: Sequence[Run]) -> dict[str, tuple[float, float]]:
-    """``{signal: (drift, break)}``: from the logs' ``ntk/threshold/*``, else the defaults."""
+    """``{signal: (drift, break)}`` shared by all runs, from their logs, else the defaults.
+
+    The logs hold them in the layout's chart titles (or, written by earlier versions, as
+    ``ntk/threshold/*`` scalars).
+    """
     from ..monitor._verdict import Thresholds
 
     defaults = Thresholds()
@@ -213,7 +250,11 @@ def _thresholds(runs: Sequence[Run]) -> dict[str, tuple[float, float]]:
     }
     for signal in ("relative_change", "linearization_error"):
         logged = [
-            (run.last(f"ntk/threshold/{signal}_drift"), run.last(f"ntk/threshold/{signal}_break"))
+            run.thresholds.get(signal)
+            or (
+                run.last(f"ntk/threshold/{signal}_drift"),
+                run.last(f"ntk/threshold/{signal}_break"),
+            )
             for run in runs
         ]
         logged = [pair for pair in logged if all(math.isfinite(v) for v in pair)]
@@ -266,6 +307,37 @@ def _draw_thresholds(
         )
         handles.append(line)
     return handles
+
+
+def _layout_thresholds(tensor_proto: object, prefix: str) -> dict[str, tuple[float, float]]:
+    """``{signal: (drift, break)}`` from the chart titles of a custom-scalars layout."""
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    layout = layout_pb2.Layout()
+    try:
+        layout.ParseFromString(_bytes_of(tensor_proto))
+    except Exception:  # not a layout this version can read: fall back to the defaults
+        return {}
+    found = {}
+    name = prefix.rstrip("/") or "ntk"
+    for category in layout.category:
+        if not category.title.startswith(f"{name}:"):
+            continue
+        for chart in category.chart:
+            match = _TITLE.match(chart.title)
+            if match:
+                signal = _SIGNAL_OF_TITLE[match["name"]]
+                found[signal] = (float(match["drift"]), float(match["brk"]))
+    return found
+
+
+def _bytes_of(tensor_proto: object) -> bytes:
+    """The bytes held by a string tensor's first element."""
+    from tensorboard.util import tensor_util
+
+    value = tensor_util.make_ndarray(tensor_proto)
+    item = value.reshape(-1)[0] if value.size else b""
+    return item if isinstance(item, bytes) else str(item).encode()
 
 
 def _text_of(tensor_proto: object) -> str:

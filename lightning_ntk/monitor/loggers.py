@@ -1,14 +1,16 @@
-"""TensorBoard extras for NTK reports: spectrum histogram, kernel image, layout, diagnosis.
+"""TensorBoard extras for NTK reports: spectrum histogram, kernel figure, layout, diagnosis.
 
 Works with any ``torch.utils.tensorboard.SummaryWriter``-like ``writer`` (a Lightning
-``TensorBoardLogger.experiment`` in either namespace, or a writer of a plain loop):
+``TensorBoardLogger.experiment`` in either namespace, or a writer of a plain loop). With
+the default ``prefix="ntk/"``:
 
 * ``ntk/spectrum``: histogram of the kernel matrix's eigenvalues;
 * ``ntk/kernel``: heat map of the ``(N, N)`` kernel (mean over classes), probe sorted by
-  class, scaled to ``[0, 1]`` by its largest entry;
+  class, class blocks outlined, on a diverging colour map centred at 0 with a colour bar
+  (:func:`kernel_image`);
 * ``ntk/diagnosis``: the report's verdict, causes and message as text;
-* ``ntk/threshold/<signal>_{drift,break}``: the verdict thresholds as constant scalars,
-  which the custom-scalars layout (:func:`write_layout`) draws with the drift curves.
+* a custom-scalars layout (:func:`write_layout`) grouping the curves; the verdict
+  thresholds are written into its chart titles, not as scalar series.
 """
 
 from __future__ import annotations
@@ -19,9 +21,17 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from ._kernel_image import kernel_figure
 from ._verdict import Thresholds
 
-__all__ = ["is_tensorboard_logger", "kernel_image", "write_extras", "write_layout"]
+__all__ = [
+    "is_tensorboard_logger",
+    "kernel_image",
+    "tensorboard_writers",
+    "threshold_title",
+    "write_extras",
+    "write_layout",
+]
 
 
 def is_tensorboard_logger(logger: Any) -> bool:
@@ -40,35 +50,60 @@ def tensorboard_writers(loggers: Iterable[Any]) -> list[Any]:
     return writers
 
 
-def write_layout(writer: Any) -> None:
-    """Add a custom-scalars layout that puts each drift curve next to its thresholds.
+def threshold_title(name: str, thresholds: tuple[float, float]) -> str:
+    """A chart title with the thresholds: ``kernel relative change (drift 0.1, break 0.5)``."""
+    drift, brk = thresholds
+    return f"{name} (drift {drift:g}, break {brk:g})"
 
-    The threshold curves ``ntk/threshold/*`` are written by :func:`write_extras`.
+
+def write_layout(
+    writer: Any, thresholds: Optional[Thresholds] = None, *, prefix: str = "ntk/"
+) -> None:
+    """Add a custom-scalars layout grouping the ``<prefix>*`` curves.
+
+    The drift and break thresholds of the kernel drift and the linearization error
+    (:class:`~lightning_ntk.Thresholds`, default values if ``None``) are part of their
+    chart titles; no constant threshold series are logged.
+
+    Args:
+        writer: a ``SummaryWriter``-like object.
+        thresholds: the monitor's verdict thresholds.
+        prefix: the prefix of the logged scalar names (``NTKMonitor(prefix=...)``); it
+            also names the layout's categories, so several monitors keep theirs apart.
     """
-
-    def lines(signal: str) -> list[str]:
-        return [f"ntk/{signal}", f"ntk/threshold/{signal}_drift", f"ntk/threshold/{signal}_break"]
-
+    t = thresholds or Thresholds()
+    p = prefix
+    name = prefix.rstrip("/") or "ntk"
     layout = {
-        "NTK drift": {
-            "kernel relative change": ["Multiline", lines("relative_change")],
-            "linearization error": ["Multiline", lines("linearization_error")],
-            "kernel distance": ["Multiline", ["ntk/kernel_distance"]],
-            "laziness (1 lazy, 0.5 drifting, 0 broken)": ["Multiline", ["ntk/lazy"]],
+        f"{name}: drift": {
+            threshold_title("kernel relative change", t.relative_change): [
+                "Multiline",
+                [f"{p}relative_change"],
+            ],
+            threshold_title("linearization error", t.linearization_error): [
+                "Multiline",
+                [f"{p}linearization_error"],
+            ],
+            "kernel distance": ["Multiline", [f"{p}kernel_distance"]],
+            "laziness (1 lazy, 0.5 drifting, 0 broken)": ["Multiline", [f"{p}lazy"]],
         },
-        "NTK logits": {
-            "centered logit norm": ["Multiline", ["ntk/logit_norm", "ntk/logit_growth"]],
-            "linearized model": ["Multiline", ["ntk/prob_tv", "ntk/argmax_agreement"]],
-            "parameter distance": ["Multiline", ["ntk/param_distance"]],
+        f"{name}: logits": {
+            threshold_title("centered logit norm, slope per doubling of steps", t.logit_slope): [
+                "Multiline",
+                [f"{p}logit_norm", f"{p}logit_growth"],
+            ],
+            "linearized model": ["Multiline", [f"{p}prob_tv", f"{p}argmax_agreement"]],
+            "parameter distance": ["Multiline", [f"{p}param_distance"]],
         },
-        "NTK spectrum": {
-            "eigenvalues": ["Multiline", ["ntk/eig_max", "ntk/eig_min"]],
-            "effective rank": ["Multiline", ["ntk/effective_rank"]],
-            "condition number": ["Multiline", ["ntk/condition_number"]],
-            "target alignment": ["Multiline", ["ntk/target_alignment"]],
+        f"{name}: spectrum": {
+            "eigenvalues": ["Multiline", [f"{p}eig_max", f"{p}eig_min"]],
+            "effective rank": ["Multiline", [f"{p}effective_rank"]],
+            "condition number": ["Multiline", [f"{p}condition_number"]],
+            "target alignment": ["Multiline", [f"{p}target_alignment"]],
         },
-        "NTK layers": {
-            "per-layer relative change": ["Multiline", ["ntk/layer/.*/relative_change"]]
+        f"{name}: layers": {
+            "per-layer relative change": ["Multiline", [f"{p}layer/.*/relative_change"]],
+            "per-layer share of the kernel's trace": ["Multiline", [f"{p}layer/.*/share"]],
         },
     }
     writer.add_custom_scalars(layout)
@@ -82,55 +117,43 @@ def write_extras(
     kernel: Optional[Tensor] = None,
     labels: Optional[Tensor] = None,
     thresholds: Optional[Thresholds] = None,
+    prefix: str = "ntk/",
 ) -> None:
-    """Write the histogram, kernel image, diagnosis text and threshold lines of a report.
+    """Write the histogram, kernel figure and diagnosis text of a report.
 
     Args:
         writer: a ``SummaryWriter``-like object.
-        report: an :class:`~lightning_ntk.monitor.tracker.NTKReport`; its ``step`` is the x-axis.
-        eigenvalues: eigenvalues of the kernel matrix (``ntk/spectrum``), if known.
-        kernel: the ``(N, N)`` kernel matrix (``ntk/kernel``), if known.
-        labels: probe labels ``(N,)`` to sort the heat map by class.
-        thresholds: the verdict thresholds (``ntk/threshold/*`` scalars).
+        report: an :class:`~lightning_ntk.NTKReport`; its ``step`` is the x-axis.
+        eigenvalues: eigenvalues of the kernel matrix (``<prefix>spectrum``), if known.
+        kernel: the ``(N, N)`` kernel matrix (``<prefix>kernel``), if known.
+        labels: probe labels ``(N,)`` (or soft targets ``(N, C)``) to sort the heat map
+            by class and outline the class blocks.
+        thresholds: unused, kept for callers of earlier versions: the thresholds are
+            in the layout's chart titles (:func:`write_layout`).
+        prefix: the prefix of the tags.
     """
+    del thresholds
     step = int(report.step)
     if eigenvalues is not None and eigenvalues.numel() and torch.isfinite(eigenvalues).all():
-        writer.add_histogram("ntk/spectrum", eigenvalues.detach().double().cpu(), step)
+        writer.add_histogram(f"{prefix}spectrum", eigenvalues.detach().double().cpu(), step)
     if kernel is not None and torch.isfinite(kernel).all():
-        writer.add_image("ntk/kernel", kernel_image(kernel, labels), step, dataformats="CHW")
+        writer.add_image(f"{prefix}kernel", kernel_image(kernel, labels), step, dataformats="CHW")
     causes = ", ".join(report.causes) or "none"
     writer.add_text(
-        "ntk/diagnosis",
+        f"{prefix}diagnosis",
         f"**{report.verdict}** at step {step} (causes: {causes}; predicted regime: "
         f"{report.predicted_regime}). {report.message}",
         step,
     )
-    thresholds = thresholds or Thresholds()
-    for signal in ("relative_change", "linearization_error"):
-        drift, brk = getattr(thresholds, signal)
-        writer.add_scalar(f"ntk/threshold/{signal}_drift", drift, step)
-        writer.add_scalar(f"ntk/threshold/{signal}_break", brk, step)
 
 
 def kernel_image(kernel: Tensor, labels: Optional[Tensor] = None) -> Tensor:
-    """An RGB heat map ``(3, N, N)`` in ``[0, 1]`` of an ``(N, N)`` kernel.
+    """The kernel heat-map figure ``(3, H, W)`` in ``[0, 1]`` of an ``(N, N)`` kernel.
 
-    Rows and columns are sorted by class when integer ``labels (N,)`` are given; entries
-    are scaled by the largest absolute entry and coloured from blue (−1) over white (0)
-    to red (+1).
+    Rows and columns are sorted by class when ``labels`` are given, each entry is an
+    upsampled block (the map is at least 288 pixels wide), the colours are a diverging
+    map centred at 0 (blue negative, white 0, red positive) on ``[−max|K|, max|K|]``,
+    class blocks are outlined and a labelled colour bar is drawn on the right. Needs
+    only torch.
     """
-    K = kernel.detach().double().cpu()
-    if K.ndim != 2 or K.shape[0] != K.shape[1]:
-        raise ValueError(
-            f"Expected `kernel` to be a square (N, N) matrix but got {tuple(K.shape)}."
-        )
-    if labels is not None and labels.ndim == 1 and not labels.is_floating_point():
-        order = torch.argsort(labels.cpu(), stable=True)
-        K = K[order][:, order]
-    scale = K.abs().max()
-    v = (K / scale if scale > 0 else K).clamp(-1, 1)  # (N, N) in [-1, 1]
-    pos, neg = v.clamp(min=0), (-v).clamp(min=0)
-    red = 1 - neg
-    green = 1 - pos - neg
-    blue = 1 - pos
-    return torch.stack([red, green, blue]).float()  # (3, N, N)
+    return kernel_figure(kernel, labels)
