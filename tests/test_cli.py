@@ -299,3 +299,14 @@ def test_demo_prints_breakdown_warnings_on_one_line_and_passes_others_on(capsys)
         warnings.warn("something else", UserWarning, stacklevel=1)
     assert capsys.readouterr().err == "NTKMonitor: Step 3: logits diverging.\n"
     assert passed_on == [UserWarning]
+
+
+def test_demo_redirected_writes_one_line_per_run_and_no_progress_bars(tmp_path, capfd):
+    pytest.importorskip("sklearn", reason="the demo needs scikit-learn (the `demo` extra)")
+    pytest.importorskip("matplotlib", reason="the demo needs matplotlib (the `demo` extra)")
+    assert main(["demo", "--fast", "--out", str(tmp_path)]) == 0  # output is not a terminal
+    out, err = capfd.readouterr()
+    run_lines = [line for line in out.splitlines() if line.startswith("[")]
+    assert [line.split("]")[0][1:] for line in run_lines] == list(RUN_NAMES)
+    assert all(" steps in " in line and "verdict" in line for line in run_lines)
+    assert "it/s" not in out + err and "\r" not in out + err  # no progress bar

@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     demo.add_argument(
-        "--no-progress", action="store_true", help="hide the progress bars (for logs and CI)"
+        "--no-progress",
+        action="store_true",
+        help="hide the progress bars (they are shown only when the output is a terminal)",
     )
 
     report = sub.add_parser(
@@ -119,7 +121,8 @@ def _demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             out=args.out,
             device=device,
             seed=args.seed,
-            progress=not args.no_progress,
+            # bars only on a terminal: redirected, each run writes one line
+            progress=not args.no_progress and sys.stdout.isatty(),
         )
     finally:
         torch.set_num_threads(threads)

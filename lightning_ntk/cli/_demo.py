@@ -180,7 +180,8 @@ def run_demo(
         out: output directory; logs go to ``out/runs``, the figure to ``out/ntk_demo.png``.
         device: a torch device string (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``).
         seed: seed of the initialisation and the data order.
-        progress: show Lightning's progress bars.
+        progress: show Lightning's progress bars (the command shows them only when its
+            output is a terminal); each run ends with one line either way.
 
     Returns:
         One :class:`RunResult` per run, in order.
@@ -196,9 +197,17 @@ def run_demo(
         f"{config.steps} steps, {config.n_probe} probe points, seed {seed}, {device}."
     )
     results = []
+    print()
     for spec in config.specs():
-        print(f"\n[{spec.name}] {spec.title}, width {spec.width}")
-        results.append(_train(spec, config, data, out / "runs", device, seed, progress))
+        if progress:  # names the progress bar that follows
+            print(f"[{spec.name}] {spec.title}, width {spec.width}", flush=True)
+        result = _train(spec, config, data, out / "runs", device, seed, progress)
+        results.append(result)
+        print(
+            f"[{spec.name}] {spec.title}, width {spec.width}: {config.steps} steps in "
+            f"{result.seconds:.1f} s, verdict {result.report.verdict}",
+            flush=True,
+        )
 
     print()
     print(format_table(results))
