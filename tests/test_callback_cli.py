@@ -6,6 +6,8 @@ import importlib
 
 import pytest
 
+pytest.importorskip("jsonargparse", reason="LightningCLI needs jsonargparse (the `cli` extra)")
+
 from tests._lightning_models import NAMESPACES, module_class, one_thread  # noqa: F401
 
 CONFIG = """

@@ -35,6 +35,12 @@ COMMANDS: dict[str, tuple[list[str], str]] = {
         "verdict",
     ),
 }
+# Optional dependencies of each example: missing ones skip its smoke run, with the extra.
+REQUIRES: dict[str, dict[str, str]] = {
+    "add_to_existing_training.py": {"sklearn": "demo"},
+    "uncertainty.py": {"sklearn": "demo"},
+    "lightning_cli": {"sklearn": "demo", "lightning": "lightning", "jsonargparse": "cli"},
+}
 WRITES_TENSORBOARD = {"add_to_existing_training.py", "cnn_batchnorm.py", "lightning_cli"}
 # Tested where they are defined (the callback and testing-toolkit test suites).
 TESTED_ELSEWHERE = {"plain_pytorch_loop.py", "test_wide_limit.py"}
@@ -53,6 +59,8 @@ def test_every_example_has_a_smoke_run():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_example_runs(name, tmp_path):
+    for module, extra in REQUIRES.get(name, {}).items():
+        pytest.importorskip(module, reason=f"{name} needs {module} (the `{extra}` extra)")
     args, expected = COMMANDS[name]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     result = subprocess.run(
