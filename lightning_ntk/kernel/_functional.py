@@ -207,10 +207,11 @@ class FunctionalModel:
             out = self.output_fn(out)
         if not isinstance(out, Tensor):
             hint = f" with keys {sorted(out)}" if isinstance(out, Mapping) else ""
+            example = "out[0]" if isinstance(out, Sequence) else "out['logits']"
             raise TypeError(
                 f"The model returned a {type(out).__name__}{hint}, not a logits tensor; pass "
                 "`output_fn` mapping its output to (N, C) logits, e.g. "
-                "output_fn=lambda out: out['logits']."
+                f"output_fn=lambda out: {example}."
             )
         if out.ndim != 2:
             raise ValueError(
@@ -219,6 +220,42 @@ class FunctionalModel:
                 "output use output_fn=lambda out: out.reshape(len(out), -1))."
             )
         return out
+
+    def _failing_layer(self, x: Tensor) -> Optional[str]:
+        """The innermost module in which a forward pass on ``x`` fails, described.
+
+        Runs the forward once more with temporary pre-hooks on the leaf modules (removed
+        before returning); ``None`` if it does not fail in a leaf module.
+        """
+        entered: list[tuple[str, nn.Module, list[tuple[int, ...]]]] = []
+        exited: set[str] = set()
+
+        def pre_hook(name: str) -> Callable[..., None]:
+            def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+                shapes = [tuple(a.shape) for a in args if isinstance(a, Tensor)]
+                entered.append((name, module, shapes))
+
+            return hook
+
+        def post_hook(name: str) -> Callable[..., None]:
+            def hook(module: nn.Module, args: Any, output: Any) -> None:
+                exited.add(name)
+
+            return hook
+
+        leaves = [(n, m) for n, m in self.module.named_modules() if not list(m.children())]
+        handles = [m.register_forward_pre_hook(pre_hook(n)) for n, m in leaves]
+        handles += [m.register_forward_hook(post_hook(n)) for n, m in leaves]
+        try:
+            with torch.no_grad():
+                self(self.params, x)
+        except RuntimeError:
+            failed = [e for e in entered if e[0] not in exited]
+            return _describe_failure(*failed[-1]) if failed else None
+        finally:
+            for handle in handles:
+                handle.remove()
+        return None
 
     def checked_logits(self, x: Tensor, argname: str = "x1") -> Tensor:
         """One plain forward pass that validates the model on ``x`` before heavy work.
@@ -243,7 +280,13 @@ class FunctionalModel:
                     "integer inputs suit models that start with an embedding; pass float "
                     "features otherwise."
                 ) from err
-            raise
+            failing = self._failing_layer(x)
+            if failing is None:
+                raise
+            raise ValueError(
+                f"The model failed on `{argname}` of shape {tuple(x.shape)} (per-example shape "
+                f"{tuple(x.shape[1:])}): {failing} ({err})"
+            ) from err
         if logits.shape[0] != x.shape[0]:
             raise ValueError(
                 f"The model maps {x.shape[0]} examples of `{argname}` to {logits.shape[0]} "
@@ -257,6 +300,20 @@ class FunctionalModel:
                 f"{rows[:10]}{' ...' if len(rows) > 10 else ''}; the kernel is undefined there."
             )
         return logits.detach()
+
+
+def _describe_failure(name: str, module: nn.Module, shapes: list[tuple[int, ...]]) -> str:
+    """Where a forward pass failed: the layer, what it got and what it expects."""
+    got = ", ".join(str(shape) for shape in shapes) or "no tensor"
+    where = f"its layer `{name}` ({module!r}) got an input of shape {got}"
+    if isinstance(module, nn.Linear):
+        return f"{where} but expects inputs (..., {module.in_features})"
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        dims = ", ".join(["H", "W", "D"][: module.weight.ndim - 2])
+        return f"{where} but expects (N, {module.in_channels}, {dims})"
+    if isinstance(module, nn.Embedding):
+        return f"{where} but expects integer indices below {module.num_embeddings}"
+    return f"{where}, which it cannot take"
 
 
 def check_inputs(x1: Any, x2: Any = None) -> None:
