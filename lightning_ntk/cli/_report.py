@@ -198,7 +198,7 @@ def plot_runs(runs: Sequence[Run], out: Union[str, Path], *, title: Optional[str
     thresholds = _thresholds(runs)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    run_handles: dict[str, object] = {}
+    run_handles: dict[str, Any] = {}
     for ax, (tag, ylabel, signal) in zip(axes, PANELS):
         for i, run in enumerate(runs):
             steps, values = run.scalars.get(tag, ([], []))

@@ -136,6 +136,8 @@ class LinearizationError(_PlotMixin, Metric):
     is_differentiable = False
     higher_is_better = False
     full_state_update = False
+    residual_sq: Tensor
+    change_sq: Tensor
 
     def __init__(self, eps: float = 1e-12, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -161,6 +163,8 @@ class _RowMean(_PlotMixin, Metric):
 
     is_differentiable = False
     full_state_update = False
+    total: Tensor
+    count: Tensor
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

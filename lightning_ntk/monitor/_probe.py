@@ -130,7 +130,8 @@ def _take(x: Any, index: Tensor) -> Any:
     if isinstance(x, Mapping):
         return {k: _take(v, index) for k, v in x.items()}
     if isinstance(x, Sequence) and not isinstance(x, str):
-        return type(x)(_take(v, index) for v in x)
+        sequence_type: Any = type(x)  # list, tuple or a namedtuple-like sequence
+        return sequence_type(_take(v, index) for v in x)
     raise TypeError(f"Expected probe inputs to be a tensor but got {type(x).__name__}.")
 
 

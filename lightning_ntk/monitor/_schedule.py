@@ -65,7 +65,8 @@ class Schedule:
 
 
 def _log_steps_up_to(step: int, base: float) -> set[int]:
-    steps, k = set(), 1
+    steps: set[int] = set()
+    k = 1
     while True:
         s = math.ceil(base**k - 1e-9)
         if s > step:

@@ -9,6 +9,7 @@ goes on, and the verdict says what could not be measured.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -109,7 +110,7 @@ def layer_drift(
         if K0_l is None:
             continue
         K0_l = K0_l.to(K_l.device)
-        rc = safe_value(lambda K_l=K_l, K0_l=K0_l: metrics.relative_change(K_l, K0_l))
+        rc = safe_value(functools.partial(metrics.relative_change, K_l, K0_l))
         share = float(kernel_trace(K_l)) / total_trace if total_trace != 0 else math.nan
         out[name] = {"relative_change": rc, "share": share}
     return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -248,8 +248,9 @@ def assert_converges_to_analytic(
         for seed in seeds:
             model = build_model(model_factory, width, seed)
             if reference is None:
-                reference = _reference_kernel(model, x, K_inf)
-            K = empirical_ntk(model, x, output="trace", method=method).detach()
+                limit = cast(Optional[Callable[[Tensor], Tensor]], K_inf)  # not a tensor here
+                reference = _reference_kernel(model, x, limit)
+            K = cast(Tensor, empirical_ntk(model, x, output="trace", method=method)).detach()
             if _divides_by_width(model, normalize):
                 K = K / width
             ref = reference.to(device=K.device, dtype=torch.float64)
@@ -297,7 +298,7 @@ def assert_lazy_training(
     lr: Union[float, Callable[[int], float]],
     max_relative_change: float = 0.1,
     max_linearization_error: Optional[float] = None,
-    **sweep_kwargs: object,
+    **sweep_kwargs: Any,
 ) -> WidthSweepResult:
     """Assert that training at ``width`` stays in the kernel regime.
 
@@ -340,7 +341,7 @@ def assert_lazy_scaling(
     steps: int,
     lr: Union[float, Callable[[int], float]],
     max_slope: float = -0.25,
-    **sweep_kwargs: object,
+    **sweep_kwargs: Any,
 ) -> WidthSweepResult:
     """Assert that the kernel drift shrinks with the width like a power ``≤ max_slope``.
 
@@ -381,7 +382,7 @@ def assert_breaks_down(
     lr: Union[float, Callable[[int], float]],
     min_logit_slope: float = 0.25,
     min_logit_growth: Optional[float] = None,
-    **sweep_kwargs: object,
+    **sweep_kwargs: Any,
 ) -> WidthSweepResult:
     """Assert that training leaves the kernel regime: the centered logits keep growing.
 
@@ -492,11 +493,11 @@ def _check_widths(widths: Sequence[int]) -> tuple[int, ...]:
     return tuple(sorted(values))
 
 
-def _check_nonnegative(name: str, value: object) -> None:
+def _check_nonnegative(name: str, value: Any) -> None:
     expect(is_number(value) and value >= 0, name, "a finite float >= 0", value)
 
 
-def _check_finite_number(name: str, value: object) -> None:
+def _check_finite_number(name: str, value: Any) -> None:
     expect(is_number(value), name, "a finite float", value)
 
 

@@ -135,7 +135,9 @@ def kernel_solution(
             result.residual,
         )
         alpha = -(_solve.softmax_rows(f, C) - problem.y) / (lam * scale)
-        offset_test = None if s_test is None else problem.f0_test - s_test
+        offset_test = None
+        if s_test is not None and problem.f0_test is not None:
+            offset_test = problem.f0_test - s_test
     if not converged and raise_on_failure:
         raise RuntimeError(
             f"kernel_solution did not converge: residual {residual:.3g} > tol {tol:g} after "
@@ -149,6 +151,7 @@ def kernel_solution(
         )
     test_logits = None
     if problem.M_test is not None:
+        assert offset_test is not None  # set with M_test
         test_logits = (offset_test + problem.M_test @ alpha).view(-1, C)
     return KernelSolution(
         train_logits=f.view(N, C),
@@ -317,6 +320,7 @@ class _Problem:
                 "f(X_test; θ0)) but got only one of them."
             )
         if ntk_test is not None:
+            assert logits0_test is not None  # checked just above: both or neither
             check_tensor(logits0_test, "logits0_test")
             if logits0_test.ndim != 2 or logits0_test.shape[1] != C:
                 raise ValueError(
@@ -339,9 +343,9 @@ def _shifts(
     x_test: Optional[Tensor],
 ) -> tuple[Tensor, Optional[Tensor]]:
     """``(s, s_test)`` flattened: zeros for ``"init"``; ``J0 θ0`` for ``"zero"``."""
-    has_test = problem.f0_test is not None
+    f0_test = problem.f0_test
     if decay_to == "init":
-        zeros_test = torch.zeros_like(problem.f0_test) if has_test else None
+        zeros_test = torch.zeros_like(f0_test) if f0_test is not None else None
         return torch.zeros_like(problem.f0), zeros_test
     if shift is None:
         if model is None or x is None:
@@ -350,7 +354,7 @@ def _shifts(
                 "(see weight_decay_shift), or `model` and `x` to compute it."
             )
         shift = weight_decay_shift(model, x)
-    if has_test and shift_test is None:
+    if f0_test is not None and shift_test is None:
         if model is None or x_test is None:
             raise ValueError(
                 'decay_to="zero" with test points needs `shift_test` = J0(X_test) θ0, or '
@@ -358,7 +362,10 @@ def _shifts(
             )
         shift_test = weight_decay_shift(model, x_test)
     s = _flat_like(shift, "shift", problem.f0, problem.C)
-    s_test = _flat_like(shift_test, "shift_test", problem.f0_test, problem.C) if has_test else None
+    s_test = None
+    if f0_test is not None:
+        assert shift_test is not None  # computed above when not given
+        s_test = _flat_like(shift_test, "shift_test", f0_test, problem.C)
     return s, s_test
 
 

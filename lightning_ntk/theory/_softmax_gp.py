@@ -146,6 +146,7 @@ def flow(
     for _ in range(steps):
         error = torch.softmax(f, dim=-1) - Y  # (S, N, C)
         if h is not None:
+            assert f0_test is not None  # h is its copy
             h = h - lr * (torch.einsum("mn,snc->smc", G_test, error) + lam * (h - f0_test))
         f = f - lr * (torch.einsum("nm,smc->snc", G, error) + lam * (f - f0))
     return f, h

@@ -165,6 +165,7 @@ def flow(
     train[0] = f0
     test = None
     if G_test is not None:
+        assert f0_test is not None and shift_test is not None  # given with G_test
         test = f0.new_empty(steps + 1, f0_test.numel())
         test[0] = f0_test
     f, g = f0, f0_test
@@ -172,6 +173,8 @@ def flow(
         error = softmax_rows(f, C) - y
         f_next = f - lr * (G @ error + lam * (f - f0 + shift))
         if test is not None:
+            assert G_test is not None and g is not None and f0_test is not None
+            assert shift_test is not None
             g = g - lr * (G_test @ error + lam * (g - f0_test + shift_test))
             test[k + 1] = g
         f = f_next
