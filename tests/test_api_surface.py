@@ -10,13 +10,13 @@ import pytest
 import torch
 
 import lightning_ntk
-from lightning_ntk import metrics, monitor
+from lightning_ntk import metrics, monitor, testing
 from lightning_ntk.cli import main
 
 HELPERS = {"Any", "TYPE_CHECKING", "annotations", "importlib", "ModuleType"}
 
 
-@pytest.mark.parametrize("package", [lightning_ntk, metrics, monitor])
+@pytest.mark.parametrize("package", [lightning_ntk, metrics, monitor, testing])
 def test_dir_shows_public_names_only(package):
     names = dir(package)
     assert not HELPERS & set(names), sorted(HELPERS & set(names))

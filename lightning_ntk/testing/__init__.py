@@ -33,6 +33,7 @@ Layer: may import :mod:`lightning_ntk.kernel`, :mod:`lightning_ntk.linearization
 from __future__ import annotations
 
 import importlib
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 # public name -> submodule that defines it
@@ -66,7 +67,13 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    dunders = {name for name in globals() if name.startswith("__")}
+    submodules = {
+        name
+        for name, value in globals().items()
+        if isinstance(value, ModuleType) and value.__name__.startswith(f"{__name__}.")
+    }
+    return sorted(dunders | set(__all__) | submodules)
 
 
 if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
