@@ -140,15 +140,8 @@ def _resolve_by_import(app: Any, env: Any, node: Any, contnode: Any) -> Any:
         return None
     target = node["reftarget"]
     if " / " in target or ", " in target:  # ``Raises: ValueError / TypeError: ...``
-        return (
-            contnode
-            if all(
-                _exists(part, node)
-                for part in target.replace(",", " / ").split(" / ")
-                if part.strip()
-            )
-            else None
-        )
+        parts = [part for part in target.replace(",", " / ").split(" / ") if part.strip()]
+        return contnode if all(_exists(part, node) for part in parts) else None
     module, cls = node.get("py:module"), node.get("py:class")
     documented = _documented(env)
     for candidate in _candidates(target, module, cls, node.source or ""):
