@@ -237,7 +237,7 @@ class NTKTracker(NTKSettings):
             method = self.method
             per_layer = self.per_layer if self.per_layer is not None else method != "ntk_vp"
             num_classes = int(logits0.shape[1])
-            total, layers = self._kernel(wrapper, method, per_layer)
+            total, layers = self._kernel(fm, method, per_layer)
             state = {
                 "theta0": {n: p.detach().clone() for n, p in fm.params.items()},
                 "logits0": logits0.clone(),
@@ -370,23 +370,18 @@ class NTKTracker(NTKSettings):
             wrapper, params=self._selector(), output_fn=self.output_fn, dtype=self.dtype
         )
 
-    def _kernel(
-        self, wrapper: nn.Module, method: str, per_layer: bool
-    ) -> tuple[Tensor, dict[str, Tensor]]:
+    def _kernel(self, fm: FunctionalModel, method: str, per_layer: bool) -> tuple[Tensor, dict]:
         """``Θ(X, X)`` in the chosen layout, and per module when ``per_layer`` is on."""
-        from ..kernel import empirical_ntk
+        from ..kernel import ntk_of
 
-        probe = self._probe_on(wrapper)[0]
+        probe = fm.cast_input(self._probe_on(fm.module)[0])
         world = _world_size() if self.distributed else 1
-        result = empirical_ntk(
-            wrapper,
+        result = ntk_of(
+            fm,
             probe,
             output=self.output,
             method=method,
-            params=self._selector(),
             per_layer=per_layer,
-            dtype=self.dtype,
-            output_fn=self.output_fn,
             # two blocks of probe rows per rank: each rank gets its share of the pairs
             chunk_size=None if world == 1 else max(1, math.ceil(len(probe) / (2 * world))),
             distributed=world > 1,
@@ -410,7 +405,12 @@ class NTKTracker(NTKSettings):
         return self.probe_x.to(device), y
 
     def _measure(self, wrapper: ForwardModule, step: int) -> tuple[NTKReport, dict]:
-        from ..linearization import argmax_agreement, linearization_error, linearize, prob_tv
+        from ..linearization import (
+            LinearizedModel,
+            argmax_agreement,
+            linearization_error,
+            prob_tv,
+        )
 
         metrics = _metrics()
         state = self._state
@@ -427,7 +427,7 @@ class NTKTracker(NTKSettings):
         layers: dict[str, dict[str, float]] = {}
         values["param_distance"] = safe_value(lambda: metrics.param_distance(fm.params, theta0))
         if finite:
-            K, K_layers = self._kernel(wrapper, state["method"], state["per_layer"])
+            K, K_layers = self._kernel(fm, state["method"], state["per_layer"])
             K0 = state["K0"].to(K.device)
             values["relative_change"] = safe_value(lambda: metrics.relative_change(K, K0))
             values["kernel_distance"] = safe_value(lambda: metrics.kernel_distance(K, K0))
@@ -445,14 +445,7 @@ class NTKTracker(NTKSettings):
                 )
             self.kernel, self.eigenvalues = K, None if spec is None else spec.eigenvalues
             layers = layer_drift(metrics, K, K_layers, state["K0_layers"])
-            f_lin = linearize(
-                wrapper,
-                theta0,
-                params=self._selector(),
-                output_fn=self.output_fn,
-                buffers="current",
-                dtype=self.dtype,
-            )
+            f_lin = LinearizedModel.of(fm, theta0, buffers="current")
             with torch.no_grad():
                 logits_lin, logits0 = f_lin.logits_and_initial(x)
             values["linearization_error"] = safe_value(
