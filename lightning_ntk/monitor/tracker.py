@@ -3,19 +3,9 @@
 The tracker holds a fixed probe set ``X = (x_1..x_N)`` (labels ``y`` optional), and at
 :meth:`NTKTracker.start` snapshots ``θ0``, the kernel ``Θ0 = Θ(X, X; θ0)``, the initial
 logits ``f(X; θ0)`` and their mean centered norm. Each :meth:`NTKTracker.update`
-computes ``Θ_t`` and every :class:`NTKReport` field:
-
-* kernel drift ``relative_change = ‖Θ_t − Θ0‖_F / ‖Θ0‖_F`` and ``kernel_distance``
-  ``= 1 − ⟨Θ_t, Θ0⟩_F / (‖Θ_t‖_F ‖Θ0‖_F)``; per layer (module), its own relative change;
-* spectrum of the ``(N·C, N·C)`` kernel matrix (``eig_max``, ``eig_min``,
-  ``effective_rank``, ``condition_number``) and ``target_alignment = A(K, YYᵀ)``;
-* the linearized model ``f_lin(x; θ_t) = f(x; θ0) + J0(x)(θ_t − θ0)``:
-  ``linearization_error``, ``prob_tv``, ``argmax_agreement``;
-* ``logit_norm`` (mean centered L2 norm), ``logit_growth = logit_norm_t / logit_norm_0``,
-  ``param_distance = ‖θ_t − θ0‖ / ‖θ0‖``;
-* the verdict ``"lazy" | "drifting" | "broken"``, its causes and one sentence with the
-  reason and the fix (:mod:`lightning_ntk.monitor._verdict`), using the regime the paper predicts
-  for the set-up (:func:`lightning_ntk.theory.predict_regime`).
+computes ``Θ_t`` and every :class:`NTKReport` field (:mod:`lightning_ntk.monitor._measure`)
+and the verdict (:mod:`lightning_ntk.monitor._verdict`), using the regime the paper
+predicts for the set-up (:func:`lightning_ntk.theory.predict_regime`).
 
 Nothing here imports Lightning; the callback is a thin adapter over this class.
 
@@ -46,7 +36,6 @@ linearization_error      0.2, 0.5    0.07–0.11 (width 512, smooth.)   0.3–0.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import KW_ONLY, dataclass
 from typing import Any, Optional
@@ -54,18 +43,16 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from ..kernel._forward import ForwardModule, module_of, selector_on_wrapper
+from .. import metrics
+from ..kernel._forward import ForwardModule, selector_on_wrapper
 from ..kernel._functional import FunctionalModel, exact_matmuls
+from ._measure import measure, probe_kernel
 from ._probe import default_batch_to_xy, draw_probe, preserved_rng
 from ._schedule import Schedule
-from ._verdict import Thresholds, diagnose, logit_slope
+from ._verdict import Thresholds
 from .report import (
-    NUMERIC_FIELDS,
     NTKReport,
     finite_or,
-    layer_drift,
-    safe_spectrum,
-    safe_value,
 )
 from .settings import NTKSettings
 
@@ -193,6 +180,13 @@ class NTKTracker(NTKSettings):
         return self._state is not None
 
     @property
+    def started_state(self) -> dict[str, Any]:
+        """The snapshot taken by :meth:`start`: ``θ0``, ``Θ0``, initial logits, set-up."""
+        if self._state is None:
+            raise RuntimeError("Call `start(model)` (or `load_state_dict`) first.")
+        return self._state
+
+    @property
     def last_step(self) -> Optional[int]:
         """Step of the last report, or ``None``."""
         return self.history[-1].step if self.history else None
@@ -237,7 +231,7 @@ class NTKTracker(NTKSettings):
             method = self.method
             per_layer = self.per_layer if self.per_layer is not None else method != "ntk_vp"
             num_classes = int(logits0.shape[1])
-            total, layers = self._kernel(fm, method, per_layer)
+            total, layers = probe_kernel(self, fm, method, per_layer)
             state = {
                 "theta0": {n: p.detach().clone() for n, p in fm.params.items()},
                 "logits0": logits0.clone(),
@@ -247,7 +241,7 @@ class NTKTracker(NTKSettings):
                 "start_step": int(step),
                 "K0": total,
                 "K0_layers": layers,
-                "logit_norm0": float(_metrics().logit_norm(logits0)),
+                "logit_norm0": float(metrics.logit_norm(logits0)),
                 "predicted": self._predict(num_classes),
             }
         self._state = state  # only a complete snapshot marks the tracker as started
@@ -266,7 +260,10 @@ class NTKTracker(NTKSettings):
             raise RuntimeError("Call `start(model)` (or `load_state_dict`) before `update`.")
         wrapper = self._wrap(model)
         with preserved_rng(_device_of(wrapper)):
-            report, layers = self._measure(wrapper, int(step))
+            measured = measure(self, self._functional(wrapper), int(step))
+        report, layers = measured.report, measured.layers
+        if measured.kernel is not None:
+            self.kernel, self.eigenvalues = measured.kernel, measured.eigenvalues
         self.history.append(report)
         self.layer_history.append(layers)
         return report
@@ -370,115 +367,12 @@ class NTKTracker(NTKSettings):
             wrapper, params=self._selector(), output_fn=self.output_fn, dtype=self.dtype
         )
 
-    def _kernel(self, fm: FunctionalModel, method: str, per_layer: bool) -> tuple[Tensor, dict]:
-        """``Θ(X, X)`` in the chosen layout, and per module when ``per_layer`` is on."""
-        from ..kernel import ntk_of
-
-        probe = fm.cast_input(self._probe_on(fm.module)[0])
-        world = _world_size() if self.distributed else 1
-        result = ntk_of(
-            fm,
-            probe,
-            output=self.output,
-            method=method,
-            per_layer=per_layer,
-            # two blocks of probe rows per rank: each rank gets its share of the pairs
-            chunk_size=None if world == 1 else max(1, math.ceil(len(probe) / (2 * world))),
-            distributed=world > 1,
-        )
-        if not per_layer:
-            assert isinstance(result, Tensor)
-            return result, {}
-        assert isinstance(result, dict)
-        layers: dict[str, Tensor] = {}
-        for name, part in result.items():
-            module = module_of(name)
-            layers[module] = part if module not in layers else layers[module] + part
-        total = sum(layers.values())
-        assert isinstance(total, Tensor)
-        return total, layers
-
-    def _probe_on(self, wrapper: nn.Module) -> tuple[Tensor, Optional[Tensor]]:
+    def probe_on(self, wrapper: nn.Module) -> tuple[Tensor, Optional[Tensor]]:
+        """The probe inputs and labels on the model's device."""
         assert self.probe_x is not None
         device = _device_of(wrapper)
         y = None if self.probe_y is None else self.probe_y.to(device)
         return self.probe_x.to(device), y
-
-    def _measure(self, wrapper: ForwardModule, step: int) -> tuple[NTKReport, dict]:
-        from ..linearization import (
-            LinearizedModel,
-            argmax_agreement,
-            linearization_error,
-            prob_tv,
-        )
-
-        metrics = _metrics()
-        state = self._state
-        assert state is not None
-        fm = self._functional(wrapper)
-        x, y = self._probe_on(wrapper)
-        x = fm.cast_input(x)
-        theta0 = {n: t.to(fm.device) for n, t in state["theta0"].items()}
-        with exact_matmuls(fm.device), torch.no_grad():
-            logits = fm(fm.params, x)
-        finite = bool(torch.isfinite(logits).all())
-        nan = math.nan
-        values: dict[str, float] = dict.fromkeys(NUMERIC_FIELDS, nan)
-        layers: dict[str, dict[str, float]] = {}
-        values["param_distance"] = safe_value(lambda: metrics.param_distance(fm.params, theta0))
-        if finite:
-            K, K_layers = self._kernel(fm, state["method"], state["per_layer"])
-            K0 = state["K0"].to(K.device)
-            values["relative_change"] = safe_value(lambda: metrics.relative_change(K, K0))
-            values["kernel_distance"] = safe_value(lambda: metrics.kernel_distance(K, K0))
-            if y is not None:
-                values["target_alignment"] = safe_value(
-                    lambda: metrics.target_alignment(K, y, num_classes=state["num_classes"])
-                )
-            spec = safe_spectrum(metrics, K)
-            if spec is not None:
-                values.update(
-                    eig_max=spec.eig_max,
-                    eig_min=spec.eig_min,
-                    effective_rank=spec.effective_rank,
-                    condition_number=spec.condition_number,
-                )
-            self.kernel, self.eigenvalues = K, None if spec is None else spec.eigenvalues
-            layers = layer_drift(metrics, K, K_layers, state["K0_layers"])
-            f_lin = LinearizedModel.of(fm, theta0, buffers="current")
-            with torch.no_grad():
-                logits_lin, logits0 = f_lin.logits_and_initial(x)
-            values["linearization_error"] = safe_value(
-                lambda: linearization_error(logits, logits_lin, logits0)
-            )
-            values["prob_tv"] = safe_value(lambda: prob_tv(logits, logits_lin))
-            values["argmax_agreement"] = safe_value(lambda: argmax_agreement(logits, logits_lin))
-            values["logit_norm"] = safe_value(lambda: metrics.logit_norm(logits))
-            norm0 = state["logit_norm0"]
-            values["logit_growth"] = values["logit_norm"] / norm0 if norm0 > 0 else nan
-        steps = [r.step for r in self.history] + [step]
-        norms = [r.logit_norm for r in self.history] + [values["logit_norm"]]
-        slope = logit_slope(
-            steps, norms, self.thresholds.trend_octaves, self.thresholds.min_trend_step
-        )
-        predicted = state["predicted"]
-        diagnosis = diagnose(
-            relative_change=values["relative_change"],
-            linearization_error=values["linearization_error"],
-            slope=slope,
-            finite=finite,
-            thresholds=self.thresholds,
-            predicted_regime=predicted["regime"],
-        )
-        report = NTKReport(
-            step=step,
-            **values,
-            verdict=diagnosis.verdict,
-            causes=list(diagnosis.causes),
-            predicted_regime=predicted["regime"],
-            message=diagnosis.message,
-        )
-        return report, layers
 
     def _predict(self, num_classes: Optional[int]) -> dict[str, str]:
         """The theory's regime for the known set-up; ``"unknown"`` without its inputs."""
@@ -505,12 +399,6 @@ class NTKTracker(NTKSettings):
         return {"regime": prediction.regime, "reason": prediction.reason}
 
 
-def _metrics() -> Any:
-    from .. import metrics
-
-    return metrics
-
-
 def _device_of(module: nn.Module) -> torch.device:
     for p in module.parameters():
         return p.device
@@ -523,12 +411,3 @@ def _to_cpu(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _to_cpu(v) for k, v in value.items()}
     return value
-
-
-def _world_size() -> int:
-    """Processes in the initialised default ``torch.distributed`` group (1 if none)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
