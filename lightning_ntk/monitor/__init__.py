@@ -2,6 +2,8 @@
 
 * :class:`NTKTracker` (:mod:`.tracker`): framework-free; ``start(model)`` snapshots ``θ0``
   and ``Θ0`` on the probe set, ``update(model, step)`` returns an :class:`NTKReport`.
+* :class:`NTKSettings` (:mod:`.settings`): what is measured and when, defined once for
+  the tracker and the callback.
 * :class:`NTKReport` (:mod:`.report`): one report's numbers, verdict and message.
 * :class:`Thresholds` (defined in the internal ``_verdict`` module): the verdict's
   thresholds; ``_verdict`` also holds the diagnosis; :mod:`._schedule`: when to report;
@@ -24,6 +26,7 @@ _LAZY_ATTRIBUTES: dict[str, str] = {
     "NTKTracker": ".tracker",
     "NTKReport": ".report",
     "NTKMonitor": ".callback",
+    "NTKSettings": ".settings",
     "Thresholds": "._verdict",
 }
 
@@ -52,4 +55,5 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
     from ._verdict import Thresholds
     from .callback import NTKMonitor
     from .report import NTKReport
+    from .settings import NTKSettings
     from .tracker import NTKTracker
