@@ -18,6 +18,7 @@ from pathlib import Path
 
 
 def main(venv: Path) -> None:
+    """Run every check against the package installed in `venv`."""
     import lightning_ntk
 
     package = Path(lightning_ntk.__file__).resolve().parent

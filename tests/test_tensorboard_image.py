@@ -14,7 +14,7 @@ from lightning_ntk.monitor.loggers import kernel_image, write_extras
 class _Report:
     step = 8
     verdict = "lazy"
-    causes: list[str] = []
+    causes = ()
     predicted_regime = "lazy"
     message = "fine"
 

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -214,7 +214,7 @@ class NTKMLP(nn.Module):
         """The infinite-width covariance of this network's logits, ``(N1, N2)`` float64."""
         return analytic_nngp(x1, x2, **self._kernel_arguments())
 
-    def _kernel_arguments(self) -> dict[str, object]:
+    def _kernel_arguments(self) -> dict[str, Any]:
         return {
             "depth": self.depth,
             "activation": self.activation,
@@ -306,6 +306,7 @@ def _kernels(
     expect = _EXPECTATIONS[activation]
     for _ in range(depth):
         e_phi, e_dphi = expect(cov, var1[:, None], var2[None, :])
+        assert e_dphi is not None  # computed by default (derivative=True)
         cov_next = sw2 * e_phi + sb2
         sigma_dot = sw2 * e_dphi
         new_term = cov_next if parameterization == "ntk" else e_phi
@@ -377,7 +378,7 @@ def _check_features(x1: Tensor, x2: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     if mats[0].shape[1] != mats[1].shape[1]:
         raise ValueError(
             f"Expected `x2` to have the {mats[0].shape[1]} features of `x1` but got "
-            f"{mats[1].shape[1]} (x1: {tuple(x1.shape)}, x2: {tuple(x2.shape)})."
+            f"{mats[1].shape[1]} (x1: {tuple(x1.shape)}, x2: {tuple(mats[1].shape)} as a matrix)."
         )
     return mats[0], mats[1]
 
@@ -393,7 +394,7 @@ def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
         raise ValueError(f"Expected `{name}` to be one of {choices} but got {value!r}.")
 
 
-def _check_stds(weight_std: object, bias_std: object) -> None:
+def _check_stds(weight_std: Any, bias_std: Any) -> None:
     for name, value, positive in (("weight_std", weight_std, True), ("bias_std", bias_std, False)):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         ok = ok and math.isfinite(value) and (value > 0 if positive else value >= 0)

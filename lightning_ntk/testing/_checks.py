@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Optional
+from typing import Any, Optional
 
 __all__ = [
     "as_ints",
@@ -51,9 +51,9 @@ def check_widths(widths: Sequence[int]) -> tuple[int, ...]:
     return tuple(sorted(values))
 
 
-def check_nonnegative(name: str, value: object) -> None:
+def check_nonnegative(name: str, value: Any) -> None:
     expect(is_number(value) and value >= 0, name, "a finite float >= 0", value)
 
 
-def check_finite_number(name: str, value: object) -> None:
+def check_finite_number(name: str, value: Any) -> None:
     expect(is_number(value), name, "a finite float", value)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Any, Optional, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +52,7 @@ class SweepConfig:
     method: str
 
     @classmethod
-    def check(cls, model_factory: object, data: object, **kw: object) -> SweepConfig:
+    def check(cls, model_factory: Any, data: object, **kw: Any) -> SweepConfig:
         """Validate :func:`width_sweep`'s arguments before any training."""
         if not callable(model_factory):
             raise TypeError(
@@ -148,7 +148,7 @@ def build_model(model_factory: Callable[[int], nn.Module], width: int, seed: int
     return model
 
 
-def train_one(config: SweepConfig, width: int, seed: int) -> dict[str, object]:
+def train_one(config: SweepConfig, width: int, seed: int) -> dict[str, Any]:
     """Train one network; its drift metrics and logit trajectory."""
     from ..kernel import empirical_ntk
     from ..linearization import linearization_error, linearize
@@ -158,9 +158,9 @@ def train_one(config: SweepConfig, width: int, seed: int) -> dict[str, object]:
     first = next(model.parameters())
     x, probe = (_like(t, first) for t in (config.x, config.probe))
     targets = config.targets.to(first.device)
-    kernel = {"output": config.kernel_output, "method": config.method}
+    kernel: dict[str, Any] = {"output": config.kernel_output, "method": config.method}
 
-    K_0 = empirical_ntk(model, probe, **kernel)
+    K_0 = cast(Tensor, empirical_ntk(model, probe, **kernel))  # per_layer=False: a tensor
     f_lin = linearize(model)
     logits_0 = f_lin.initial_logits(probe)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -191,7 +191,7 @@ def train_one(config: SweepConfig, width: int, seed: int) -> dict[str, object]:
     logits_t = _eval_logits(model, probe)
     if not torch.isfinite(logits_t).all():
         return _diverged(config.steps, loss_value, len(config.checkpoints))
-    K_t = empirical_ntk(model, probe, **kernel)
+    K_t = cast(Tensor, empirical_ntk(model, probe, **kernel))
     logits_lin = f_lin(probe).detach()
     late = [i for i, s in enumerate(config.checkpoints) if s >= config.steps / 8]
     late = late if len(late) >= 2 else list(range(len(config.checkpoints)))[-2:]
@@ -208,9 +208,9 @@ def train_one(config: SweepConfig, width: int, seed: int) -> dict[str, object]:
     }
 
 
-def _diverged(step: int, loss_value: float, num_checkpoints: int) -> dict[str, object]:
+def _diverged(step: int, loss_value: float, num_checkpoints: int) -> dict[str, Any]:
     """The record of a run whose loss or logits stopped being finite at ``step``."""
-    record: dict[str, object] = {metric: math.nan for metric in SWEEP_METRICS}
+    record: dict[str, Any] = {metric: math.nan for metric in SWEEP_METRICS}
     record.update(
         logit_norms=(math.nan,) * num_checkpoints,
         logit_step_slope=math.nan,

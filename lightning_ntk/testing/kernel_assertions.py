@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Optional, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -230,8 +230,9 @@ def assert_converges_to_analytic(
         for seed in seeds:
             model = build_model(model_factory, width, seed)
             if reference is None:
-                reference = _reference_kernel(model, x, K_inf)
-            K = empirical_ntk(model, x, output="trace", method=method).detach()
+                limit = cast(Optional[Callable[[Tensor], Tensor]], K_inf)  # not a tensor here
+                reference = _reference_kernel(model, x, limit)
+            K = cast(Tensor, empirical_ntk(model, x, output="trace", method=method)).detach()
             if _divides_by_width(model, normalize):
                 K = K / width
             ref = reference.to(device=K.device, dtype=torch.float64)

@@ -7,7 +7,7 @@ passes, and otherwise raises :class:`AssertionError` with the sweep's report.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from torch import Tensor, nn
 
@@ -26,7 +26,7 @@ def assert_lazy_training(
     lr: Union[float, Callable[[int], float]],
     max_relative_change: float = 0.1,
     max_linearization_error: Optional[float] = None,
-    **sweep_kwargs: object,
+    **sweep_kwargs: Any,
 ) -> WidthSweepResult:
     """Assert that training at ``width`` stays in the kernel regime.
 
@@ -69,7 +69,7 @@ def assert_lazy_scaling(
     steps: int,
     lr: Union[float, Callable[[int], float]],
     max_slope: float = -0.25,
-    **sweep_kwargs: object,
+    **sweep_kwargs: Any,
 ) -> WidthSweepResult:
     """Assert that the kernel drift shrinks with the width like a power ``≤ max_slope``.
 
@@ -110,7 +110,7 @@ def assert_breaks_down(
     lr: Union[float, Callable[[int], float]],
     min_logit_slope: float = 0.25,
     min_logit_growth: Optional[float] = None,
-    **sweep_kwargs: object,
+    **sweep_kwargs: Any,
 ) -> WidthSweepResult:
     """Assert that training leaves the kernel regime: the centered logits keep growing.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Optional, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -106,6 +106,7 @@ def kernel_solutions(
     G_test = None if K_test is None else (K_test / N if reduction == "mean" else K_test)
     if steps is not None or lr is not None:
         check_positive_int(steps, "steps", allow_zero=True)
+        assert steps is not None  # checked above
         eta = check_nonnegative(lr, "lr") if lr is not None else 0.0
         if eta == 0:
             raise ValueError(f"Expected `lr` to be a positive float with `steps` but got {lr!r}.")
@@ -122,7 +123,10 @@ def kernel_solutions(
                 "or `steps` and `lr` for a finite training time."
             )
         train, alpha = _interpolate(K, f0, Y)
-        test = None if K_test is None else f0_test + torch.einsum("mn,snc->smc", K_test, alpha)
+        test = None
+        if K_test is not None:
+            assert f0_test is not None  # validated together with K_test
+            test = f0_test + torch.einsum("mn,snc->smc", K_test, alpha)
         residual = float((torch.softmax(train, -1) - Y).abs().max())
         iterations, converged = 0, residual <= max(tol, 1e-8)
     else:
@@ -130,6 +134,7 @@ def kernel_solutions(
         train = f0 + mode.g
         test = None
         if G_test is not None:
+            assert f0_test is not None  # validated together with G_test
             test = f0_test + torch.einsum("mn,snc->smc", G_test / lam, mode.a)
         iterations, residual = mode.iterations, mode.residual
         converged = residual <= tol
@@ -236,6 +241,7 @@ def kernel_ensemble(
         tol=tol,
         max_iter=max_iter,
     )
+    assert solution.test_logits is not None  # test points were passed
     return EnsemblePrediction.from_member_logits(
         solution.test_logits,
         member_logits0=f0[:, N:],
@@ -302,11 +308,14 @@ def _prior_kernels(
         if net.parameterization == "standard":
             ntk = ntk * net.width
         last = net.layers[-1]
-        C = (last.linear if hasattr(last, "linear") else last).out_features
+        head: Any = getattr(last, "linear", last)
+        C = int(head.out_features)
         return ntk, net.analytic_nngp(x), C
     from ..kernel import empirical_ntk
 
-    ntk, second_moment, C = 0.0, 0.0, None
+    kernel_sum: Any = 0.0  # sums of (N + M, N + M) tensors
+    second_moment: Any = 0.0
+    C = 0
     for _ in range(num_inits):
         net = build_model(model, generator)
         dtype = next(net.parameters()).dtype
@@ -317,9 +326,10 @@ def _prior_kernels(
                 f"Expected the model to return logits of shape (N, C) but got {tuple(f.shape)}."
             )
         C = f.shape[1]
-        ntk = ntk + empirical_ntk(net, x_all.to(dtype), output="trace").double()
+        ntk_i = cast(Tensor, empirical_ntk(net, x_all.to(dtype), output="trace"))
+        kernel_sum = kernel_sum + ntk_i.double()
         second_moment = second_moment + f @ f.T / C
-    return ntk / num_inits, second_moment / num_inits, C
+    return kernel_sum / num_inits, second_moment / num_inits, C
 
 
 def _psd_root(cov: Tensor) -> Tensor:
@@ -360,6 +370,7 @@ def _check_problem(
         )
     K_test = f0_test = None
     if ntk_test is not None:
+        assert logits0_test is not None  # checked just above: both or neither
         check_tensor(ntk_test, "ntk_test")
         check_tensor(logits0_test, "logits0_test")
         f0_test = logits0_test.double() if logits0_test.ndim == 3 else logits0_test.double()[None]
