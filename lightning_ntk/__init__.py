@@ -48,6 +48,7 @@ _LAZY_ATTRIBUTES: dict[str, str] = {
     "NTKMonitor": ".monitor.callback",
     "Thresholds": ".monitor._verdict",
     "LinearizationBreakdownWarning": ".exceptions",
+    "NTKMeasurementWarning": ".exceptions",
     "LinearizationBreakdownError": ".exceptions",
     # predictive uncertainty over random initialisation
     "kernel_ensemble": ".uncertainty",
@@ -80,7 +81,11 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
-    from .exceptions import LinearizationBreakdownError, LinearizationBreakdownWarning
+    from .exceptions import (
+        LinearizationBreakdownError,
+        LinearizationBreakdownWarning,
+        NTKMeasurementWarning,
+    )
     from .kernel import empirical_ntk
     from .kernel.reference import reference_ntk
     from .linearization import (

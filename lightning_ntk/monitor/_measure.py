@@ -12,7 +12,8 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, NamedTuple, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple, Optional, TypeVar
 
 import torch
 from torch import Tensor
@@ -28,7 +29,17 @@ from .report import NUMERIC_FIELDS, NTKReport, layer_drift, safe_spectrum, safe_
 if TYPE_CHECKING:
     from .tracker import NTKTracker
 
-__all__ = ["Measurement", "measure", "probe_kernel", "world_size"]
+__all__ = ["Measurement", "attempt", "measure", "probe_kernel", "world_size"]
+
+T = TypeVar("T")
+
+# what failed -> how a user may work around it
+_WORKAROUNDS = {
+    "kernel": 'pass `method="ntk_vp"`, or `params=` to restrict the kernel to layers '
+    "PyTorch can differentiate per example",
+    "linearized model": "forward-mode AD (`torch.func.jvp`) has no rule for an operation "
+    "of this model; the kernel metrics are unaffected",
+}
 
 
 class Measurement(NamedTuple):
@@ -38,13 +49,33 @@ class Measurement(NamedTuple):
     layers: dict[str, dict[str, float]]
     kernel: Optional[Tensor]
     eigenvalues: Optional[Tensor]
+    failures: dict[str, str]
+
+
+def attempt(failures: dict[str, str], what: str, fn: Callable[[], T]) -> Optional[T]:
+    """``fn()``, or ``None`` with ``failures[what]`` saying what went wrong and what to try.
+
+    The monitor is a guest in the training run: a measurement PyTorch cannot make for
+    this model (no vmap or forward-AD rule, a fused kernel) makes its metrics ``nan``.
+    """
+    try:
+        return fn()
+    except Exception as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        failures[what] = (
+            f"lightning_ntk could not compute the {what} on the probe set "
+            f"({type(err).__name__}: {first_line}); its metrics are nan and training goes "
+            f"on. Workaround: {_WORKAROUNDS.get(what, 'none known; please report the model')}."
+        )
+        return None
 
 
 def measure(tracker: NTKTracker, fm: FunctionalModel, step: int) -> Measurement:
     """One report of ``tracker`` at ``step``, every evaluation through the one view ``fm``.
 
-    Metrics that cannot be computed are ``nan`` (see :func:`safe_value`); the tracker
-    is not modified.
+    Metrics that cannot be computed are ``nan`` (see :func:`safe_value`; a kernel or a
+    linearization PyTorch cannot compute for this model is recorded in ``failures``, see
+    :func:`attempt`); the tracker is not modified.
     """
     state = tracker.started_state
     assert state is not None
@@ -60,8 +91,16 @@ def measure(tracker: NTKTracker, fm: FunctionalModel, step: int) -> Measurement:
     kernel: Optional[Tensor] = None
     eigenvalues: Optional[Tensor] = None
     values["param_distance"] = safe_value(lambda: metrics.param_distance(fm.params, theta0))
-    if finite:
-        K, K_layers = probe_kernel(tracker, fm, state["method"], state["per_layer"])
+    failures: dict[str, str] = {}
+    computed = None
+    if finite and state["K0"] is not None:
+        computed = attempt(
+            failures,
+            "kernel",
+            lambda: probe_kernel(tracker, fm, state["method"], state["per_layer"]),
+        )
+    if computed is not None:
+        K, K_layers = computed
         K0 = state["K0"].to(K.device)
         values["relative_change"] = safe_value(lambda: metrics.relative_change(K, K0))
         values["kernel_distance"] = safe_value(lambda: metrics.kernel_distance(K, K0))
@@ -79,14 +118,17 @@ def measure(tracker: NTKTracker, fm: FunctionalModel, step: int) -> Measurement:
             )
         kernel, eigenvalues = K, None if spec is None else spec.eigenvalues
         layers = layer_drift(metrics, K, K_layers, state["K0_layers"])
+    if finite:
         f_lin = LinearizedModel.of(fm, theta0, buffers="current")
         with torch.no_grad():
-            logits_lin, logits0 = f_lin.logits_and_initial(x)
-        values["linearization_error"] = safe_value(
-            lambda: linearization_error(logits, logits_lin, logits0)
-        )
-        values["prob_tv"] = safe_value(lambda: prob_tv(logits, logits_lin))
-        values["argmax_agreement"] = safe_value(lambda: argmax_agreement(logits, logits_lin))
+            linearized = attempt(failures, "linearized model", lambda: f_lin.logits_and_initial(x))
+        if linearized is not None:
+            logits_lin, logits0 = linearized
+            values["linearization_error"] = safe_value(
+                lambda: linearization_error(logits, logits_lin, logits0)
+            )
+            values["prob_tv"] = safe_value(lambda: prob_tv(logits, logits_lin))
+            values["argmax_agreement"] = safe_value(lambda: argmax_agreement(logits, logits_lin))
         values["logit_norm"] = safe_value(lambda: metrics.logit_norm(logits))
         norm0 = state["logit_norm0"]
         values["logit_growth"] = values["logit_norm"] / norm0 if norm0 > 0 else nan
@@ -112,7 +154,7 @@ def measure(tracker: NTKTracker, fm: FunctionalModel, step: int) -> Measurement:
         predicted_regime=predicted["regime"],
         message=diagnosis.message,
     )
-    return Measurement(report, layers, kernel, eigenvalues)
+    return Measurement(report, layers, kernel, eigenvalues, failures)
 
 
 def probe_kernel(

@@ -36,6 +36,7 @@ linearization_error      0.2, 0.5    0.07–0.11 (width 512, smooth.)   0.3–0.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import KW_ONLY, dataclass
 from typing import Any, Optional
@@ -44,16 +45,14 @@ import torch
 from torch import Tensor, nn
 
 from .. import metrics
+from ..exceptions import NTKMeasurementWarning
 from ..kernel._forward import ForwardModule, selector_on_wrapper
 from ..kernel._functional import FunctionalModel, exact_matmuls
-from ._measure import measure, probe_kernel
+from ._measure import attempt, measure, probe_kernel
 from ._probe import default_batch_to_xy, draw_probe, preserved_rng
 from ._schedule import Schedule
 from ._verdict import Thresholds
-from .report import (
-    NTKReport,
-    finite_or,
-)
+from .report import NTKReport, finite_or
 from .settings import NTKSettings
 
 __all__ = ["NTKReport", "NTKTracker", "Thresholds"]
@@ -114,6 +113,8 @@ class NTKTracker(NTKSettings):
 
         self._state: Optional[dict[str, Any]] = None  # filled by start / load_state_dict
         self.history: list[NTKReport] = []
+        # what could not be measured for this model ("kernel", "linearized model") -> why
+        self.failures: dict[str, str] = {}
         self.layer_history: list[dict[str, dict[str, float]]] = []
         self.kernel: Optional[Tensor] = None  # Θ_t of the last report
         self.eigenvalues: Optional[Tensor] = None  # its spectrum, descending
@@ -231,7 +232,11 @@ class NTKTracker(NTKSettings):
             method = self.method
             per_layer = self.per_layer if self.per_layer is not None else method != "ntk_vp"
             num_classes = int(logits0.shape[1])
-            total, layers = probe_kernel(self, fm, method, per_layer)
+            failures: dict[str, str] = {}
+            computed = attempt(
+                failures, "kernel", lambda: probe_kernel(self, fm, method, per_layer)
+            )
+            total, layers = computed if computed is not None else (None, {})
             state = {
                 "theta0": {n: p.detach().clone() for n, p in fm.params.items()},
                 "logits0": logits0.clone(),
@@ -245,6 +250,7 @@ class NTKTracker(NTKSettings):
                 "predicted": self._predict(num_classes),
             }
         self._state = state  # only a complete snapshot marks the tracker as started
+        self._warn_failures(failures)
         self.history = []
         self.layer_history = []
         self.kernel = total
@@ -262,6 +268,7 @@ class NTKTracker(NTKSettings):
         with preserved_rng(_device_of(wrapper)):
             measured = measure(self, self._functional(wrapper), int(step))
         report, layers = measured.report, measured.layers
+        self._warn_failures(measured.failures)
         if measured.kernel is not None:
             self.kernel, self.eigenvalues = measured.kernel, measured.eigenvalues
         self.history.append(report)
@@ -366,6 +373,13 @@ class NTKTracker(NTKSettings):
         return FunctionalModel(
             wrapper, params=self._selector(), output_fn=self.output_fn, dtype=self.dtype
         )
+
+    def _warn_failures(self, failures: Mapping[str, str]) -> None:
+        """One :class:`~lightning_ntk.NTKMeasurementWarning` per measurement that failed."""
+        for what, message in failures.items():
+            if what not in self.failures:
+                warnings.warn(message, NTKMeasurementWarning, stacklevel=3)
+            self.failures[what] = message
 
     def probe_on(self, wrapper: nn.Module) -> tuple[Tensor, Optional[Tensor]]:
         """The probe inputs and labels on the model's device."""
