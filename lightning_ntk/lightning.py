@@ -8,8 +8,19 @@ one implementation, :class:`lightning_ntk.monitor.callback.NTKMonitorBase`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .monitor.callback import monitor_class
 
 __all__ = ["NTKMonitor"]
 
-NTKMonitor = monitor_class("lightning.pytorch")
+if TYPE_CHECKING:  # pragma: no cover - what type checkers see of the class built below
+    import lightning.pytorch
+
+    from .monitor.callback import NTKMonitorBase
+
+    class NTKMonitor(NTKMonitorBase, lightning.pytorch.Callback):  # noqa: D101
+        ...
+
+else:
+    NTKMonitor = monitor_class("lightning.pytorch")

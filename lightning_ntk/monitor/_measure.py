@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple, Optional, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, Optional, TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -23,7 +23,7 @@ from ..kernel import ntk_of
 from ..kernel._forward import module_of
 from ..kernel._functional import FunctionalModel, exact_matmuls
 from ..linearization import LinearizedModel, argmax_agreement, linearization_error, prob_tv
-from ._verdict import diagnose, logit_slope
+from ._verdict import Thresholds, diagnose, logit_slope
 from .report import NUMERIC_FIELDS, NTKReport, layer_drift, safe_spectrum, safe_value
 
 if TYPE_CHECKING:
@@ -134,16 +134,15 @@ def measure(tracker: NTKTracker, fm: FunctionalModel, step: int) -> Measurement:
         values["logit_growth"] = values["logit_norm"] / norm0 if norm0 > 0 else nan
     steps = [r.step for r in tracker.history] + [step]
     norms = [r.logit_norm for r in tracker.history] + [values["logit_norm"]]
-    slope = logit_slope(
-        steps, norms, tracker.thresholds.trend_octaves, tracker.thresholds.min_trend_step
-    )
+    thresholds = cast(Thresholds, tracker.thresholds)  # a Thresholds after NTKSettings' checks
+    slope = logit_slope(steps, norms, thresholds.trend_octaves, thresholds.min_trend_step)
     predicted = state["predicted"]
     diagnosis = diagnose(
         relative_change=values["relative_change"],
         linearization_error=values["linearization_error"],
         slope=slope,
         finite=finite,
-        thresholds=tracker.thresholds,
+        thresholds=thresholds,
         predicted_regime=predicted["regime"],
     )
     report = NTKReport(

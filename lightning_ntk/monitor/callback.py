@@ -9,7 +9,8 @@ callback class for ``"pytorch_lightning"`` (``lightning_ntk.NTKMonitor``, define
 or ``"lightning.pytorch"`` (``lightning_ntk.lightning.NTKMonitor``). The namespace is
 imported only when the class is first used.
 
-Logging. Every report is logged
+Logging. Every report is logged under ``prefix`` (default ``"ntk/"``; the keys below
+use the default)
 
 * into ``trainer.callback_metrics`` (as tensors), so ``EarlyStopping`` and
   ``ModelCheckpoint`` can monitor ``ntk/*``, and ``ntk/relative_change`` and ``ntk/lazy``
@@ -31,9 +32,9 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import KW_ONLY, dataclass
-from typing import Any, ClassVar, Optional, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Optional, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -43,11 +44,12 @@ from ..exceptions import (
     LinearizationBreakdownWarning,
     NTKMeasurementWarning,
 )
+from ._verdict import Thresholds
 from .loggers import tensorboard_writers, write_extras, write_layout
 from .settings import NTKSettings, settings_of
 from .tracker import NTKReport, NTKTracker
 
-__all__ = ["NTKMonitor", "NTKMonitorBase", "monitor_class"]  # noqa: F822 - NTKMonitor is lazy
+__all__ = ["NTKMonitor", "NTKMonitorBase", "monitor_class"]  # NTKMonitor: built on first use
 
 ACTIONS = ("warn", "stop", "raise")
 PROGRESS_BAR_KEYS = ("ntk/relative_change", "ntk/lazy")
@@ -80,9 +82,14 @@ class NTKMonitorBase(NTKSettings):
             ``"stop"`` (stop training on every rank), ``"raise"``
             (:class:`~lightning_ntk.LinearizationBreakdownError`), or a callable receiving
             the report (called once per transition).
-        prog_bar: show ``ntk/relative_change`` and ``ntk/lazy`` in the progress bar.
+        prog_bar: show ``<prefix>relative_change`` and ``<prefix>lazy`` in the progress
+            bar (on by default, unlike ``self.log``: the verdict is what the monitor is for).
         tensorboard_extras: write the spectrum histogram, kernel image, diagnosis text and
             custom-scalars layout to attached TensorBoard loggers.
+        prefix: the start of every logged key (``"ntk/"``: ``ntk/relative_change``, …);
+            monitors with different prefixes log side by side on one ``Trainer``.
+        verbose: print each report's verdict and message (on rank 0), like Lightning's
+            ``EarlyStopping(verbose=True)``.
         **settings: what is measured and when: every field of
             :class:`~lightning_ntk.monitor.settings.NTKSettings` (``n_probe``, ``output``,
             ``method``, ``params``, ``every_n_steps``, ``log_base``, ``thresholds``,
@@ -100,6 +107,8 @@ class NTKMonitorBase(NTKSettings):
     on_breakdown: Union[str, Callable[[NTKReport], Any]] = "warn"
     prog_bar: bool = True
     tensorboard_extras: bool = True
+    prefix: str = "ntk/"
+    verbose: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -108,7 +117,9 @@ class NTKMonitorBase(NTKSettings):
                 f"Expected `on_breakdown` to be one of {ACTIONS} or a callable taking the "
                 f"report but got {self.on_breakdown!r}."
             )
-        for name in ("prog_bar", "tensorboard_extras"):
+        if not isinstance(self.prefix, str) or not self.prefix:
+            raise TypeError(f"Expected `prefix` to be a non-empty str but got {self.prefix!r}.")
+        for name in ("prog_bar", "tensorboard_extras", "verbose"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"Expected `{name}` to be a bool but got {getattr(self, name)!r}.")
         self.tracker = NTKTracker(self.probe_x, self.probe_y, **settings_of(self))
@@ -135,6 +146,8 @@ class NTKMonitorBase(NTKSettings):
             every_n_epochs=schedule.every_n_epochs,
             log_base=schedule.log_base,
         )
+        if self.prefix != "ntk/":  # the default keeps the key of earlier checkpoints
+            settings["prefix"] = self.prefix
         # Lightning reads the key around every hook call of every step: build it once
         # per distinct settings
         cached = self._state_key
@@ -180,7 +193,7 @@ class NTKMonitorBase(NTKSettings):
         self._last_verdict = None
         if self.tensorboard_extras and trainer.is_global_zero:
             for writer in tensorboard_writers(trainer.loggers):
-                write_layout(writer)
+                write_layout(writer, cast(Thresholds, tracker.thresholds), prefix=self.prefix)
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
@@ -239,7 +252,9 @@ class NTKMonitorBase(NTKSettings):
         local = (tracker.history[-1], tracker.scalars())
         report, scalars = trainer.strategy.broadcast(local, src=0)  # same on every rank
         tracker.history[-1] = report
-        _publish(trainer, pl_module, scalars, epoch_end, self.prog_bar)
+        scalars = {_with_prefix(name, self.prefix): value for name, value in scalars.items()}
+        bar = {_with_prefix(name, self.prefix) for name in PROGRESS_BAR_KEYS}
+        _publish(trainer, pl_module, scalars, epoch_end, self.prog_bar, bar)
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=step)
         if self.tensorboard_extras and trainer.is_global_zero:
@@ -250,8 +265,10 @@ class NTKMonitorBase(NTKSettings):
                     eigenvalues=tracker.eigenvalues,
                     kernel=tracker.kernel_matrix() if tracker.kernel is not None else None,
                     labels=tracker.probe_y,
-                    thresholds=tracker.thresholds,
+                    prefix=self.prefix,
                 )
+        if self.verbose and trainer.is_global_zero:
+            _info(self._namespace, _verbose_line(report, self.prefix))
         self._act(trainer, report)
 
     def _act(self, trainer: Any, report: NTKReport) -> None:
@@ -273,7 +290,12 @@ class NTKMonitorBase(NTKSettings):
 
 
 def _publish(
-    trainer: Any, pl_module: Any, scalars: Mapping[str, float], epoch_end: bool, prog_bar: bool
+    trainer: Any,
+    pl_module: Any,
+    scalars: Mapping[str, float],
+    epoch_end: bool,
+    prog_bar: bool,
+    prog_bar_keys: Collection[str] = PROGRESS_BAR_KEYS,
 ) -> None:
     """Put the scalars where other callbacks and the progress bar read them.
 
@@ -286,7 +308,7 @@ def _publish(
         dtype = torch.get_default_dtype()
         for name, value in scalars.items():
             callback_metrics[name] = torch.tensor(value, dtype=dtype)
-            if prog_bar and name in PROGRESS_BAR_KEYS:
+            if prog_bar and name in prog_bar_keys:
                 progress_bar_metrics[name] = value
         return
     for name, value in scalars.items():
@@ -295,10 +317,29 @@ def _publish(
             value,
             on_step=not epoch_end,
             on_epoch=epoch_end,
-            prog_bar=prog_bar and name in PROGRESS_BAR_KEYS,
+            prog_bar=prog_bar and name in prog_bar_keys,
             logger=False,
             batch_size=1,
         )
+
+
+def _with_prefix(name: str, prefix: str) -> str:
+    """``ntk/<key>`` as ``<prefix><key>``."""
+    return prefix + name.removeprefix("ntk/")
+
+
+def _verbose_line(report: NTKReport, prefix: str) -> str:
+    """One line per report for ``verbose=True``."""
+    return (
+        f"NTKMonitor ({prefix}) step {report.step}: {report.verdict} (relative_change "
+        f"{report.relative_change:.3g}, linearization_error {report.linearization_error:.3g}, "
+        f"logit_growth {report.logit_growth:.3g}). {report.message}"
+    )
+
+
+def _info(namespace: str, message: str) -> None:
+    """Log ``message`` at INFO on rank 0 through the Lightning namespace's own logger."""
+    importlib.import_module(f"{namespace}.utilities.rank_zero").rank_zero_info(message)
 
 
 def monitor_class(namespace: str) -> type:
@@ -321,6 +362,13 @@ def monitor_class(namespace: str) -> type:
             "_namespace": namespace,
         },
     )
+
+
+if TYPE_CHECKING:  # pragma: no cover - what type checkers see of the lazy class below
+    import pytorch_lightning
+
+    class NTKMonitor(NTKMonitorBase, pytorch_lightning.Callback):  # noqa: D101
+        ...
 
 
 def __getattr__(name: str) -> Any:

@@ -51,8 +51,8 @@ class NTKSettings:
         every_n_epochs: also report at the end of every ``n``-th epoch.
         log_base: report at steps ``⌈b^k⌉``, ``k ≥ 1`` (default 4: 4, 16, 64, …); ``None``
             disables.
-        thresholds: verdict thresholds, a :class:`~lightning_ntk.monitor._verdict.Thresholds`
-            or a dict of its fields (e.g. ``{"relative_change": [0.1, 0.5]}``).
+        thresholds: verdict thresholds, a :class:`~lightning_ntk.Thresholds` or a dict of
+            its fields (e.g. ``{"relative_change": [0.1, 0.5]}``).
         weight_decay: the optimizer's weight decay, if known (overrides what is read from
             the optimizer).
         label_smoothing: the loss's label smoothing, if known (overrides what is read
@@ -130,5 +130,8 @@ def _as_thresholds(value: Union[Thresholds, Mapping[str, Any], None]) -> Thresho
             raise ValueError(
                 f"Expected `thresholds` keys among {sorted(fields)} but got {sorted(unknown)}."
             )
-        return Thresholds(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
+        kwargs: dict[str, Any] = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in value.items()
+        }
+        return Thresholds(**kwargs)
     raise TypeError(f"Expected `thresholds` to be a Thresholds, a dict or None but got {value!r}.")
