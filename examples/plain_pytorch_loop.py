@@ -66,7 +66,6 @@ def train(label_smoothing: float, steps: int, logdir: Path, seed: int = 0) -> NT
                     eigenvalues=tracker.eigenvalues,
                     kernel=tracker.kernel_matrix(),
                     labels=tracker.probe_y,
-                    thresholds=tracker.thresholds,
                 )
             if step == steps:
                 break
