@@ -117,6 +117,7 @@ def test_load_run_reads_ntk_scalars_and_the_last_diagnosis(tmp_path):
 
 
 def test_report_plots_a_plain_loop_log_with_its_logged_thresholds(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="the report's figure needs matplotlib (`plot` extra)")
     from lightning_ntk.cli._report import _thresholds
 
     points = [(s, 0.01 * s) for s in (1, 2, 4, 8, 128, 256)]
@@ -247,6 +248,7 @@ def test_console_script_is_registered():
 
 
 def test_digits_split_is_fixed_and_standardised_on_the_training_split():
+    pytest.importorskip("sklearn", reason="the demo needs scikit-learn (the `demo` extra)")
     from lightning_ntk.cli._demo import load_digits_split
 
     x_train, y_train, x_test, y_test = load_digits_split()
