@@ -116,7 +116,6 @@ def write_extras(
     eigenvalues: Optional[Tensor] = None,
     kernel: Optional[Tensor] = None,
     labels: Optional[Tensor] = None,
-    thresholds: Optional[Thresholds] = None,
     prefix: str = "ntk/",
 ) -> None:
     """Write the histogram, kernel figure and diagnosis text of a report.
@@ -128,11 +127,8 @@ def write_extras(
         kernel: the ``(N, N)`` kernel matrix (``<prefix>kernel``), if known.
         labels: probe labels ``(N,)`` (or soft targets ``(N, C)``) to sort the heat map
             by class and outline the class blocks.
-        thresholds: unused, kept for callers of earlier versions: the thresholds are
-            in the layout's chart titles (:func:`write_layout`).
         prefix: the prefix of the tags.
     """
-    del thresholds
     step = int(report.step)
     if eigenvalues is not None and eigenvalues.numel() and torch.isfinite(eigenvalues).all():
         writer.add_histogram(f"{prefix}spectrum", eigenvalues.detach().double().cpu(), step)
