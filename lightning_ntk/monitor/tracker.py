@@ -46,17 +46,17 @@ linearization_error      0.2, 0.5    0.07–0.11 (width 512, smooth.)   0.3–0.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any, Callable, Optional, Union
+from dataclasses import KW_ONLY, dataclass
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
-from ..kernel._forward import ForwardFn, ForwardModule, module_of, selector_on_wrapper
+from ..kernel._forward import ForwardModule, module_of, selector_on_wrapper
 from ..kernel._functional import FunctionalModel, exact_matmuls
-from ._probe import BatchToXY, default_batch_to_xy, draw_probe, preserved_rng
+from ._probe import default_batch_to_xy, draw_probe, preserved_rng
 from ._schedule import Schedule
 from ._verdict import Thresholds, diagnose, logit_slope
 from .report import (
@@ -67,14 +67,13 @@ from .report import (
     safe_spectrum,
     safe_value,
 )
+from .settings import NTKSettings
 
 __all__ = ["NTKReport", "NTKTracker", "Thresholds"]
 
-OUTPUTS = ("full", "diagonal", "trace")
-METHODS = ("auto", "structured", "jacobian", "ntk_vp")
 
-
-class NTKTracker:
+@dataclass(eq=False, repr=False)
+class NTKTracker(NTKSettings):
     """Empirical NTK of a classifier on a fixed probe set, with a verdict on laziness.
 
     Typical use in a plain loop::
@@ -90,104 +89,37 @@ class NTKTracker:
         probe_x: probe inputs ``(N, ...)``; or ``None`` to draw them later with
             :meth:`draw_probe`.
         probe_y: probe labels ``(N,)`` (int) or soft targets ``(N, C)``; optional.
-        n_probe: examples drawn by :meth:`draw_probe` (stratified by class).
-        output: kernel layout ``"full"`` (default; ``(N, N, C, C)``), ``"diagonal"`` or
-            ``"trace"``.
-        method: kernel method ``"auto"``, ``"structured"``, ``"jacobian"`` or ``"ntk_vp"``.
-        params: parameters spanning the kernel (``None``: all trainable; names or a
-            predicate, as in :func:`lightning_ntk.empirical_ntk`).
-        output_fn: maps the model's raw output to ``(N, C)`` logits.
-        forward_fn: ``forward_fn(model, x) -> output`` for models whose forward is not
-            ``model(x)``; evaluated functionally like the model itself.
-        per_layer: report each layer's drift; ``None`` (default) turns it on unless
-            ``method="ntk_vp"`` (where it would multiply the cost; the other methods
-            compute per-layer parts at no extra cost).
-        top_layers: how many of the most-moving layers :meth:`scalars` reports.
-        dtype: compute dtype (default: the parameters'; float32 for half / bf16).
-        every_n_steps: also report every ``n`` optimizer steps.
-        every_n_epochs: also report at the end of every ``n``-th epoch.
-        log_base: report at steps ``⌈b^k⌉``, ``k ≥ 1`` (default 4: 4, 16, 64, …); ``None``
-            disables.
-        thresholds: verdict thresholds (a :class:`Thresholds` or a dict of its fields).
-        weight_decay: the optimizer's weight decay, if known (for the predicted regime).
-        label_smoothing: the loss's label smoothing, if known.
         optimizer: the optimizer (its weight decay and decoupling are read from it).
         loss: the loss module (its label smoothing is read from it).
-        seed: seed of the tracker's own generator (probe drawing).
-        batch_to_xy: splits a dataset batch into ``(inputs, labels)``.
         distributed: share the probe kernel's blocks among the ranks of the initialised
             ``torch.distributed`` process group (each rank computes its share, one
             all-reduce assembles the kernel). Every rank must then call :meth:`start` and
             :meth:`update` together; ``NTKMonitor`` turns this on under multi-process
             strategies.
+        **settings: what is measured and when: every field of
+            :class:`~lightning_ntk.monitor.settings.NTKSettings` (``n_probe``, ``output``,
+            ``method``, ``params``, ``output_fn``, ``forward_fn``, ``per_layer``,
+            ``top_layers``, ``dtype``, ``every_n_steps``, ``every_n_epochs``,
+            ``log_base``, ``thresholds``, ``weight_decay``, ``label_smoothing``, ``seed``,
+            ``batch_to_xy``), as keywords.
     """
 
-    def __init__(
-        self,
-        probe_x: Optional[Tensor] = None,
-        probe_y: Optional[Tensor] = None,
-        *,
-        n_probe: int = 16,
-        output: str = "full",
-        method: str = "auto",
-        params: Any = None,
-        output_fn: Optional[Callable[[Any], Tensor]] = None,
-        forward_fn: Optional[ForwardFn] = None,
-        per_layer: Optional[bool] = None,
-        top_layers: int = 5,
-        dtype: Optional[torch.dtype] = None,
-        every_n_steps: Optional[int] = None,
-        every_n_epochs: Optional[int] = None,
-        log_base: Optional[float] = 4.0,
-        thresholds: Union[Thresholds, Mapping[str, Any], None] = None,
-        weight_decay: Optional[float] = None,
-        label_smoothing: Optional[float] = None,
-        optimizer: Optional[torch.optim.Optimizer] = None,
-        loss: Optional[nn.Module] = None,
-        seed: int = 0,
-        batch_to_xy: Optional[BatchToXY] = None,
-        distributed: bool = False,
-    ) -> None:
-        _check_positive_int("n_probe", n_probe)
-        _check_positive_int("top_layers", top_layers)
-        if output not in OUTPUTS:
-            raise ValueError(f"Expected `output` to be one of {OUTPUTS} but got {output!r}.")
-        if method not in METHODS:
-            raise ValueError(f"Expected `method` to be one of {METHODS} but got {method!r}.")
-        for name, fn in (
-            ("output_fn", output_fn),
-            ("forward_fn", forward_fn),
-            ("batch_to_xy", batch_to_xy),
-        ):
-            if fn is not None and not callable(fn):
-                raise TypeError(f"Expected `{name}` to be callable or None but got {fn!r}.")
-        if per_layer is not None and not isinstance(per_layer, bool):
-            raise TypeError(f"Expected `per_layer` to be a bool or None but got {per_layer!r}.")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"Expected `seed` to be an int but got {seed!r}.")
-        if not isinstance(distributed, bool):
-            raise TypeError(f"Expected `distributed` to be a bool but got {distributed!r}.")
-        self.distributed = distributed
-        self.n_probe = n_probe
-        self.output = output
-        self.method = method
-        self.params = params
-        self.output_fn = output_fn
-        self.forward_fn = forward_fn
-        self.per_layer = per_layer
-        self.top_layers = top_layers
-        self.dtype = dtype
-        self.schedule = Schedule(every_n_steps, every_n_epochs, log_base)
-        self.thresholds = _as_thresholds(thresholds)
-        self.weight_decay = weight_decay
-        self.label_smoothing = label_smoothing
-        self.optimizer = optimizer
-        self.loss = loss
-        self.batch_to_xy = batch_to_xy or default_batch_to_xy
-        self.generator = torch.Generator().manual_seed(seed)
+    probe_x: Optional[Tensor] = None
+    probe_y: Optional[Tensor] = None
+    _: KW_ONLY
+    optimizer: Optional[torch.optim.Optimizer] = None
+    loss: Optional[nn.Module] = None
+    distributed: bool = False
 
-        self.probe_x: Optional[Tensor] = None
-        self.probe_y: Optional[Tensor] = None
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.distributed, bool):
+            raise TypeError(f"Expected `distributed` to be a bool but got {self.distributed!r}.")
+        self.schedule = Schedule(self.every_n_steps, self.every_n_epochs, self.log_base)
+        self.batch_to_xy = self.batch_to_xy or default_batch_to_xy
+        self.generator = torch.Generator().manual_seed(self.seed)
+        probe_x, probe_y = self.probe_x, self.probe_y
+        self.probe_x = self.probe_y = None
         if probe_x is not None:
             self.set_probe(probe_x, probe_y)
         elif probe_y is not None:
@@ -305,7 +237,7 @@ class NTKTracker:
             method = self.method
             per_layer = self.per_layer if self.per_layer is not None else method != "ntk_vp"
             num_classes = int(logits0.shape[1])
-            total, layers = self._kernel(wrapper, method, per_layer)
+            total, layers = self._kernel(fm, method, per_layer)
             state = {
                 "theta0": {n: p.detach().clone() for n, p in fm.params.items()},
                 "logits0": logits0.clone(),
@@ -438,23 +370,18 @@ class NTKTracker:
             wrapper, params=self._selector(), output_fn=self.output_fn, dtype=self.dtype
         )
 
-    def _kernel(
-        self, wrapper: nn.Module, method: str, per_layer: bool
-    ) -> tuple[Tensor, dict[str, Tensor]]:
+    def _kernel(self, fm: FunctionalModel, method: str, per_layer: bool) -> tuple[Tensor, dict]:
         """``Θ(X, X)`` in the chosen layout, and per module when ``per_layer`` is on."""
-        from ..kernel import empirical_ntk
+        from ..kernel import ntk_of
 
-        probe = self._probe_on(wrapper)[0]
+        probe = fm.cast_input(self._probe_on(fm.module)[0])
         world = _world_size() if self.distributed else 1
-        result = empirical_ntk(
-            wrapper,
+        result = ntk_of(
+            fm,
             probe,
             output=self.output,
             method=method,
-            params=self._selector(),
             per_layer=per_layer,
-            dtype=self.dtype,
-            output_fn=self.output_fn,
             # two blocks of probe rows per rank: each rank gets its share of the pairs
             chunk_size=None if world == 1 else max(1, math.ceil(len(probe) / (2 * world))),
             distributed=world > 1,
@@ -478,7 +405,12 @@ class NTKTracker:
         return self.probe_x.to(device), y
 
     def _measure(self, wrapper: ForwardModule, step: int) -> tuple[NTKReport, dict]:
-        from ..linearization import argmax_agreement, linearization_error, linearize, prob_tv
+        from ..linearization import (
+            LinearizedModel,
+            argmax_agreement,
+            linearization_error,
+            prob_tv,
+        )
 
         metrics = _metrics()
         state = self._state
@@ -495,7 +427,7 @@ class NTKTracker:
         layers: dict[str, dict[str, float]] = {}
         values["param_distance"] = safe_value(lambda: metrics.param_distance(fm.params, theta0))
         if finite:
-            K, K_layers = self._kernel(wrapper, state["method"], state["per_layer"])
+            K, K_layers = self._kernel(fm, state["method"], state["per_layer"])
             K0 = state["K0"].to(K.device)
             values["relative_change"] = safe_value(lambda: metrics.relative_change(K, K0))
             values["kernel_distance"] = safe_value(lambda: metrics.kernel_distance(K, K0))
@@ -513,14 +445,7 @@ class NTKTracker:
                 )
             self.kernel, self.eigenvalues = K, None if spec is None else spec.eigenvalues
             layers = layer_drift(metrics, K, K_layers, state["K0_layers"])
-            f_lin = linearize(
-                wrapper,
-                theta0,
-                params=self._selector(),
-                output_fn=self.output_fn,
-                buffers="current",
-                dtype=self.dtype,
-            )
+            f_lin = LinearizedModel.of(fm, theta0, buffers="current")
             with torch.no_grad():
                 logits_lin, logits0 = f_lin.logits_and_initial(x)
             values["linearization_error"] = safe_value(
@@ -598,27 +523,6 @@ def _to_cpu(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _to_cpu(v) for k, v in value.items()}
     return value
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"Expected `{name}` to be a positive int but got {value!r}.")
-
-
-def _as_thresholds(value: Union[Thresholds, Mapping[str, Any], None]) -> Thresholds:
-    if value is None:
-        return Thresholds()
-    if isinstance(value, Thresholds):
-        return value
-    if isinstance(value, Mapping):
-        fields = {f.name for f in dataclasses.fields(Thresholds)}
-        unknown = set(value) - fields
-        if unknown:
-            raise ValueError(
-                f"Expected `thresholds` keys among {sorted(fields)} but got {sorted(unknown)}."
-            )
-        return Thresholds(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
-    raise TypeError(f"Expected `thresholds` to be a Thresholds, a dict or None but got {value!r}.")
 
 
 def _world_size() -> int:
