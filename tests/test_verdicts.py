@@ -160,3 +160,127 @@ def test_message_names_the_signal_that_set_the_verdict():
     head = d.message.split(";")[0]
     assert "linearization error (0.52 ≥ break threshold 0.5)" in head
     assert "relative change 0.48 ≥ drift threshold 0.1, below break 0.5" in d.message
+
+
+# ---------------------------------------------------------------------- through the tracker
+
+
+def _bn_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 36, 8),
+        nn.BatchNorm1d(8),
+        nn.ReLU(),
+        nn.Linear(8, 3),
+    )
+
+
+def _images(n: int = 48, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    x = torch.randn(n, 1, 6, 6, generator=g) + y[:, None, None, None].float()
+    return x, y
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_batchnorm_cnn_at_lr_0_is_lazy_with_zero_drift_at_every_report(momentum):
+    from lightning_ntk import NTKTracker
+
+    torch.manual_seed(0)
+    model = _bn_cnn()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = momentum
+    x, y = _images()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    trackers = {
+        mode: NTKTracker(x[:12], y[:12], optimizer=opt, log_base=2, normalization=mode)
+        for mode in ("batch", "running")
+    }
+    for tracker in trackers.values():
+        tracker.start(model)
+    g = torch.Generator().manual_seed(1)
+    for step in range(1, 33):
+        idx = torch.randint(len(x), (16,), generator=g)
+        loss = F.cross_entropy(model(x[idx]), y[idx])  # running statistics move
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        for tracker in trackers.values():
+            tracker.observe(model, x[idx], y[idx], loss, step=step)
+            if tracker.is_due(step):
+                tracker.update(model, step)
+    reports = trackers["batch"].history
+    assert [r.step for r in reports] == [2, 4, 8, 16, 32]
+    for r in reports:
+        assert r.relative_change <= 1e-6 and r.linearization_error == 0.0, r
+        assert r.verdict == "lazy" and r.causes == [], r
+    # the deployed function's kernel (running statistics) does move
+    assert trackers["running"].history[-1].relative_change > 1e-3
+    assert "inferred from the training loss" in reports[-1].setup
+    assert reports[-1].predicted_regime == "divergent"  # hard labels, λ = 0: both known
+
+
+@pytest.mark.slow
+def test_smoothing_given_only_to_f_cross_entropy_in_a_lightning_module():
+    import pytorch_lightning as pl
+
+    from lightning_ntk import NTKMonitor
+    from tests._lightning_models import module_class, trainer_kwargs
+
+    base = module_class("pytorch_lightning")
+
+    class Functional(base):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self(x), y, label_smoothing=0.1)
+
+    pl.seed_everything(0, verbose=False)
+    model = Functional(lr=0.5)
+    del model.loss_fn  # no loss module anywhere
+    monitor = NTKMonitor(n_probe=9, log_base=2)
+    pl.Trainer(callbacks=[monitor], **trainer_kwargs(max_steps=16)).fit(model)
+    last = monitor.history[-1]
+    assert last.predicted_regime == "lazy", last.setup
+    assert "label smoothing 0.1 (inferred from the training loss" in last.setup
+    assert math.isfinite(last.logit_optimum) and math.isfinite(last.logit_gap)
+    for report in monitor.history:
+        assert "hard one-hot targets and no" not in report.message
+
+
+def test_one_output_models_and_non_finite_probe_inputs_are_refused_clearly():
+    from lightning_ntk import NTKTracker
+
+    x, y = _images(12)
+    x = x.flatten(1)
+    with pytest.raises(ValueError, match=r"one output.*regression is not supported"):
+        NTKTracker(x, y).start(nn.Linear(36, 1))
+    x[3, 5] = math.nan
+    with pytest.raises(ValueError, match=r"probe inputs hold non-finite values .* rows \[3\]"):
+        NTKTracker(x, y).start(nn.Linear(36, 3))
+
+
+def test_stop_says_why_in_one_line(caplog):
+    import logging
+
+    import pytorch_lightning as pl
+
+    from lightning_ntk import NTKMonitor
+    from tests._lightning_models import module_class, trainer_kwargs
+
+    pl.seed_everything(0, verbose=False)
+    monitor = NTKMonitor(
+        n_probe=9,
+        every_n_steps=1,
+        on_breakdown="stop",
+        thresholds={"relative_change": (1e-9, 1e-8)},
+    )
+    with caplog.at_level(logging.INFO):
+        trainer = pl.Trainer(callbacks=[monitor], **trainer_kwargs(max_steps=20))
+        trainer.fit(module_class("pytorch_lightning")())
+    assert trainer.global_step == 1
+    lines = [r.getMessage() for r in caplog.records if "NTKMonitor: stopping" in r.getMessage()]
+    assert len(lines) == 1 and "step 1" in lines[0] and "kernel moving" in lines[0]

@@ -52,6 +52,7 @@ __all__ = [
     "BatchStatisticsModel",
     "batch_jacobian",
     "batch_ntk",
+    "batch_ntk_of",
     "batch_statistics_mode",
     "linearized_logits",
     "measured_model",
@@ -184,6 +185,15 @@ def batch_ntk(
     x = fm.cast_input(x)
     with exact_matmuls(fm.device):
         fm.checked_logits(x, "x")
+    return batch_ntk_of(fm, x, output=output, per_layer=per_layer)
+
+
+def batch_ntk_of(
+    fm: FunctionalModel, x: Tensor, *, output: str = "full", per_layer: bool = False
+) -> Any:
+    """:func:`batch_ntk` of a functional view the caller already built (arguments checked)."""
+    x = fm.cast_input(x)
+    with exact_matmuls(fm.device):
         J = batch_jacobian(fm, x)
         parts = {name: _contract(J[name], output) for name in fm.names}
     if per_layer:

@@ -41,6 +41,9 @@ _MAX_CONDITION = 1e4
 _MAX_BATCHES = 8
 
 
+_OBSERVER_STATE = ("rows", "steps", "min_target", "soft", "smoothing", "detail", "done")
+
+
 class LossObserver:
     """Infers the label smoothing of the training loss from a few batches.
 
@@ -94,6 +97,20 @@ class LossObserver:
         self._solve()
         if not self.done and len(self.rows) >= self.max_batches:
             self.done = True
+
+    def state_dict(self) -> dict[str, Any]:
+        """What was observed and concluded (for checkpoints)."""
+        return {k: getattr(self, k) for k in _OBSERVER_STATE}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        for key in _OBSERVER_STATE:
+            if key in state:
+                setattr(self, key, state[key])
+
+    def stop(self, why: str) -> None:
+        """Stop observing without a conclusion, saying why."""
+        self._give_up(why)
 
     def _give_up(self, why: str) -> None:
         self.done, self.smoothing, self.detail = True, None, why

@@ -56,9 +56,11 @@ from torch import Tensor, nn
 
 from ..kernel._forward import ForwardModule, module_of, selector_on_wrapper
 from ..kernel._functional import FunctionalModel, exact_matmuls
+from ..kernel.batch_statistics import BatchStatisticsModel, linearized_logits, measured_model
 from ._probe import default_batch_to_xy, draw_probe, preserved_rng
 from ._schedule import Schedule
-from ._verdict import Thresholds, diagnose, logit_slope
+from ._setup import LossObserver, Setup, logit_optimum, resolve_setup
+from ._verdict import LogitContext, Thresholds, diagnose, logit_slope
 from .report import (
     NUMERIC_FIELDS,
     NTKReport,
@@ -99,7 +101,7 @@ class NTKTracker(NTKSettings):
         **settings: what is measured and when: every field of
             :class:`~lightning_ntk.monitor.settings.NTKSettings` (``n_probe``, ``output``,
             ``method``, ``params``, ``output_fn``, ``forward_fn``, ``per_layer``,
-            ``top_layers``, ``dtype``, ``every_n_steps``, ``every_n_epochs``,
+            ``top_layers``, ``dtype``, ``normalization``, ``every_n_steps``, ``every_n_epochs``,
             ``log_base``, ``thresholds``, ``weight_decay``, ``label_smoothing``, ``seed``,
             ``batch_to_xy``), as keywords.
     """
@@ -130,6 +132,7 @@ class NTKTracker(NTKSettings):
         self.layer_history: list[dict[str, dict[str, float]]] = []
         self.kernel: Optional[Tensor] = None  # Θ_t of the last report
         self.eigenvalues: Optional[Tensor] = None  # its spectrum, descending
+        self.observer = LossObserver()  # infers the label smoothing from the training loss
 
     # ------------------------------------------------------------------ probe set
 
@@ -223,6 +226,7 @@ class NTKTracker(NTKSettings):
         self.probe_x = self.probe_x.to(device)  # kept on the model's device
         if self.probe_y is not None:
             self.probe_y = self.probe_y.to(device)
+        _check_finite_probe(self.probe_x)
         with preserved_rng(device):
             fm = self._functional(wrapper)
             x = fm.cast_input(self.probe_x)
@@ -237,6 +241,14 @@ class NTKTracker(NTKSettings):
             method = self.method
             per_layer = self.per_layer if self.per_layer is not None else method != "ntk_vp"
             num_classes = int(logits0.shape[1])
+            if num_classes < 2:
+                raise ValueError(
+                    f"The model maps the probe to logits of shape {tuple(logits0.shape)}: one "
+                    "output. The monitor's theory and verdicts are about classifiers "
+                    "(cross-entropy over C >= 2 logits); for a binary classifier with one "
+                    "logit z, pass `output_fn=lambda z: torch.cat([torch.zeros_like(z), z], 1)` "
+                    "(the same softmax); regression is not supported."
+                )
             total, layers = self._kernel(fm, method, per_layer)
             state = {
                 "theta0": {n: p.detach().clone() for n, p in fm.params.items()},
@@ -333,6 +345,7 @@ class NTKTracker(NTKSettings):
             "layer_history": [dict(layers) for layers in self.layer_history],
             "kernel": _to_cpu(self.kernel),
             "eigenvalues": _to_cpu(self.eigenvalues),
+            "observer": self.observer.state_dict(),
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -352,6 +365,8 @@ class NTKTracker(NTKSettings):
         self.layer_history = [dict(x) for x in state_dict.get("layer_history", [])]
         self.kernel = state_dict.get("kernel")
         self.eigenvalues = state_dict.get("eigenvalues")
+        self.observer = LossObserver()
+        self.observer.load_state_dict(state_dict.get("observer", {}))
 
     # ------------------------------------------------------------------ internals
 
@@ -366,26 +381,35 @@ class NTKTracker(NTKSettings):
         return selector_on_wrapper(self.params)
 
     def _functional(self, wrapper: nn.Module) -> FunctionalModel:
-        return FunctionalModel(
-            wrapper, params=self._selector(), output_fn=self.output_fn, dtype=self.dtype
+        """The measured function: batch statistics (training's) or eval mode; see settings."""
+        return measured_model(
+            wrapper,
+            self.normalization,
+            params=self._selector(),
+            output_fn=self.output_fn,
+            dtype=self.dtype,
         )
 
     def _kernel(self, fm: FunctionalModel, method: str, per_layer: bool) -> tuple[Tensor, dict]:
         """``Θ(X, X)`` in the chosen layout, and per module when ``per_layer`` is on."""
         from ..kernel import ntk_of
+        from ..kernel.batch_statistics import batch_ntk_of
 
         probe = fm.cast_input(self._probe_on(fm.module)[0])
         world = _world_size() if self.distributed else 1
-        result = ntk_of(
-            fm,
-            probe,
-            output=self.output,
-            method=method,
-            per_layer=per_layer,
-            # two blocks of probe rows per rank: each rank gets its share of the pairs
-            chunk_size=None if world == 1 else max(1, math.ceil(len(probe) / (2 * world))),
-            distributed=world > 1,
-        )
+        if isinstance(fm, BatchStatisticsModel):  # rows coupled: the whole-batch Jacobian
+            result = batch_ntk_of(fm, probe, output=self.output, per_layer=per_layer)
+        else:
+            result = ntk_of(
+                fm,
+                probe,
+                output=self.output,
+                method=method,
+                per_layer=per_layer,
+                # two blocks of probe rows per rank: each rank gets its share of the pairs
+                chunk_size=None if world == 1 else max(1, math.ceil(len(probe) / (2 * world))),
+                distributed=world > 1,
+            )
         if not per_layer:
             assert isinstance(result, Tensor)
             return result, {}
@@ -405,12 +429,7 @@ class NTKTracker(NTKSettings):
         return self.probe_x.to(device), y
 
     def _measure(self, wrapper: ForwardModule, step: int) -> tuple[NTKReport, dict]:
-        from ..linearization import (
-            LinearizedModel,
-            argmax_agreement,
-            linearization_error,
-            prob_tv,
-        )
+        from ..linearization import argmax_agreement, linearization_error, prob_tv
 
         metrics = _metrics()
         state = self._state
@@ -445,9 +464,8 @@ class NTKTracker(NTKSettings):
                 )
             self.kernel, self.eigenvalues = K, None if spec is None else spec.eigenvalues
             layers = layer_drift(metrics, K, K_layers, state["K0_layers"])
-            f_lin = LinearizedModel.of(fm, theta0, buffers="current")
-            with torch.no_grad():
-                logits_lin, logits0 = f_lin.logits_and_initial(x)
+            # f, f0 and f_lin through the same forward: unmoved parameters, zero drift
+            logits_lin, logits0 = linearized_logits(fm, theta0, fm.params, x)
             values["linearization_error"] = safe_value(
                 lambda: linearization_error(logits, logits_lin, logits0)
             )
@@ -461,7 +479,14 @@ class NTKTracker(NTKSettings):
         slope = logit_slope(
             steps, norms, self.thresholds.trend_octaves, self.thresholds.min_trend_step
         )
-        predicted = state["predicted"]
+        setup = self.setup
+        predicted = state["predicted"] = setup.prediction()  # observations may have added
+        f_star = logit_optimum(setup, y, state["num_classes"])
+        if f_star is not None and finite:
+            centered = logits.double() - logits.double().mean(dim=1, keepdim=True)
+            f_star = f_star.to(centered.device)
+            values["logit_gap"] = float((centered - f_star).norm(dim=1).mean())
+            values["logit_optimum"] = float(f_star.norm(dim=1).mean())
         diagnosis = diagnose(
             relative_change=values["relative_change"],
             linearization_error=values["linearization_error"],
@@ -469,6 +494,12 @@ class NTKTracker(NTKSettings):
             finite=finite,
             thresholds=self.thresholds,
             predicted_regime=predicted["regime"],
+            context=LogitContext(
+                logit_norm=values["logit_norm"],
+                optimum_norm=values["logit_optimum"],
+                equilibrium_step=setup.equilibrium_step,
+                step=step,
+            ),
         )
         report = NTKReport(
             step=step,
@@ -477,32 +508,86 @@ class NTKTracker(NTKSettings):
             causes=list(diagnosis.causes),
             predicted_regime=predicted["regime"],
             message=diagnosis.message,
+            setup=setup.describe(),
         )
         return report, layers
 
-    def _predict(self, num_classes: Optional[int]) -> dict[str, str]:
-        """The theory's regime for the known set-up; ``"unknown"`` without its inputs."""
-        setup = (self.weight_decay, self.optimizer, self.label_smoothing, self.loss)
-        if all(value is None for value in setup):
-            return {
-                "regime": "unknown",
-                "reason": "set-up unknown: pass `optimizer` / `weight_decay` and `loss` / "
-                "`label_smoothing` to compare with the theory's prediction",
-            }
-        from ..theory import predict_regime
-
+    def _predict(self, num_classes: Optional[int] = None) -> dict[str, str]:
+        """The theory's regime for the set-up as known now (``"unknown"`` if it is not)."""
         try:
-            prediction = predict_regime(
-                weight_decay=self.weight_decay,
-                optimizer=self.optimizer,
-                label_smoothing=self.label_smoothing,
-                loss=self.loss,
-                targets=self.probe_y,
-                num_classes=num_classes,
-            )
+            return self.setup.prediction()
         except (TypeError, ValueError) as err:
             return {"regime": "unknown", "reason": f"set-up not understood: {err}"}
-        return {"regime": prediction.regime, "reason": prediction.reason}
+
+    # ------------------------------------------------------------------ set-up
+
+    @property
+    def setup(self) -> Setup:
+        """The training set-up: declared, inferred from the training loss, or read.
+
+        Raises:
+            TypeError / ValueError: an optimizer without ``param_groups`` or a negative
+                weight decay.
+        """
+        return resolve_setup(
+            weight_decay=self.weight_decay,
+            label_smoothing=self.label_smoothing,
+            optimizer=self.optimizer,
+            loss=self.loss,
+            probe_y=self.probe_y,
+            observer=self.observer,
+        )
+
+    @property
+    def wants_observation(self) -> bool:
+        """Whether a training batch would still help to infer the label smoothing.
+
+        False once ``ε`` is established (or cannot be), when it was declared, and before
+        :meth:`start`.
+        """
+        return self.started and self.label_smoothing is None and self.observer.wants_more
+
+    def training_logits(self, model: nn.Module, x: Any) -> Tensor:
+        """Logits of a training batch ``x`` as training computes them (batch statistics).
+
+        Evaluated functionally at the model's current parameters, without gradients, with
+        the RNG streams restored and no buffer read or written: call it before the
+        optimizer step of that batch.
+        """
+        wrapper = self._wrap(model)
+        with preserved_rng(_device_of(wrapper)):
+            fm = measured_model(
+                wrapper, "batch", params=self._selector(), output_fn=self.output_fn,
+                dtype=self.dtype,
+            )  # fmt: skip
+            with exact_matmuls(fm.device), torch.no_grad():
+                return fm(fm.params, fm.cast_input(x)).detach()
+
+    def add_observation(self, logits: Tensor, y: Any, loss: Any, step: int) -> None:
+        """Compare the loss training computed on a batch with that batch's ``logits``.
+
+        Args:
+            logits: :meth:`training_logits` of the batch.
+            y: its targets, integer labels ``(N,)`` or soft targets ``(N, C)``.
+            loss: the loss training computed on it (a scalar tensor or number).
+            step: the step, for the report's account of the set-up.
+        """
+        if not isinstance(y, Tensor) or y.shape[:1] != logits.shape[:1]:
+            return
+        try:
+            value = float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
+        except (TypeError, ValueError, RuntimeError):
+            return
+        self.observer.add(logits, y, value, int(step))
+
+    def observe(self, model: nn.Module, x: Any, y: Any, loss: Any, step: int = 0) -> None:
+        """Let the tracker infer the label smoothing from a training batch (plain loops).
+
+        Call it with the batch, its targets and the loss training computed on it, before
+        the optimizer step; it does something only while :attr:`wants_observation`.
+        """
+        if self.wants_observation:
+            self.add_observation(self.training_logits(model, x), y, loss, step)
 
 
 def _metrics() -> Any:
@@ -523,6 +608,20 @@ def _to_cpu(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _to_cpu(v) for k, v in value.items()}
     return value
+
+
+def _check_finite_probe(probe_x: Any) -> None:
+    """Refuse probe inputs holding NaN / inf, naming that cause (not the model)."""
+    if isinstance(probe_x, Tensor) and probe_x.is_floating_point():
+        bad = ~torch.isfinite(probe_x.reshape(len(probe_x), -1)).all(dim=1)
+        if bool(bad.any()):
+            rows = bad.nonzero().flatten().tolist()
+            raise ValueError(
+                f"The probe inputs hold non-finite values (NaN or inf) at rows {rows[:10]}"
+                f"{' ...' if len(rows) > 10 else ''}: they were drawn from the training data "
+                "(or given as `probe_x`), which holds NaN / inf there. Clean the data or pass "
+                "a finite `probe_x`."
+            )
 
 
 def _world_size() -> int:
