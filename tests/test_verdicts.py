@@ -284,3 +284,23 @@ def test_stop_says_why_in_one_line(caplog):
     assert trainer.global_step == 1
     lines = [r.getMessage() for r in caplog.records if "NTKMonitor: stopping" in r.getMessage()]
     assert len(lines) == 1 and "step 1" in lines[0] and "kernel moving" in lines[0]
+
+
+def test_loss_modules_are_found_inside_containers():
+    from lightning_ntk.monitor.callback import _find_loss
+
+    class Module(nn.Module):
+        def __init__(self, where: str) -> None:
+            super().__init__()
+            self.net = nn.Linear(3, 2)
+            loss = nn.CrossEntropyLoss(label_smoothing=0.2)
+            if where == "dict":
+                self.losses = {"ce": loss}  # a plain dict: not a registered sub-module
+            elif where == "list":
+                self.criteria = [nn.MSELoss(), loss]
+            else:
+                self.heads = nn.ModuleDict({"main": nn.ModuleList([loss])})
+
+    for where in ("dict", "list", "modules"):
+        assert _find_loss(Module(where)).label_smoothing == 0.2, where
+    assert _find_loss(nn.Linear(2, 2)) is None

@@ -12,10 +12,18 @@ computes ``Θ_t`` and every :class:`NTKReport` field:
 * the linearized model ``f_lin(x; θ_t) = f(x; θ0) + J0(x)(θ_t − θ0)``:
   ``linearization_error``, ``prob_tv``, ``argmax_agreement``;
 * ``logit_norm`` (mean centered L2 norm), ``logit_growth = logit_norm_t / logit_norm_0``,
-  ``param_distance = ‖θ_t − θ0‖ / ‖θ0‖``;
+  ``param_distance = ‖θ_t − θ0‖ / ‖θ0‖``; with non-degenerate targets ``logit_optimum``
+  and ``logit_gap``, the norm of the finite optimum ``log t − mean(log t)`` and the
+  distance from it;
 * the verdict ``"lazy" | "drifting" | "broken"``, its causes and one sentence with the
-  reason and the fix (:mod:`lightning_ntk.monitor._verdict`), using the regime the paper predicts
-  for the set-up (:func:`lightning_ntk.theory.predict_regime`).
+  reason and the fix (:mod:`lightning_ntk.monitor._verdict`), read against the set-up
+  (:mod:`lightning_ntk.monitor._setup`: declared, inferred from the training loss through
+  :meth:`NTKTracker.observe`, or read from the optimizer and loss; ``unknown`` otherwise).
+
+The measured function is the one training differentiates (``normalization="batch"``):
+BatchNorm layers normalise with the probe's own batch statistics, through the
+whole-batch kernel of :mod:`lightning_ntk.kernel.batch_statistics`; ``"running"``
+measures the eval-mode function.
 
 Nothing here imports Lightning; the callback is a thin adapter over this class.
 
@@ -479,7 +487,10 @@ class NTKTracker(NTKSettings):
         slope = logit_slope(
             steps, norms, self.thresholds.trend_octaves, self.thresholds.min_trend_step
         )
-        setup = self.setup
+        try:
+            setup = self.setup
+        except (TypeError, ValueError) as err:  # a report never raises for the set-up
+            setup = Setup(sources={"weight_decay": f"unknown: not understood ({err})"})
         predicted = state["predicted"] = setup.prediction()  # observations may have added
         f_star = logit_optimum(setup, y, state["num_classes"])
         if f_star is not None and finite:
