@@ -423,7 +423,7 @@ def monitored(sc: Scenario, data: dict[str, Tensor]) -> dict[str, Any]:
         training.optimizer.step()
         if tracker.is_due(step):
             tracker.update(training.model, step)
-    return _reports(tracker.history, tracker.setup.describe())
+    return _reports(tracker.history, tracker.setup)
 
 
 def monitored_lightning(sc: Scenario, data: dict[str, Tensor]) -> dict[str, Any]:
@@ -475,12 +475,13 @@ def monitored_lightning(sc: Scenario, data: dict[str, Tensor]) -> dict[str, Any]
         warnings.simplefilter("ignore")
         loader = torch.utils.data.DataLoader(Batches(), batch_size=None)
         trainer.fit(Module(), loader)
-    return _reports(monitor.history, monitor.tracker.setup.describe())
+    return _reports(monitor.history, monitor.tracker.setup)
 
 
-def _reports(history: list[Any], setup: str) -> dict[str, Any]:
+def _reports(history: list[Any], setup: Any) -> dict[str, Any]:
     return {
-        "setup": setup,
+        "setup": setup.describe(),
+        "setup_short": _setup_short(setup),
         "predicted": history[-1].predicted_regime if history else "none",
         "reports": [
             {
@@ -496,6 +497,21 @@ def _reports(history: list[Any], setup: str) -> dict[str, Any]:
             for r in history
         ],
     }
+
+
+def _setup_short(setup: Any) -> str:
+    """``ε 0.1 inferred, λ 0 read``: each fact and the kind of its source."""
+
+    def kind(key: str) -> str:
+        source = setup.sources.get(key, "unknown")
+        for word in ("declared", "inferred", "read", "unknown"):
+            if source.startswith(word) or (word == "inferred" and "inferred" in source):
+                return word
+        return "read"
+
+    eps = "?" if setup.label_smoothing is None else f"{setup.label_smoothing:.3g}"
+    lam = "?" if setup.weight_decay is None else f"{setup.weight_decay:g}"
+    return f"ε {eps} {kind('label_smoothing')}, λ {lam} {kind('weight_decay')}"
 
 
 # ---------------------------------------------------------------------- scoring
@@ -536,9 +552,10 @@ def _first_readable(reports: list[dict]) -> Optional[int]:
 def table(results: list[dict[str, Any]]) -> str:
     head = (
         "| scenario | theory | ground truth (logit slope, rc, lin. gap at horizon) | "
-        "predicted | verdicts (step: verdict [causes]) | first broken | false alarm / miss |"
+        "set-up found | predicted | verdicts (step: verdict [causes]) | first broken | "
+        "false alarm / miss |"
     )
-    lines = [head, "|" + "---|" * 7]
+    lines = [head, "|" + "---|" * 8]
     for res in results:
         sc, gt, mon, sco = res["scenario"], res["gt"], res["monitored"], res["score"]
         verdicts = ", ".join(
@@ -553,7 +570,8 @@ def table(results: list[dict[str, Any]]) -> str:
         alarm = " ".join(x for x in (sco["false_alarm"], sco["missed"]) if x) or "none"
         lines.append(
             f"| {sc['name']} (T={sc['steps']}, lr {sc['lr']:g}) | {gt['theory']} | {truth} | "
-            f"{mon['predicted']} | {verdicts} | {sco['first_broken'] or '–'} | {alarm} |"
+            f"{mon['setup_short']} | {mon['predicted']} | {verdicts} | "
+            f"{sco['first_broken'] or '–'} | {alarm} |"
         )
     return "\n".join(lines)
 
