@@ -141,3 +141,16 @@ def test_unmoved_parameters_give_exactly_zero_linearization_drift():
     f_lin, f0 = linearized_logits(fm, theta0, moved, x)
     f = fm(moved, x).detach()
     assert 0 < (f - f_lin).norm() < 0.05 * (f - f0).norm()
+
+
+def test_vmapped_and_looped_pullbacks_agree(monkeypatch):
+    from lightning_ntk.kernel import batch_statistics
+
+    torch.manual_seed(0)
+    model = _bn_cnn()
+    x = torch.randn(5, 1, 4, 4)
+    looped = batch_ntk(model, x)
+    monkeypatch.setattr(batch_statistics, "_LOOP_DEVICES", ())  # as on accelerators
+    monkeypatch.setattr(batch_statistics, "_JACOBIAN_BUDGET", 7 * 100)  # several chunks
+    batched = batch_ntk(model, x)
+    assert torch.allclose(batched, looped, atol=1e-6 * looped.abs().max())

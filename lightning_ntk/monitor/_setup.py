@@ -241,7 +241,7 @@ class Setup:
         elif self.min_target > 0:
             targets = f"soft (min probability {self.min_target:.3g})"
         else:
-            targets = "hard or with zero-probability classes"
+            targets = "with classes at probability 0 before smoothing (hard labels, mixup)"
         return (
             f"label smoothing {eps} ({self.sources.get('label_smoothing', 'unknown')}); "
             f"targets {targets} ({self.sources.get('targets', 'unknown')}); weight decay "
