@@ -41,7 +41,7 @@ _MAX_CONDITION = 1e4
 _MAX_BATCHES = 8
 
 
-_OBSERVER_STATE = ("rows", "steps", "min_target", "soft", "smoothing", "detail", "done")
+_OBSERVER_STATE = ("rows", "steps", "min_target", "soft", "smoothing", "detail", "done", "calls")
 
 
 class LossObserver:
@@ -61,6 +61,7 @@ class LossObserver:
         self.smoothing: Optional[float] = None
         self.detail = "no training batch observed"
         self.done = False
+        self.calls = 0
 
     @property
     def wants_more(self) -> bool:
@@ -71,7 +72,11 @@ class LossObserver:
         """One batch: logits ``(N, C)``, targets ``(N,)`` int or ``(N, C)`` soft, its loss."""
         if self.done:
             return
+        self.calls += 1
+        if self.calls >= self.max_batches:  # a bounded number of extra forwards, whatever comes
+            self.done = True
         if not math.isfinite(loss):
+            self.detail = "the training loss was not finite"
             return
         logp = torch.log_softmax(logits.detach().double(), dim=1)  # (N, C)
         C = logp.shape[1]
@@ -95,8 +100,6 @@ class LossObserver:
         self.rows.append((H, U, float(loss)))
         self.steps.append(int(step))
         self._solve()
-        if not self.done and len(self.rows) >= self.max_batches:
-            self.done = True
 
     def state_dict(self) -> dict[str, Any]:
         """What was observed and concluded (for checkpoints)."""

@@ -206,7 +206,9 @@ class NTKMonitorBase(NTKSettings):
         pending, self._pending = self._pending, None
         if pending is not None:
             loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-            if loss is not None:
+            if loss is None:  # manual optimization: training_step returns no loss
+                self.tracker.observer.stop("training_step returned no loss to compare with")
+            else:
                 self.tracker.add_observation(*pending, loss, step=trainer.global_step)
         step = trainer.global_step
         if self.tracker.is_due(step):

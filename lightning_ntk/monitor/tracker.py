@@ -584,10 +584,12 @@ class NTKTracker(NTKSettings):
             step: the step, for the report's account of the set-up.
         """
         if not isinstance(y, Tensor) or y.shape[:1] != logits.shape[:1]:
+            self.observer.stop("the training batches carry no targets matching the logits")
             return
         try:
             value = float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
         except (TypeError, ValueError, RuntimeError):
+            self.observer.stop(f"the training loss is not a number ({type(loss).__name__})")
             return
         self.observer.add(logits, y, value, int(step))
 
