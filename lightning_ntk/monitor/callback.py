@@ -38,7 +38,11 @@ from typing import Any, ClassVar, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ..exceptions import LinearizationBreakdownError, LinearizationBreakdownWarning
+from ..exceptions import (
+    LinearizationBreakdownError,
+    LinearizationBreakdownWarning,
+    NTKMeasurementWarning,
+)
 from .loggers import tensorboard_writers, write_extras, write_layout
 from .settings import NTKSettings, settings_of
 from .tracker import NTKReport, NTKTracker
@@ -122,6 +126,7 @@ class NTKMonitorBase(NTKSettings):
         self.tracker = NTKTracker(self.probe_x, self.probe_y, **settings_of(self))
         self._probe_given = self.probe_x is not None
         self._restored = False
+        self._failed = False  # an unexpected failure ended this run's reports
         self._last_verdict: Optional[str] = None
         self._pending: Optional[tuple[Tensor, Any]] = None  # a batch's logits, its targets
         self._state_key: Optional[tuple[dict[str, Any], str]] = None
@@ -177,7 +182,14 @@ class NTKMonitorBase(NTKSettings):
             return
         if not self._probe_given:
             tracker.draw_probe(_first_dataloader(trainer.train_dataloader))
-        tracker.start(pl_module, step=trainer.global_step)
+        self._failed = False
+        try:
+            tracker.start(pl_module, step=trainer.global_step)
+        except (TypeError, ValueError):
+            raise  # the set-up itself is wrong (probe, forward_fn, output_fn): say so now
+        except Exception as err:
+            self._give_up(err, "at the start of training")
+            return
         self._last_verdict = None
         if self.tensorboard_extras and trainer.is_global_zero:
             for writer in tensorboard_writers(trainer.loggers):
@@ -189,12 +201,12 @@ class NTKMonitorBase(NTKSettings):
         """While the set-up is not established, keep this batch's logits (see the class)."""
         self._pending = None
         tracker = self.tracker
-        if trainer.sanity_checking or not tracker.wants_observation:
+        if trainer.sanity_checking or self._failed or not tracker.wants_observation:
             return
         try:
             x, y = tracker.batch_to_xy(batch)
             self._pending = (tracker.training_logits(pl_module, x), y)
-        except (TypeError, ValueError, RuntimeError) as err:  # never end training for it
+        except Exception as err:  # the monitor never ends training for it
             tracker.observer.stop(f"the training batches could not be evaluated ({err})")
 
     def on_train_batch_end(
@@ -211,13 +223,13 @@ class NTKMonitorBase(NTKSettings):
             else:
                 self.tracker.add_observation(*pending, loss, step=trainer.global_step)
         step = trainer.global_step
-        if self.tracker.is_due(step):
+        if not self._failed and self.tracker.is_due(step):
             self._report(trainer, pl_module, step, epoch_end=False)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         """Report at the end of every ``every_n_epochs``-th epoch."""
         step = trainer.global_step
-        if self.tracker.is_epoch_due(trainer.current_epoch, step):
+        if not self._failed and self.tracker.is_epoch_due(trainer.current_epoch, step):
             self._report(trainer, pl_module, step, epoch_end=True)
 
     def state_dict(self) -> dict[str, Any]:
@@ -238,9 +250,26 @@ class NTKMonitorBase(NTKSettings):
         """Every report of this run, oldest first."""
         return self.tracker.history
 
+    def _give_up(self, err: BaseException, when: str) -> None:
+        """Stop reporting for this run after an unexpected failure, unless asked to raise."""
+        if self.on_breakdown == "raise":
+            raise err
+        self._failed = True
+        warnings.warn(
+            f"NTKMonitor could not measure the model {when} ({type(err).__name__}: {err}); "
+            "it makes no further reports in this run and training goes on. Pass "
+            '`on_breakdown="raise"` to see the full traceback.',
+            NTKMeasurementWarning,
+            stacklevel=3,
+        )
+
     def _report(self, trainer: Any, pl_module: Any, step: int, epoch_end: bool) -> None:
         tracker = self.tracker
-        tracker.update(pl_module, step)
+        try:
+            tracker.update(pl_module, step)
+        except Exception as err:
+            self._give_up(err, f"at step {step}")
+            return
         local = (tracker.history[-1], tracker.scalars())
         report, scalars = trainer.strategy.broadcast(local, src=0)  # same on every rank
         tracker.history[-1] = report

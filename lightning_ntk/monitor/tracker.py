@@ -3,22 +3,10 @@
 The tracker holds a fixed probe set ``X = (x_1..x_N)`` (labels ``y`` optional), and at
 :meth:`NTKTracker.start` snapshots ``θ0``, the kernel ``Θ0 = Θ(X, X; θ0)``, the initial
 logits ``f(X; θ0)`` and their mean centered norm. Each :meth:`NTKTracker.update`
-computes ``Θ_t`` and every :class:`NTKReport` field:
-
-* kernel drift ``relative_change = ‖Θ_t − Θ0‖_F / ‖Θ0‖_F`` and ``kernel_distance``
-  ``= 1 − ⟨Θ_t, Θ0⟩_F / (‖Θ_t‖_F ‖Θ0‖_F)``; per layer (module), its own relative change;
-* spectrum of the ``(N·C, N·C)`` kernel matrix (``eig_max``, ``eig_min``,
-  ``effective_rank``, ``condition_number``) and ``target_alignment = A(K, YYᵀ)``;
-* the linearized model ``f_lin(x; θ_t) = f(x; θ0) + J0(x)(θ_t − θ0)``:
-  ``linearization_error``, ``prob_tv``, ``argmax_agreement``;
-* ``logit_norm`` (mean centered L2 norm), ``logit_growth = logit_norm_t / logit_norm_0``,
-  ``param_distance = ‖θ_t − θ0‖ / ‖θ0‖``; with non-degenerate targets ``logit_optimum``
-  and ``logit_gap``, the norm of the finite optimum ``log t − mean(log t)`` and the
-  distance from it;
-* the verdict ``"lazy" | "drifting" | "broken"``, its causes and one sentence with the
-  reason and the fix (:mod:`lightning_ntk.monitor._verdict`), read against the set-up
-  (:mod:`lightning_ntk.monitor._setup`: declared, inferred from the training loss through
-  :meth:`NTKTracker.observe`, or read from the optimizer and loss; ``unknown`` otherwise).
+computes ``Θ_t`` and every :class:`NTKReport` field (:mod:`lightning_ntk.monitor._measure`)
+and the verdict (:mod:`lightning_ntk.monitor._verdict`), read against the set-up
+(:mod:`lightning_ntk.monitor._setup`: declared, inferred from the training loss through
+:meth:`NTKTracker.observe`, or read from the optimizer and loss; ``unknown`` otherwise).
 
 The measured function is the one training differentiates (``normalization="batch"``):
 BatchNorm layers normalise with the probe's own batch statistics, through the
@@ -54,7 +42,7 @@ linearization_error      0.2, 0.5    0.07–0.11 (width 512, smooth.)   0.3–0.
 
 from __future__ import annotations
 
-import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import KW_ONLY, dataclass
 from typing import Any, Optional
@@ -62,21 +50,17 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from ..kernel._forward import ForwardModule, module_of, selector_on_wrapper
+from .. import metrics
+from ..exceptions import NTKMeasurementWarning
+from ..kernel._forward import ForwardModule, selector_on_wrapper
 from ..kernel._functional import FunctionalModel, exact_matmuls
-from ..kernel.batch_statistics import BatchStatisticsModel, linearized_logits, measured_model
+from ..kernel.batch_statistics import measured_model
+from ._measure import attempt, measure, probe_kernel
 from ._probe import default_batch_to_xy, draw_probe, preserved_rng
 from ._schedule import Schedule
-from ._setup import LossObserver, Setup, logit_optimum, resolve_setup
-from ._verdict import LogitContext, Thresholds, diagnose, logit_slope
-from .report import (
-    NUMERIC_FIELDS,
-    NTKReport,
-    finite_or,
-    layer_drift,
-    safe_spectrum,
-    safe_value,
-)
+from ._setup import LossObserver, Setup, resolve_setup
+from ._verdict import Thresholds
+from .report import NTKReport, finite_or
 from .settings import NTKSettings
 
 __all__ = ["NTKReport", "NTKTracker", "Thresholds"]
@@ -137,6 +121,8 @@ class NTKTracker(NTKSettings):
 
         self._state: Optional[dict[str, Any]] = None  # filled by start / load_state_dict
         self.history: list[NTKReport] = []
+        # what could not be measured for this model ("kernel", "linearized model") -> why
+        self.failures: dict[str, str] = {}
         self.layer_history: list[dict[str, dict[str, float]]] = []
         self.kernel: Optional[Tensor] = None  # Θ_t of the last report
         self.eigenvalues: Optional[Tensor] = None  # its spectrum, descending
@@ -204,6 +190,13 @@ class NTKTracker(NTKSettings):
         return self._state is not None
 
     @property
+    def started_state(self) -> dict[str, Any]:
+        """The snapshot taken by :meth:`start`: ``θ0``, ``Θ0``, initial logits, set-up."""
+        if self._state is None:
+            raise RuntimeError("Call `start(model)` (or `load_state_dict`) first.")
+        return self._state
+
+    @property
     def last_step(self) -> Optional[int]:
         """Step of the last report, or ``None``."""
         return self.history[-1].step if self.history else None
@@ -257,7 +250,11 @@ class NTKTracker(NTKSettings):
                     "logit z, pass `output_fn=lambda z: torch.cat([torch.zeros_like(z), z], 1)` "
                     "(the same softmax); regression is not supported."
                 )
-            total, layers = self._kernel(fm, method, per_layer)
+            failures: dict[str, str] = {}
+            computed = attempt(
+                failures, "kernel", lambda: probe_kernel(self, fm, method, per_layer)
+            )
+            total, layers = computed if computed is not None else (None, {})
             state = {
                 "theta0": {n: p.detach().clone() for n, p in fm.params.items()},
                 "logits0": logits0.clone(),
@@ -267,10 +264,11 @@ class NTKTracker(NTKSettings):
                 "start_step": int(step),
                 "K0": total,
                 "K0_layers": layers,
-                "logit_norm0": float(_metrics().logit_norm(logits0)),
+                "logit_norm0": float(metrics.logit_norm(logits0)),
                 "predicted": self._predict(num_classes),
             }
         self._state = state  # only a complete snapshot marks the tracker as started
+        self._warn_failures(failures)
         self.history = []
         self.layer_history = []
         self.kernel = total
@@ -286,7 +284,11 @@ class NTKTracker(NTKSettings):
             raise RuntimeError("Call `start(model)` (or `load_state_dict`) before `update`.")
         wrapper = self._wrap(model)
         with preserved_rng(_device_of(wrapper)):
-            report, layers = self._measure(wrapper, int(step))
+            measured = measure(self, self._functional(wrapper), int(step))
+        report, layers = measured.report, measured.layers
+        self._warn_failures(measured.failures)
+        if measured.kernel is not None:
+            self.kernel, self.eigenvalues = measured.kernel, measured.eigenvalues
         self.history.append(report)
         self.layer_history.append(layers)
         return report
@@ -398,130 +400,19 @@ class NTKTracker(NTKSettings):
             dtype=self.dtype,
         )
 
-    def _kernel(self, fm: FunctionalModel, method: str, per_layer: bool) -> tuple[Tensor, dict]:
-        """``Θ(X, X)`` in the chosen layout, and per module when ``per_layer`` is on."""
-        from ..kernel import ntk_of
-        from ..kernel.batch_statistics import batch_ntk_of
+    def _warn_failures(self, failures: Mapping[str, str]) -> None:
+        """One :class:`~lightning_ntk.NTKMeasurementWarning` per measurement that failed."""
+        for what, message in failures.items():
+            if what not in self.failures:
+                warnings.warn(message, NTKMeasurementWarning, stacklevel=3)
+            self.failures[what] = message
 
-        probe = fm.cast_input(self._probe_on(fm.module)[0])
-        world = _world_size() if self.distributed else 1
-        if isinstance(fm, BatchStatisticsModel):  # rows coupled: the whole-batch Jacobian
-            result = batch_ntk_of(fm, probe, output=self.output, per_layer=per_layer)
-        else:
-            result = ntk_of(
-                fm,
-                probe,
-                output=self.output,
-                method=method,
-                per_layer=per_layer,
-                # two blocks of probe rows per rank: each rank gets its share of the pairs
-                chunk_size=None if world == 1 else max(1, math.ceil(len(probe) / (2 * world))),
-                distributed=world > 1,
-            )
-        if not per_layer:
-            assert isinstance(result, Tensor)
-            return result, {}
-        assert isinstance(result, dict)
-        layers: dict[str, Tensor] = {}
-        for name, part in result.items():
-            module = module_of(name)
-            layers[module] = part if module not in layers else layers[module] + part
-        total = sum(layers.values())
-        assert isinstance(total, Tensor)
-        return total, layers
-
-    def _probe_on(self, wrapper: nn.Module) -> tuple[Tensor, Optional[Tensor]]:
+    def probe_on(self, wrapper: nn.Module) -> tuple[Tensor, Optional[Tensor]]:
+        """The probe inputs and labels on the model's device."""
         assert self.probe_x is not None
         device = _device_of(wrapper)
         y = None if self.probe_y is None else self.probe_y.to(device)
         return self.probe_x.to(device), y
-
-    def _measure(self, wrapper: ForwardModule, step: int) -> tuple[NTKReport, dict]:
-        from ..linearization import argmax_agreement, linearization_error, prob_tv
-
-        metrics = _metrics()
-        state = self._state
-        assert state is not None
-        fm = self._functional(wrapper)
-        x, y = self._probe_on(wrapper)
-        x = fm.cast_input(x)
-        theta0 = {n: t.to(fm.device) for n, t in state["theta0"].items()}
-        with exact_matmuls(fm.device), torch.no_grad():
-            logits = fm(fm.params, x)
-        finite = bool(torch.isfinite(logits).all())
-        nan = math.nan
-        values: dict[str, float] = dict.fromkeys(NUMERIC_FIELDS, nan)
-        layers: dict[str, dict[str, float]] = {}
-        values["param_distance"] = safe_value(lambda: metrics.param_distance(fm.params, theta0))
-        if finite:
-            K, K_layers = self._kernel(fm, state["method"], state["per_layer"])
-            K0 = state["K0"].to(K.device)
-            values["relative_change"] = safe_value(lambda: metrics.relative_change(K, K0))
-            values["kernel_distance"] = safe_value(lambda: metrics.kernel_distance(K, K0))
-            if y is not None:
-                values["target_alignment"] = safe_value(
-                    lambda: metrics.target_alignment(K, y, num_classes=state["num_classes"])
-                )
-            spec = safe_spectrum(metrics, K)
-            if spec is not None:
-                values.update(
-                    eig_max=spec.eig_max,
-                    eig_min=spec.eig_min,
-                    effective_rank=spec.effective_rank,
-                    condition_number=spec.condition_number,
-                )
-            self.kernel, self.eigenvalues = K, None if spec is None else spec.eigenvalues
-            layers = layer_drift(metrics, K, K_layers, state["K0_layers"])
-            # f, f0 and f_lin through the same forward: unmoved parameters, zero drift
-            logits_lin, logits0 = linearized_logits(fm, theta0, fm.params, x)
-            values["linearization_error"] = safe_value(
-                lambda: linearization_error(logits, logits_lin, logits0)
-            )
-            values["prob_tv"] = safe_value(lambda: prob_tv(logits, logits_lin))
-            values["argmax_agreement"] = safe_value(lambda: argmax_agreement(logits, logits_lin))
-            values["logit_norm"] = safe_value(lambda: metrics.logit_norm(logits))
-            norm0 = state["logit_norm0"]
-            values["logit_growth"] = values["logit_norm"] / norm0 if norm0 > 0 else nan
-        steps = [r.step for r in self.history] + [step]
-        norms = [r.logit_norm for r in self.history] + [values["logit_norm"]]
-        slope = logit_slope(
-            steps, norms, self.thresholds.trend_octaves, self.thresholds.min_trend_step
-        )
-        try:
-            setup = self.setup
-        except (TypeError, ValueError) as err:  # a report never raises for the set-up
-            setup = Setup(sources={"weight_decay": f"unknown: not understood ({err})"})
-        predicted = state["predicted"] = setup.prediction()  # observations may have added
-        f_star = logit_optimum(setup, y, state["num_classes"])
-        if f_star is not None and finite:
-            centered = logits.double() - logits.double().mean(dim=1, keepdim=True)
-            f_star = f_star.to(centered.device)
-            values["logit_gap"] = float((centered - f_star).norm(dim=1).mean())
-            values["logit_optimum"] = float(f_star.norm(dim=1).mean())
-        diagnosis = diagnose(
-            relative_change=values["relative_change"],
-            linearization_error=values["linearization_error"],
-            slope=slope,
-            finite=finite,
-            thresholds=self.thresholds,
-            predicted_regime=predicted["regime"],
-            context=LogitContext(
-                logit_norm=values["logit_norm"],
-                optimum_norm=values["logit_optimum"],
-                equilibrium_step=setup.equilibrium_step,
-                step=step,
-            ),
-        )
-        report = NTKReport(
-            step=step,
-            **values,
-            verdict=diagnosis.verdict,
-            causes=list(diagnosis.causes),
-            predicted_regime=predicted["regime"],
-            message=diagnosis.message,
-            setup=setup.describe(),
-        )
-        return report, layers
 
     def _predict(self, num_classes: Optional[int] = None) -> dict[str, str]:
         """The theory's regime for the set-up as known now (``"unknown"`` if it is not)."""
@@ -603,12 +494,6 @@ class NTKTracker(NTKSettings):
             self.add_observation(self.training_logits(model, x), y, loss, step)
 
 
-def _metrics() -> Any:
-    from .. import metrics
-
-    return metrics
-
-
 def _device_of(module: nn.Module) -> torch.device:
     for p in module.parameters():
         return p.device
@@ -635,12 +520,3 @@ def _check_finite_probe(probe_x: Any) -> None:
                 "(or given as `probe_x`), which holds NaN / inf there. Clean the data or pass "
                 "a finite `probe_x`."
             )
-
-
-def _world_size() -> int:
-    """Processes in the initialised default ``torch.distributed`` group (1 if none)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1

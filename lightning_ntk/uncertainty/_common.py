@@ -9,7 +9,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from ..theory._kernel_solution import check_soft_targets, check_tensor
+from ..theory._checks import check_soft_targets, check_tensor
 
 
 @dataclass(frozen=True)

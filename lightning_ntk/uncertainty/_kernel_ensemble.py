@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..testing._analytic import NTKMLP
 from ..theory import _softmax_gp
-from ..theory._kernel_solution import check_nonnegative, check_smoothing, check_tensor
+from ..theory._checks import check_nonnegative, check_smoothing, check_tensor
 from ._common import (
     EnsemblePrediction,
     build_model,
