@@ -304,3 +304,16 @@ def test_loss_modules_are_found_inside_containers():
     for where in ("dict", "list", "modules"):
         assert _find_loss(Module(where)).label_smoothing == 0.2, where
     assert _find_loss(nn.Linear(2, 2)) is None
+
+
+def test_observing_batches_the_model_cannot_take_leaves_the_set_up_unknown():
+    from lightning_ntk import NTKTracker
+
+    x, y = _images(12)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 3))
+    tracker = NTKTracker(x, y)
+    tracker.start(model)
+    tracker.observe(model, torch.zeros(4, 5), y[:4], torch.tensor(1.0), step=1)  # wrong shape
+    assert not tracker.wants_observation
+    assert "could not be evaluated" in tracker.setup.sources["label_smoothing"]
+    assert tracker.update(model, 1).predicted_regime == "unknown"

@@ -293,7 +293,9 @@ def resolve_setup(
         if read is not None and abs(read - observer.smoothing) > 1e-3:
             note = f"; the module's loss says {read:g}, but training does not use it"
         sources["label_smoothing"] = observer.detail + note
-    elif observer is not None and setup.label_smoothing is None and observer.rows:
+    elif (
+        observer is not None and setup.label_smoothing is None and (observer.rows or observer.done)
+    ):
         sources["label_smoothing"] = f"unknown: {observer.detail}"
     if label_smoothing is not None:
         setup.label_smoothing = float(label_smoothing)

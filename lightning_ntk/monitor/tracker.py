@@ -490,8 +490,14 @@ class NTKTracker(NTKSettings):
         Call it with the batch, its targets and the loss training computed on it, before
         the optimizer step; it does something only while :attr:`wants_observation`.
         """
-        if self.wants_observation:
-            self.add_observation(self.training_logits(model, x), y, loss, step)
+        if not self.wants_observation:
+            return
+        try:
+            logits = self.training_logits(model, x)
+        except Exception as err:  # never ends training: the set-up just stays unknown
+            self.observer.stop(f"the training batches could not be evaluated ({err})")
+            return
+        self.add_observation(logits, y, loss, step)
 
 
 def _device_of(module: nn.Module) -> torch.device:
