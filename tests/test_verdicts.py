@@ -77,6 +77,18 @@ def test_a_loss_that_is_not_the_cross_entropy_of_the_logits_stays_unknown():
     assert "unknown" in setup.describe()
 
 
+def test_an_l2_term_in_the_loss_is_not_taken_for_smoothing():
+    observer = LossObserver()
+    for step, (logits, y) in enumerate(_batches(8), start=1):
+        l2 = 1e-4 * (step - 1) ** 2  # (λ/2)‖θ − θ0‖² grows from 0 as training moves θ
+        observer.add(logits, y, float(F.cross_entropy(logits, y)) + l2, step)
+    assert observer.smoothing is None and observer.done
+    setup = resolve_setup(observer=observer, loss=nn.CrossEntropyLoss(), weight_decay=1e-3)
+    assert setup.label_smoothing == 0.0  # the module's, with the reason it is unconfirmed
+    assert "not confirmed by training" in setup.sources["label_smoothing"]
+    assert setup.prediction()["regime"] == "lazy"  # from the declared L2 term
+
+
 def test_declared_beats_observed_beats_read():
     opt = torch.optim.AdamW([nn.Parameter(torch.ones(3, 3))], lr=1e-3, weight_decay=0.05)
     setup = resolve_setup(optimizer=opt, loss=nn.CrossEntropyLoss(label_smoothing=0.2))
@@ -84,7 +96,7 @@ def test_declared_beats_observed_beats_read():
     assert setup.equilibrium_step == pytest.approx(1 / (1e-3 * 0.05))
     assert "AdamW" in setup.sources["weight_decay"]
     observer = LossObserver()
-    for step, (logits, y) in enumerate(_batches(3), start=1):
+    for step, (logits, y) in enumerate(_batches(4), start=1):
         observer.add(logits, y, float(F.cross_entropy(logits, y)), step)
     setup = resolve_setup(loss=nn.CrossEntropyLoss(label_smoothing=0.2), observer=observer)
     assert setup.label_smoothing == pytest.approx(0.0, abs=1e-6)
