@@ -219,8 +219,9 @@ def _logit_finding(
     optimum = ctx.optimum_norm
     if math.isfinite(optimum) and optimum > 0:
         if not ctx.logit_norm >= thresholds.optimum_overshoot * optimum:
+            where = "towards" if ctx.logit_norm < optimum else "near"
             note = (
-                f"logits converging: mean centered norm {ctx.logit_norm:.2f} towards the "
+                f"logits converging: mean centered norm {ctx.logit_norm:.2f} {where} the "
                 f"{optimum:.2f} of the optimum the targets allow"
             )
             return CAUSE_LOGITS, 0, note
