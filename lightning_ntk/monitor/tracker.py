@@ -425,7 +425,7 @@ class NTKTracker(NTKSettings):
 
     @property
     def setup(self) -> Setup:
-        """The training set-up: declared, inferred from the training loss, or read.
+        """The training set-up as declared, inferred from the training loss, or read.
 
         Raises:
             TypeError / ValueError: an optimizer without ``param_groups`` or a negative
