@@ -3,9 +3,23 @@
 :func:`linearize` snapshots ``θ0`` and returns a :class:`LinearizedModel`. Each call is
 one ``torch.func.jvp`` at ``θ0`` with tangent ``θ − θ0``: the Jacobian ``J0(x)`` is never
 materialised, so the cost is about two forward passes whatever the number of parameters.
-Forward mode is the true derivative of the forward pass; the reverse-mode identity
-``J v = ∂/∂u ⟨Jᵀ u, v⟩`` is faster on CPU but silently differs wherever a backward is not
-that derivative (``Embedding(padding_idx=...)``, custom functions whose backward detaches).
+Forward mode is the true derivative of the forward pass. Fused attention and Transformer
+fast paths are replaced by their math equivalents during the evaluation (they have no
+forward-mode rule); the user's settings are restored afterwards.
+
+Where an op still has no forward-mode rule, ``J v`` is computed by exact fall-backs, in
+order (:attr:`LinearizedModel.mode` says which ran; each is logged at DEBUG level):
+
+1. ``"jvp"``; on CPU again with oneDNN off (``"jvp_composite"``: ``nn.LSTM`` as cells);
+2. ``"double_vjp"``: the reverse-mode identity ``J v = ∂/∂u ⟨Jᵀ u, v⟩``;
+3. ``"loop"``: per-example reverse-mode gradients, one example and class at a time.
+
+Reverse mode silently differs from the forward pass's derivative wherever a backward is
+not that derivative (``Embedding(padding_idx=...)`` once the padding row moved, custom
+functions whose backward detaches). So a reverse-mode result is used only after it
+matched a float64 central finite difference of the forward pass along the same tangent
+(Richardson-extrapolated); otherwise the call raises instead of returning a plausible
+wrong number.
 
 Distances between a network's logits ``f = f(X; θt)``, its linearization
 ``f_lin = f_lin(X; θt)`` and its initial logits ``f0 = f(X; θ0)``, all ``(N, C)``:
@@ -19,13 +33,16 @@ Distances between a network's logits ``f = f(X; θt)``, its linearization
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
-from typing import Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jvp
+from torch.func import functional_call, jvp, vjp
 
+from .kernel import _inputs
+from .kernel._compat import forward_ad_kernels
 from .kernel._functional import (
     FunctionalModel,
     OutputFn,
@@ -46,6 +63,11 @@ __all__ = [
 ParamSource = Union[None, Mapping[str, Tensor], nn.Module]
 
 _BUFFERS = ("initial", "current")
+_MODES = ("jvp", "jvp_composite", "double_vjp", "loop")
+_log = logging.getLogger("lightning_ntk.linearization")
+# Relative agreement a reverse-mode J v must reach with the float64 finite difference.
+_CHECK_RTOL = {torch.float64: 1e-6}
+_CHECK_RTOL_DEFAULT = 1e-3
 
 
 def linearize(
@@ -139,6 +161,11 @@ class LinearizedModel:
         self._constants0: dict[str, Tensor] = {}
         if buffers == "initial":  # "current" reads the module at call time: no copy
             self._constants0 = {name: t.clone() for name, t in self._fm.constants.items()}
+        self.mode: Optional[str] = None
+        """How the last ``J v`` was computed: ``"jvp"``, ``"jvp_composite"``,
+        ``"double_vjp"`` or ``"loop"`` (see the module docstring); ``None`` before a call."""
+        self.fallbacks: list[str] = []
+        """``"<mode>: <error>"`` for each route that could not run in the last call."""
 
     # ------------------------------------------------------------------ evaluation
 
@@ -188,16 +215,143 @@ class LinearizedModel:
     # ------------------------------------------------------------------ helpers
 
     def _jvp(
-        self, x: Tensor, theta0: dict[str, Tensor], tangent: dict[str, Tensor]
+        self, x: Any, theta0: dict[str, Tensor], tangent: dict[str, Tensor]
     ) -> tuple[Tensor, Tensor]:
+        """``(f(x; θ0), J0(x) v)`` by the first route of the chain that runs (and checks)."""
         x = self._fm.cast_input(x)
-        with exact_matmuls(self._fm.device):
+        self.fallbacks = []
+        routes: list[tuple[str, Callable[[], tuple[Tensor, Tensor]]]] = [
+            ("jvp", lambda: self._forward_mode(x, theta0, tangent)),
+            ("double_vjp", lambda: self._checked(x, theta0, tangent, self._double_vjp)),
+            ("loop", lambda: self._checked(x, theta0, tangent, self._loop)),
+        ]
+        if self._fm.device.type == "cpu" and torch.backends.mkldnn.is_available():
+            routes.insert(1, ("jvp_composite", lambda: self._forward_mode(x, theta0, tangent, True)))
+        start = _LAST_MODE.get(_mode_key(self._fm, self.model))
+        if start is not None:  # the route that worked for this model last time goes first
+            routes.sort(key=lambda route: route[0] != start)
+        last: Optional[BaseException] = None
+        for mode, route in routes:
+            try:
+                with exact_matmuls(self._fm.device):
+                    out = route()
+            except RuntimeError as err:  # no rule for an op (NotImplementedError too): next route
+                last = err
+                reason = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+                self.fallbacks.append(f"{mode}: {reason[:300]}")
+                _log.debug("linearize: %s cannot run on this model (%s)", mode, reason)
+                continue
+            self.mode = mode
+            key = _mode_key(self._fm, self.model)
+            _LAST_MODE.pop(key, None)
+            _LAST_MODE[key] = mode  # most recently used last
+            while len(_LAST_MODE) > 32:
+                del _LAST_MODE[next(iter(_LAST_MODE))]
+            if self.fallbacks:
+                _log.debug("linearize: J v by %s after %s", mode, "; ".join(self.fallbacks))
+            return out
+        raise RuntimeError(
+            "The linearized model cannot be evaluated exactly: "
+            + "; ".join(self.fallbacks)
+            + ". Forward mode lacks a rule for an op of the model and the reverse-mode "
+            "result did not match a float64 finite difference."
+        ) from last
+
+    def _forward_mode(
+        self, x: Any, theta0: dict[str, Tensor], tangent: dict[str, Tensor], composite=False
+    ) -> tuple[Tensor, Tensor]:
+        if not composite:
+            return jvp(lambda p: self._evaluate(p, x), (theta0,), (tangent,))
+        with forward_ad_kernels():
             return jvp(lambda p: self._evaluate(p, x), (theta0,), (tangent,))
 
-    def _evaluate(self, theta: Mapping[str, Tensor], x: Tensor) -> Tensor:
+    def _double_vjp(
+        self, x: Any, theta0: dict[str, Tensor], tangent: dict[str, Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """``J v`` as the vjp of ``u ↦ Jᵀ u`` (linear in ``u``) with cotangent ``v``."""
+        f0, vjp_fn = vjp(lambda p: self._evaluate(p, x), theta0)
+        _, transpose_fn = vjp(lambda u: vjp_fn(u)[0], torch.zeros_like(f0))
+        (Jv,) = transpose_fn(tangent)
+        return f0.detach(), Jv
+
+    def _loop(
+        self, x: Any, theta0: dict[str, Tensor], tangent: dict[str, Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """``(J v)[i, a] = ⟨∂f_a(x_i)/∂θ, v⟩``, one backward pass per example and class."""
+        rows_f0, rows_Jv = [], []
+        for i in range(_inputs.batch_size(x)):
+            wrt = {n: t.detach().requires_grad_() for n, t in theta0.items()}
+            with torch.enable_grad():
+                logits = self._evaluate(wrt, _inputs.take(x, slice(i, i + 1)))[0]  # (C,)
+            entries = []
+            for a in range(logits.shape[0]):
+                grads = torch.autograd.grad(
+                    logits[a], list(wrt.values()), retain_graph=True, allow_unused=True
+                )
+                entries.append(
+                    sum((g * tangent[n]).sum() for n, g in zip(wrt, grads) if g is not None)
+                    + logits.new_zeros(())
+                )
+            rows_f0.append(logits.detach())
+            rows_Jv.append(torch.stack(entries))
+        return torch.stack(rows_f0), torch.stack(rows_Jv)
+
+    def _checked(
+        self,
+        x: Any,
+        theta0: dict[str, Tensor],
+        tangent: dict[str, Tensor],
+        route: Callable[[Any, dict[str, Tensor], dict[str, Tensor]], tuple[Tensor, Tensor]],
+    ) -> tuple[Tensor, Tensor]:
+        """A reverse-mode ``J v``, returned only if it matches a float64 finite difference."""
+        f0, Jv = route(x, theta0, tangent)
+        reference = self._finite_difference(x, theta0, tangent)  # float64
+        err = (Jv.detach().double() - reference).norm().item()
+        scale = reference.norm().item()
+        rtol = _CHECK_RTOL.get(self._fm.dtype, _CHECK_RTOL_DEFAULT)
+        if not err <= rtol * scale + 1e-12 * (1.0 + f0.detach().double().norm().item()):
+            raise RuntimeError(
+                f"reverse-mode J v differs from the float64 finite difference of the forward "
+                f"pass by {err:.3e} (relative {err / max(scale, 1e-300):.3e}): the model's "
+                "backward is not the derivative of its forward here"
+            )
+        return f0, Jv
+
+    def _finite_difference(
+        self, x: Any, theta0: dict[str, Tensor], tangent: dict[str, Tensor]
+    ) -> Tensor:
+        """``J v`` by central differences in float64, Richardson-extrapolated (``O(h⁴)``)."""
+        theta = {n: t.detach().double() for n, t in theta0.items()}
+        v = {n: t.detach().double() for n, t in tangent.items()}
+        v_norm = sum(float(t.square().sum()) for t in v.values()) ** 0.5
+        theta_norm = sum(float(t.square().sum()) for t in theta.values()) ** 0.5
+        x64 = _inputs.map_tensors(x, lambda t: t.double() if t.is_floating_point() else t)
         constants = self._constants0 if self._buffers == "initial" else self._live_constants()
+        constants = {
+            n: t.double() if t.is_floating_point() else t for n, t in constants.items()
+        }
+
+        def f(s: float) -> Tensor:
+            point = {n: theta[n] + s * v[n] for n in theta}
+            args, kwargs = _inputs.call_args(x64)
+            with eval_mode(self.model), torch.no_grad():
+                out = functional_call(self.model, (point, constants), args, kwargs)
+            return self._fm.to_logits(out).double()
+
+        if v_norm == 0.0:
+            return torch.zeros_like(f(0.0))
+        h = 1e-3 * max(theta_norm, 1.0) / v_norm
+
+        def central(step: float) -> Tensor:
+            return (f(step) - f(-step)) / (2 * step)
+
+        return (4 * central(h / 2) - central(h)) / 3
+
+    def _evaluate(self, theta: Mapping[str, Tensor], x: Any) -> Tensor:
+        constants = self._constants0 if self._buffers == "initial" else self._live_constants()
+        args, kwargs = _inputs.call_args(x)
         with eval_mode(self.model):
-            out = functional_call(self.model, (dict(theta), constants), (x,))
+            out = functional_call(self.model, (dict(theta), constants), args, kwargs)
         return self._fm.to_logits(out)
 
     def _live_constants(self) -> dict[str, Tensor]:
@@ -253,6 +407,16 @@ class LinearizedModel:
                 )
             chosen[name] = t
         return chosen
+
+
+# the route that last worked, per model structure (a monitor builds a new linearized model
+# for every report): {key: mode}
+_LAST_MODE: dict[tuple, str] = {}
+
+
+def _mode_key(fm: FunctionalModel, module: nn.Module) -> tuple:
+    params = tuple((n, id(p)) for n, p in module.named_parameters())
+    return (type(module), tuple(fm.names), fm.dtype, params)
 
 
 # ---------------------------------------------------------------------- distances

@@ -305,7 +305,12 @@ class _NaNOut(nn.Module):
             ValueError,
             r"`x1` to be a non-empty batch .* got shape \(0, 3\)",
         ),
-        ({"x1": [[1.0, 2.0, 3.0]]}, TypeError, "`x1` to be a torch.Tensor but got list"),
+        (
+            {"x1": [[1.0, 2.0, 3.0]]},
+            TypeError,
+            "`x1` to be a torch.Tensor, or a mapping / tuple of tensors .* but got a list",
+        ),
+        ({"x1": "abc"}, TypeError, "`x1` to be a torch.Tensor, .* but got str"),
         (
             {"x2": torch.randn(2, 4)},
             ValueError,

@@ -19,10 +19,18 @@ Everything else falls back to exact Jacobian contraction (:mod:`.jacobian`) for 
 parameter: parameters of other modules (custom layers, attention's packed projections),
 tied or reused weights (a parameter held by two modules, a module called twice),
 convolutions with non-zero padding modes, embeddings with ``max_norm``, BatchNorm without
-running statistics, subclasses that override ``forward``. Before use, every structured
-parameter is *verified*: its reconstructed gradient for a random cotangent on a few probe
-examples must equal autograd's, otherwise (e.g. the parameter is also used outside its
-module's call) it falls back too. The kernel is therefore always exact.
+running statistics, subclasses that override ``forward``.
+
+Before use, every structured parameter is *verified per example* on the call's own
+inputs: for a random cotangent ``u_r`` on each of a few examples ``r`` (one backward pass
+for all of them), the layer's input and output must have one row per example, the output
+cotangent must vanish on every other example's rows, and the gradient rebuilt from the
+layer's factors must equal autograd's gradient of ``⟨u_r, f(x_r)⟩``. A layer applied to a
+batch-free input whose output is broadcast over the batch (a ``(1, T)`` position-index
+buffer, ``arange``, a learned constant), applied to a sequence-first layout, or whose
+parameter is also used outside its call fails that test and falls back. Every call also
+checks that each layer's recorded input and output have one row per example. The kernel
+is therefore always exact.
 """
 
 from __future__ import annotations
@@ -45,11 +53,14 @@ from ._factors import (
 )
 from ._functional import FunctionalModel
 from ._layout import contract_jacobians
+from . import _inputs
 from .jacobian import jacobians
+from .loop import loop_jacobians
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 _VERIFY_EXAMPLES = 4
+_VERIFY_BUDGET = 2**26  # numbers of the per-example reference gradients
 _CONCAT_BELOW = 1024  # parameters: smaller per-example gradient blocks share one product
 _VERIFY_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}
 
@@ -93,12 +104,12 @@ def plan_structure(fm: FunctionalModel, x: Tensor) -> StructurePlan:
     any change of that fingerprint (a replaced layer or parameter, new tying) verifies
     again. At most ``_MAX_PLANS`` plans are kept, the least recently used dropped first.
     """
-    key = _fingerprint(fm, x)
+    key = fingerprint(fm, x)
     roles = _PLANS.pop(key, None)
     if roles is None:
         candidates = _candidate_layers(fm)
         if candidates:
-            candidates = _verified(fm, candidates, x[:_VERIFY_EXAMPLES])
+            candidates = _verified(fm, candidates, _verification_batch(fm, candidates, x))
         roles = [(layer.name, layer.weight, layer.bias) for layer in candidates]
     _PLANS[key] = roles  # (re)inserted last: most recently used
     while len(_PLANS) > _MAX_PLANS:
@@ -113,12 +124,23 @@ _MAX_PLANS = 32
 _PLANS: dict[tuple, list[tuple[str, Optional[str], Optional[str]]]] = {}
 
 
-def _fingerprint(fm: FunctionalModel, x: Tensor) -> tuple:
+def fingerprint(fm: FunctionalModel, x: Any) -> tuple:
+    """The model's structure, selection, dtype and per-example input signature."""
     structure = tuple(
         (name, type(m), tuple((k, id(p)) for k, p in m._parameters.items()))
         for name, m in fm.module.named_modules(remove_duplicate=False)
     )
-    return (tuple(fm.names), fm.dtype, tuple(x.shape[1:]), x.dtype, structure)
+    return (tuple(fm.names), fm.dtype, _inputs.example_signature(x), structure)
+
+
+def _verification_batch(fm: FunctionalModel, layers: list[_Layer], x: Any) -> Any:
+    """At least two examples (one repeated if need be), fewer for very large layers."""
+    largest = max(fm.params[n].numel() for layer in layers for n in layer.param_names)
+    n = max(2, min(_VERIFY_EXAMPLES, _VERIFY_BUDGET // max(1, largest)))
+    x = _inputs.take(x, slice(0, n))
+    while _inputs.batch_size(x) < 2:
+        x = _inputs.concat([x, x])
+    return x
 
 
 class StructuredMethod:
@@ -133,18 +155,27 @@ class StructuredMethod:
         per_layer: bool,
         plan: StructurePlan,
         block_size: int,
+        on_fallback: Optional[Callable[[str, BaseException], None]] = None,
     ) -> None:
         self.fm, self.output, self.per_layer, self.plan = fm, output, per_layer, plan
         self._block_size = block_size
+        self._on_fallback = on_fallback
+        self._loop_fallback = False  # per-example Jacobians by a loop once vmap failed
 
     # ----------------------------------------------------------------- features
-    def features(self, x: Tensor) -> dict[str, Any]:
-        """Per-example gradients ``{name: (N, C, P)}`` and Gram factors for a chunk."""
+    def features(self, x: Any) -> dict[str, Any]:
+        """Per-example gradients ``{name: (N, C, P)}`` and Gram factors for a chunk.
+
+        Raises:
+            RuntimeError: a layer's recorded input or output does not have one row per
+                example of ``x`` (the chain then falls back to another method).
+        """
         per_example: dict[str, Tensor] = {}
         grams: dict[str, tuple[LayerInput, Tensor, Optional[str]]] = {}
         if self.plan.layers:
             rec = _record(self.fm, self.plan.layers, x)
             inputs, cotangents = rec.inputs, rec.cotangents
+            _check_rows(self.plan.layers, rec, _inputs.batch_size(x))
             for layer in self.plan.layers:
                 H, G = _weight_factors(layer, inputs[layer.name], cotangents[layer.name], self.fm)
                 for name, J in _small_per_example(
@@ -163,8 +194,20 @@ class StructuredMethod:
                     groups = getattr(layer.module, "groups", 1)
                     per_example[layer.weight] = per_example_outer(H, G, groups)
         if self.plan.fallback_names:
-            per_example.update(jacobians(self.fm, x, self.plan.fallback_names))
+            per_example.update(self._fallback_jacobians(x))
         return {"per_example": per_example, "grams": grams}
+
+    def _fallback_jacobians(self, x: Any) -> dict[str, Tensor]:
+        """Per-example Jacobians of the unstructured parameters: ``vmap``, else a loop."""
+        names = self.plan.fallback_names
+        if not self._loop_fallback:
+            try:
+                return jacobians(self.fm, x, names)
+            except Exception as err:  # noqa: BLE001 - no batching rule: the loop is exact
+                self._loop_fallback = True
+                if self._on_fallback is not None:
+                    self._on_fallback("jacobian of unstructured parameters", err)
+        return loop_jacobians(self.fm, x, names)
 
     def _use_gram(self, layer: _Layer, H: LayerInput, G: Tensor) -> bool:
         if getattr(layer.module, "groups", 1) != 1:
@@ -262,38 +305,68 @@ def _supported(module: nn.Module) -> bool:
     return True
 
 
-def _verified(fm: FunctionalModel, layers: list[_Layer], x: Tensor) -> list[_Layer]:
-    """Keep the parameters whose reconstructed gradients match autograd's.
+def _verified(fm: FunctionalModel, layers: list[_Layer], x: Any) -> list[_Layer]:
+    """Keep the parameters whose factors reproduce autograd's *per-example* gradients.
 
-    For a random cotangent ``u (n, C)`` (the method's own generator; the global RNG is
-    untouched), compares ``Σ_{i,a} u[i,a] ∂f_a(x_i)/∂θ`` rebuilt from the layer's
-    ``H`` and ``G`` with autograd's, per parameter, from one forward and one backward
-    pass. A layer whose module is not called exactly once per forward is dropped.
+    With ``n`` examples and a random cotangent ``u[r] (C,)`` for each example ``r`` (the
+    method's own generator; the global RNG is untouched), one forward and one batched
+    backward pass give, for every ``r``, the layer's output cotangent ``G_r`` and
+    autograd's gradient ``g_r = ∂⟨u[r], f(x_r)⟩/∂θ``. A layer is kept only if
+
+    * its module is called exactly once per forward;
+    * its input and output have ``n`` rows, one per example;
+    * ``G_r`` vanishes on the rows of every example but ``r`` (the output is per example);
+
+    and each of its parameters only if the gradient rebuilt from the factors, ``Σ_i`` of
+    the per-example gradients for ``G_r``, equals ``g_r`` for every ``r``. Together these
+    give ``J_i(θ)ᵀ u[i]`` rebuilt = autograd's for every example ``i``: a linear map that
+    agrees on a random direction agrees everywhere, with probability one.
     """
+    n = _inputs.batch_size(x)
     generator = torch.Generator().manual_seed(0)
 
-    def random_cotangent(logits: Tensor) -> Tensor:
+    def per_example_cotangents(logits: Tensor) -> Tensor:
         u = torch.randn(logits.shape, generator=generator, dtype=logits.dtype)
-        return u.to(logits.device).unsqueeze(0)  # (1, n, C)
+        eye = torch.eye(n, dtype=logits.dtype)
+        return (eye[:, :, None] * u[None]).to(logits.device)  # (n, n, C): row r on example r
 
-    names = [n for layer in layers for n in layer.param_names]
-    wrt = {n: fm.params[n].detach().requires_grad_() for n in names}
-    rec = _record(fm, layers, x, cotangents=random_cotangent, wrt=wrt)
+    names = [name for layer in layers for name in layer.param_names]
+    wrt = {name: fm.params[name].detach().requires_grad_() for name in names}
+    rec = _record(fm, layers, x, cotangents=per_example_cotangents, wrt=wrt)
     rtol = _VERIFY_RTOL.get(fm.dtype, 1e-3)
+    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=fm.device)
     kept = []
     for layer in layers:
         if rec.calls.get(layer.name, 0) != 1:
             continue  # reused module (or never called): its inputs are not one H
-        rebuilt = _summed_gradients(layer, rec.inputs[layer.name], rec.cotangents[layer.name], fm)
-        for name, grad in rebuilt.items():
-            ref = rec.param_grads[name]
-            ref = torch.zeros_like(grad) if ref is None else ref[0].reshape(grad.shape)
-            scale = max(ref.norm().item(), grad.norm().item(), 1e-30)
-            if (grad - ref).norm().item() > rtol * scale:  # used outside the module's call
-                setattr(layer, "weight" if name == layer.weight else "bias", None)
+        inp, grad = rec.inputs[layer.name], rec.cotangents[layer.name]  # grad (n, *out)
+        if inp.ndim == 0 or inp.shape[0] != n or grad.ndim < 2 or grad.shape[1] != n:
+            continue  # batch-free input or output broadcast over the batch
+        leak = grad[off_diagonal].norm().item()  # cotangent of example r on other rows
+        if leak > rtol * max(grad.norm().item(), 1e-30):
+            continue  # rows are not examples (e.g. a sequence-first layout)
+        for r in range(n):
+            rebuilt = _summed_gradients(layer, inp, grad[r : r + 1], fm)
+            for name, g in rebuilt.items():
+                ref = rec.param_grads[name]
+                ref = torch.zeros_like(g) if ref is None else ref[r].reshape(g.shape)
+                scale = max(ref.norm().item(), g.norm().item(), 1e-30)
+                if (g - ref).norm().item() > rtol * scale:  # e.g. used outside the call
+                    setattr(layer, "weight" if name == layer.weight else "bias", None)
         if layer.param_names:
             kept.append(layer)
     return kept
+
+
+def _check_rows(layers: list[_Layer], rec: _Recording, n: int) -> None:
+    """Every recorded layer input and output cotangent has one row per example."""
+    for layer in layers:
+        inp, grad = rec.inputs.get(layer.name), rec.cotangents.get(layer.name)
+        if inp is None or grad is None or inp.shape[:1] != (n,) or grad.shape[1:2] != (n,):
+            raise RuntimeError(
+                f"structured: the input or output of layer {layer.name!r} does not have one "
+                f"row per example ({n} examples); its kernel cannot be factorised."
+            )
 
 
 # ------------------------------------------------------------------ recording
