@@ -255,6 +255,11 @@ def empirical_ntk(
 # measured choices of "auto": {call key: method}, least recently used dropped first
 _MEASURED: dict[tuple, NTKMethod] = {}
 _MAX_MEASURED = 64
+# methods (or parts) PyTorch could not run on a model: {(model key, method): reason}.
+# Skipped on later calls with the same model and input signature (out-of-memory errors,
+# which depend on the sizes, are not remembered).
+_FAILED: dict[tuple, str] = {}
+_MAX_FAILED = 256
 
 
 class _Run:
@@ -277,6 +282,7 @@ class _Run:
         self.chunk, self.symmetric, self.store_on = chunk, symmetric, store_on
         self.distributed, self.num_classes = distributed, num_classes
         self.failures: list[str] = []
+        self._model_key = (fingerprint(fm, x1), str(fm.device))
         self._plan: Optional[StructurePlan] = None
         self._plan_error: Optional[BaseException] = None
         self._planned = False
@@ -367,6 +373,8 @@ class _Run:
                     candidate not in seconds or seconds[candidate] > 2 * min(seconds.values())
                 ):
                     continue
+                if candidate is NTKMethod.LOOP and NTKMethod.JACOBIAN in seconds:
+                    continue  # the same work as vmapped Jacobians, example by example
                 start = time.perf_counter()
                 try:
                     blocks, per_example = self._compute(candidate)
@@ -422,15 +430,42 @@ class _Run:
 
     # ------------------------------------------------------------------ compute
     def _compute(self, method: NTKMethod) -> tuple[dict[str, Tensor], tuple[str, ...]]:
+        """The kernel by ``method``; a method that failed on this model before is skipped."""
+        known = _FAILED.get((self._model_key, method.value))
+        if known is not None:
+            raise _KnownFailure(f"failed earlier on this model ({known})")
+        try:
+            return self._compute_now(method)
+        except Exception as err:
+            self._remember(method.value, err)
+            raise
+
+    def _remember(self, what: str, err: BaseException) -> None:
+        if isinstance(err, (_KnownFailure, torch.OutOfMemoryError, MemoryError)):
+            return
+        _FAILED[(self._model_key, what)] = f"{type(err).__name__}: {str(err)[:200]}"
+        while len(_FAILED) > _MAX_FAILED:
+            del _FAILED[next(iter(_FAILED))]
+
+    def _compute_now(self, method: NTKMethod) -> tuple[dict[str, Tensor], tuple[str, ...]]:
         fm = self.fm
         engine: Any
         per_example: tuple[str, ...] = tuple(fm.names)
         if method is NTKMethod.STRUCTURED:
             plan = self.plan()
+            part = "structured/jacobian of unstructured parameters"
+            known = _FAILED.get((self._model_key, part))
+
+            def on_fallback(err: BaseException) -> None:
+                self._fail(part, err)
+                self._remember(part, err)
+
             engine = StructuredMethod(
                 fm, self.output, self.per_layer, plan, block_size=self.chunk,
-                on_fallback=lambda part, err: self._fail(f"structured/{part}", err),
+                on_fallback=on_fallback, loop_fallback=known is not None,
             )  # fmt: skip
+            if known is not None:
+                self.failures.append(f"{part}: failed earlier on this model ({known})")
             per_example = tuple(plan.fallback_names)
         elif method is NTKMethod.JACOBIAN:
             engine = JacobianMethod(fm, self.output, self.per_layer)
@@ -448,6 +483,10 @@ class _Run:
             self.store_on, self.distributed,
         )  # fmt: skip
         return blocks, per_example
+
+
+class _KnownFailure(RuntimeError):
+    """A method skipped because it failed on the same model before."""
 
 
 def _blockwise(

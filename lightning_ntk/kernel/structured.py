@@ -155,12 +155,13 @@ class StructuredMethod:
         per_layer: bool,
         plan: StructurePlan,
         block_size: int,
-        on_fallback: Optional[Callable[[str, BaseException], None]] = None,
+        on_fallback: Optional[Callable[[BaseException], None]] = None,
+        loop_fallback: bool = False,
     ) -> None:
         self.fm, self.output, self.per_layer, self.plan = fm, output, per_layer, plan
         self._block_size = block_size
         self._on_fallback = on_fallback
-        self._loop_fallback = False  # per-example Jacobians by a loop once vmap failed
+        self._loop_fallback = loop_fallback  # per-example Jacobians by a loop (no vmap)
 
     # ----------------------------------------------------------------- features
     def features(self, x: Any) -> dict[str, Any]:
@@ -206,7 +207,7 @@ class StructuredMethod:
             except Exception as err:  # noqa: BLE001 - no batching rule: the loop is exact
                 self._loop_fallback = True
                 if self._on_fallback is not None:
-                    self._on_fallback("jacobian of unstructured parameters", err)
+                    self._on_fallback(err)
         return loop_jacobians(self.fm, x, names)
 
     def _use_gram(self, layer: _Layer, H: LayerInput, G: Tensor) -> bool:
