@@ -46,6 +46,7 @@ _LAZY_ATTRIBUTES: dict[str, str] = {
     "NTKReport": ".monitor.tracker",
     "NTKMonitor": ".monitor.callback",
     "LinearizationBreakdownWarning": ".exceptions",
+    "NTKMeasurementWarning": ".exceptions",
     "LinearizationBreakdownError": ".exceptions",
     # predictive uncertainty over random initialisation
     "kernel_ensemble": ".uncertainty",
@@ -76,7 +77,11 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
-    from .exceptions import LinearizationBreakdownError, LinearizationBreakdownWarning
+    from .exceptions import (
+        LinearizationBreakdownError,
+        LinearizationBreakdownWarning,
+        NTKMeasurementWarning,
+    )
     from .kernel import empirical_ntk
     from .kernel.reference import reference_ntk
     from .linearization import (

@@ -138,9 +138,38 @@ class LinearizedModel:
         buffers: str = "initial",
         dtype: Optional[torch.dtype] = None,
     ) -> None:
+        fm = FunctionalModel(model, params=params, output_fn=output_fn, dtype=dtype)
+        self._setup(fm, params0, store_on=store_on, buffers=buffers)
+
+    @classmethod
+    def of(
+        cls,
+        fm: FunctionalModel,
+        params0: Optional[Mapping[str, Tensor]] = None,
+        *,
+        store_on: Union[str, torch.device, None] = None,
+        buffers: str = "initial",
+    ) -> LinearizedModel:
+        """The linearized model of a functional view the caller already built.
+
+        For callers that evaluate one model several ways in one measurement (the
+        monitor's report); the other arguments are those of :func:`linearize`.
+        """
+        self = cls.__new__(cls)
+        self._setup(fm, params0, store_on=store_on, buffers=buffers)
+        return self
+
+    def _setup(
+        self,
+        fm: FunctionalModel,
+        params0: Optional[Mapping[str, Tensor]],
+        *,
+        store_on: Union[str, torch.device, None],
+        buffers: str,
+    ) -> None:
         if buffers not in _BUFFERS:
             raise ValueError(f"Expected `buffers` to be one of {_BUFFERS} but got {buffers!r}.")
-        self._fm = FunctionalModel(model, params=params, output_fn=output_fn, dtype=dtype)
+        self._fm = fm
         self.model = self._fm.module
         self.names: list[str] = list(self._fm.names)
         self._buffers = buffers

@@ -451,3 +451,25 @@ def test_linear_model_constant_kernel_but_diverging_logits():
     assert "hard one-hot targets and no weight decay" in hard.message
     assert "kernel" not in hard.message.split(":", 1)[1]
     assert (smooth.verdict, smooth.causes) == ("lazy", [])
+
+
+def test_one_report_builds_one_functional_view_of_the_model(monkeypatch):
+    from lightning_ntk.kernel import _functional
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    tracker = NTKTracker(x, y)
+    tracker.start(model)
+    built = []
+    original = _functional.FunctionalModel.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(self)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(_functional.FunctionalModel, "__init__", counting_init)
+    with torch.no_grad():
+        model[0].weight.add_(0.1)
+    report = tracker.update(model, step=1)
+    assert len(built) == 1
+    assert report.relative_change > 0 and report.linearization_error >= 0

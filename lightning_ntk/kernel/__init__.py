@@ -233,6 +233,31 @@ def empirical_ntk(
         )
 
     fm = FunctionalModel(model, params=params, output_fn=output_fn, dtype=dtype)
+    return ntk_of(
+        fm, x1, x2, output=output, method=method, per_layer=per_layer, chunk_size=chunk_size,
+        store_on=store_on, distributed=distributed,
+    )  # fmt: skip
+
+
+def ntk_of(
+    fm: FunctionalModel,
+    x1: Tensor,
+    x2: Optional[Tensor] = None,
+    *,
+    output: str = "full",
+    method: Union[str, NTKMethod] = NTKMethod.AUTO,
+    per_layer: bool = False,
+    chunk_size: Optional[int] = None,
+    store_on: Union[str, torch.device, None] = None,
+    distributed: bool = False,
+) -> Union[Tensor, dict[str, Tensor]]:
+    """:func:`empirical_ntk` of a functional view the caller already built.
+
+    For callers that evaluate one model several ways in one measurement (the monitor's
+    report builds one :class:`FunctionalModel` and hands it to the kernel and the
+    linearization). The arguments are those of :func:`empirical_ntk`, already validated.
+    """
+    method = _check_method(method)
     symmetric = x2 is None
     x1 = fm.cast_input(x1)
     x2 = x1 if symmetric else fm.cast_input(x2)

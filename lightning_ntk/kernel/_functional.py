@@ -15,8 +15,8 @@ linearized model, the tracker) goes through :class:`FunctionalModel`, so that th
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Callable, Optional, Union
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn

@@ -2,6 +2,8 @@
 
 * :class:`NTKTracker` (:mod:`.tracker`): framework-free; ``start(model)`` snapshots ``θ0``
   and ``Θ0`` on the probe set, ``update(model, step)`` returns an :class:`NTKReport`.
+* :class:`NTKSettings` (:mod:`.settings`): what is measured and when, defined once for
+  the tracker and the callback.
 * :class:`NTKReport` (:mod:`.report`): one report's numbers, verdict and message.
 * :mod:`._verdict`: thresholds and the diagnosis; :mod:`._schedule`: when to report;
   :mod:`._probe`: drawing the probe set from training batches.
@@ -22,6 +24,7 @@ _LAZY_ATTRIBUTES: dict[str, str] = {
     "NTKTracker": ".tracker",
     "NTKReport": ".report",
     "NTKMonitor": ".callback",
+    "NTKSettings": ".settings",
 }
 
 __all__ = sorted(_LAZY_ATTRIBUTES)
@@ -42,4 +45,5 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
     from .callback import NTKMonitor
     from .report import NTKReport
+    from .settings import NTKSettings
     from .tracker import NTKTracker

@@ -31,14 +31,20 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from collections.abc import Mapping
-from typing import Any, Callable, Optional, Union
+from collections.abc import Callable, Mapping
+from dataclasses import KW_ONLY, dataclass
+from typing import Any, ClassVar, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from ..exceptions import LinearizationBreakdownError, LinearizationBreakdownWarning
+from ..exceptions import (
+    LinearizationBreakdownError,
+    LinearizationBreakdownWarning,
+    NTKMeasurementWarning,
+)
 from .loggers import tensorboard_writers, write_extras, write_layout
+from .settings import NTKSettings, settings_of
 from .tracker import NTKReport, NTKTracker
 
 __all__ = ["NTKMonitor", "NTKMonitorBase", "monitor_class"]  # noqa: F822 - NTKMonitor is lazy
@@ -52,7 +58,8 @@ _MODULES = {
 }
 
 
-class NTKMonitorBase:
+@dataclass(eq=False, repr=False)
+class NTKMonitorBase(NTKSettings):
     """Watch the empirical NTK of the trained classifier and flag when it leaves the kernel regime.
 
     At the start of training the monitor draws ``n_probe`` examples from the training
@@ -68,107 +75,46 @@ class NTKMonitorBase:
     Args:
         probe_x: probe inputs ``(N, ...)``; ``None`` draws them from the training data.
         probe_y: probe labels ``(N,)`` or soft targets ``(N, C)``.
-        n_probe: examples to draw when ``probe_x`` is ``None``.
-        output: kernel layout ``"full"``, ``"diagonal"`` or ``"trace"``.
-        method: kernel method ``"auto"``, ``"structured"``, ``"jacobian"`` or ``"ntk_vp"``.
-        params: parameter names (or a predicate) spanning the kernel; ``None``: all
-            trainable parameters.
-        per_layer: report per-layer drift (``None``: on unless ``method="ntk_vp"``).
-        top_layers: how many of the most-moving layers are logged.
-        every_n_steps: also report every ``n`` optimizer steps.
-        every_n_epochs: also report at the end of every ``n``-th epoch.
-        log_base: report at steps ``⌈b^k⌉``, ``k ≥ 1`` (``None`` turns the log-spaced
-            schedule off).
-        thresholds: verdict thresholds, a dict of
-            :class:`~lightning_ntk.monitor._verdict.Thresholds` fields (e.g.
-            ``{"relative_change": [0.1, 0.5]}``).
-        weight_decay: overrides the weight decay read from the first optimizer.
-        label_smoothing: overrides the label smoothing read from the module's loss.
         on_breakdown: what to do when the verdict turns ``"broken"``: ``"warn"`` (a
             :class:`~lightning_ntk.LinearizationBreakdownWarning`, once per transition),
             ``"stop"`` (stop training on every rank), ``"raise"``
             (:class:`~lightning_ntk.LinearizationBreakdownError`), or a callable receiving
             the report (called once per transition).
-        forward_fn: ``forward_fn(pl_module, x) -> logits`` when the module's forward is not
-            ``logits = pl_module(x)``.
-        output_fn: maps the raw output to ``(N, C)`` logits (e.g. ``lambda o: o["logits"]``).
-        batch_to_xy: ``batch -> (inputs, labels)`` for batches that are not ``(x, y)``,
-            a tensor, or a dict with ``x`` / ``y``-like keys.
         prog_bar: show ``ntk/relative_change`` and ``ntk/lazy`` in the progress bar.
         tensorboard_extras: write the spectrum histogram, kernel image, diagnosis text and
             custom-scalars layout to attached TensorBoard loggers.
-        seed: seed of the probe-drawing generator.
+        **settings: what is measured and when: every field of
+            :class:`~lightning_ntk.monitor.settings.NTKSettings` (``n_probe``, ``output``,
+            ``method``, ``params``, ``every_n_steps``, ``log_base``, ``thresholds``,
+            ``weight_decay``, ``label_smoothing``, ``forward_fn``, ``output_fn``, …), as
+            keywords. ``weight_decay`` and ``label_smoothing`` override what is read from
+            the first optimizer and the module's loss; ``forward_fn(pl_module, x)``
+            replaces ``pl_module(x)``.
     """
 
-    _namespace = ""
+    _namespace: ClassVar[str] = ""
 
-    def __init__(
-        self,
-        *,
-        probe_x: Optional[Tensor] = None,
-        probe_y: Optional[Tensor] = None,
-        n_probe: int = 16,
-        output: str = "full",
-        method: str = "auto",
-        params: Optional[Union[str, list[str], Callable[..., bool]]] = None,
-        per_layer: Optional[bool] = None,
-        top_layers: int = 5,
-        every_n_steps: Optional[int] = None,
-        every_n_epochs: Optional[int] = None,
-        log_base: Optional[float] = 4.0,
-        thresholds: Optional[dict[str, Any]] = None,
-        weight_decay: Optional[float] = None,
-        label_smoothing: Optional[float] = None,
-        on_breakdown: Union[str, Callable[[NTKReport], Any]] = "warn",
-        forward_fn: Optional[Callable[[Any, Tensor], Any]] = None,
-        output_fn: Optional[Callable[[Any], Tensor]] = None,
-        batch_to_xy: Optional[Callable[[Any], Any]] = None,
-        prog_bar: bool = True,
-        tensorboard_extras: bool = True,
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        if not (on_breakdown in ACTIONS or callable(on_breakdown)):
+    _: KW_ONLY
+    probe_x: Optional[Tensor] = None
+    probe_y: Optional[Tensor] = None
+    on_breakdown: Union[str, Callable[[NTKReport], Any]] = "warn"
+    prog_bar: bool = True
+    tensorboard_extras: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (self.on_breakdown in ACTIONS or callable(self.on_breakdown)):
             raise ValueError(
                 f"Expected `on_breakdown` to be one of {ACTIONS} or a callable taking the "
-                f"report but got {on_breakdown!r}."
+                f"report but got {self.on_breakdown!r}."
             )
-        for name, flag in (("prog_bar", prog_bar), ("tensorboard_extras", tensorboard_extras)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"Expected `{name}` to be a bool but got {flag!r}.")
-        for name, value in (("weight_decay", weight_decay), ("label_smoothing", label_smoothing)):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0
-            ):
-                raise ValueError(
-                    f"Expected `{name}` to be a non-negative number or None but got {value!r}."
-                )
-        self.tracker = NTKTracker(
-            probe_x,
-            probe_y,
-            n_probe=n_probe,
-            output=output,
-            method=method,
-            params=params,
-            output_fn=output_fn,
-            forward_fn=forward_fn,
-            per_layer=per_layer,
-            top_layers=top_layers,
-            every_n_steps=every_n_steps,
-            every_n_epochs=every_n_epochs,
-            log_base=log_base,
-            thresholds=thresholds,
-            weight_decay=weight_decay,
-            label_smoothing=label_smoothing,
-            seed=seed,
-            batch_to_xy=batch_to_xy,
-        )
-        self.on_breakdown = on_breakdown
-        self.prog_bar = prog_bar
-        self.tensorboard_extras = tensorboard_extras
-        self._probe_given = probe_x is not None
-        self._seed = seed
+        for name in ("prog_bar", "tensorboard_extras"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"Expected `{name}` to be a bool but got {getattr(self, name)!r}.")
+        self.tracker = NTKTracker(self.probe_x, self.probe_y, **settings_of(self))
+        self._probe_given = self.probe_x is not None
         self._restored = False
+        self._failed = False  # an unexpected failure ended this run's reports
         self._last_verdict: Optional[str] = None
         self._state_key: Optional[tuple[dict[str, Any], str]] = None
 
@@ -184,7 +130,7 @@ class NTKMonitorBase:
             output=tracker.output,
             method=tracker.method,
             params=tracker.params if isinstance(tracker.params, (str, list)) else None,
-            seed=self._seed,
+            seed=tracker.seed,
             every_n_steps=schedule.every_n_steps,
             every_n_epochs=schedule.every_n_epochs,
             log_base=schedule.log_base,
@@ -223,7 +169,14 @@ class NTKMonitorBase:
             tracker.optimizer = optimizers[0] if optimizers else None
         if tracker.label_smoothing is None:
             tracker.loss = _find_loss(pl_module)
-        tracker.start(pl_module, step=trainer.global_step)
+        self._failed = False
+        try:
+            tracker.start(pl_module, step=trainer.global_step)
+        except (TypeError, ValueError):
+            raise  # the set-up itself is wrong (probe, forward_fn, output_fn): say so now
+        except Exception as err:
+            self._give_up(err, "at the start of training")
+            return
         self._last_verdict = None
         if self.tensorboard_extras and trainer.is_global_zero:
             for writer in tensorboard_writers(trainer.loggers):
@@ -236,13 +189,13 @@ class NTKMonitorBase:
         if trainer.sanity_checking:
             return
         step = trainer.global_step
-        if self.tracker.is_due(step):
+        if not self._failed and self.tracker.is_due(step):
             self._report(trainer, pl_module, step, epoch_end=False)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         """Report at the end of every ``every_n_epochs``-th epoch."""
         step = trainer.global_step
-        if self.tracker.is_epoch_due(trainer.current_epoch, step):
+        if not self._failed and self.tracker.is_epoch_due(trainer.current_epoch, step):
             self._report(trainer, pl_module, step, epoch_end=True)
 
     def state_dict(self) -> dict[str, Any]:
@@ -263,9 +216,26 @@ class NTKMonitorBase:
         """Every report of this run, oldest first."""
         return self.tracker.history
 
+    def _give_up(self, err: BaseException, when: str) -> None:
+        """Stop reporting for this run after an unexpected failure, unless asked to raise."""
+        if self.on_breakdown == "raise":
+            raise err
+        self._failed = True
+        warnings.warn(
+            f"NTKMonitor could not measure the model {when} ({type(err).__name__}: {err}); "
+            "it makes no further reports in this run and training goes on. Pass "
+            '`on_breakdown="raise"` to see the full traceback.',
+            NTKMeasurementWarning,
+            stacklevel=3,
+        )
+
     def _report(self, trainer: Any, pl_module: Any, step: int, epoch_end: bool) -> None:
         tracker = self.tracker
-        tracker.update(pl_module, step)
+        try:
+            tracker.update(pl_module, step)
+        except Exception as err:
+            self._give_up(err, f"at step {step}")
+            return
         local = (tracker.history[-1], tracker.scalars())
         report, scalars = trainer.strategy.broadcast(local, src=0)  # same on every rank
         tracker.history[-1] = report

@@ -3,19 +3,9 @@
 The tracker holds a fixed probe set ``X = (x_1..x_N)`` (labels ``y`` optional), and at
 :meth:`NTKTracker.start` snapshots ``θ0``, the kernel ``Θ0 = Θ(X, X; θ0)``, the initial
 logits ``f(X; θ0)`` and their mean centered norm. Each :meth:`NTKTracker.update`
-computes ``Θ_t`` and every :class:`NTKReport` field:
-
-* kernel drift ``relative_change = ‖Θ_t − Θ0‖_F / ‖Θ0‖_F`` and ``kernel_distance``
-  ``= 1 − ⟨Θ_t, Θ0⟩_F / (‖Θ_t‖_F ‖Θ0‖_F)``; per layer (module), its own relative change;
-* spectrum of the ``(N·C, N·C)`` kernel matrix (``eig_max``, ``eig_min``,
-  ``effective_rank``, ``condition_number``) and ``target_alignment = A(K, YYᵀ)``;
-* the linearized model ``f_lin(x; θ_t) = f(x; θ0) + J0(x)(θ_t − θ0)``:
-  ``linearization_error``, ``prob_tv``, ``argmax_agreement``;
-* ``logit_norm`` (mean centered L2 norm), ``logit_growth = logit_norm_t / logit_norm_0``,
-  ``param_distance = ‖θ_t − θ0‖ / ‖θ0‖``;
-* the verdict ``"lazy" | "drifting" | "broken"``, its causes and one sentence with the
-  reason and the fix (:mod:`lightning_ntk.monitor._verdict`), using the regime the paper predicts
-  for the set-up (:func:`lightning_ntk.theory.predict_regime`).
+computes ``Θ_t`` and every :class:`NTKReport` field (:mod:`lightning_ntk.monitor._measure`)
+and the verdict (:mod:`lightning_ntk.monitor._verdict`), using the regime the paper
+predicts for the set-up (:func:`lightning_ntk.theory.predict_regime`).
 
 Nothing here imports Lightning; the callback is a thin adapter over this class.
 
@@ -46,35 +36,30 @@ linearization_error      0.2, 0.5    0.07–0.11 (width 512, smooth.)   0.3–0.
 
 from __future__ import annotations
 
-import dataclasses
-import math
+import warnings
 from collections.abc import Mapping
-from typing import Any, Callable, Optional, Union
+from dataclasses import KW_ONLY, dataclass
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
-from ..kernel._forward import ForwardFn, ForwardModule, module_of, selector_on_wrapper
+from .. import metrics
+from ..exceptions import NTKMeasurementWarning
+from ..kernel._forward import ForwardModule, selector_on_wrapper
 from ..kernel._functional import FunctionalModel, exact_matmuls
-from ._probe import BatchToXY, default_batch_to_xy, draw_probe, preserved_rng
+from ._measure import attempt, measure, probe_kernel
+from ._probe import default_batch_to_xy, draw_probe, preserved_rng
 from ._schedule import Schedule
-from ._verdict import Thresholds, diagnose, logit_slope
-from .report import (
-    NUMERIC_FIELDS,
-    NTKReport,
-    finite_or,
-    layer_drift,
-    safe_spectrum,
-    safe_value,
-)
+from ._verdict import Thresholds
+from .report import NTKReport, finite_or
+from .settings import NTKSettings
 
 __all__ = ["NTKReport", "NTKTracker", "Thresholds"]
 
-OUTPUTS = ("full", "diagonal", "trace")
-METHODS = ("auto", "structured", "jacobian", "ntk_vp")
 
-
-class NTKTracker:
+@dataclass(eq=False, repr=False)
+class NTKTracker(NTKSettings):
     """Empirical NTK of a classifier on a fixed probe set, with a verdict on laziness.
 
     Typical use in a plain loop::
@@ -90,104 +75,37 @@ class NTKTracker:
         probe_x: probe inputs ``(N, ...)``; or ``None`` to draw them later with
             :meth:`draw_probe`.
         probe_y: probe labels ``(N,)`` (int) or soft targets ``(N, C)``; optional.
-        n_probe: examples drawn by :meth:`draw_probe` (stratified by class).
-        output: kernel layout ``"full"`` (default; ``(N, N, C, C)``), ``"diagonal"`` or
-            ``"trace"``.
-        method: kernel method ``"auto"``, ``"structured"``, ``"jacobian"`` or ``"ntk_vp"``.
-        params: parameters spanning the kernel (``None``: all trainable; names or a
-            predicate, as in :func:`lightning_ntk.empirical_ntk`).
-        output_fn: maps the model's raw output to ``(N, C)`` logits.
-        forward_fn: ``forward_fn(model, x) -> output`` for models whose forward is not
-            ``model(x)``; evaluated functionally like the model itself.
-        per_layer: report each layer's drift; ``None`` (default) turns it on unless
-            ``method="ntk_vp"`` (where it would multiply the cost; the other methods
-            compute per-layer parts at no extra cost).
-        top_layers: how many of the most-moving layers :meth:`scalars` reports.
-        dtype: compute dtype (default: the parameters'; float32 for half / bf16).
-        every_n_steps: also report every ``n`` optimizer steps.
-        every_n_epochs: also report at the end of every ``n``-th epoch.
-        log_base: report at steps ``⌈b^k⌉``, ``k ≥ 1`` (default 4: 4, 16, 64, …); ``None``
-            disables.
-        thresholds: verdict thresholds (a :class:`Thresholds` or a dict of its fields).
-        weight_decay: the optimizer's weight decay, if known (for the predicted regime).
-        label_smoothing: the loss's label smoothing, if known.
         optimizer: the optimizer (its weight decay and decoupling are read from it).
         loss: the loss module (its label smoothing is read from it).
-        seed: seed of the tracker's own generator (probe drawing).
-        batch_to_xy: splits a dataset batch into ``(inputs, labels)``.
         distributed: share the probe kernel's blocks among the ranks of the initialised
             ``torch.distributed`` process group (each rank computes its share, one
             all-reduce assembles the kernel). Every rank must then call :meth:`start` and
             :meth:`update` together; ``NTKMonitor`` turns this on under multi-process
             strategies.
+        **settings: what is measured and when: every field of
+            :class:`~lightning_ntk.monitor.settings.NTKSettings` (``n_probe``, ``output``,
+            ``method``, ``params``, ``output_fn``, ``forward_fn``, ``per_layer``,
+            ``top_layers``, ``dtype``, ``every_n_steps``, ``every_n_epochs``,
+            ``log_base``, ``thresholds``, ``weight_decay``, ``label_smoothing``, ``seed``,
+            ``batch_to_xy``), as keywords.
     """
 
-    def __init__(
-        self,
-        probe_x: Optional[Tensor] = None,
-        probe_y: Optional[Tensor] = None,
-        *,
-        n_probe: int = 16,
-        output: str = "full",
-        method: str = "auto",
-        params: Any = None,
-        output_fn: Optional[Callable[[Any], Tensor]] = None,
-        forward_fn: Optional[ForwardFn] = None,
-        per_layer: Optional[bool] = None,
-        top_layers: int = 5,
-        dtype: Optional[torch.dtype] = None,
-        every_n_steps: Optional[int] = None,
-        every_n_epochs: Optional[int] = None,
-        log_base: Optional[float] = 4.0,
-        thresholds: Union[Thresholds, Mapping[str, Any], None] = None,
-        weight_decay: Optional[float] = None,
-        label_smoothing: Optional[float] = None,
-        optimizer: Optional[torch.optim.Optimizer] = None,
-        loss: Optional[nn.Module] = None,
-        seed: int = 0,
-        batch_to_xy: Optional[BatchToXY] = None,
-        distributed: bool = False,
-    ) -> None:
-        _check_positive_int("n_probe", n_probe)
-        _check_positive_int("top_layers", top_layers)
-        if output not in OUTPUTS:
-            raise ValueError(f"Expected `output` to be one of {OUTPUTS} but got {output!r}.")
-        if method not in METHODS:
-            raise ValueError(f"Expected `method` to be one of {METHODS} but got {method!r}.")
-        for name, fn in (
-            ("output_fn", output_fn),
-            ("forward_fn", forward_fn),
-            ("batch_to_xy", batch_to_xy),
-        ):
-            if fn is not None and not callable(fn):
-                raise TypeError(f"Expected `{name}` to be callable or None but got {fn!r}.")
-        if per_layer is not None and not isinstance(per_layer, bool):
-            raise TypeError(f"Expected `per_layer` to be a bool or None but got {per_layer!r}.")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"Expected `seed` to be an int but got {seed!r}.")
-        if not isinstance(distributed, bool):
-            raise TypeError(f"Expected `distributed` to be a bool but got {distributed!r}.")
-        self.distributed = distributed
-        self.n_probe = n_probe
-        self.output = output
-        self.method = method
-        self.params = params
-        self.output_fn = output_fn
-        self.forward_fn = forward_fn
-        self.per_layer = per_layer
-        self.top_layers = top_layers
-        self.dtype = dtype
-        self.schedule = Schedule(every_n_steps, every_n_epochs, log_base)
-        self.thresholds = _as_thresholds(thresholds)
-        self.weight_decay = weight_decay
-        self.label_smoothing = label_smoothing
-        self.optimizer = optimizer
-        self.loss = loss
-        self.batch_to_xy = batch_to_xy or default_batch_to_xy
-        self.generator = torch.Generator().manual_seed(seed)
+    probe_x: Optional[Tensor] = None
+    probe_y: Optional[Tensor] = None
+    _: KW_ONLY
+    optimizer: Optional[torch.optim.Optimizer] = None
+    loss: Optional[nn.Module] = None
+    distributed: bool = False
 
-        self.probe_x: Optional[Tensor] = None
-        self.probe_y: Optional[Tensor] = None
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.distributed, bool):
+            raise TypeError(f"Expected `distributed` to be a bool but got {self.distributed!r}.")
+        self.schedule = Schedule(self.every_n_steps, self.every_n_epochs, self.log_base)
+        self.batch_to_xy = self.batch_to_xy or default_batch_to_xy
+        self.generator = torch.Generator().manual_seed(self.seed)
+        probe_x, probe_y = self.probe_x, self.probe_y
+        self.probe_x = self.probe_y = None
         if probe_x is not None:
             self.set_probe(probe_x, probe_y)
         elif probe_y is not None:
@@ -195,6 +113,8 @@ class NTKTracker:
 
         self._state: Optional[dict[str, Any]] = None  # filled by start / load_state_dict
         self.history: list[NTKReport] = []
+        # what could not be measured for this model ("kernel", "linearized model") -> why
+        self.failures: dict[str, str] = {}
         self.layer_history: list[dict[str, dict[str, float]]] = []
         self.kernel: Optional[Tensor] = None  # Θ_t of the last report
         self.eigenvalues: Optional[Tensor] = None  # its spectrum, descending
@@ -261,6 +181,13 @@ class NTKTracker:
         return self._state is not None
 
     @property
+    def started_state(self) -> dict[str, Any]:
+        """The snapshot taken by :meth:`start`: ``θ0``, ``Θ0``, initial logits, set-up."""
+        if self._state is None:
+            raise RuntimeError("Call `start(model)` (or `load_state_dict`) first.")
+        return self._state
+
+    @property
     def last_step(self) -> Optional[int]:
         """Step of the last report, or ``None``."""
         return self.history[-1].step if self.history else None
@@ -305,7 +232,11 @@ class NTKTracker:
             method = self.method
             per_layer = self.per_layer if self.per_layer is not None else method != "ntk_vp"
             num_classes = int(logits0.shape[1])
-            total, layers = self._kernel(wrapper, method, per_layer)
+            failures: dict[str, str] = {}
+            computed = attempt(
+                failures, "kernel", lambda: probe_kernel(self, fm, method, per_layer)
+            )
+            total, layers = computed if computed is not None else (None, {})
             state = {
                 "theta0": {n: p.detach().clone() for n, p in fm.params.items()},
                 "logits0": logits0.clone(),
@@ -315,10 +246,11 @@ class NTKTracker:
                 "start_step": int(step),
                 "K0": total,
                 "K0_layers": layers,
-                "logit_norm0": float(_metrics().logit_norm(logits0)),
+                "logit_norm0": float(metrics.logit_norm(logits0)),
                 "predicted": self._predict(num_classes),
             }
         self._state = state  # only a complete snapshot marks the tracker as started
+        self._warn_failures(failures)
         self.history = []
         self.layer_history = []
         self.kernel = total
@@ -334,7 +266,11 @@ class NTKTracker:
             raise RuntimeError("Call `start(model)` (or `load_state_dict`) before `update`.")
         wrapper = self._wrap(model)
         with preserved_rng(_device_of(wrapper)):
-            report, layers = self._measure(wrapper, int(step))
+            measured = measure(self, self._functional(wrapper), int(step))
+        report, layers = measured.report, measured.layers
+        self._warn_failures(measured.failures)
+        if measured.kernel is not None:
+            self.kernel, self.eigenvalues = measured.kernel, measured.eigenvalues
         self.history.append(report)
         self.layer_history.append(layers)
         return report
@@ -438,122 +374,19 @@ class NTKTracker:
             wrapper, params=self._selector(), output_fn=self.output_fn, dtype=self.dtype
         )
 
-    def _kernel(
-        self, wrapper: nn.Module, method: str, per_layer: bool
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """``Θ(X, X)`` in the chosen layout, and per module when ``per_layer`` is on."""
-        from ..kernel import empirical_ntk
+    def _warn_failures(self, failures: Mapping[str, str]) -> None:
+        """One :class:`~lightning_ntk.NTKMeasurementWarning` per measurement that failed."""
+        for what, message in failures.items():
+            if what not in self.failures:
+                warnings.warn(message, NTKMeasurementWarning, stacklevel=3)
+            self.failures[what] = message
 
-        probe = self._probe_on(wrapper)[0]
-        world = _world_size() if self.distributed else 1
-        result = empirical_ntk(
-            wrapper,
-            probe,
-            output=self.output,
-            method=method,
-            params=self._selector(),
-            per_layer=per_layer,
-            dtype=self.dtype,
-            output_fn=self.output_fn,
-            # two blocks of probe rows per rank: each rank gets its share of the pairs
-            chunk_size=None if world == 1 else max(1, math.ceil(len(probe) / (2 * world))),
-            distributed=world > 1,
-        )
-        if not per_layer:
-            assert isinstance(result, Tensor)
-            return result, {}
-        assert isinstance(result, dict)
-        layers: dict[str, Tensor] = {}
-        for name, part in result.items():
-            module = module_of(name)
-            layers[module] = part if module not in layers else layers[module] + part
-        total = sum(layers.values())
-        assert isinstance(total, Tensor)
-        return total, layers
-
-    def _probe_on(self, wrapper: nn.Module) -> tuple[Tensor, Optional[Tensor]]:
+    def probe_on(self, wrapper: nn.Module) -> tuple[Tensor, Optional[Tensor]]:
+        """The probe inputs and labels on the model's device."""
         assert self.probe_x is not None
         device = _device_of(wrapper)
         y = None if self.probe_y is None else self.probe_y.to(device)
         return self.probe_x.to(device), y
-
-    def _measure(self, wrapper: ForwardModule, step: int) -> tuple[NTKReport, dict]:
-        from ..linearization import argmax_agreement, linearization_error, linearize, prob_tv
-
-        metrics = _metrics()
-        state = self._state
-        assert state is not None
-        fm = self._functional(wrapper)
-        x, y = self._probe_on(wrapper)
-        x = fm.cast_input(x)
-        theta0 = {n: t.to(fm.device) for n, t in state["theta0"].items()}
-        with exact_matmuls(fm.device), torch.no_grad():
-            logits = fm(fm.params, x)
-        finite = bool(torch.isfinite(logits).all())
-        nan = math.nan
-        values: dict[str, float] = dict.fromkeys(NUMERIC_FIELDS, nan)
-        layers: dict[str, dict[str, float]] = {}
-        values["param_distance"] = safe_value(lambda: metrics.param_distance(fm.params, theta0))
-        if finite:
-            K, K_layers = self._kernel(wrapper, state["method"], state["per_layer"])
-            K0 = state["K0"].to(K.device)
-            values["relative_change"] = safe_value(lambda: metrics.relative_change(K, K0))
-            values["kernel_distance"] = safe_value(lambda: metrics.kernel_distance(K, K0))
-            if y is not None:
-                values["target_alignment"] = safe_value(
-                    lambda: metrics.target_alignment(K, y, num_classes=state["num_classes"])
-                )
-            spec = safe_spectrum(metrics, K)
-            if spec is not None:
-                values.update(
-                    eig_max=spec.eig_max,
-                    eig_min=spec.eig_min,
-                    effective_rank=spec.effective_rank,
-                    condition_number=spec.condition_number,
-                )
-            self.kernel, self.eigenvalues = K, None if spec is None else spec.eigenvalues
-            layers = layer_drift(metrics, K, K_layers, state["K0_layers"])
-            f_lin = linearize(
-                wrapper,
-                theta0,
-                params=self._selector(),
-                output_fn=self.output_fn,
-                buffers="current",
-                dtype=self.dtype,
-            )
-            with torch.no_grad():
-                logits_lin, logits0 = f_lin.logits_and_initial(x)
-            values["linearization_error"] = safe_value(
-                lambda: linearization_error(logits, logits_lin, logits0)
-            )
-            values["prob_tv"] = safe_value(lambda: prob_tv(logits, logits_lin))
-            values["argmax_agreement"] = safe_value(lambda: argmax_agreement(logits, logits_lin))
-            values["logit_norm"] = safe_value(lambda: metrics.logit_norm(logits))
-            norm0 = state["logit_norm0"]
-            values["logit_growth"] = values["logit_norm"] / norm0 if norm0 > 0 else nan
-        steps = [r.step for r in self.history] + [step]
-        norms = [r.logit_norm for r in self.history] + [values["logit_norm"]]
-        slope = logit_slope(
-            steps, norms, self.thresholds.trend_octaves, self.thresholds.min_trend_step
-        )
-        predicted = state["predicted"]
-        diagnosis = diagnose(
-            relative_change=values["relative_change"],
-            linearization_error=values["linearization_error"],
-            slope=slope,
-            finite=finite,
-            thresholds=self.thresholds,
-            predicted_regime=predicted["regime"],
-        )
-        report = NTKReport(
-            step=step,
-            **values,
-            verdict=diagnosis.verdict,
-            causes=list(diagnosis.causes),
-            predicted_regime=predicted["regime"],
-            message=diagnosis.message,
-        )
-        return report, layers
 
     def _predict(self, num_classes: Optional[int]) -> dict[str, str]:
         """The theory's regime for the known set-up; ``"unknown"`` without its inputs."""
@@ -580,12 +413,6 @@ class NTKTracker:
         return {"regime": prediction.regime, "reason": prediction.reason}
 
 
-def _metrics() -> Any:
-    from .. import metrics
-
-    return metrics
-
-
 def _device_of(module: nn.Module) -> torch.device:
     for p in module.parameters():
         return p.device
@@ -598,33 +425,3 @@ def _to_cpu(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _to_cpu(v) for k, v in value.items()}
     return value
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"Expected `{name}` to be a positive int but got {value!r}.")
-
-
-def _as_thresholds(value: Union[Thresholds, Mapping[str, Any], None]) -> Thresholds:
-    if value is None:
-        return Thresholds()
-    if isinstance(value, Thresholds):
-        return value
-    if isinstance(value, Mapping):
-        fields = {f.name for f in dataclasses.fields(Thresholds)}
-        unknown = set(value) - fields
-        if unknown:
-            raise ValueError(
-                f"Expected `thresholds` keys among {sorted(fields)} but got {sorted(unknown)}."
-            )
-        return Thresholds(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
-    raise TypeError(f"Expected `thresholds` to be a Thresholds, a dict or None but got {value!r}.")
-
-
-def _world_size() -> int:
-    """Processes in the initialised default ``torch.distributed`` group (1 if none)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1

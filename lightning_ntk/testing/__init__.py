@@ -38,17 +38,17 @@ from typing import TYPE_CHECKING, Any
 # public name -> submodule that defines it
 _LAZY_ATTRIBUTES: dict[str, str] = {
     "NTKMLP": "._analytic",
-    "ConvergenceResult": ".assertions",
-    "KernelComparison": ".assertions",
+    "ConvergenceResult": ".kernel_assertions",
+    "KernelComparison": ".kernel_assertions",
     "SlopeFit": "._sweep",
     "WidthSweepResult": "._sweep",
     "analytic_nngp": "._analytic",
     "analytic_ntk": "._analytic",
-    "assert_breaks_down": ".assertions",
-    "assert_converges_to_analytic": ".assertions",
-    "assert_lazy_scaling": ".assertions",
-    "assert_lazy_training": ".assertions",
-    "assert_ntk_close": ".assertions",
+    "assert_breaks_down": ".training_assertions",
+    "assert_converges_to_analytic": ".kernel_assertions",
+    "assert_lazy_scaling": ".training_assertions",
+    "assert_lazy_training": ".training_assertions",
+    "assert_ntk_close": ".kernel_assertions",
     "fit_loglog_slope": "._sweep",
     "make_classification_data": "._sweep",
     "width_sweep": "._sweep",
@@ -78,12 +78,10 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
         make_classification_data,
         width_sweep,
     )
-    from .assertions import (
+    from .kernel_assertions import (
         ConvergenceResult,
         KernelComparison,
-        assert_breaks_down,
         assert_converges_to_analytic,
-        assert_lazy_scaling,
-        assert_lazy_training,
         assert_ntk_close,
     )
+    from .training_assertions import assert_breaks_down, assert_lazy_scaling, assert_lazy_training

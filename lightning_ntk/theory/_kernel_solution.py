@@ -6,15 +6,15 @@ in the docstring of :mod:`lightning_ntk.theory`, which re-exports these function
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..kernel._functional import OutputFn, ParamSelector
 from . import _solve
+from ._checks import check_nonnegative, check_option, check_smoothing, check_tensor, checked_targets
 
 _DECAY_TO = ("init", "zero")
 _REDUCTIONS = ("mean", "sum")
@@ -104,8 +104,8 @@ def kernel_solution(
         RuntimeError: no convergence (with ``raise_on_failure=True``).
     """
     lam = check_nonnegative(weight_decay, "weight_decay")
-    _check_option(decay_to, "decay_to", _DECAY_TO)
-    _check_option(reduction, "reduction", _REDUCTIONS)
+    check_option(decay_to, "decay_to", _DECAY_TO)
+    check_option(reduction, "reduction", _REDUCTIONS)
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"Expected `max_iter` to be a positive int but got {max_iter!r}.")
     problem = _Problem.build(ntk, logits0, targets, label_smoothing, ntk_test, logits0_test)
@@ -215,8 +215,8 @@ def kernel_flow(
         raise ValueError(f"Expected `lr` to be a positive float but got {lr!r}.")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"Expected `steps` to be a non-negative int but got {steps!r}.")
-    _check_option(decay_to, "decay_to", _DECAY_TO)
-    _check_option(reduction, "reduction", _REDUCTIONS)
+    check_option(decay_to, "decay_to", _DECAY_TO)
+    check_option(reduction, "reduction", _REDUCTIONS)
     problem = _Problem.build(ntk, logits0, targets, label_smoothing, ntk_test, logits0_test)
     zeros = torch.zeros_like(problem.f0)
     s, s_test = zeros, None if problem.f0_test is None else torch.zeros_like(problem.f0_test)
@@ -301,7 +301,7 @@ class _Problem:
         N, C = logits0.shape
         _check_kernel(ntk, "ntk", N, N, C, "Θ0(X, X)")
         eps = check_smoothing(label_smoothing)
-        Y = _targets_matrix(targets, N, C)
+        Y = checked_targets(targets, N, C)
         Y = (1 - eps) * Y + eps / C
         device = ntk.device
         problem = cls(
@@ -378,55 +378,4 @@ def _check_kernel(K: Tensor, name: str, N1: int, N2: int, C: int, what: str) -> 
             f"Expected `{name}` = {what} of shape {accepted[4]} (full layout; or "
             f"{accepted[3]} diagonal, {accepted[2]} trace) to match the logits, but got "
             f"{tuple(K.shape)}."
-        )
-
-
-def check_tensor(t: Any, name: str) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"Expected `{name}` to be a torch.Tensor but got {type(t).__name__}.")
-
-
-def _check_option(value: str, name: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"Expected `{name}` to be one of {choices} but got {value!r}.")
-
-
-def check_nonnegative(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"Expected `{name}` to be a non-negative float but got {value!r}.")
-    if math.isinf(value):
-        raise ValueError(f"Expected `{name}` to be finite but got {value!r}.")
-    return float(value)
-
-
-def check_smoothing(eps: Any) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < 1:
-        raise ValueError(f"Expected `label_smoothing` to be a float in [0, 1) but got {eps!r}.")
-    return float(eps)
-
-
-def _targets_matrix(targets: Tensor, N: int, C: int) -> Tensor:
-    """Float64 ``Y (N, C)`` from labels ``(N,)`` or soft targets ``(N, C)``, validated."""
-    from ..metrics.functional import targets_matrix
-
-    check_tensor(targets, "targets")
-    Y = targets_matrix(targets, C if not targets.is_floating_point() else None, num_rows=N)
-    if Y.shape[1] != C:
-        raise ValueError(
-            f"Expected soft `targets` of shape ({N}, {C}) to match the logits but got "
-            f"{tuple(targets.shape)}."
-        )
-    check_soft_targets(Y)
-    return Y
-
-
-def check_soft_targets(Y: Tensor) -> None:
-    if float(Y.min()) < 0:
-        raise ValueError(
-            f"Expected soft `targets` to be probabilities >= 0 but got {float(Y.min()):.3g}."
-        )
-    row_error = float((Y.sum(dim=1) - 1).abs().max())
-    if row_error > 1e-4:
-        raise ValueError(
-            f"Expected each row of soft `targets` to sum to 1 but a row is off by {row_error:.3g}."
         )

@@ -13,12 +13,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from ._kernel_solution import (
-    check_nonnegative,
-    check_smoothing,
-    check_soft_targets,
-    check_tensor,
-)
+from ._checks import check_nonnegative, check_smoothing, check_soft_targets, check_tensor
 
 __all__ = ["RegimePrediction", "predict_regime"]
 

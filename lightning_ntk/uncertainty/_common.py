@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
-from ..theory._kernel_solution import check_soft_targets, check_tensor
+from ..theory._checks import check_soft_targets, check_tensor
 
 
 @dataclass(frozen=True)

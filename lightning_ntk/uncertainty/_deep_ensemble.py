@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from ..theory._kernel_solution import check_nonnegative, check_smoothing
+from ..theory._checks import check_nonnegative, check_smoothing
 from ._common import (
     EnsemblePrediction,
     build_model,

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..theory import _softmax_gp
-from ..theory._kernel_solution import check_smoothing, check_tensor
+from ..theory._checks import check_smoothing, check_tensor
 from ._common import check_option, check_positive_int, targets_matrix
 
 _AVERAGING = ("mc", "probit")

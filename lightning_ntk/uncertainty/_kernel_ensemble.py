@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..testing._analytic import NTKMLP
 from ..theory import _softmax_gp
-from ..theory._kernel_solution import check_nonnegative, check_smoothing, check_tensor
+from ..theory._checks import check_nonnegative, check_smoothing, check_tensor
 from ._common import (
     EnsemblePrediction,
     build_model,

@@ -1,49 +1,31 @@
-"""Assertions on kernels and on training.
+"""Assertions on kernels: close to a reference, converging to the analytic limit.
 
 Each returns a result object when it passes and otherwise raises :class:`AssertionError`
-with a diagnostic report.
+with a diagnostic report (failing entries, ratios, tolerances, fitted slopes).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from ._analytic import NTKMLP, analytic_nngp, analytic_ntk
-from ._sweep import (
-    SlopeFit,
-    WidthSweepResult,
-    as_ints,
-    build_model,
-    expect,
-    fit_loglog_slope,
-    is_number,
-    make_classification_data,
-    width_sweep,
-)
+from ._analytic import NTKMLP
+from ._checks import as_ints, check_nonnegative, check_widths
+from ._slopes import SlopeFit, fit_loglog_slope
+from ._train import build_model
 
 __all__ = [
-    "NTKMLP",
     "ConvergenceResult",
     "KernelComparison",
-    "SlopeFit",
-    "WidthSweepResult",
-    "analytic_nngp",
-    "analytic_ntk",
-    "assert_breaks_down",
     "assert_converges_to_analytic",
-    "assert_lazy_scaling",
-    "assert_lazy_training",
     "assert_ntk_close",
-    "fit_loglog_slope",
-    "make_classification_data",
-    "width_sweep",
 ]
+
 
 _NORMALIZE = ("auto", "none", "width")
 
@@ -177,8 +159,8 @@ def assert_ntk_close(
             raise TypeError(
                 f"Expected `{name}` to be a torch.Tensor but got {type(value).__name__}."
             )
-    _check_nonnegative("rtol", rtol)
-    _check_nonnegative("atol", atol)
+    check_nonnegative("rtol", rtol)
+    check_nonnegative("atol", atol)
     if K.shape != K_ref.shape:
         raise AssertionError(
             f"kernel shapes differ: K has shape {tuple(K.shape)}, K_ref has {tuple(K_ref.shape)}"
@@ -234,13 +216,13 @@ def assert_converges_to_analytic(
     """
     from ..kernel import empirical_ntk
 
-    widths = _check_widths(widths)
+    widths = check_widths(widths)
     seeds = as_ints("seeds", seeds, None)
     if normalize not in _NORMALIZE:
         raise ValueError(f"Expected `normalize` to be one of {_NORMALIZE} but got {normalize!r}.")
-    _check_nonnegative("slope_tol", slope_tol)
+    check_nonnegative("slope_tol", slope_tol)
     if max_error is not None:
-        _check_nonnegative("max_error", max_error)
+        check_nonnegative("max_error", max_error)
     reference = K_inf if isinstance(K_inf, Tensor) else None
     errors = []
     for width in widths:
@@ -286,144 +268,6 @@ def assert_converges_to_analytic(
     if failures:
         raise AssertionError(result.report())
     return result
-
-
-def assert_lazy_training(
-    model_factory: Callable[[int], nn.Module],
-    data: tuple[Tensor, Tensor],
-    *,
-    width: int,
-    steps: int,
-    lr: Union[float, Callable[[int], float]],
-    max_relative_change: float = 0.1,
-    max_linearization_error: Optional[float] = None,
-    **sweep_kwargs: object,
-) -> WidthSweepResult:
-    """Assert that training at ``width`` stays in the kernel regime.
-
-    Checks that the seed-averaged ``relative_change`` of the kernel on the probe is at most
-    ``max_relative_change`` and, if given, that the seed-averaged ``linearization_error``
-    is at most ``max_linearization_error``.
-
-    Args:
-        model_factory: ``width -> nn.Module``.
-        data: ``(x, y)`` training data.
-        width: the width to train.
-        steps: SGD steps.
-        lr: learning rate, or a callable ``width -> lr``.
-        max_relative_change: bound on the kernel drift.
-        max_linearization_error: optional bound on the linearization error.
-        **sweep_kwargs: any other argument of :func:`width_sweep` (``loss``,
-            ``weight_decay``, ``label_smoothing``, ``seeds``, ``probe``, ``batch_size``, ...).
-
-    Returns:
-        The :class:`WidthSweepResult` (when it passed).
-
-    Raises:
-        AssertionError: with :meth:`WidthSweepResult.report` as the message.
-    """
-    _check_nonnegative("max_relative_change", max_relative_change)
-    if max_linearization_error is not None:
-        _check_nonnegative("max_linearization_error", max_linearization_error)
-    result = width_sweep(model_factory, [width], data, steps=steps, lr=lr, **sweep_kwargs)
-    _check_at_most(result, "relative_change", max_relative_change)
-    if max_linearization_error is not None:
-        _check_at_most(result, "linearization_error", max_linearization_error)
-    return _raise_unless_passed(result)
-
-
-def assert_lazy_scaling(
-    model_factory: Callable[[int], nn.Module],
-    data: tuple[Tensor, Tensor],
-    *,
-    widths: Sequence[int],
-    steps: int,
-    lr: Union[float, Callable[[int], float]],
-    max_slope: float = -0.25,
-    **sweep_kwargs: object,
-) -> WidthSweepResult:
-    """Assert that the kernel drift shrinks with the width like a power ``≤ max_slope``.
-
-    The log-log slope of the seed-averaged ``relative_change`` against the width must be at
-    most ``max_slope`` (the kernel regime predicts ``−1/2``; a network that is not
-    approaching a kernel limit gives a slope near 0).
-
-    Args:
-        model_factory: ``width -> nn.Module``.
-        data: ``(x, y)`` training data.
-        widths: at least two distinct widths.
-        steps: SGD steps.
-        lr: learning rate, or a callable ``width -> lr``.
-        max_slope: upper bound on the fitted slope.
-        **sweep_kwargs: any other argument of :func:`width_sweep`.
-
-    Returns:
-        The :class:`WidthSweepResult` (when it passed).
-
-    Raises:
-        AssertionError: with :meth:`WidthSweepResult.report` as the message.
-    """
-    _check_widths(widths)
-    _check_finite_number("max_slope", max_slope)
-    result = width_sweep(model_factory, widths, data, steps=steps, lr=lr, **sweep_kwargs)
-    fit = result.slopes["relative_change"]
-    text = f"slope of relative_change vs width {fit.slope:+.3f} <= {max_slope:+.3f}"
-    result.checks.append((text, bool(fit.slope <= max_slope)))
-    return _raise_unless_passed(result)
-
-
-def assert_breaks_down(
-    model_factory: Callable[[int], nn.Module],
-    data: tuple[Tensor, Tensor],
-    *,
-    width: Union[int, Sequence[int]],
-    steps: int,
-    lr: Union[float, Callable[[int], float]],
-    min_logit_slope: float = 0.25,
-    min_logit_growth: Optional[float] = None,
-    **sweep_kwargs: object,
-) -> WidthSweepResult:
-    """Assert that training leaves the kernel regime: the centered logits keep growing.
-
-    The counterpart of :func:`assert_lazy_training` for degenerate, unregularized
-    training (hard one-hot targets, ``weight_decay=0``): zero loss needs infinite logits,
-    so the centered logit norm grows without bound, about logarithmically in the steps.
-    At each width, the seed-averaged slope of the centered logit norm against
-    ``ln(step)`` over the late checkpoints must be at least ``min_logit_slope`` and, if
-    given, the seed-averaged ``logit_growth`` at least ``min_logit_growth``.
-
-    Args:
-        model_factory: ``width -> nn.Module``.
-        data: ``(x, y)`` training data.
-        width: a width, or several (breakdown happens at every finite width).
-        steps: SGD steps; enough for the training loss to get small.
-        lr: learning rate, or a callable ``width -> lr``.
-        min_logit_slope: lower bound on ``d logit_norm / d ln(step)``.
-        min_logit_growth: optional lower bound on ``logit_norm_T / logit_norm_0``.
-        **sweep_kwargs: any other argument of :func:`width_sweep`.
-
-    Returns:
-        The :class:`WidthSweepResult` (when it passed).
-
-    Raises:
-        AssertionError: with :meth:`WidthSweepResult.report` as the message.
-    """
-    _check_finite_number("min_logit_slope", min_logit_slope)
-    if min_logit_growth is not None:
-        _check_finite_number("min_logit_growth", min_logit_growth)
-    widths = [width] if isinstance(width, int) else list(width)
-    result = width_sweep(model_factory, widths, data, steps=steps, lr=lr, **sweep_kwargs)
-    for w, slope in zip(result.widths, result.mean_logit_step_slope):
-        text = f"width {w}: d logit_norm / d ln(step) = {slope:.3f} >= {min_logit_slope:g}"
-        result.checks.append((text, bool(slope >= min_logit_slope)))
-    if min_logit_growth is not None:
-        for w, growth in zip(result.widths, result.mean["logit_growth"]):
-            text = f"width {w}: logit_growth = {growth:.3f} >= {min_logit_growth:g}"
-            result.checks.append((text, bool(growth >= min_logit_growth)))
-    return _raise_unless_passed(result)
-
-
-# ---------------------------------------------------------------------------- helpers
 
 
 def _compare(
@@ -484,28 +328,3 @@ def _divides_by_width(model: nn.Module, normalize: str) -> bool:
     if normalize == "auto":
         return isinstance(model, NTKMLP) and model.parameterization == "standard"
     return normalize == "width"
-
-
-def _check_widths(widths: Sequence[int]) -> tuple[int, ...]:
-    values = as_ints("widths", widths, 1)
-    expect(len(set(values)) >= 2, "widths", "at least two distinct positive ints", widths)
-    return tuple(sorted(values))
-
-
-def _check_nonnegative(name: str, value: object) -> None:
-    expect(is_number(value) and value >= 0, name, "a finite float >= 0", value)
-
-
-def _check_finite_number(name: str, value: object) -> None:
-    expect(is_number(value), name, "a finite float", value)
-
-
-def _check_at_most(result: WidthSweepResult, metric: str, bound: float) -> None:
-    for w, value in zip(result.widths, result.mean[metric]):
-        result.checks.append((f"width {w}: {metric} = {value:.4g} <= {bound:g}", value <= bound))
-
-
-def _raise_unless_passed(result: WidthSweepResult) -> WidthSweepResult:
-    if not result.passed:
-        raise AssertionError(result.report())
-    return result

@@ -1,0 +1,195 @@
+"""One report's measurement, every evaluation through one functional view of the model.
+
+* kernel drift ``relative_change = ‖Θ_t − Θ0‖_F / ‖Θ0‖_F`` and ``kernel_distance``; per
+  layer (module), its own relative change and share of the trace;
+* the spectrum of the ``(N·C, N·C)`` kernel matrix and ``target_alignment = A(K, YYᵀ)``;
+* the linearized model ``f_lin(x; θ_t) = f(x; θ0) + J0(x)(θ_t − θ0)``:
+  ``linearization_error``, ``prob_tv``, ``argmax_agreement``;
+* ``logit_norm``, ``logit_growth``, ``param_distance``, and the diagnosis
+  (:mod:`lightning_ntk.monitor._verdict`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple, Optional, TypeVar
+
+import torch
+from torch import Tensor
+
+from .. import metrics
+from ..kernel import ntk_of
+from ..kernel._forward import module_of
+from ..kernel._functional import FunctionalModel, exact_matmuls
+from ..linearization import LinearizedModel, argmax_agreement, linearization_error, prob_tv
+from ._verdict import diagnose, logit_slope
+from .report import NUMERIC_FIELDS, NTKReport, layer_drift, safe_spectrum, safe_value
+
+if TYPE_CHECKING:
+    from .tracker import NTKTracker
+
+__all__ = ["Measurement", "attempt", "measure", "probe_kernel", "world_size"]
+
+T = TypeVar("T")
+
+# what failed -> how a user may work around it
+_WORKAROUNDS = {
+    "kernel": 'pass `method="ntk_vp"`, or `params=` to restrict the kernel to layers '
+    "PyTorch can differentiate per example",
+    "linearized model": "forward-mode AD (`torch.func.jvp`) has no rule for an operation "
+    "of this model; the kernel metrics are unaffected",
+}
+
+
+class Measurement(NamedTuple):
+    """What one report measured: the report, per-layer drift, ``Θ_t`` and its spectrum."""
+
+    report: NTKReport
+    layers: dict[str, dict[str, float]]
+    kernel: Optional[Tensor]
+    eigenvalues: Optional[Tensor]
+    failures: dict[str, str]
+
+
+def attempt(failures: dict[str, str], what: str, fn: Callable[[], T]) -> Optional[T]:
+    """``fn()``, or ``None`` with ``failures[what]`` saying what went wrong and what to try.
+
+    The monitor is a guest in the training run: a measurement PyTorch cannot make for
+    this model (no vmap or forward-AD rule, a fused kernel) makes its metrics ``nan``.
+    """
+    try:
+        return fn()
+    except Exception as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        failures[what] = (
+            f"lightning_ntk could not compute the {what} on the probe set "
+            f"({type(err).__name__}: {first_line}); its metrics are nan and training goes "
+            f"on. Workaround: {_WORKAROUNDS.get(what, 'none known; please report the model')}."
+        )
+        return None
+
+
+def measure(tracker: NTKTracker, fm: FunctionalModel, step: int) -> Measurement:
+    """One report of ``tracker`` at ``step``, every evaluation through the one view ``fm``.
+
+    Metrics that cannot be computed are ``nan`` (see :func:`safe_value`; a kernel or a
+    linearization PyTorch cannot compute for this model is recorded in ``failures``, see
+    :func:`attempt`); the tracker is not modified.
+    """
+    state = tracker.started_state
+    assert state is not None
+    x, y = tracker.probe_on(fm.module)
+    x = fm.cast_input(x)
+    theta0 = {n: t.to(fm.device) for n, t in state["theta0"].items()}
+    with exact_matmuls(fm.device), torch.no_grad():
+        logits = fm(fm.params, x)
+    finite = bool(torch.isfinite(logits).all())
+    nan = math.nan
+    values: dict[str, float] = dict.fromkeys(NUMERIC_FIELDS, nan)
+    layers: dict[str, dict[str, float]] = {}
+    kernel: Optional[Tensor] = None
+    eigenvalues: Optional[Tensor] = None
+    values["param_distance"] = safe_value(lambda: metrics.param_distance(fm.params, theta0))
+    failures: dict[str, str] = {}
+    computed = None
+    if finite and state["K0"] is not None:
+        computed = attempt(
+            failures,
+            "kernel",
+            lambda: probe_kernel(tracker, fm, state["method"], state["per_layer"]),
+        )
+    if computed is not None:
+        K, K_layers = computed
+        K0 = state["K0"].to(K.device)
+        values["relative_change"] = safe_value(lambda: metrics.relative_change(K, K0))
+        values["kernel_distance"] = safe_value(lambda: metrics.kernel_distance(K, K0))
+        if y is not None:
+            values["target_alignment"] = safe_value(
+                lambda: metrics.target_alignment(K, y, num_classes=state["num_classes"])
+            )
+        spec = safe_spectrum(metrics, K)
+        if spec is not None:
+            values.update(
+                eig_max=spec.eig_max,
+                eig_min=spec.eig_min,
+                effective_rank=spec.effective_rank,
+                condition_number=spec.condition_number,
+            )
+        kernel, eigenvalues = K, None if spec is None else spec.eigenvalues
+        layers = layer_drift(metrics, K, K_layers, state["K0_layers"])
+    if finite:
+        f_lin = LinearizedModel.of(fm, theta0, buffers="current")
+        with torch.no_grad():
+            linearized = attempt(failures, "linearized model", lambda: f_lin.logits_and_initial(x))
+        if linearized is not None:
+            logits_lin, logits0 = linearized
+            values["linearization_error"] = safe_value(
+                lambda: linearization_error(logits, logits_lin, logits0)
+            )
+            values["prob_tv"] = safe_value(lambda: prob_tv(logits, logits_lin))
+            values["argmax_agreement"] = safe_value(lambda: argmax_agreement(logits, logits_lin))
+        values["logit_norm"] = safe_value(lambda: metrics.logit_norm(logits))
+        norm0 = state["logit_norm0"]
+        values["logit_growth"] = values["logit_norm"] / norm0 if norm0 > 0 else nan
+    steps = [r.step for r in tracker.history] + [step]
+    norms = [r.logit_norm for r in tracker.history] + [values["logit_norm"]]
+    slope = logit_slope(
+        steps, norms, tracker.thresholds.trend_octaves, tracker.thresholds.min_trend_step
+    )
+    predicted = state["predicted"]
+    diagnosis = diagnose(
+        relative_change=values["relative_change"],
+        linearization_error=values["linearization_error"],
+        slope=slope,
+        finite=finite,
+        thresholds=tracker.thresholds,
+        predicted_regime=predicted["regime"],
+    )
+    report = NTKReport(
+        step=step,
+        **values,
+        verdict=diagnosis.verdict,
+        causes=list(diagnosis.causes),
+        predicted_regime=predicted["regime"],
+        message=diagnosis.message,
+    )
+    return Measurement(report, layers, kernel, eigenvalues, failures)
+
+
+def probe_kernel(
+    tracker: NTKTracker, fm: FunctionalModel, method: str, per_layer: bool
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``Θ(X, X)`` in the chosen layout, and per module when ``per_layer`` is on."""
+    probe = fm.cast_input(tracker.probe_on(fm.module)[0])
+    world = world_size() if tracker.distributed else 1
+    result = ntk_of(
+        fm,
+        probe,
+        output=tracker.output,
+        method=method,
+        per_layer=per_layer,
+        # two blocks of probe rows per rank: each rank gets its share of the pairs
+        chunk_size=None if world == 1 else max(1, math.ceil(len(probe) / (2 * world))),
+        distributed=world > 1,
+    )
+    if not per_layer:
+        assert isinstance(result, Tensor)
+        return result, {}
+    assert isinstance(result, dict)
+    layers: dict[str, Tensor] = {}
+    for name, part in result.items():
+        module = module_of(name)
+        layers[module] = part if module not in layers else layers[module] + part
+    total = sum(layers.values())
+    assert isinstance(total, Tensor)
+    return total, layers
+
+
+def world_size() -> int:
+    """Processes in the initialised default ``torch.distributed`` group (1 if none)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1

@@ -1,0 +1,134 @@
+"""NTKSettings: what the monitor measures and when, defined once.
+
+:class:`~lightning_ntk.NTKTracker` and the Lightning callback
+:class:`~lightning_ntk.NTKMonitor` are both dataclasses built on :class:`NTKSettings`, so
+each setting is declared, defaulted, documented and validated here alone; both classes
+take them as keyword arguments, and LightningCLI / YAML configs read them from the
+callback's signature.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor
+
+from ._verdict import Thresholds
+
+__all__ = ["METHODS", "OUTPUTS", "NTKSettings", "settings_of"]
+
+OUTPUTS = ("full", "diagonal", "trace")
+METHODS = ("auto", "structured", "jacobian", "ntk_vp")
+
+
+@dataclass(kw_only=True, eq=False, repr=False)
+class NTKSettings:
+    """The settings shared by :class:`~lightning_ntk.NTKTracker` and the callback.
+
+    Args:
+        n_probe: examples drawn for the probe set (stratified by class) when no probe is
+            given.
+        output: kernel layout ``"full"`` (default; ``(N, N, C, C)``), ``"diagonal"`` or
+            ``"trace"``.
+        method: kernel method ``"auto"``, ``"structured"``, ``"jacobian"`` or ``"ntk_vp"``.
+        params: parameters spanning the kernel (``None``: all trainable; a name, names or
+            a predicate ``(name, parameter) -> bool``, as in
+            :func:`lightning_ntk.empirical_ntk`).
+        output_fn: maps the model's raw output to ``(N, C)`` logits (e.g.
+            ``lambda out: out["logits"]``).
+        forward_fn: ``forward_fn(model, x) -> output`` for models whose forward is not
+            ``model(x)``; evaluated functionally like the model itself.
+        per_layer: report each layer's drift; ``None`` (default) turns it on unless
+            ``method="ntk_vp"`` (where it would multiply the cost; the other methods
+            compute per-layer parts at no extra cost).
+        top_layers: how many of the most-moving layers are reported.
+        dtype: compute dtype (default: the parameters'; float32 for half / bf16).
+        every_n_steps: also report every ``n`` optimizer steps.
+        every_n_epochs: also report at the end of every ``n``-th epoch.
+        log_base: report at steps ``⌈b^k⌉``, ``k ≥ 1`` (default 4: 4, 16, 64, …); ``None``
+            disables.
+        thresholds: verdict thresholds, a :class:`~lightning_ntk.monitor._verdict.Thresholds`
+            or a dict of its fields (e.g. ``{"relative_change": [0.1, 0.5]}``).
+        weight_decay: the optimizer's weight decay, if known (overrides what is read from
+            the optimizer).
+        label_smoothing: the loss's label smoothing, if known (overrides what is read
+            from the loss).
+        seed: seed of the probe-drawing generator.
+        batch_to_xy: ``batch -> (inputs, labels)`` for batches that are not ``(x, y)``, a
+            tensor, or a dict with ``x`` / ``y``-like keys.
+    """
+
+    n_probe: int = 16
+    output: str = "full"
+    method: str = "auto"
+    params: Optional[Union[str, list[str], Callable[..., bool]]] = None
+    output_fn: Optional[Callable[[Any], Tensor]] = None
+    forward_fn: Optional[Callable[[Any, Any], Any]] = None
+    per_layer: Optional[bool] = None
+    top_layers: int = 5
+    dtype: Optional[torch.dtype] = None
+    every_n_steps: Optional[int] = None
+    every_n_epochs: Optional[int] = None
+    log_base: Optional[float] = 4.0
+    thresholds: Union[Thresholds, dict[str, Any], None] = None
+    weight_decay: Optional[float] = None
+    label_smoothing: Optional[float] = None
+    seed: int = 0
+    batch_to_xy: Optional[Callable[[Any], Any]] = None
+
+    def __post_init__(self) -> None:
+        _check_positive_int("n_probe", self.n_probe)
+        _check_positive_int("top_layers", self.top_layers)
+        if self.output not in OUTPUTS:
+            raise ValueError(f"Expected `output` to be one of {OUTPUTS} but got {self.output!r}.")
+        if self.method not in METHODS:
+            raise ValueError(f"Expected `method` to be one of {METHODS} but got {self.method!r}.")
+        for name in ("output_fn", "forward_fn", "batch_to_xy"):
+            fn = getattr(self, name)
+            if fn is not None and not callable(fn):
+                raise TypeError(f"Expected `{name}` to be callable or None but got {fn!r}.")
+        if self.per_layer is not None and not isinstance(self.per_layer, bool):
+            raise TypeError(
+                f"Expected `per_layer` to be a bool or None but got {self.per_layer!r}."
+            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"Expected `seed` to be an int but got {self.seed!r}.")
+        for name in ("weight_decay", "label_smoothing"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0
+            ):
+                raise ValueError(
+                    f"Expected `{name}` to be a non-negative number or None but got {value!r}."
+                )
+        self.thresholds = _as_thresholds(self.thresholds)
+
+
+def settings_of(obj: NTKSettings) -> dict[str, Any]:
+    """The :class:`NTKSettings` fields of ``obj`` as keyword arguments."""
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(NTKSettings)}
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Expected `{name}` to be a positive int but got {value!r}.")
+
+
+def _as_thresholds(value: Union[Thresholds, Mapping[str, Any], None]) -> Thresholds:
+    if value is None:
+        return Thresholds()
+    if isinstance(value, Thresholds):
+        return value
+    if isinstance(value, Mapping):
+        fields = {f.name for f in dataclasses.fields(Thresholds)}
+        unknown = set(value) - fields
+        if unknown:
+            raise ValueError(
+                f"Expected `thresholds` keys among {sorted(fields)} but got {sorted(unknown)}."
+            )
+        return Thresholds(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
+    raise TypeError(f"Expected `thresholds` to be a Thresholds, a dict or None but got {value!r}.")
