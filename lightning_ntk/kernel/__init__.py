@@ -235,14 +235,14 @@ def empirical_ntk(
     fm = FunctionalModel(model, params=params, output_fn=output_fn, dtype=dtype)
     return ntk_of(
         fm, x1, x2, output=output, method=method, per_layer=per_layer, chunk_size=chunk_size,
-        store_on=store_on, distributed=distributed,
+        store_on=store_on, distributed=distributed, fallback=fallback,
     )  # fmt: skip
 
 
 def ntk_of(
     fm: FunctionalModel,
-    x1: Tensor,
-    x2: Optional[Tensor] = None,
+    x1: Any,
+    x2: Optional[Any] = None,
     *,
     output: str = "full",
     method: Union[str, NTKMethod] = NTKMethod.AUTO,
@@ -250,6 +250,7 @@ def ntk_of(
     chunk_size: Optional[int] = None,
     store_on: Union[str, torch.device, None] = None,
     distributed: bool = False,
+    fallback: bool = True,
 ) -> Union[Tensor, dict[str, Tensor]]:
     """:func:`empirical_ntk` of a functional view the caller already built.
 

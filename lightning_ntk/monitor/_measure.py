@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from .. import metrics
-from ..kernel import ntk_of
+from ..kernel import last_call_info, ntk_of
+from ..kernel._inputs import batch_size
 from ..kernel._forward import module_of
 from ..kernel._functional import FunctionalModel, exact_matmuls
 from ..linearization import LinearizedModel, argmax_agreement, linearization_error, prob_tv
@@ -170,9 +171,10 @@ def probe_kernel(
         method=method,
         per_layer=per_layer,
         # two blocks of probe rows per rank: each rank gets its share of the pairs
-        chunk_size=None if world == 1 else max(1, math.ceil(len(probe) / (2 * world))),
+        chunk_size=None if world == 1 else max(1, math.ceil(batch_size(probe) / (2 * world))),
         distributed=world > 1,
     )
+    tracker.kernel_info = last_call_info()
     if not per_layer:
         assert isinstance(result, Tensor)
         return result, {}
