@@ -311,8 +311,9 @@ def _verified(fm: FunctionalModel, layers: list[_Layer], x: Any) -> list[_Layer]
 
     With ``n`` examples and a random cotangent ``u[r] (C,)`` for each example ``r`` (the
     method's own generator; the global RNG is untouched), one forward and one batched
-    backward pass give, for every ``r``, the layer's output cotangent ``G_r`` and
-    autograd's gradient ``g_r = ∂⟨u[r], f(x_r)⟩/∂θ``. A layer is kept only if
+    backward pass give, for every ``r``, the layer's output cotangent ``G_r``; autograd
+    on each example alone (a batch of one, as the reference defines the per-example
+    Jacobian) gives ``g_r = ∂⟨u[r], f(x_r)⟩/∂θ``. A layer is kept only if
 
     * its module is called exactly once per forward;
     * its input and output have ``n`` rows, one per example;
@@ -325,15 +326,17 @@ def _verified(fm: FunctionalModel, layers: list[_Layer], x: Any) -> list[_Layer]
     """
     n = _inputs.batch_size(x)
     generator = torch.Generator().manual_seed(0)
+    drawn: list[Tensor] = []
 
     def per_example_cotangents(logits: Tensor) -> Tensor:
-        u = torch.randn(logits.shape, generator=generator, dtype=logits.dtype)
-        eye = torch.eye(n, dtype=logits.dtype)
-        return (eye[:, :, None] * u[None]).to(logits.device)  # (n, n, C): row r on example r
+        u = torch.randn(logits.shape, generator=generator, dtype=logits.dtype).to(logits.device)
+        drawn.append(u)
+        eye = torch.eye(n, dtype=logits.dtype, device=logits.device)
+        return eye[:, :, None] * u[None]  # (n, n, C): row r only on example r
 
     names = [name for layer in layers for name in layer.param_names]
-    wrt = {name: fm.params[name].detach().requires_grad_() for name in names}
-    rec = _record(fm, layers, x, cotangents=per_example_cotangents, wrt=wrt)
+    rec = _record(fm, layers, x, cotangents=per_example_cotangents)
+    truth = _single_example_gradients(fm, names, x, drawn[0])
     rtol = _VERIFY_RTOL.get(fm.dtype, 1e-3)
     off_diagonal = ~torch.eye(n, dtype=torch.bool, device=fm.device)
     kept = []
@@ -349,14 +352,30 @@ def _verified(fm: FunctionalModel, layers: list[_Layer], x: Any) -> list[_Layer]
         for r in range(n):
             rebuilt = _summed_gradients(layer, inp, grad[r : r + 1], fm)
             for name, g in rebuilt.items():
-                ref = rec.param_grads[name]
-                ref = torch.zeros_like(g) if ref is None else ref[r].reshape(g.shape)
+                ref = truth[r][name]
+                ref = torch.zeros_like(g) if ref is None else ref.reshape(g.shape)
                 scale = max(ref.norm().item(), g.norm().item(), 1e-30)
                 if (g - ref).norm().item() > rtol * scale:  # e.g. used outside the call
                     setattr(layer, "weight" if name == layer.weight else "bias", None)
         if layer.param_names:
             kept.append(layer)
     return kept
+
+
+def _single_example_gradients(
+    fm: FunctionalModel, names: list[str], x: Any, u: Tensor
+) -> list[dict[str, Optional[Tensor]]]:
+    """``∂⟨u[r], f(x_r)⟩/∂θ`` for each example ``r``, each from a batch of one."""
+    out = []
+    for r in range(_inputs.batch_size(x)):
+        wrt = {name: fm.params[name].detach().requires_grad_() for name in names}
+        with torch.enable_grad():
+            logits = fm({**fm.params, **wrt}, _inputs.take(x, slice(r, r + 1)))  # (1, C)
+        grads = torch.autograd.grad(
+            logits, list(wrt.values()), grad_outputs=u[r : r + 1], allow_unused=True
+        )
+        out.append(dict(zip(wrt, grads)))
+    return out
 
 
 def _check_rows(layers: list[_Layer], rec: _Recording, n: int) -> None:
