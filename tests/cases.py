@@ -563,8 +563,7 @@ if transformers_available():
             _bert_inputs,
             output_fn=lambda out: out.logits,
             structured={"*"},
-            # position ids from a (1, T) buffer; the key bias has a zero gradient
-            fallback={"*position_embeddings*", "*attention.self.key.bias"},
+            fallback={"*position_embeddings*"},  # position ids from a (1, T) buffer
         )
     )
 CASES += ARCHITECTURES
