@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -19,6 +20,11 @@ COMMANDS: dict[str, tuple[list[str], str]] = {
     ),
     "cnn_batchnorm.py": ([str(EXAMPLES / "cnn_batchnorm.py"), "--fast"], "ntk/layer/"),
     "uncertainty.py": ([str(EXAMPLES / "uncertainty.py")], "OK: wider networks"),
+    # prints "skipping" and exits 0 where transformers is not installed
+    "huggingface_text_classifier.py": (
+        [str(EXAMPLES / "huggingface_text_classifier.py")],
+        "OK: every ntk metric finite" if importlib.util.find_spec("transformers") else "skipping",
+    ),
     "lightning_cli": (
         [
             str(EXAMPLES / "lightning_cli" / "train.py"),
