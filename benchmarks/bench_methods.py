@@ -146,7 +146,7 @@ def time_calls(runs: dict, repeats: int) -> dict:
     for name, run in runs.items():
         try:
             run()  # warm-up (auto: measures its choice where unsure)
-        except Exception:  # noqa: BLE001 - PyTorch cannot run this method on the model
+        except Exception:
             once[name] = None
             continue
         start = time.perf_counter()
@@ -183,12 +183,14 @@ def recipe_ntk(model: nn.Module, x1, x2, output_fn) -> torch.Tensor:
 
     jac1 = vmap(jacrev(single), (None, 0))(params, x1)
     jac2 = jac1 if x2 is None else vmap(jacrev(single), (None, 0))(params, x2)
-    return sum(
-        torch.einsum("Naf,Mbf->NMab", jac1[k].flatten(2), jac2[k].flatten(2)) for k in jac1
-    )
+    return sum(torch.einsum("Naf,Mbf->NMab", jac1[k].flatten(2), jac2[k].flatten(2)) for k in jac1)
 
 
 REGISTRY_METHODS = ["structured", "jacobian", "ntk_vp", "loop"]
+
+
+def _float_on(t: torch.Tensor, device: str) -> torch.Tensor:
+    return (t.float() if t.is_floating_point() else t).to(device)
 
 
 def _synchronized(run):
@@ -217,9 +219,7 @@ def registry(repeats: int, quick: bool, device: str = "cpu") -> list[float]:
         model = case.model().float().eval().to(device)
 
         def as_float(x):
-            return map_tensors(
-                x, lambda t: (t.float() if t.is_floating_point() else t).to(device)
-            )
+            return map_tensors(x, partial(_float_on, device=device))
 
         x1, x2 = as_float(case.inputs(n1, seed=11)), as_float(case.inputs(n2, seed=12))
         for second in (None, x2):

@@ -95,8 +95,8 @@ def main() -> None:
     pl.seed_everything(0, verbose=False)
     monitor = NTKMonitor(n_probe=8, log_base=2, output_fn=lambda out: out.logits)
     trainer = pl.Trainer(
-        callbacks=[monitor], max_steps=16, logger=False, enable_checkpointing=False, enable_model_summary=False,
-        enable_progress_bar=False, accelerator="cpu", devices=1,
+        callbacks=[monitor], max_steps=16, logger=False, enable_checkpointing=False,
+        enable_model_summary=False, enable_progress_bar=False, accelerator="cpu", devices=1,
     )  # fmt: skip
     trainer.fit(TextClassifier())
     tracker = monitor.tracker

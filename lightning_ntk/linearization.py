@@ -255,7 +255,8 @@ class LinearizedModel:
             ("loop", lambda: self._checked(x, theta0, tangent, self._loop)),
         ]
         if self._fm.device.type == "cpu" and torch.backends.mkldnn.is_available():
-            routes.insert(1, ("jvp_composite", lambda: self._forward_mode(x, theta0, tangent, True)))
+            composite = ("jvp_composite", lambda: self._forward_mode(x, theta0, tangent, True))
+            routes.insert(1, composite)
         start = _LAST_MODE.get(_mode_key(self._fm, self.model))
         if start is not None:  # the route that worked for this model last time goes first
             routes.sort(key=lambda route: route[0] != start)
@@ -356,9 +357,7 @@ class LinearizedModel:
         theta_norm = sum(float(t.square().sum()) for t in theta.values()) ** 0.5
         x64 = _inputs.map_tensors(x, lambda t: t.double() if t.is_floating_point() else t)
         constants = self._constants0 if self._buffers == "initial" else self._live_constants()
-        constants = {
-            n: t.double() if t.is_floating_point() else t for n, t in constants.items()
-        }
+        constants = {n: t.double() if t.is_floating_point() else t for n, t in constants.items()}
 
         def f(s: float) -> Tensor:
             point = {n: theta[n] + s * v[n] for n in theta}

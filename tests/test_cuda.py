@@ -17,6 +17,7 @@ def _on(x, device, dtype=None):
         x, lambda t: t.to(device, dtype if dtype is not None and t.is_floating_point() else None)
     )
 
+
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),

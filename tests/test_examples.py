@@ -60,7 +60,9 @@ def test_every_example_has_a_smoke_run():
 @pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_example_runs(name, tmp_path):
     args, expected = COMMANDS[name]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    # the package of this checkout, whatever an editable install elsewhere points to
+    path = os.pathsep.join(filter(None, [str(EXAMPLES.parent), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": path}
     result = subprocess.run(
         [sys.executable, *args],
         cwd=tmp_path,  # logs (lightning_logs/) land in the temporary directory

@@ -331,7 +331,7 @@ class _Run:
         for candidate in order:
             try:
                 blocks, per_example = self._compute(candidate)
-            except Exception as err:  # noqa: BLE001 - any failure moves down the chain
+            except Exception as err:
                 last_error = err
                 self._fail(candidate, err)
                 if not fallback:
@@ -368,7 +368,7 @@ class _Run:
             self._planned = True
             try:
                 self._plan = plan_structure(self.fm, self.x1)
-            except Exception as err:  # noqa: BLE001 - the structured method cannot run
+            except Exception as err:
                 self._plan_error = err
         if self._plan is None:
             assert self._plan_error is not None
@@ -381,11 +381,12 @@ class _Run:
         """Auto's order of methods, how it chose, and a kernel if it measured one."""
         try:
             plan: Optional[StructurePlan] = self.plan()
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             self._fail(NTKMethod.STRUCTURED, err)
             plan = None
         picked = choose_method(self.fm, plan, self.num_classes, self.chunk)
-        if _model_is_sure(plan):
+        if _model_is_sure(plan) or _rank_and_world(self.distributed)[1] > 1:
+            # (ranks never time: their timings, hence their collectives, could differ)
             return [picked], "cost model", None
         key = self._key()
         cached = _MEASURED.pop(key, None)
@@ -402,7 +403,7 @@ class _Run:
                 start = time.perf_counter()
                 try:
                     blocks, per_example = self._compute(candidate)
-                except Exception as err:  # noqa: BLE001
+                except Exception as err:
                     if round_ == 0:
                         self._fail(candidate, err)
                     continue

@@ -4,8 +4,8 @@ Some fused kernels compute the same function as their composite definition but h
 forward-mode derivative, no double backward or no batching rule:
 
 * ``nn.TransformerEncoder`` / ``nn.TransformerEncoderLayer`` / ``nn.MultiheadAttention``
-  take a fused fast path (``aten::_transformer_encoder_layer_fwd``, ``_native_multi_head_attention``)
-  in eval mode or without grad;
+  take a fused fast path (``aten::_transformer_encoder_layer_fwd``,
+  ``_native_multi_head_attention``) in eval mode or without grad;
 * ``F.scaled_dot_product_attention`` dispatches to flash / memory-efficient kernels
   (``_scaled_dot_product_flash_attention_for_cpu`` has neither forward AD nor double
   backward).

@@ -194,8 +194,7 @@ class FunctionalModel:
         return sum(p.numel() for p in self.params.values())
 
     def cast_input(self, x: Any) -> Any:
-        """Move an input batch (tensor, mapping or tuple) to the model's device; floating
-        tensors to the compute dtype."""
+        """An input batch (tensor, mapping or tuple) on the model's device, floats in dtype."""
         return _inputs.map_tensors(x, lambda t: self._cast(t.to(self.device)))
 
     def raw(self, params: Mapping[str, Tensor], x: Any) -> Any:

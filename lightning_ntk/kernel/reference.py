@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
+
 from ._functional import FunctionalModel, OutputFn, ParamSelector, check_inputs, exact_matmuls
 from ._layout import check_output
 from .loop import loop_jacobians

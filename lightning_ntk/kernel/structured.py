@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _inputs
 from ._factors import (
     LayerInput,
     contract_gram,
@@ -53,7 +54,6 @@ from ._factors import (
 )
 from ._functional import FunctionalModel
 from ._layout import contract_jacobians
-from . import _inputs
 from .jacobian import jacobians
 from .loop import loop_jacobians
 
@@ -204,7 +204,7 @@ class StructuredMethod:
         if not self._loop_fallback:
             try:
                 return jacobians(self.fm, x, names)
-            except Exception as err:  # noqa: BLE001 - no batching rule: the loop is exact
+            except Exception as err:
                 self._loop_fallback = True
                 if self._on_fallback is not None:
                     self._on_fallback(err)

@@ -20,9 +20,9 @@ from torch import Tensor
 
 from .. import metrics
 from ..kernel import last_call_info, ntk_of
-from ..kernel._inputs import batch_size
 from ..kernel._forward import module_of
 from ..kernel._functional import FunctionalModel, exact_matmuls
+from ..kernel._inputs import batch_size
 from ..linearization import LinearizedModel, argmax_agreement, linearization_error, prob_tv
 from ._verdict import diagnose, logit_slope
 from .report import NUMERIC_FIELDS, NTKReport, layer_drift, safe_spectrum, safe_value
