@@ -368,7 +368,7 @@ class LinearizedModel:
 
         if v_norm == 0.0:
             return torch.zeros_like(f(0.0))
-        h = 1e-3 * max(theta_norm, 1.0) / v_norm
+        h = 1e-6 * max(theta_norm, 1.0) / v_norm  # small: few ReLU kinks crossed
 
         def central(step: float) -> Tensor:
             return (f(step) - f(-step)) / (2 * step)

@@ -2,7 +2,8 @@
 
 The kernels of every registry case, every method and layout are checked against the
 float64 reference in ``test_kernel.py``; here each case of ``ARCHITECTURES`` also gets
-its linearized model checked, and trains under ``NTKMonitor()`` with finite metrics.
+its linearized model checked, and every registry model trains under ``NTKMonitor()``
+with finite metrics.
 """
 
 from __future__ import annotations
@@ -23,12 +24,17 @@ from lightning_ntk.kernel._inputs import call, map_tensors, take
 from lightning_ntk.kernel.loop import loop_jacobians
 
 from ._lightning_models import one_thread, trainer_kwargs  # noqa: F401
-from .cases import ARCHITECTURES, CASES_BY_NAME, ModelCase
+from .cases import ARCHITECTURES, CASES, CASES_BY_NAME, ModelCase
 from .test_kernel import assert_kernel_close
 
 
 @pytest.fixture(params=ARCHITECTURES, ids=lambda case: case.name)
 def arch(request) -> ModelCase:
+    return request.param
+
+
+@pytest.fixture(params=CASES, ids=lambda case: case.name)
+def any_case(request) -> ModelCase:
     return request.param
 
 
@@ -173,11 +179,12 @@ def _lightning_module(case: ModelCase):
     return CaseModule()
 
 
-def test_monitor_trains_alongside_the_architecture(arch):
+def test_monitor_trains_alongside_every_registry_model(any_case):
     import pytorch_lightning as pl
 
     from lightning_ntk import NTKMonitor
 
+    arch = any_case
     pl.seed_everything(0, verbose=False)
     module = _lightning_module(arch)
     monitor = NTKMonitor(n_probe=6, log_base=2, output_fn=arch.output_fn)
