@@ -69,8 +69,8 @@ class TextClassifier(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         config = BertConfig(
-            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=64, max_position_embeddings=LENGTH, num_labels=2,
+            vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=32, max_position_embeddings=LENGTH, num_labels=2,
         )  # fmt: skip
         self.model = BertForSequenceClassification(config)
 
@@ -95,7 +95,7 @@ def main() -> None:
     pl.seed_everything(0, verbose=False)
     monitor = NTKMonitor(n_probe=8, log_base=2, output_fn=lambda out: out.logits)
     trainer = pl.Trainer(
-        callbacks=[monitor], max_steps=16, logger=False, enable_checkpointing=False,
+        callbacks=[monitor], max_steps=8, logger=False, enable_checkpointing=False,
         enable_model_summary=False, enable_progress_bar=False, accelerator="cpu", devices=1,
     )  # fmt: skip
     trainer.fit(TextClassifier())
@@ -111,7 +111,7 @@ def main() -> None:
             f"step {report.step:3d}  relative_change {report.relative_change:.4f}  "
             f"linearization_error {report.linearization_error:.4f}  verdict {report.verdict}"
         )
-    assert [r.step for r in monitor.history] == [2, 4, 8, 16]
+    assert [r.step for r in monitor.history] == [2, 4, 8]
     print("OK: every ntk metric finite on a Hugging Face model with attention masks")
 
 
