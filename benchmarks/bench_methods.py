@@ -5,8 +5,9 @@
 2. Registry: every model of ``tests/cases.py`` (the architectures people train:
    Transformer encoders, ViT, LSTM / GRU, weight / spectral norm, depthwise + SE, SDPA,
    Hugging Face BERT, batch-free inputs, ...), float32, full layout, for ``x2=None`` and
-   ``x2`` given; with auto's pick, the methods PyTorch cannot run on the model, and auto
-   against the torch.func recipe (``vmap(jacrev)`` + ``einsum``, as in ``bench_ntk.py``).
+   ``x2`` given; with auto's pick, the methods PyTorch cannot run on the model, auto
+   against the torch.func recipe (``vmap(jacrev)`` + ``einsum``, as in ``bench_ntk.py``),
+   and the largest relative error of any method against the float64 reference.
 
 Every method is timed side by side on the same inputs: after a warm-up (for auto, the
 call that measures its choice where its cost model is unsure), in interleaved rounds
@@ -33,7 +34,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from lightning_ntk import empirical_ntk
+from lightning_ntk import empirical_ntk, reference_ntk
 from lightning_ntk.kernel import choose_method, last_call_info
 from lightning_ntk.kernel._functional import FunctionalModel
 from lightning_ntk.kernel.structured import plan_structure
@@ -212,7 +213,7 @@ def registry(repeats: int, quick: bool, device: str = "cpu") -> list[float]:
     print(f"\nRegistry (tests/cases.py) on {device}, float32, full layout, N1={n1}, "
           f"N2={n2} when given")  # fmt: skip
     print(f"{'model':24s} {'x2':5s} {names} {'auto':>9s} {'recipe':>9s} {'picks':>10s} "
-          f"{'auto/best':>9s} {'auto/recipe':>11s}  cannot run")  # fmt: skip
+          f"{'auto/best':>9s} {'auto/recipe':>11s} {'max error':>9s}  cannot run")  # fmt: skip
     ratios = []
     for case in CASES:
         torch.manual_seed(0)
@@ -233,6 +234,7 @@ def registry(repeats: int, quick: bool, device: str = "cpu") -> list[float]:
             if device != "cpu":
                 runs = {m: _synchronized(run) for m, run in runs.items()}
             times = time_calls(runs, repeats)
+            error = _max_error(runs, times, model, x1, second, case.output_fn)
             runs["auto"]()
             info = last_call_info()
             exact = {m: t for m, t in times.items() if m in REGISTRY_METHODS and t is not None}
@@ -246,9 +248,21 @@ def registry(repeats: int, quick: bool, device: str = "cpu") -> list[float]:
                              for m in REGISTRY_METHODS)  # fmt: skip
             print(f"{case.name:24s} {'None' if second is None else 'given':5s} {cells} "
                   f"{auto:9.4f} {_cell(recipe)[1:] if recipe is not None else '      n/a'} "
-                  f"{info.method:>10s} {auto / best:9.2f} {vs_recipe}  "
+                  f"{info.method:>10s} {auto / best:9.2f} {vs_recipe} {error:9.1e}  "
                   f"{','.join(cannot) or '-'}", flush=True)  # fmt: skip
     return ratios
+
+
+def _max_error(runs, times, model, x1, x2, output_fn) -> float:
+    """Largest error of the methods that ran and auto, relative to the float64 reference."""
+    R = reference_ntk(model, x1, x2, output_fn=output_fn)
+    scale = R.abs().max()
+    errors = [
+        float((runs[m]().double().cpu() - R.cpu()).abs().max() / scale)
+        for m in [*REGISTRY_METHODS, "auto"]
+        if times[m] is not None
+    ]
+    return max(errors)
 
 
 def _cell(seconds) -> str:
