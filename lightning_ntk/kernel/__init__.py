@@ -453,7 +453,7 @@ class _Run:
         measured.checks -= 1
         ranked = sorted(measured.seconds, key=measured.seconds.__getitem__)
         best = ranked[0]
-        contenders = [m for m in ranked[:2] if measured.seconds[m] <= 1.5 * measured.seconds[best]]
+        contenders = [m for m in ranked[:2] if measured.seconds[m] <= 2 * measured.seconds[best]]
         result = None
         for candidate in contenders if measured.checks % 2 else contenders[::-1]:
             start = time.perf_counter()
@@ -480,11 +480,14 @@ class _Run:
         """The candidates timed in a round: all at first, then the close contenders.
 
         Later rounds (only for quick calls, where noise is largest relative to the time)
-        retime the candidates within 1.5x of the fastest, in rotated order, so that a
-        single slow sample on a busy machine does not decide.
+        retime every candidate once (its first call may pay one-off costs), then those
+        within 1.5x of the fastest, in rotated order, so that a single slow sample on a
+        busy machine does not decide.
         """
         if round_ == 0:
             return list(candidates)
+        if round_ == 1:  # every candidate once more: a first call pays one-off costs
+            return [m for m in candidates if m in seconds]
         best = min(seconds.values())
         close = [m for m in candidates if m in seconds and seconds[m] <= 1.5 * best]
         if len(close) < 2:
