@@ -2,8 +2,10 @@
 
 Data: generated CIFAR-shaped tensors (3×32×32, 10 classes; each class is a fixed random
 pattern plus noise), so nothing is downloaded. The monitor evaluates the network
-functionally in eval mode — BatchNorm uses its running statistics, dropout is off — and
-never touches the training state (weights, BatchNorm buffers, RNG streams).
+functionally as training differentiates it — BatchNorm normalises with the probe's own
+batch statistics, dropout is off (``normalization="running"`` would measure the eval-mode
+function instead) — and never touches the training state (weights, BatchNorm buffers,
+RNG streams).
 
 It logs per-layer drift as ``ntk/layer/<module>/relative_change`` for the layers that
 move most; the script prints them at the end.

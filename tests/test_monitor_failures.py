@@ -11,7 +11,6 @@ import pytorch_lightning as pl
 import torch
 
 from lightning_ntk import NTKMeasurementWarning, NTKMonitor, NTKTracker
-from lightning_ntk.linearization import LinearizedModel
 from lightning_ntk.monitor import _measure
 from lightning_ntk.monitor import tracker as tracker_module
 from tests._lightning_models import module_class, one_thread, trainer_kwargs  # noqa: F401
@@ -67,10 +66,10 @@ def test_a_kernel_pytorch_cannot_compute_is_nan_with_one_warning(monkeypatch):
 
 
 def test_a_linearization_pytorch_cannot_compute_is_nan_with_one_warning(monkeypatch):
-    def no_forward_ad(self, x, params=None):
+    def no_forward_ad(fm, theta0, x):  # nor any of the linearized model's fall-backs
         raise NotImplementedError("Trying to use forward AD with aten::_fused_op")
 
-    monkeypatch.setattr(LinearizedModel, "logits_and_initial", no_forward_ad)
+    monkeypatch.setattr(_measure, "_linearized", no_forward_ad)
     monitor = NTKMonitor(n_probe=9, log_base=2)
     trainer, caught = _fit(monitor)
     assert trainer.global_step == 8 and len(monitor.history) == 3

@@ -38,6 +38,9 @@ DESIGN_FIELDS = [
     "causes",
     "predicted_regime",
     "message",
+    "logit_gap",
+    "logit_optimum",
+    "setup",
 ]
 
 
@@ -62,7 +65,9 @@ def test_report_has_exactly_the_design_fields_and_logged_names():
     report = tracker.update(model, 2)
     scalars = report.scalars()
     numeric = [
-        n for n in DESIGN_FIELDS if n not in ("verdict", "causes", "predicted_regime", "message")
+        n
+        for n in DESIGN_FIELDS
+        if n not in ("verdict", "causes", "predicted_regime", "message", "setup")
     ]
     assert sorted(scalars) == sorted([f"ntk/{n}" for n in numeric] + ["ntk/lazy"])
     assert scalars["ntk/lazy"] == {"lazy": 1.0, "drifting": 0.5, "broken": 0.0}[report.verdict]

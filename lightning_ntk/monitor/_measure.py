@@ -5,15 +5,24 @@
 * the spectrum of the ``(N·C, N·C)`` kernel matrix and ``target_alignment = A(K, YYᵀ)``;
 * the linearized model ``f_lin(x; θ_t) = f(x; θ0) + J0(x)(θ_t − θ0)``:
   ``linearization_error``, ``prob_tv``, ``argmax_agreement``;
-* ``logit_norm``, ``logit_growth``, ``param_distance``, and the diagnosis
-  (:mod:`lightning_ntk.monitor._verdict`).
+* ``logit_norm``, ``logit_growth``, ``param_distance``; with non-degenerate targets
+  ``logit_optimum`` and ``logit_gap``, the norm of the finite optimum
+  ``log t − mean(log t)`` and the distance from it; and the diagnosis
+  (:mod:`lightning_ntk.monitor._verdict`), read against the set-up
+  (:mod:`lightning_ntk.monitor._setup`).
+
+A model normalising with batch statistics (``BatchStatisticsModel``) is one function of
+the whole probe batch: its kernel is the whole-batch Jacobian's ``J Jᵀ``
+(:mod:`lightning_ntk.kernel.batch_statistics`). For every model ``f``, ``f0`` and the
+constant part of ``f_lin`` go through the same forward, so unmoved parameters report
+exactly zero drift.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, TypeVar
 
 import torch
 from torch import Tensor
@@ -23,8 +32,10 @@ from ..kernel import last_call_info, ntk_of
 from ..kernel._forward import module_of
 from ..kernel._functional import FunctionalModel, exact_matmuls
 from ..kernel._inputs import batch_size
+from ..kernel.batch_statistics import BatchStatisticsModel, batch_ntk_of, linearized_logits
 from ..linearization import LinearizedModel, argmax_agreement, linearization_error, prob_tv
-from ._verdict import diagnose, logit_slope
+from ._setup import Setup, logit_optimum
+from ._verdict import LogitContext, diagnose, logit_slope
 from .report import NUMERIC_FIELDS, NTKReport, layer_drift, safe_spectrum, safe_value
 
 if TYPE_CHECKING:
@@ -120,9 +131,8 @@ def measure(tracker: NTKTracker, fm: FunctionalModel, step: int) -> Measurement:
         kernel, eigenvalues = K, None if spec is None else spec.eigenvalues
         layers = layer_drift(metrics, K, K_layers, state["K0_layers"])
     if finite:
-        f_lin = LinearizedModel.of(fm, theta0, buffers="current")
-        with torch.no_grad():
-            linearized = attempt(failures, "linearized model", lambda: f_lin.logits_and_initial(x))
+        # f, f0 and f_lin through the same forward: unmoved parameters, exactly zero drift
+        linearized = attempt(failures, "linearized model", lambda: _linearized(fm, theta0, x))
         if linearized is not None:
             logits_lin, logits0 = linearized
             values["linearization_error"] = safe_value(
@@ -138,7 +148,17 @@ def measure(tracker: NTKTracker, fm: FunctionalModel, step: int) -> Measurement:
     slope = logit_slope(
         steps, norms, tracker.thresholds.trend_octaves, tracker.thresholds.min_trend_step
     )
-    predicted = state["predicted"]
+    try:
+        setup = tracker.setup
+    except (TypeError, ValueError) as err:  # a report never raises for the set-up
+        setup = Setup(sources={"weight_decay": f"unknown: not understood ({err})"})
+    predicted = state["predicted"] = setup.prediction()  # observations may have added
+    f_star = logit_optimum(setup, y, state["num_classes"])
+    if f_star is not None and finite:
+        centered = logits.double() - logits.double().mean(dim=1, keepdim=True)
+        f_star = f_star.to(centered.device)
+        values["logit_gap"] = float((centered - f_star).norm(dim=1).mean())
+        values["logit_optimum"] = float(f_star.norm(dim=1).mean())
     diagnosis = diagnose(
         relative_change=values["relative_change"],
         linearization_error=values["linearization_error"],
@@ -146,6 +166,12 @@ def measure(tracker: NTKTracker, fm: FunctionalModel, step: int) -> Measurement:
         finite=finite,
         thresholds=tracker.thresholds,
         predicted_regime=predicted["regime"],
+        context=LogitContext(
+            logit_norm=values["logit_norm"],
+            optimum_norm=values["logit_optimum"],
+            equilibrium_step=setup.equilibrium_step,
+            step=step,
+        ),
     )
     report = NTKReport(
         step=step,
@@ -154,8 +180,24 @@ def measure(tracker: NTKTracker, fm: FunctionalModel, step: int) -> Measurement:
         causes=list(diagnosis.causes),
         predicted_regime=predicted["regime"],
         message=diagnosis.message,
+        setup=setup.describe(),
     )
     return Measurement(report, layers, kernel, eigenvalues, failures)
+
+
+def _linearized(fm: FunctionalModel, theta0: dict, x: Any) -> tuple[Tensor, Tensor]:
+    """``(f_lin, f0)`` by one ``jvp``, else the linearized model's exact fall-backs.
+
+    Where an op has no forward-mode rule, :mod:`lightning_ntk.linearization` computes
+    ``J0 (θ − θ0)`` by checked reverse-mode routes.
+    """
+    try:
+        return linearized_logits(fm, theta0, fm.params, x)
+    except RuntimeError:
+        if isinstance(fm, BatchStatisticsModel):
+            raise
+        with torch.no_grad():
+            return LinearizedModel.of(fm, theta0, buffers="current").logits_and_initial(x)
 
 
 def probe_kernel(
@@ -164,17 +206,20 @@ def probe_kernel(
     """``Θ(X, X)`` in the chosen layout, and per module when ``per_layer`` is on."""
     probe = fm.cast_input(tracker.probe_on(fm.module)[0])
     world = world_size() if tracker.distributed else 1
-    result = ntk_of(
-        fm,
-        probe,
-        output=tracker.output,
-        method=method,
-        per_layer=per_layer,
-        # two blocks of probe rows per rank: each rank gets its share of the pairs
-        chunk_size=None if world == 1 else max(1, math.ceil(batch_size(probe) / (2 * world))),
-        distributed=world > 1,
-    )
-    tracker.kernel_info = last_call_info()
+    if isinstance(fm, BatchStatisticsModel):  # rows coupled: the whole-batch Jacobian
+        result = batch_ntk_of(fm, probe, output=tracker.output, per_layer=per_layer)
+    else:
+        result = ntk_of(
+            fm,
+            probe,
+            output=tracker.output,
+            method=method,
+            per_layer=per_layer,
+            # two blocks of probe rows per rank: each rank gets its share of the pairs
+            chunk_size=None if world == 1 else max(1, math.ceil(batch_size(probe) / (2 * world))),
+            distributed=world > 1,
+        )
+        tracker.kernel_info = last_call_info()
     if not per_layer:
         assert isinstance(result, Tensor)
         return result, {}

@@ -69,8 +69,20 @@ class NTKMonitorBase(NTKSettings):
     :class:`~lightning_ntk.monitor.tracker.NTKReport` as ``ntk/<field>``, plus ``ntk/lazy``
     and the per-layer drift ``ntk/layer/<module>/relative_change``.
 
-    The model is never run in training mode and never written to: every evaluation is
-    functional (``torch.func``), in eval mode, with autocast off.
+    The model is never written to: every evaluation is functional (``torch.func``), with
+    autocast off, of the function training differentiates (``normalization="batch"``:
+    BatchNorm with the probe's own batch statistics, running buffers untouched, dropout
+    off) or of the deployed eval-mode function (``normalization="running"``).
+
+    The set-up the verdict is read against (label smoothing, soft or hard targets, weight
+    decay) is taken from the ``weight_decay`` / ``label_smoothing`` settings if given,
+    else inferred from training itself: for the first few batches the monitor keeps the
+    batch's logits (one functional forward at ``on_train_batch_start``) and compares them
+    with the loss ``training_step`` returned, which identifies the label smoothing however
+    the loss is written (``nn.CrossEntropyLoss``, ``F.cross_entropy(...,
+    label_smoothing=ε)``, smoothed soft targets); the weight decay is read from the first
+    optimizer, and an ``nn.CrossEntropyLoss`` found in the module is the fallback. Each
+    report's ``setup`` says what was found and how.
 
     Args:
         probe_x: probe inputs ``(N, ...)``; ``None`` draws them from the training data.
@@ -116,6 +128,7 @@ class NTKMonitorBase(NTKSettings):
         self._restored = False
         self._failed = False  # an unexpected failure ended this run's reports
         self._last_verdict: Optional[str] = None
+        self._pending: Optional[tuple[Tensor, Any]] = None  # a batch's logits, its targets
         self._state_key: Optional[tuple[dict[str, Any], str]] = None
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -158,17 +171,17 @@ class NTKMonitorBase(NTKSettings):
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         """Draw the probe (if needed), read the set-up and snapshot ``θ0``, ``Θ0``."""
-        if self._restored and self.tracker.started:
-            self._restored = False
-            return
         tracker = self.tracker
-        if not self._probe_given:
-            tracker.draw_probe(_first_dataloader(trainer.train_dataloader))
         optimizers = list(getattr(trainer, "optimizers", []) or [])
-        if tracker.weight_decay is None:
-            tracker.optimizer = optimizers[0] if optimizers else None
+        # its learning rate sets the L2 time scale; a declared `weight_decay` still wins
+        tracker.optimizer = optimizers[0] if optimizers else None
         if tracker.label_smoothing is None:
             tracker.loss = _find_loss(pl_module)
+        if self._restored and tracker.started:
+            self._restored = False
+            return
+        if not self._probe_given:
+            tracker.draw_probe(_first_dataloader(trainer.train_dataloader))
         self._failed = False
         try:
             tracker.start(pl_module, step=trainer.global_step)
@@ -182,12 +195,33 @@ class NTKMonitorBase(NTKSettings):
             for writer in tensorboard_writers(trainer.loggers):
                 write_layout(writer)
 
+    def on_train_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """While the set-up is not established, keep this batch's logits (see the class)."""
+        self._pending = None
+        tracker = self.tracker
+        if trainer.sanity_checking or self._failed or not tracker.wants_observation:
+            return
+        try:
+            x, y = tracker.batch_to_xy(batch)
+            self._pending = (tracker.training_logits(pl_module, x), y)
+        except Exception as err:  # the monitor never ends training for it
+            tracker.observer.stop(f"the training batches could not be evaluated ({err})")
+
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """Report when the schedule says so (never during the sanity check)."""
         if trainer.sanity_checking:
             return
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+            if loss is None:  # manual optimization: training_step returns no loss
+                self.tracker.observer.stop("training_step returned no loss to compare with")
+            else:
+                self.tracker.add_observation(*pending, loss, step=trainer.global_step)
         step = trainer.global_step
         if not self._failed and self.tracker.is_due(step):
             self._report(trainer, pl_module, step, epoch_end=False)
@@ -261,6 +295,11 @@ class NTKMonitorBase(NTKSettings):
             return
         action = self.on_breakdown
         if action == "stop":
+            if not trainer.should_stop:
+                _rank_zero_info(
+                    self._namespace, f"NTKMonitor: stopping training at step {report.step}: "
+                    f"{report.message}"
+                )  # fmt: skip
             trainer.should_stop = True
         elif action == "raise":
             raise LinearizationBreakdownError(f"Step {report.step}: {report.message}")
@@ -354,8 +393,28 @@ def _first_dataloader(loaders: Any) -> Any:
 
 
 def _find_loss(pl_module: nn.Module) -> Optional[nn.Module]:
-    """The first sub-module with a ``label_smoothing`` attribute (``nn.CrossEntropyLoss``)."""
+    """The first ``nn.CrossEntropyLoss`` / ``nn.NLLLoss`` in the module.
+
+    Sub-modules at any depth (also in ``ModuleList`` / ``ModuleDict``), and loss modules
+    kept in plain ``dict`` / ``list`` / ``tuple`` attributes, which are not registered.
+    """
+    kinds = (nn.CrossEntropyLoss, nn.NLLLoss)
     for module in pl_module.modules():
-        if hasattr(module, "label_smoothing") and isinstance(module, nn.modules.loss._Loss):
+        if isinstance(module, kinds):
             return module
+        for value in vars(module).values():
+            items = value.values() if isinstance(value, dict) else value
+            if isinstance(value, (dict, list, tuple)):
+                for item in items:
+                    if isinstance(item, kinds):
+                        return item
     return None
+
+
+def _rank_zero_info(namespace: str, message: str) -> None:
+    """One line on rank 0 through the namespace's logger, as ``EarlyStopping`` does."""
+    try:
+        rank_zero = importlib.import_module(f"{namespace}.utilities.rank_zero")
+        rank_zero.rank_zero_info(message)
+    except (ImportError, AttributeError):
+        print(message)

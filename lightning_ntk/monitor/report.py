@@ -21,6 +21,8 @@ from ._verdict import LAZY_SCORE
 
 __all__ = ["NTKReport"]
 
+TEXT_FIELDS = ("verdict", "causes", "predicted_regime", "message", "setup")
+
 
 @dataclass
 class NTKReport:
@@ -47,6 +49,13 @@ class NTKReport:
         predicted_regime: ``"lazy"``, ``"divergent"`` or ``"unknown"`` (the set-up's
             prediction from the theory).
         message: one sentence with the reason and the fix.
+        logit_gap: mean over the probe of ``‖f_c(x) − f*(x)‖_2``, the distance of the
+            centered logits from the optimum ``f* = log t − mean(log t)`` their targets
+            allow (``nan`` when the targets have no finite optimum or are unknown).
+        logit_optimum: mean over the probe of ``‖f*(x)‖_2`` (``nan`` likewise); logits far
+            below it are still converging, not diverging.
+        setup: what is known of the set-up (label smoothing, targets, weight decay) and
+            where each fact comes from: declared, inferred from the training loss, read.
     """
 
     step: int
@@ -67,6 +76,9 @@ class NTKReport:
     causes: list[str]
     predicted_regime: str
     message: str
+    logit_gap: float = math.nan
+    logit_optimum: float = math.nan
+    setup: str = ""
 
     def scalars(self) -> dict[str, float]:
         """``{"ntk/<field>": value}`` for every numeric field, plus ``"ntk/lazy"``.
@@ -76,7 +88,7 @@ class NTKReport:
         out = {
             f"ntk/{f.name}": float(getattr(self, f.name))
             for f in dataclasses.fields(self)
-            if f.name not in ("verdict", "causes", "predicted_regime", "message")
+            if f.name not in TEXT_FIELDS
         }
         out["ntk/lazy"] = LAZY_SCORE[self.verdict]
         return out
@@ -88,13 +100,13 @@ class NTKReport:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> NTKReport:
         """Inverse of :meth:`to_dict`."""
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+        values = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data}
+        # one NaN object, as the tracker uses: equal reports compare equal after a round trip
+        return cls(**{k: math.nan if _is_nan(v) else v for k, v in values.items()})
 
 
 NUMERIC_FIELDS = tuple(
-    f.name
-    for f in dataclasses.fields(NTKReport)
-    if f.name not in ("step", "verdict", "causes", "predicted_regime", "message")
+    f.name for f in dataclasses.fields(NTKReport) if f.name not in ("step", *TEXT_FIELDS)
 )
 
 
@@ -113,6 +125,10 @@ def layer_drift(
         share = float(kernel_trace(K_l)) / total_trace if total_trace != 0 else math.nan
         out[name] = {"relative_change": rc, "share": share}
     return out
+
+
+def _is_nan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
 
 
 def kernel_trace(K: Tensor) -> Tensor:

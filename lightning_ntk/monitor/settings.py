@@ -23,6 +23,7 @@ __all__ = ["METHODS", "OUTPUTS", "NTKSettings", "settings_of"]
 
 OUTPUTS = ("full", "diagonal", "trace")
 METHODS = ("auto", "structured", "jacobian", "ntk_vp")
+NORMALIZATIONS = ("batch", "running")
 
 
 @dataclass(kw_only=True, eq=False, repr=False)
@@ -47,6 +48,12 @@ class NTKSettings:
             compute per-layer parts at no extra cost).
         top_layers: how many of the most-moving layers are reported.
         dtype: compute dtype (default: the parameters'; float32 for half / bf16).
+        normalization: which function is measured. ``"batch"`` (default): the one
+            training differentiates — BatchNorm layers normalise with the probe's own
+            batch statistics (running buffers neither read nor written), dropout off;
+            frozen parameters then mean zero drift whatever the buffers do. ``"running"``:
+            the deployed (eval-mode) function with the running statistics, whose updates
+            show up as drift. Identical for models without BatchNorm.
         every_n_steps: also report every ``n`` optimizer steps.
         every_n_epochs: also report at the end of every ``n``-th epoch.
         log_base: report at steps ``⌈b^k⌉``, ``k ≥ 1`` (default 4: 4, 16, 64, …); ``None``
@@ -71,6 +78,7 @@ class NTKSettings:
     per_layer: Optional[bool] = None
     top_layers: int = 5
     dtype: Optional[torch.dtype] = None
+    normalization: str = "batch"
     every_n_steps: Optional[int] = None
     every_n_epochs: Optional[int] = None
     log_base: Optional[float] = 4.0
@@ -91,6 +99,11 @@ class NTKSettings:
             fn = getattr(self, name)
             if fn is not None and not callable(fn):
                 raise TypeError(f"Expected `{name}` to be callable or None but got {fn!r}.")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"Expected `normalization` to be one of {NORMALIZATIONS} but got "
+                f"{self.normalization!r}."
+            )
         if self.per_layer is not None and not isinstance(self.per_layer, bool):
             raise TypeError(
                 f"Expected `per_layer` to be a bool or None but got {self.per_layer!r}."

@@ -4,8 +4,14 @@ The tracker holds a fixed probe set ``X = (x_1..x_N)`` (labels ``y`` optional), 
 :meth:`NTKTracker.start` snapshots ``θ0``, the kernel ``Θ0 = Θ(X, X; θ0)``, the initial
 logits ``f(X; θ0)`` and their mean centered norm. Each :meth:`NTKTracker.update`
 computes ``Θ_t`` and every :class:`NTKReport` field (:mod:`lightning_ntk.monitor._measure`)
-and the verdict (:mod:`lightning_ntk.monitor._verdict`), using the regime the paper
-predicts for the set-up (:func:`lightning_ntk.theory.predict_regime`).
+and the verdict (:mod:`lightning_ntk.monitor._verdict`), read against the set-up
+(:mod:`lightning_ntk.monitor._setup`: declared, inferred from the training loss through
+:meth:`NTKTracker.observe`, or read from the optimizer and loss; ``unknown`` otherwise).
+
+The measured function is the one training differentiates (``normalization="batch"``):
+BatchNorm layers normalise with the probe's own batch statistics, through the
+whole-batch kernel of :mod:`lightning_ntk.kernel.batch_statistics`; ``"running"``
+measures the eval-mode function.
 
 Nothing here imports Lightning; the callback is a thin adapter over this class.
 
@@ -49,9 +55,11 @@ from ..exceptions import NTKMeasurementWarning
 from ..kernel import _inputs
 from ..kernel._forward import ForwardModule, selector_on_wrapper
 from ..kernel._functional import FunctionalModel, exact_matmuls
+from ..kernel.batch_statistics import measured_model
 from ._measure import attempt, measure, probe_kernel
 from ._probe import default_batch_to_xy, draw_probe, preserved_rng
 from ._schedule import Schedule
+from ._setup import LossObserver, Setup, resolve_setup
 from ._verdict import Thresholds
 from .report import NTKReport, finite_or
 from .settings import NTKSettings
@@ -86,7 +94,7 @@ class NTKTracker(NTKSettings):
         **settings: what is measured and when: every field of
             :class:`~lightning_ntk.monitor.settings.NTKSettings` (``n_probe``, ``output``,
             ``method``, ``params``, ``output_fn``, ``forward_fn``, ``per_layer``,
-            ``top_layers``, ``dtype``, ``every_n_steps``, ``every_n_epochs``,
+            ``top_layers``, ``dtype``, ``normalization``, ``every_n_steps``, ``every_n_epochs``,
             ``log_base``, ``thresholds``, ``weight_decay``, ``label_smoothing``, ``seed``,
             ``batch_to_xy``), as keywords.
     """
@@ -121,6 +129,7 @@ class NTKTracker(NTKSettings):
         self.layer_history: list[dict[str, dict[str, float]]] = []
         self.kernel: Optional[Tensor] = None  # Θ_t of the last report
         self.eigenvalues: Optional[Tensor] = None  # its spectrum, descending
+        self.observer = LossObserver()  # infers the label smoothing from the training loss
 
     # ------------------------------------------------------------------ probe set
 
@@ -215,6 +224,7 @@ class NTKTracker(NTKSettings):
         self.probe_x = _inputs.map_tensors(self.probe_x, lambda t: t.to(device))  # kept there
         if self.probe_y is not None:
             self.probe_y = self.probe_y.to(device)
+        _check_finite_probe(self.probe_x)
         with preserved_rng(device):
             fm = self._functional(wrapper)
             x = fm.cast_input(self.probe_x)
@@ -229,6 +239,14 @@ class NTKTracker(NTKSettings):
             method = self.method
             per_layer = self.per_layer if self.per_layer is not None else method != "ntk_vp"
             num_classes = int(logits0.shape[1])
+            if num_classes < 2:
+                raise ValueError(
+                    f"The model maps the probe to logits of shape {tuple(logits0.shape)}: one "
+                    "output. The monitor's theory and verdicts are about classifiers "
+                    "(cross-entropy over C >= 2 logits); for a binary classifier with one "
+                    "logit z, pass `output_fn=lambda z: torch.cat([torch.zeros_like(z), z], 1)` "
+                    "(the same softmax); regression is not supported."
+                )
             failures: dict[str, str] = {}
             computed = attempt(
                 failures, "kernel", lambda: probe_kernel(self, fm, method, per_layer)
@@ -334,6 +352,7 @@ class NTKTracker(NTKSettings):
             "layer_history": [dict(layers) for layers in self.layer_history],
             "kernel": _to_cpu(self.kernel),
             "eigenvalues": _to_cpu(self.eigenvalues),
+            "observer": self.observer.state_dict(),
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -353,6 +372,8 @@ class NTKTracker(NTKSettings):
         self.layer_history = [dict(x) for x in state_dict.get("layer_history", [])]
         self.kernel = state_dict.get("kernel")
         self.eigenvalues = state_dict.get("eigenvalues")
+        self.observer = LossObserver()
+        self.observer.load_state_dict(state_dict.get("observer", {}))
 
     # ------------------------------------------------------------------ internals
 
@@ -367,8 +388,13 @@ class NTKTracker(NTKSettings):
         return selector_on_wrapper(self.params)
 
     def _functional(self, wrapper: nn.Module) -> FunctionalModel:
-        return FunctionalModel(
-            wrapper, params=self._selector(), output_fn=self.output_fn, dtype=self.dtype
+        """The measured function: batch statistics (training's) or eval mode; see settings."""
+        return measured_model(
+            wrapper,
+            self.normalization,
+            params=self._selector(),
+            output_fn=self.output_fn,
+            dtype=self.dtype,
         )
 
     def _warn_failures(self, failures: Mapping[str, str]) -> None:
@@ -385,29 +411,90 @@ class NTKTracker(NTKSettings):
         y = None if self.probe_y is None else self.probe_y.to(device)
         return _inputs.map_tensors(self.probe_x, lambda t: t.to(device)), y
 
-    def _predict(self, num_classes: Optional[int]) -> dict[str, str]:
-        """The theory's regime for the known set-up; ``"unknown"`` without its inputs."""
-        setup = (self.weight_decay, self.optimizer, self.label_smoothing, self.loss)
-        if all(value is None for value in setup):
-            return {
-                "regime": "unknown",
-                "reason": "set-up unknown: pass `optimizer` / `weight_decay` and `loss` / "
-                "`label_smoothing` to compare with the theory's prediction",
-            }
-        from ..theory import predict_regime
-
+    def _predict(self, num_classes: Optional[int] = None) -> dict[str, str]:
+        """The theory's regime for the set-up as known now (``"unknown"`` if it is not)."""
         try:
-            prediction = predict_regime(
-                weight_decay=self.weight_decay,
-                optimizer=self.optimizer,
-                label_smoothing=self.label_smoothing,
-                loss=self.loss,
-                targets=self.probe_y,
-                num_classes=num_classes,
-            )
+            return self.setup.prediction()
         except (TypeError, ValueError) as err:
             return {"regime": "unknown", "reason": f"set-up not understood: {err}"}
-        return {"regime": prediction.regime, "reason": prediction.reason}
+
+    # ------------------------------------------------------------------ set-up
+
+    @property
+    def setup(self) -> Setup:
+        """The training set-up: declared, inferred from the training loss, or read.
+
+        Raises:
+            TypeError / ValueError: an optimizer without ``param_groups`` or a negative
+                weight decay.
+        """
+        return resolve_setup(
+            weight_decay=self.weight_decay,
+            label_smoothing=self.label_smoothing,
+            optimizer=self.optimizer,
+            loss=self.loss,
+            probe_y=self.probe_y,
+            observer=self.observer,
+        )
+
+    @property
+    def wants_observation(self) -> bool:
+        """Whether a training batch would still help to infer the label smoothing.
+
+        False once ``ε`` is established (or cannot be), when it was declared, and before
+        :meth:`start`.
+        """
+        return self.started and self.label_smoothing is None and self.observer.wants_more
+
+    def training_logits(self, model: nn.Module, x: Any) -> Tensor:
+        """Logits of a training batch ``x`` as training computes them (batch statistics).
+
+        Evaluated functionally at the model's current parameters, without gradients, with
+        the RNG streams restored and no buffer read or written: call it before the
+        optimizer step of that batch.
+        """
+        wrapper = self._wrap(model)
+        with preserved_rng(_device_of(wrapper)):
+            fm = measured_model(
+                wrapper, "batch", params=self._selector(), output_fn=self.output_fn,
+                dtype=self.dtype,
+            )  # fmt: skip
+            with exact_matmuls(fm.device), torch.no_grad():
+                return fm(fm.params, fm.cast_input(x)).detach()
+
+    def add_observation(self, logits: Tensor, y: Any, loss: Any, step: int) -> None:
+        """Compare the loss training computed on a batch with that batch's ``logits``.
+
+        Args:
+            logits: :meth:`training_logits` of the batch.
+            y: its targets, integer labels ``(N,)`` or soft targets ``(N, C)``.
+            loss: the loss training computed on it (a scalar tensor or number).
+            step: the step, for the report's account of the set-up.
+        """
+        if not isinstance(y, Tensor) or y.shape[:1] != logits.shape[:1]:
+            self.observer.stop("the training batches carry no targets matching the logits")
+            return
+        try:
+            value = float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
+        except (TypeError, ValueError, RuntimeError):
+            self.observer.stop(f"the training loss is not a number ({type(loss).__name__})")
+            return
+        self.observer.add(logits, y, value, int(step))
+
+    def observe(self, model: nn.Module, x: Any, y: Any, loss: Any, step: int = 0) -> None:
+        """Let the tracker infer the label smoothing from a training batch (plain loops).
+
+        Call it with the batch, its targets and the loss training computed on it, before
+        the optimizer step; it does something only while :attr:`wants_observation`.
+        """
+        if not self.wants_observation:
+            return
+        try:
+            logits = self.training_logits(model, x)
+        except Exception as err:  # never ends training: the set-up just stays unknown
+            self.observer.stop(f"the training batches could not be evaluated ({err})")
+            return
+        self.add_observation(logits, y, loss, step)
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -422,3 +509,17 @@ def _to_cpu(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _to_cpu(v) for k, v in value.items()}
     return value
+
+
+def _check_finite_probe(probe_x: Any) -> None:
+    """Refuse probe inputs holding NaN / inf, naming that cause (not the model)."""
+    if isinstance(probe_x, Tensor) and probe_x.is_floating_point():
+        bad = ~torch.isfinite(probe_x.reshape(len(probe_x), -1)).all(dim=1)
+        if bool(bad.any()):
+            rows = bad.nonzero().flatten().tolist()
+            raise ValueError(
+                f"The probe inputs hold non-finite values (NaN or inf) at rows {rows[:10]}"
+                f"{' ...' if len(rows) > 10 else ''}: they were drawn from the training data "
+                "(or given as `probe_x`), which holds NaN / inf there. Clean the data or pass "
+                "a finite `probe_x`."
+            )

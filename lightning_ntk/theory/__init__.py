@@ -6,7 +6,8 @@ L2 term on the parameters (``λ > 0``) or when the targets are non-degenerate (e
 class has positive probability, e.g. label smoothing). With hard one-hot targets and
 ``λ = 0`` zero loss needs infinite logits: they diverge and the linearization breaks.
 
-* :func:`predict_regime` reads those conditions off an optimizer, a loss and targets.
+* :func:`predict_regime` reads those conditions off an optimizer, a loss and targets;
+  :func:`optimal_logits` is the finite optimum ``log t − mean(log t)`` of non-degenerate targets.
 * :func:`kernel_solution` gives the trained logits of the linearized model in closed form
   (a fixed point solved by Newton's method), on the training set and at new inputs.
 * :func:`kernel_flow` integrates the function-space gradient-descent dynamics step by step.
@@ -37,13 +38,14 @@ Layer: may import :mod:`lightning_ntk.kernel`, :mod:`lightning_ntk.linearization
 """
 
 from ._kernel_solution import KernelSolution, kernel_flow, kernel_solution, weight_decay_shift
-from .regime import RegimePrediction, predict_regime
+from .regime import RegimePrediction, optimal_logits, predict_regime
 
 __all__ = [
     "KernelSolution",
     "RegimePrediction",
     "kernel_flow",
     "kernel_solution",
+    "optimal_logits",
     "predict_regime",
     "weight_decay_shift",
 ]

@@ -1,7 +1,10 @@
-"""The regime a training set-up predicts.
+"""The regime a training set-up predicts, and where its logits are headed.
 
 :func:`predict_regime` reads the paper's conditions (L2 strength, target smoothing) off an
-optimizer, a loss and targets.
+optimizer, a loss and targets. :func:`optimal_logits` gives the finite cross-entropy
+optimum of non-degenerate targets, ``softmax(f*) = t``, centered ``f* = log t − mean(log t)``:
+where unregularized training on those targets converges, and what "the logits are still
+approaching their optimum" is measured against.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from torch import Tensor, nn
 
 from ._checks import check_nonnegative, check_smoothing, check_soft_targets, check_tensor
 
-__all__ = ["RegimePrediction", "predict_regime"]
+__all__ = ["RegimePrediction", "optimal_logits", "predict_regime"]
 
 
 # ---------------------------------------------------------------------- regime
@@ -133,6 +136,55 @@ def predict_regime(
         min_target_prob=float(min_prob),
         decoupled_decay=decoupled,
     )
+
+
+# ---------------------------------------------------------------------- optimum
+
+
+def optimal_logits(
+    targets: Tensor, *, label_smoothing: float = 0.0, num_classes: Optional[int] = None
+) -> Optional[Tensor]:
+    """Centered cross-entropy optimum ``f* = log t − mean_c(log t)`` per example, or ``None``.
+
+    The targets the loss sees are ``t = (1 − ε) y + ε / C`` (``y`` one-hot for integer
+    labels, or the soft targets). When every ``t`` is positive the cross-entropy of a
+    point is minimised exactly at ``softmax(f*) = t``, finite; when some ``t`` is 0 (hard
+    labels and ``ε = 0``, or mixup of one-hot labels) there is no finite optimum and
+    ``None`` is returned.
+
+    Args:
+        targets: integer labels ``(N,)`` or soft targets ``(N, C)`` (rows sum to 1).
+        label_smoothing: ``ε ∈ [0, 1)``.
+        num_classes: ``C`` (required for integer labels).
+
+    Returns:
+        ``(N, C)`` float64 centered logits, or ``None`` for degenerate targets.
+
+    Example: ``ε = 0.1``, ``C = 10``: ``t = (0.91, 0.01, …)``, ``‖f*‖ ≈ 4.28`` per point.
+    """
+    eps = check_smoothing(label_smoothing)
+    check_tensor(targets, "targets")
+    if targets.ndim == 2 and targets.is_floating_point():
+        Y = targets.double()
+        check_soft_targets(Y)
+        C = Y.shape[1]
+    elif targets.ndim == 1 and not targets.is_floating_point():
+        if num_classes is None or isinstance(num_classes, bool) or num_classes < 2:
+            raise ValueError(
+                f"Expected `num_classes` >= 2 with integer labels but got {num_classes!r}."
+            )
+        C = int(num_classes)
+        Y = torch.nn.functional.one_hot(targets.long(), C).double()
+    else:
+        raise ValueError(
+            "Expected `targets` to be integer labels of shape (N,) or soft targets of shape "
+            f"(N, C) but got shape {tuple(targets.shape)} with dtype {targets.dtype}."
+        )
+    t = (1.0 - eps) * Y + eps / C
+    if not bool((t > 0).all()):
+        return None
+    log_t = t.log()
+    return log_t - log_t.mean(dim=1, keepdim=True)
 
 
 # ---------------------------------------------------------------------- helpers
