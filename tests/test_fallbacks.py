@@ -9,8 +9,10 @@ import torch
 from torch import nn
 
 from lightning_ntk import empirical_ntk, linearize, reference_ntk
-from lightning_ntk.kernel import _FAILED, _MEASURED, last_call_info
 from lightning_ntk.kernel import jacobian as jacobian_module
+from lightning_ntk.kernel import last_call_info
+from lightning_ntk.kernel._run import FAILED as _FAILED
+from lightning_ntk.kernel._run import MEASURED as _MEASURED
 from lightning_ntk.kernel.loop import loop_jacobians
 from lightning_ntk.kernel.ntk_vp import NTKVPMethod
 
