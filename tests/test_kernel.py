@@ -402,11 +402,11 @@ def test_lightning_is_not_imported():
 
 
 def test_structure_plan_is_reused_and_reverified_when_the_model_changes(monkeypatch):
-    from lightning_ntk.kernel import structured
+    from lightning_ntk.kernel import _plan
 
     calls = []
-    verified = structured._verified
-    monkeypatch.setattr(structured, "_verified", lambda *a: calls.append(1) or verified(*a))
+    verified = _plan._verified
+    monkeypatch.setattr(_plan, "_verified", lambda *a: calls.append(1) or verified(*a))
     model = nn.Sequential(
         nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3)
     ).double()

@@ -8,7 +8,7 @@ from enum import Enum
 from typing import Optional
 
 from ._functional import FunctionalModel
-from .structured import StructurePlan
+from ._plan import StructurePlan
 
 __all__ = [
     "CHAIN",

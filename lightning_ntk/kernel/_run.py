@@ -19,10 +19,11 @@ from . import _inputs
 from ._functional import FunctionalModel
 from ._layout import symmetrize, transpose_kernel
 from ._methods import CHAIN, JACOBIAN_BUDGET, NTKCallInfo, NTKMethod, choose_method, model_is_sure
+from ._plan import StructurePlan, fingerprint, plan_structure
 from .jacobian import JacobianMethod
 from .loop import LoopMethod
 from .ntk_vp import NTKVPMethod
-from .structured import StructuredMethod, StructurePlan, fingerprint, plan_structure
+from .structured import StructuredMethod
 
 __all__ = ["FAILED", "MEASURED", "Run"]
 
