@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from ..linearization import (
+from ..linearization.distances import (
     _argmax_equal_rows,
     _check_logits,
     _linearization_error_compute,

@@ -1,4 +1,4 @@
-"""The linearized model ``f_lin(x; θ) = f(x; θ0) + J0(x)(θ − θ0)`` and how far a network is from it.
+"""The linearized model ``f_lin(x; θ) = f(x; θ0) + J0(x)(θ − θ0)``.
 
 :func:`linearize` snapshots ``θ0`` and returns a :class:`LinearizedModel`. Each call is
 one ``torch.func.jvp`` at ``θ0`` with tangent ``θ − θ0``: the Jacobian ``J0(x)`` is never
@@ -20,15 +20,6 @@ functions whose backward detaches). So a reverse-mode result is used only after 
 matched a float64 central finite difference of the forward pass along the same tangent
 (Richardson-extrapolated); otherwise the call raises instead of returning a plausible
 wrong number.
-
-Distances between a network's logits ``f = f(X; θt)``, its linearization
-``f_lin = f_lin(X; θt)`` and its initial logits ``f0 = f(X; θ0)``, all ``(N, C)``:
-
-* :func:`linearization_error` ``= ‖f − f_lin‖_F / max(‖f − f0‖_F, eps)``: the part of the
-  function's change the linear model misses, relative to the change itself;
-* :func:`prob_tv`: mean over rows of the total-variation distance
-  ``½ Σ_a |softmax(f)_a − softmax(f_lin)_a|``;
-* :func:`argmax_agreement`: fraction of rows where ``argmax f == argmax f_lin``.
 """
 
 from __future__ import annotations
@@ -39,11 +30,11 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jvp, vjp
+from torch.func import functional_call
 
-from .kernel import _inputs
-from .kernel._compat import forward_ad_kernels
-from .kernel._functional import (
+from ..kernel import _inputs
+from ..kernel._directional import checked, double_vjp, forward_mode, loop_jvp
+from ..kernel._functional import (
     FunctionalModel,
     OutputFn,
     ParamSelector,
@@ -52,22 +43,13 @@ from .kernel._functional import (
     unwrap_module,
 )
 
-__all__ = [
-    "LinearizedModel",
-    "argmax_agreement",
-    "linearization_error",
-    "linearize",
-    "prob_tv",
-]
+__all__ = ["LinearizedModel", "linearize"]
 
 ParamSource = Union[None, Mapping[str, Tensor], nn.Module]
 
 _BUFFERS = ("initial", "current")
 _MODES = ("jvp", "jvp_composite", "double_vjp", "loop")
 _log = logging.getLogger("lightning_ntk.linearization")
-# Relative agreement a reverse-mode J v must reach with the float64 finite difference.
-_CHECK_RTOL = {torch.float64: 1e-6}
-_CHECK_RTOL_DEFAULT = 1e-3
 
 
 def linearize(
@@ -249,13 +231,14 @@ class LinearizedModel:
         """``(f(x; θ0), J0(x) v)`` by the first route of the chain that runs (and checks)."""
         x = self._fm.cast_input(x)
         self.fallbacks = []
+        evaluate = self._evaluate
         routes: list[tuple[str, Callable[[], tuple[Tensor, Tensor]]]] = [
-            ("jvp", lambda: self._forward_mode(x, theta0, tangent)),
-            ("double_vjp", lambda: self._checked(x, theta0, tangent, self._double_vjp)),
-            ("loop", lambda: self._checked(x, theta0, tangent, self._loop)),
+            ("jvp", lambda: forward_mode(evaluate, x, theta0, tangent)),
+            ("double_vjp", lambda: self._checked(x, theta0, tangent, double_vjp)),
+            ("loop", lambda: self._checked(x, theta0, tangent, loop_jvp)),
         ]
         if self._fm.device.type == "cpu" and torch.backends.mkldnn.is_available():
-            composite = ("jvp_composite", lambda: self._forward_mode(x, theta0, tangent, True))
+            composite = ("jvp_composite", lambda: forward_mode(evaluate, x, theta0, tangent, True))
             routes.insert(1, composite)
         start = _LAST_MODE.get(_mode_key(self._fm, self.model))
         if start is not None:  # the route that worked for this model last time goes first
@@ -287,93 +270,26 @@ class LinearizedModel:
             "result did not match a float64 finite difference."
         ) from last
 
-    def _forward_mode(
-        self, x: Any, theta0: dict[str, Tensor], tangent: dict[str, Tensor], composite=False
-    ) -> tuple[Tensor, Tensor]:
-        if not composite:
-            return jvp(lambda p: self._evaluate(p, x), (theta0,), (tangent,))
-        with forward_ad_kernels():
-            return jvp(lambda p: self._evaluate(p, x), (theta0,), (tangent,))
-
-    def _double_vjp(
-        self, x: Any, theta0: dict[str, Tensor], tangent: dict[str, Tensor]
-    ) -> tuple[Tensor, Tensor]:
-        """``J v`` as the vjp of ``u ↦ Jᵀ u`` (linear in ``u``) with cotangent ``v``."""
-        f0, vjp_fn = vjp(lambda p: self._evaluate(p, x), theta0)
-        _, transpose_fn = vjp(lambda u: vjp_fn(u)[0], torch.zeros_like(f0))
-        (Jv,) = transpose_fn(tangent)
-        return f0.detach(), Jv
-
-    def _loop(
-        self, x: Any, theta0: dict[str, Tensor], tangent: dict[str, Tensor]
-    ) -> tuple[Tensor, Tensor]:
-        """``(J v)[i, a] = ⟨∂f_a(x_i)/∂θ, v⟩``, one backward pass per example and class."""
-        rows_f0, rows_Jv = [], []
-        for i in range(_inputs.batch_size(x)):
-            wrt = {n: t.detach().requires_grad_() for n, t in theta0.items()}
-            with torch.enable_grad():
-                logits = self._evaluate(wrt, _inputs.take(x, slice(i, i + 1)))[0]  # (C,)
-            entries = []
-            for a in range(logits.shape[0]):
-                grads = torch.autograd.grad(
-                    logits[a], list(wrt.values()), retain_graph=True, allow_unused=True
-                )
-                entries.append(
-                    sum((g * tangent[n]).sum() for n, g in zip(wrt, grads) if g is not None)
-                    + logits.new_zeros(())
-                )
-            rows_f0.append(logits.detach())
-            rows_Jv.append(torch.stack(entries))
-        return torch.stack(rows_f0), torch.stack(rows_Jv)
-
     def _checked(
-        self,
-        x: Any,
-        theta0: dict[str, Tensor],
-        tangent: dict[str, Tensor],
-        route: Callable[[Any, dict[str, Tensor], dict[str, Tensor]], tuple[Tensor, Tensor]],
+        self, x: Any, theta0: dict[str, Tensor], tangent: dict[str, Tensor], route: Callable
     ) -> tuple[Tensor, Tensor]:
-        """A reverse-mode ``J v``, returned only if it matches a float64 finite difference."""
-        f0, Jv = route(x, theta0, tangent)
-        reference = self._finite_difference(x, theta0, tangent)  # float64
-        err = (Jv.detach().double() - reference).norm().item()
-        scale = reference.norm().item()
-        rtol = _CHECK_RTOL.get(self._fm.dtype, _CHECK_RTOL_DEFAULT)
-        if not err <= rtol * scale + 1e-12 * (1.0 + f0.detach().double().norm().item()):
-            raise RuntimeError(
-                f"reverse-mode J v differs from the float64 finite difference of the forward "
-                f"pass by {err:.3e} (relative {err / max(scale, 1e-300):.3e}): the model's "
-                "backward is not the derivative of its forward here"
-            )
-        return f0, Jv
+        """A reverse-mode route's ``(f0, J v)``, kept only if finite differences agree."""
+        result = route(self._evaluate, x, theta0, tangent)
+        return checked(result, self._evaluate64(x), theta0, tangent, self._fm.dtype)
 
-    def _finite_difference(
-        self, x: Any, theta0: dict[str, Tensor], tangent: dict[str, Tensor]
-    ) -> Tensor:
-        """``J v`` by central differences in float64, Richardson-extrapolated (``O(h⁴)``)."""
-        theta = {n: t.detach().double() for n, t in theta0.items()}
-        v = {n: t.detach().double() for n, t in tangent.items()}
-        v_norm = sum(float(t.square().sum()) for t in v.values()) ** 0.5
-        theta_norm = sum(float(t.square().sum()) for t in theta.values()) ** 0.5
+    def _evaluate64(self, x: Any) -> Callable[[Mapping[str, Tensor]], Tensor]:
+        """``θ ↦ f(x; θ)`` in float64 with this model's constants, for finite differences."""
         x64 = _inputs.map_tensors(x, lambda t: t.double() if t.is_floating_point() else t)
         constants = self._constants0 if self._buffers == "initial" else self._live_constants()
         constants = {n: t.double() if t.is_floating_point() else t for n, t in constants.items()}
 
-        def f(s: float) -> Tensor:
-            point = {n: theta[n] + s * v[n] for n in theta}
+        def f(theta: Mapping[str, Tensor]) -> Tensor:
             args, kwargs = _inputs.call_args(x64)
             with eval_mode(self.model), torch.no_grad():
-                out = functional_call(self.model, (point, constants), args, kwargs)
+                out = functional_call(self.model, (dict(theta), constants), args, kwargs)
             return self._fm.to_logits(out).double()
 
-        if v_norm == 0.0:
-            return torch.zeros_like(f(0.0))
-        h = 1e-6 * max(theta_norm, 1.0) / v_norm  # small: few ReLU kinks crossed
-
-        def central(step: float) -> Tensor:
-            return (f(step) - f(-step)) / (2 * step)
-
-        return (4 * central(h / 2) - central(h)) / 3
+        return f
 
     def _evaluate(self, theta: Mapping[str, Tensor], x: Any) -> Tensor:
         constants = self._constants0 if self._buffers == "initial" else self._live_constants()
@@ -445,99 +361,3 @@ _LAST_MODE: dict[tuple, str] = {}
 def _mode_key(fm: FunctionalModel, module: nn.Module) -> tuple:
     params = tuple((n, id(p)) for n, p in module.named_parameters())
     return (type(module), tuple(fm.names), fm.dtype, params)
-
-
-# ---------------------------------------------------------------------- distances
-
-
-def linearization_error(
-    logits: Tensor, logits_lin: Tensor, logits0: Tensor, eps: float = 1e-12
-) -> Tensor:
-    """``‖f − f_lin‖_F / max(‖f − f0‖_F, eps)`` over a batch.
-
-    Args:
-        logits: ``f(X; θt)``, shape ``(N, C)``.
-        logits_lin: ``f_lin(X; θt)``, shape ``(N, C)``.
-        logits0: ``f(X; θ0)``, shape ``(N, C)``.
-        eps: floor of the denominator (the error of an unmoved network is 0, not NaN).
-
-    Returns:
-        A 0-dim tensor: 0 for a network that is exactly linear in its parameters, about
-        1 when the linear model explains none of the change.
-    """
-    num_sq, den_sq = _linearization_error_update(logits, logits_lin, logits0)
-    return _linearization_error_compute(num_sq, den_sq, eps)
-
-
-def prob_tv(logits: Tensor, logits_lin: Tensor) -> Tensor:
-    """Mean over rows of ``½ Σ_a |softmax(f)_a − softmax(f_lin)_a|``, in ``[0, 1]``.
-
-    Args:
-        logits: ``(N, C)``.
-        logits_lin: ``(N, C)``.
-
-    Returns:
-        A 0-dim tensor.
-    """
-    _check_logits(logits=logits, logits_lin=logits_lin)
-    return _prob_tv_rows(logits, logits_lin).mean()
-
-
-def argmax_agreement(logits: Tensor, logits_lin: Tensor) -> Tensor:
-    """Fraction of rows whose predicted class is the same under ``f`` and ``f_lin``.
-
-    Args:
-        logits: ``(N, C)``.
-        logits_lin: ``(N, C)``.
-
-    Returns:
-        A 0-dim floating tensor in ``[0, 1]``.
-    """
-    _check_logits(logits=logits, logits_lin=logits_lin)
-    dtype = logits.dtype if logits.is_floating_point() else torch.float32
-    return _argmax_equal_rows(logits, logits_lin).to(dtype).mean()
-
-
-def _linearization_error_update(
-    logits: Tensor, logits_lin: Tensor, logits0: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Sums ``(‖f − f_lin‖², ‖f − f0‖²)`` of one batch, in float64."""
-    _check_logits(logits=logits, logits_lin=logits_lin, logits0=logits0)
-    f = logits.double()
-    num_sq = (f - logits_lin.double()).square().sum()
-    den_sq = (f - logits0.double()).square().sum()
-    return num_sq, den_sq
-
-
-def _linearization_error_compute(num_sq: Tensor, den_sq: Tensor, eps: float) -> Tensor:
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps <= 0:
-        raise ValueError(f"Expected `eps` to be a positive float but got {eps!r}.")
-    return num_sq.sqrt() / den_sq.sqrt().clamp_min(eps)
-
-
-def _prob_tv_rows(logits: Tensor, logits_lin: Tensor) -> Tensor:
-    """Total-variation distance of each row's softmaxes, ``(N,)``."""
-    p = torch.softmax(logits.double(), dim=-1)
-    q = torch.softmax(logits_lin.double(), dim=-1)
-    return 0.5 * (p - q).abs().sum(dim=-1)
-
-
-def _argmax_equal_rows(logits: Tensor, logits_lin: Tensor) -> Tensor:
-    return logits.argmax(dim=-1) == logits_lin.argmax(dim=-1)
-
-
-def _check_logits(**named: Tensor) -> None:
-    """All arguments must be ``(N, C)`` tensors of one shape."""
-    first_name, first = next(iter(named.items()))
-    for name, t in named.items():
-        if not isinstance(t, Tensor):
-            raise TypeError(f"Expected `{name}` to be a torch.Tensor but got {type(t).__name__}.")
-        if t.ndim != 2:
-            raise ValueError(
-                f"Expected `{name}` to be logits of shape (N, C) but got shape {tuple(t.shape)}."
-            )
-        if t.shape != first.shape:
-            raise ValueError(
-                f"Expected `{name}` to have the shape of `{first_name}`, {tuple(first.shape)}, "
-                f"but got {tuple(t.shape)}."
-            )
