@@ -1,13 +1,22 @@
-"""Is ``method="auto"`` within 1.2x of the fastest exact method? One table, one run.
+"""Is ``method="auto"`` within 1.2x of the fastest exact method? Two tables, one run.
 
-Cases: MLP, CNN, a BatchNorm ResNet-style block, an embedding + LayerNorm text model, at
-several probe sizes N and class counts C, full and trace layouts. Every method is timed
-side by side on the same inputs: after a warm-up, in interleaved rounds (the fastest
-round counts), so that the ratio compares like with like on a noisy machine.
+1. Scaling: MLP, CNN, a BatchNorm ResNet-style block, an embedding + LayerNorm text model,
+   at several probe sizes N and class counts C, full and trace layouts.
+2. Registry: every model of ``tests/cases.py`` (the architectures people train:
+   Transformer encoders, ViT, LSTM / GRU, weight / spectral norm, depthwise + SE, SDPA,
+   Hugging Face BERT, batch-free inputs, ...), float32, full layout, for ``x2=None`` and
+   ``x2`` given; with auto's pick, the methods PyTorch cannot run on the model, auto
+   against the torch.func recipe (``vmap(jacrev)`` + ``einsum``, as in ``bench_ntk.py``),
+   and the largest relative error of any method against the float64 reference.
+
+Every method is timed side by side on the same inputs: after a warm-up (for auto, the
+call that measures its choice where its cost model is unsure), in interleaved rounds
+(the fastest round counts), so that the ratio compares like with like on a noisy
+machine. Explicit methods run with ``fallback=False``: one PyTorch cannot run is "n/a".
 
 Usage::
 
-    python benchmarks/bench_methods.py [--repeats 7] [--quick]
+    python benchmarks/bench_methods.py [--repeats 7] [--quick] [--only scaling|registry]
 """
 
 from __future__ import annotations
@@ -25,8 +34,8 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from lightning_ntk import empirical_ntk
-from lightning_ntk.kernel import choose_method
+from lightning_ntk import empirical_ntk, reference_ntk
+from lightning_ntk.kernel import choose_method, last_call_info
 from lightning_ntk.kernel._functional import FunctionalModel
 from lightning_ntk.kernel.structured import plan_structure
 
@@ -132,6 +141,130 @@ def time_methods(model: nn.Module, x: torch.Tensor, output: str, repeats: int) -
     return {m: times.get(m, -once[m]) for m in methods}  # negative: a single timing
 
 
+def time_calls(runs: dict, repeats: int) -> dict:
+    """Seconds of each call in ``runs`` (``None``: it raised), timed as :func:`time_methods`."""
+    calls, once = {}, {}
+    for name, run in runs.items():
+        try:
+            run()  # warm-up (auto: measures its choice where unsure)
+        except Exception:
+            once[name] = None
+            continue
+        start = time.perf_counter()
+        run()
+        once[name] = time.perf_counter() - start
+        calls[name] = (run, max(1, math.ceil(_MIN_SAMPLE / max(once[name], 1e-6))))
+    ran = [m for m in calls]
+    fastest = min(once[m] for m in ran)
+    contenders = [m for m in ran if once[m] <= _HOPELESS * fastest]
+    samples: dict[str, list[float]] = {m: [] for m in contenders}
+    for r in range(repeats):
+        for name in contenders[r % len(contenders) :] + contenders[: r % len(contenders)]:
+            run, k = calls[name]
+            start = time.perf_counter()
+            for _ in range(k):
+                run()
+            samples[name].append((time.perf_counter() - start) / k)
+    times = {m: min(t) for m, t in samples.items()}
+    return {m: (None if once[m] is None else times.get(m, -once[m])) for m in runs}
+
+
+def recipe_ntk(model: nn.Module, x1, x2, output_fn) -> torch.Tensor:
+    """The torch.func tutorial's recipe: ``vmap(jacrev)`` per example, one einsum each."""
+    from torch.func import functional_call, jacrev, vmap
+
+    from lightning_ntk.kernel._inputs import call_args, unsqueeze
+
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+
+    def single(p, x):
+        args, kwargs = call_args(unsqueeze(x))
+        out = functional_call(model, p, args, kwargs)
+        return (output_fn(out) if output_fn else out).squeeze(0)
+
+    jac1 = vmap(jacrev(single), (None, 0))(params, x1)
+    jac2 = jac1 if x2 is None else vmap(jacrev(single), (None, 0))(params, x2)
+    return sum(torch.einsum("Naf,Mbf->NMab", jac1[k].flatten(2), jac2[k].flatten(2)) for k in jac1)
+
+
+REGISTRY_METHODS = ["structured", "jacobian", "ntk_vp", "loop"]
+
+
+def _float_on(t: torch.Tensor, device: str) -> torch.Tensor:
+    return (t.float() if t.is_floating_point() else t).to(device)
+
+
+def _synchronized(run):
+    def timed():
+        out = run()
+        torch.cuda.synchronize()
+        return out
+
+    return timed
+
+
+def registry(repeats: int, quick: bool, device: str = "cpu") -> list[float]:
+    """The registry table; returns auto / fastest of every row."""
+    from lightning_ntk.kernel._inputs import map_tensors
+    from tests.cases import CASES
+
+    n1, n2 = (8, 4) if quick else (16, 8)
+    names = " ".join(f"{m:>10s}" for m in REGISTRY_METHODS)
+    print(f"\nRegistry (tests/cases.py) on {device}, float32, full layout, N1={n1}, "
+          f"N2={n2} when given")  # fmt: skip
+    print(f"{'model':24s} {'x2':5s} {names} {'auto':>9s} {'recipe':>9s} {'picks':>10s} "
+          f"{'auto/best':>9s} {'auto/recipe':>11s} {'max error':>9s}  cannot run")  # fmt: skip
+    ratios = []
+    for case in CASES:
+        torch.manual_seed(0)
+        model = case.model().float().eval().to(device)
+
+        def as_float(x):
+            return map_tensors(x, partial(_float_on, device=device))
+
+        x1, x2 = as_float(case.inputs(n1, seed=11)), as_float(case.inputs(n2, seed=12))
+        for second in (None, x2):
+            kw = dict(output_fn=case.output_fn)
+            runs = {
+                m: partial(empirical_ntk, model, x1, second, method=m, fallback=False, **kw)
+                for m in REGISTRY_METHODS
+            }
+            runs["auto"] = partial(empirical_ntk, model, x1, second, **kw)
+            runs["recipe"] = partial(recipe_ntk, model, x1, second, case.output_fn)
+            if device != "cpu":
+                runs = {m: _synchronized(run) for m, run in runs.items()}
+            times = time_calls(runs, repeats)
+            error = _max_error(runs, times, model, x1, second, case.output_fn)
+            runs["auto"]()
+            info = last_call_info()
+            exact = {m: t for m, t in times.items() if m in REGISTRY_METHODS and t is not None}
+            auto = abs(times["auto"])
+            best = min(abs(t) for t in exact.values())
+            ratios.append(auto / best)
+            recipe = times["recipe"]
+            vs_recipe = f"{auto / abs(recipe):11.2f}" if recipe is not None else f"{'-':>11s}"
+            cannot = [m for m in REGISTRY_METHODS if times[m] is None]
+            cells = " ".join(_cell(times[m]) if times[m] is not None else f"{'n/a':>10s}"
+                             for m in REGISTRY_METHODS)  # fmt: skip
+            print(f"{case.name:24s} {'None' if second is None else 'given':5s} {cells} "
+                  f"{auto:9.4f} {_cell(recipe)[1:] if recipe is not None else '      n/a'} "
+                  f"{info.method:>10s} {auto / best:9.2f} {vs_recipe} {error:9.1e}  "
+                  f"{','.join(cannot) or '-'}", flush=True)  # fmt: skip
+    return ratios
+
+
+def _max_error(runs, times, model, x1, x2, output_fn) -> float:
+    """Largest error of the methods that ran and auto, relative to the float64 reference."""
+    R = reference_ntk(model, x1, x2, output_fn=output_fn)
+    scale = R.abs().max()
+    errors = [
+        float((runs[m]().double().cpu() - R.cpu()).abs().max() / scale)
+        for m in [*REGISTRY_METHODS, "auto"]
+        if times[m] is not None
+    ]
+    return max(errors)
+
+
 def _cell(seconds) -> str:
     if seconds is None:
         return f"{'-':>10s}"
@@ -146,21 +279,16 @@ def auto_choice(model: nn.Module, x: torch.Tensor) -> str:
     return choose_method(fm, plan_structure(fm, x), num_classes, x.shape[0]).value
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--quick", action="store_true", help="one N and C only")
-    args = parser.parse_args()
-    threads = torch.get_num_threads()
-    print(f"torch {torch.__version__}, {threads} threads; seconds, best of {args.repeats} rounds")
+def scaling(repeats: int, quick: bool) -> list[float]:
+    """The scaling table; returns auto / fastest of the rows with several methods."""
     names = " ".join(f"{m:>10s}" for m in METHODS)
     print(f"{'case':9s} {'N':>4s} {'C':>4s} {'layout':6s} {names} {'auto':>10s} {'picks':>10s} "
           f"{'auto/best':>9s}")  # fmt: skip
     ratios = []
-    for name, n, c, model, x in cases(args.quick):
+    for name, n, c, model, x in cases(quick):
         picks = auto_choice(model, x)
         for output in ("full", "trace"):
-            times = time_methods(model, x, output, args.repeats)
+            times = time_methods(model, x, output, repeats)
             auto = abs(times.pop("auto"))
             best = min(abs(t) for t in times.values())
             if len(times) > 1:  # rows with a single exact method compare it with itself
@@ -169,10 +297,29 @@ def main() -> None:
             print(f"{name:9s} {n:4d} {c:4d} {output:6s} {cells} {auto:10.4f} {picks:>10s} "
                   f"{auto / best:9.2f}", flush=True)  # fmt: skip
     print("(* timed once: over 4x the fastest method)")
-    ratios.sort()
-    print(f"\nauto / fastest over the {len(ratios)} rows with several methods: median "
+    return ratios
+
+
+def _summary(what: str, ratios: list[float]) -> None:
+    ratios = sorted(ratios)
+    print(f"\n{what}: auto / fastest over {len(ratios)} rows: median "
           f"{ratios[len(ratios) // 2]:.2f}, range {ratios[0]:.2f}-{ratios[-1]:.2f}, "
           f"{sum(r > 1.2 for r in ratios)} above 1.2")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--quick", action="store_true", help="one N and C only")
+    parser.add_argument("--only", choices=("scaling", "registry"), default=None)
+    parser.add_argument("--device", default="cpu", help="device of the registry table")
+    args = parser.parse_args()
+    threads = torch.get_num_threads()
+    print(f"torch {torch.__version__}, {threads} threads; seconds, best of {args.repeats} rounds")
+    if args.only in (None, "scaling"):
+        _summary("scaling", scaling(args.repeats, args.quick))
+    if args.only in (None, "registry"):
+        _summary("registry", registry(args.repeats, args.quick, args.device))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One prepared check of the CUDA path (under 5 minutes on one modern GPU): the CUDA-marked
-# tests (exactness against the float64 CPU reference) and the GPU benchmarks, written to
+# tests (every registry model and method, SDPA flash / efficient attention and the
+# Transformer fast path, against the float64 CPU reference), the GPU benchmarks and the
+# registry's method table on CUDA, written to
 # ${OUT:-benchmarks/results}/gpu_check.txt. Never part of CI.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -14,8 +16,11 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   # the package's own dependencies besides torch, if this machine lacks them
   python3 -c "import pytest, pytorch_lightning, torchmetrics" 2>/dev/null \
     || python3 -m pip install -q pytest pytorch-lightning torchmetrics scikit-learn
-  echo "== CUDA tests"
-  timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_cuda.py
+  python3 -c "import transformers" 2>/dev/null || python3 -m pip install -q "transformers>=4.40"
+  echo "== CUDA tests (every registry model and method against the float64 CPU reference)"
+  timeout 150 python3 -m pytest -q -x -p no:cacheprovider -o addopts="" tests/test_cuda.py
   echo "== benchmarks"
-  timeout 120 python3 benchmarks/bench_gpu.py
+  timeout 60 python3 benchmarks/bench_gpu.py
+  echo "== registry on CUDA: auto against the fastest method and the recipe"
+  timeout 60 python3 benchmarks/bench_methods.py --only registry --quick --repeats 3 --device cuda
 } 2>&1 | tee "$log"

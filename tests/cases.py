@@ -1,17 +1,31 @@
 """The registry of model cases every kernel method is tested on.
 
-Each case builds a small, seeded model in float64 and its probe inputs; ``structured``
-lists the parameters the structured method must handle without falling back (so a
-silent fallback, which would still be exact, is caught as a regression).
+Each case builds a small, seeded model in float64 and its probe inputs (a tensor, or a
+mapping of tensors for Hugging Face models); ``structured`` lists the parameters the
+structured method must handle without falling back (so a silent fallback, which would
+still be exact, is caught as a regression) and ``fallback`` those it must hand to
+per-example Jacobians; both may hold ``fnmatch`` patterns (``structured`` then means
+the matches not in ``fallback``).
+
+``ARCHITECTURES`` are the architectures people train (Transformer encoders with their
+fused fast path, a ViT, LSTM / GRU, tied embeddings, weight / spectral norm, depthwise
+conv + squeeze-excitation, SDPA attention, a Hugging Face BERT classifier when
+``transformers`` is installed) and the models whose layers see batch-free inputs
+(position-index buffers, ``arange``, a learned positional parameter, a layer called on
+a constant), which the structured method must not factorise per example.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrizations
+
+from lightning_ntk.kernel._inputs import call, map_tensors
 
 
 @dataclass
@@ -26,12 +40,12 @@ class ModelCase:
     def model(self) -> nn.Module:
         torch.manual_seed(0)
         model = self.build()
-        model(self.make_x(2, torch.Generator().manual_seed(99)))  # materialise lazy modules
+        call(model, self.make_x(2, torch.Generator().manual_seed(99)))  # lazy modules
         return model.double()
 
-    def inputs(self, n: int, seed: int = 0) -> Tensor:
+    def inputs(self, n: int, seed: int = 0) -> Any:
         x = self.make_x(n, torch.Generator().manual_seed(seed))
-        return x.double() if x.is_floating_point() else x
+        return map_tensors(x, lambda t: t.double() if t.is_floating_point() else t)
 
 
 def _randn(*shape: int) -> Callable[[int, torch.Generator], Tensor]:
@@ -141,6 +155,199 @@ class _OutsideCall(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = torch.tanh(self.fc(x)) + x @ self.fc.weight.T
         return self.head(h)
+
+
+# ------------------------------------------------------------- architectures people train
+class _Transformer(nn.Module):
+    """Token embedding + ``nn.TransformerEncoder`` (fused fast path in eval mode)."""
+
+    def __init__(self, norm_first: bool = False, vocab: int = 11, dim: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        layer = nn.TransformerEncoderLayer(
+            dim, 2, 16, dropout=0.1, batch_first=True, norm_first=norm_first,
+            activation="gelu" if norm_first else "relu",
+        )  # fmt: skip
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(self.encoder(self.embed(tokens)).mean(dim=1))
+
+
+class _ViT(nn.Module):
+    """Patch embedding, cls token and positional ``nn.Parameter``s, a Transformer layer."""
+
+    def __init__(self, dim: int = 8, patch: int = 4, image: int = 8) -> None:
+        super().__init__()
+        self.patches = nn.Conv2d(3, dim, patch, stride=patch)
+        count = (image // patch) ** 2
+        self.cls = nn.Parameter(0.1 * torch.randn(1, 1, dim))
+        self.pos = nn.Parameter(0.1 * torch.randn(1, count + 1, dim))
+        layer = nn.TransformerEncoderLayer(dim, 2, 16, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 4)
+
+    def forward(self, images: Tensor) -> Tensor:
+        h = self.patches(images).flatten(2).transpose(1, 2)  # (N, T, D)
+        h = torch.cat([self.cls.expand(len(h), -1, -1), h], dim=1) + self.pos
+        return self.head(self.norm(self.encoder(h)[:, 0]))
+
+
+class _RNNClassifier(nn.Module):
+    """Embedding + LSTM / GRU, the last hidden state classified."""
+
+    def __init__(self, kind: str, vocab: int = 11, dim: int = 6) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.rnn = getattr(nn, kind)(dim, dim, batch_first=True)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        out, _ = self.rnn(self.embed(tokens))
+        return self.head(out[:, -1])
+
+
+class _TiedGRU(nn.Module):
+    """A GRU language-model head whose output layer is tied to the input embedding."""
+
+    def __init__(self, vocab: int = 7, dim: int = 6) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.rnn = nn.GRU(dim, dim, batch_first=True)
+        self.out = nn.Linear(dim, vocab)
+        self.out.weight = self.embed.weight
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        out, _ = self.rnn(self.embed(tokens))
+        return self.out(out[:, -1])
+
+
+def _weight_norm_mlp() -> nn.Module:
+    return nn.Sequential(
+        parametrizations.weight_norm(nn.Linear(5, 8)), nn.Tanh(),
+        parametrizations.weight_norm(nn.Linear(8, 3), dim=1),
+    )  # fmt: skip
+
+
+def _spectral_norm_mlp() -> nn.Module:
+    return nn.Sequential(
+        parametrizations.spectral_norm(nn.Linear(5, 8)), nn.Tanh(), nn.Linear(8, 3)
+    )
+
+
+class _DepthwiseSE(nn.Module):
+    """Pointwise, depthwise conv + BatchNorm + SiLU, squeeze-and-excitation, head."""
+
+    def __init__(self, channels: int = 6) -> None:
+        super().__init__()
+        self.expand = nn.Conv2d(3, channels, 1)
+        self.depthwise = nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+        self.squeeze = nn.Linear(channels, 2)
+        self.excite = nn.Linear(2, channels)
+        self.head = nn.Linear(channels, 3)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-0.3, 0.3)
+            self.bn.running_var.uniform_(0.5, 1.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.silu(self.bn(self.depthwise(self.expand(x))))
+        gate = torch.sigmoid(self.excite(F.relu(self.squeeze(h.mean(dim=(2, 3))))))
+        h = h * gate[:, :, None, None]
+        return self.head(h.mean(dim=(2, 3)))
+
+
+class _PositionBuffer(nn.Module):
+    """Position embeddings looked up from a ``(1, T)`` index buffer (as Hugging Face BERT)."""
+
+    def __init__(self, vocab: int = 9, length: int = 5, dim: int = 6) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, dim)
+        self.positions = nn.Embedding(length, dim)
+        self.register_buffer("position_ids", torch.arange(length)[None], persistent=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = self.tokens(tokens) + self.positions(self.position_ids[:, : tokens.shape[1]])
+        return self.head(torch.tanh(self.norm(h)).mean(dim=1))
+
+
+class _PositionArange(nn.Module):
+    """``nn.Embedding(T, d)(arange(T)[None])`` added to token embeddings."""
+
+    def __init__(self, vocab: int = 9, length: int = 5, dim: int = 6) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, dim)
+        self.positions = nn.Embedding(length, dim)
+        self.mix = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        positions = torch.arange(tokens.shape[1], device=tokens.device)[None]
+        h = torch.tanh(self.mix(self.tokens(tokens) + self.positions(positions)))
+        return self.head(h.mean(dim=1))
+
+
+class _BatchFree(nn.Module):
+    """A learned positional ``nn.Parameter`` and a Linear called on a constant buffer."""
+
+    def __init__(self, features: int = 4, length: int = 3, dim: int = 5) -> None:
+        super().__init__()
+        self.inp = nn.Linear(features, dim)
+        self.pos = nn.Parameter(0.3 * torch.randn(1, length, dim))
+        self.register_buffer("const", torch.linspace(-1, 1, 2 * length).view(1, length, 2))
+        self.from_const = nn.Linear(2, dim)  # its input has no batch dimension
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.inp(x) + self.pos + self.from_const(self.const))
+        return self.head(h.mean(dim=1))
+
+
+class _SDPAttention(nn.Module):
+    """Self-attention through ``F.scaled_dot_product_attention`` (flash kernel on CPU)."""
+
+    def __init__(self, features: int = 4, dim: int = 8) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(features, 3 * dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, -1)).permute(2, 0, 3, 1, 4)  # (N, h, T, d)
+        h = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.head(h.transpose(1, 2).flatten(2).mean(dim=1))
+
+
+def _tiny_bert() -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=23, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=12, max_position_embeddings=16, num_labels=3,
+        hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+    )  # fmt: skip
+    return BertForSequenceClassification(config)
+
+
+def _bert_inputs(n: int, g: torch.Generator) -> dict[str, Tensor]:
+    length = 6
+    ids = torch.randint(1, 23, (n, length), generator=g)
+    lengths = torch.randint(3, length + 1, (n,), generator=g)
+    mask = (torch.arange(length)[None] < lengths[:, None]).long()
+    ids = ids * mask  # padding token 0 after each sequence
+    types = (torch.arange(length)[None] >= 3).long().expand(n, -1).clone()
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+
+def transformers_available() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 CASES = [
@@ -254,5 +461,109 @@ CASES = [
         structured={"weight"},
     ),
 ]
+
+ARCHITECTURES = [
+    ModelCase(
+        "transformer_encoder",
+        _Transformer,
+        _tokens(11, 5),
+        structured={"*"},
+        fallback={"*self_attn*"},
+    ),
+    ModelCase(
+        "transformer_norm_first",
+        lambda: _Transformer(norm_first=True),
+        _tokens(11, 5),
+        structured={"*"},
+        fallback={"*self_attn*"},
+    ),
+    ModelCase(
+        "vit",
+        _ViT,
+        _randn(3, 8, 8),
+        structured={"*"},
+        fallback={"cls", "pos", "*self_attn*"},
+    ),
+    ModelCase(
+        "lstm",
+        lambda: _RNNClassifier("LSTM"),
+        _tokens(11, 4),
+        structured={"embed.weight", "head.weight", "head.bias"},
+        fallback={"rnn.*"},
+    ),
+    ModelCase(
+        "gru",
+        lambda: _RNNClassifier("GRU"),
+        _tokens(11, 4),
+        structured={"embed.weight", "head.weight", "head.bias"},
+        fallback={"rnn.*"},
+    ),
+    ModelCase(
+        "gru_tied_embeddings",
+        _TiedGRU,
+        _tokens(7, 4),
+        structured={"out.bias"},
+        fallback={"embed.weight", "rnn.*"},
+    ),
+    ModelCase(
+        "weight_norm",
+        _weight_norm_mlp,
+        _randn(5),
+        structured={"0.bias", "2.bias"},
+        fallback={"*original*"},
+    ),
+    ModelCase(
+        "spectral_norm",
+        _spectral_norm_mlp,
+        _randn(5),
+        structured={"0.bias", "2.weight", "2.bias"},
+        fallback={"*original*"},
+    ),
+    ModelCase(
+        "depthwise_se",
+        _DepthwiseSE,
+        _randn(3, 5, 5),
+        structured={"*"},
+    ),
+    ModelCase(
+        "position_buffer",
+        _PositionBuffer,
+        _tokens(9, 5),
+        structured={"tokens.weight", "norm.weight", "norm.bias", "head.weight", "head.bias"},
+        fallback={"positions.weight"},
+    ),
+    ModelCase(
+        "position_arange",
+        _PositionArange,
+        _tokens(9, 5),
+        structured={"tokens.weight", "mix.weight", "mix.bias", "head.weight", "head.bias"},
+        fallback={"positions.weight"},
+    ),
+    ModelCase(
+        "batch_free_inputs",
+        _BatchFree,
+        _randn(3, 4),
+        structured={"inp.weight", "inp.bias", "head.weight", "head.bias"},
+        fallback={"pos", "from_const.weight", "from_const.bias"},
+    ),
+    ModelCase(
+        "sdpa_attention",
+        _SDPAttention,
+        _randn(4, 4),
+        structured={"qkv.weight", "qkv.bias", "head.weight", "head.bias"},
+    ),
+]
+if transformers_available():
+    ARCHITECTURES.append(
+        ModelCase(
+            "hf_bert",
+            _tiny_bert,
+            _bert_inputs,
+            output_fn=lambda out: out.logits,
+            structured={"*"},
+            fallback={"*position_embeddings*"},  # position ids from a (1, T) buffer
+        )
+    )
+CASES += ARCHITECTURES
 
 CASES_BY_NAME = {case.name: case for case in CASES}

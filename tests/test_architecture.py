@@ -79,4 +79,4 @@ def test_the_check_sees_upward_imports():
 
 def test_package_root_holds_only_entry_modules_and_subpackages():
     modules = {p.name for p in PACKAGE.glob("*.py")}
-    assert modules == {"__init__.py", "exceptions.py", "lightning.py", "linearization.py"}
+    assert modules == {"__init__.py", "exceptions.py", "lightning.py"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -19,6 +20,11 @@ COMMANDS: dict[str, tuple[list[str], str]] = {
     ),
     "cnn_batchnorm.py": ([str(EXAMPLES / "cnn_batchnorm.py"), "--fast"], "ntk/layer/"),
     "uncertainty.py": ([str(EXAMPLES / "uncertainty.py")], "OK: wider networks"),
+    # prints "skipping" and exits 0 where transformers is not installed
+    "huggingface_text_classifier.py": (
+        [str(EXAMPLES / "huggingface_text_classifier.py")],
+        "OK: every ntk metric finite" if importlib.util.find_spec("transformers") else "skipping",
+    ),
     "lightning_cli": (
         [
             str(EXAMPLES / "lightning_cli" / "train.py"),
@@ -62,7 +68,9 @@ def test_example_runs(name, tmp_path):
     for module, extra in REQUIRES.get(name, {}).items():
         pytest.importorskip(module, reason=f"{name} needs {module} (the `{extra}` extra)")
     args, expected = COMMANDS[name]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    # the package of this checkout, whatever an editable install elsewhere points to
+    path = os.pathsep.join(filter(None, [str(EXAMPLES.parent), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": path}
     result = subprocess.run(
         [sys.executable, *args],
         cwd=tmp_path,  # logs (lightning_logs/) land in the temporary directory

@@ -66,10 +66,10 @@ def test_a_kernel_pytorch_cannot_compute_is_nan_with_one_warning(monkeypatch):
 
 
 def test_a_linearization_pytorch_cannot_compute_is_nan_with_one_warning(monkeypatch):
-    def no_forward_ad(fm, theta0, theta, x):
+    def no_forward_ad(fm, theta0, x):  # nor any of the linearized model's fall-backs
         raise NotImplementedError("Trying to use forward AD with aten::_fused_op")
 
-    monkeypatch.setattr(_measure, "linearized_logits", no_forward_ad)
+    monkeypatch.setattr(_measure, "_linearized", no_forward_ad)
     monitor = NTKMonitor(n_probe=9, log_base=2)
     trainer, caught = _fit(monitor)
     assert trainer.global_step == 8 and len(monitor.history) == 3

@@ -1,50 +1,49 @@
 """The empirical NTK engine: one exact kernel, several ways to compute it.
 
-Methods (all exact; they differ only in cost):
+Methods (all exact; they differ only in cost), in the order of the fall-back chain:
 
 * ``"structured"`` (:mod:`.structured`): per-layer contractions from layer inputs and
   output cotangents; never forms a per-example gradient where the layer's structure
-  makes it unnecessary. Unsupported parameters fall back to Jacobian contraction.
+  makes it unnecessary. Unsupported parameters use per-example Jacobians.
 * ``"jacobian"`` (:mod:`.jacobian`): ``vmap(jacrev)`` per-example Jacobians, contracted.
 * ``"ntk_vp"`` (:mod:`.ntk_vp`): NTK-vector products (vjp then jvp), memory-light.
-* ``"auto"``: the cheapest of the above by the cost model in :func:`choose_method`.
+* ``"loop"`` (:mod:`.loop`): one reverse-mode gradient per example and class, no
+  ``vmap`` and no forward mode: runs on any model that can be trained.
+* ``"auto"``: the cheapest of the above (see :func:`choose_method`).
+
+**Fall-back.** When PyTorch cannot run a method on a model (an op without a batching or
+forward-mode rule, data-dependent control flow such as ``.item()``, a fused kernel), the
+call moves on to the next method of the chain; every method is exact, so the kernel is
+the same. :func:`last_call_info` tells which method produced the last kernel, which
+failed and why; the same is logged at DEBUG level on the ``"lightning_ntk"`` logger.
 """
 
 from __future__ import annotations
 
-from enum import Enum
+import logging
+import threading
 from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
+from . import _inputs
 from ._functional import FunctionalModel, OutputFn, ParamSelector, check_inputs, exact_matmuls
-from ._layout import check_output, symmetrize, transpose_kernel
-from .jacobian import JacobianMethod
-from .ntk_vp import NTKVPMethod
-from .structured import StructuredMethod, StructurePlan, plan_structure
+from ._layout import check_output
+from ._methods import NTKCallInfo, NTKMethod, choose_method
+from ._run import Run
 
-__all__ = ["NTKMethod", "choose_method", "empirical_ntk"]
+__all__ = ["NTKCallInfo", "NTKMethod", "choose_method", "empirical_ntk", "last_call_info"]
 
-# Above this many numbers in one Jacobian block, "auto" prefers NTK-vector products.
-_JACOBIAN_BUDGET = 2**28
+_log = logging.getLogger("lightning_ntk.kernel")
 
 
-class NTKMethod(str, Enum):
-    """How :func:`empirical_ntk` computes the kernel; every method is exact."""
+_LAST = threading.local()
 
-    AUTO = "auto"
-    """The cheapest exact method for the model and layout (see :func:`choose_method`)."""
 
-    STRUCTURED = "structured"
-    """Per-layer contractions ``(H Hᵀ) ⊙ (G Gᵀ)``; the default whenever a supported layer
-    (Linear, Conv, Embedding, norm affine) holds trainable parameters."""
-
-    JACOBIAN = "jacobian"
-    """Materialised per-example Jacobians; any model; memory ``O(N·C·P)`` per block."""
-
-    NTK_VP = "ntk_vp"
-    """NTK-vector products; any model; memory ``O(P)`` per cotangent group, slowest."""
+def last_call_info() -> Optional[NTKCallInfo]:
+    """:class:`NTKCallInfo` of the last :func:`empirical_ntk` call in this thread."""
+    return getattr(_LAST, "info", None)
 
 
 def _check_method(method: Union[str, NTKMethod]) -> NTKMethod:
@@ -55,28 +54,10 @@ def _check_method(method: Union[str, NTKMethod]) -> NTKMethod:
         raise ValueError(f"Expected `method` to be one of {choices} but got {method!r}.") from None
 
 
-def choose_method(
-    fm: FunctionalModel, plan: StructurePlan, num_classes: int, chunk: int
-) -> NTKMethod:
-    """The cost model behind ``method="auto"``.
-
-    * If any supported layer holds a selected parameter, ``"structured"``: its kernel
-      for a Linear layer costs ``N²·(d_in + C²·d_out)`` against the ``N²·C²·d_in·d_out``
-      of contracting Jacobians, and it falls back to Jacobians for the rest anyway.
-    * Otherwise ``"jacobian"`` while one Jacobian block (``chunk·C·P`` numbers) fits the
-      budget, else ``"ntk_vp"``, whose memory does not grow with ``N·C·P``.
-    """
-    if plan.structured_names:
-        return NTKMethod.STRUCTURED
-    if chunk * num_classes * fm.num_params <= _JACOBIAN_BUDGET:
-        return NTKMethod.JACOBIAN
-    return NTKMethod.NTK_VP
-
-
 def empirical_ntk(
     model: nn.Module,
-    x1: Tensor,
-    x2: Optional[Tensor] = None,
+    x1: Any,
+    x2: Optional[Any] = None,
     *,
     output: str = "full",
     method: Union[str, NTKMethod] = "auto",
@@ -87,6 +68,7 @@ def empirical_ntk(
     output_fn: OutputFn = None,
     store_on: Union[str, torch.device, None] = None,
     distributed: bool = False,
+    fallback: bool = True,
 ) -> Union[Tensor, dict[str, Tensor]]:
     """Empirical Neural Tangent Kernel ``Θ(X1, X2) = J(X1) J(X2)ᵀ`` of a classifier.
 
@@ -95,15 +77,19 @@ def empirical_ntk(
 
     Args:
         model: the network (a ``torch.compile`` wrapper is fine). Evaluated functionally
-            with its buffers, in eval mode (BatchNorm running statistics, no dropout);
-            its parameters, buffers, ``.grad``, modes and the global RNG are left as found.
-        x1: inputs ``(N1, ...)``; integer inputs for models that start with an embedding.
-        x2: inputs ``(N2, ...)`` with the per-example shape of ``x1``; ``None`` means
-            ``x1``, which reuses work and returns an exactly symmetric kernel.
+            with its buffers, in eval mode (BatchNorm running statistics, no dropout),
+            with the math equivalents of fused attention kernels; its parameters,
+            buffers, ``.grad``, modes, backend flags and the global RNG are left as found.
+        x1: inputs ``(N1, ...)``: a tensor (integer inputs for models that start with an
+            embedding), or a mapping / tuple of tensors sharing the batch dimension,
+            passed as ``model(**x1)`` / ``model(*x1)`` (e.g. ``input_ids`` and
+            ``attention_mask``).
+        x2: inputs ``(N2, ...)`` with the structure and per-example shapes of ``x1``;
+            ``None`` means ``x1``, which reuses work and returns an exactly symmetric kernel.
         output: ``"full"`` → ``(N1, N2, C, C)``; ``"diagonal"`` → ``(N1, N2, C)`` with
             ``Θ[i, j, a, a]``; ``"trace"`` → ``(N1, N2)``, the mean over classes.
-        method: ``"auto"``, ``"structured"``, ``"jacobian"`` or ``"ntk_vp"`` (see
-            :class:`NTKMethod`); all return the same kernel.
+        method: ``"auto"``, ``"structured"``, ``"jacobian"``, ``"ntk_vp"`` or ``"loop"``
+            (see :class:`NTKMethod`); all return the same kernel.
         params: ``None`` for all trainable parameters (frozen ones are excluded); a name
             or list of names (a module name selects its parameters); or a predicate
             ``(name, parameter) -> bool``.
@@ -119,6 +105,9 @@ def empirical_ntk(
             ``torch.distributed`` process group (every rank must call, with the same
             inputs); each rank computes its share and one all-reduce assembles the kernel
             on all ranks. Ignored when no process group is initialised.
+        fallback: when the method cannot run on the model, move on to the next exact
+            method of the chain structured → jacobian → ntk_vp → loop (default); with
+            ``False`` its error is raised. See :func:`last_call_info`.
 
     Returns:
         The kernel in the requested layout, on the model's device, in the compute dtype;
@@ -127,12 +116,16 @@ def empirical_ntk(
     Raises:
         ValueError / TypeError: bad arguments or inputs, naming the argument, what came
             and what was expected; non-finite logits. Raised before any heavy work.
+        RuntimeError: no method of the chain could run on the model (the last error,
+            with every method's error in the message).
     """
     check_output(output)
     method = _check_method(method)
     check_inputs(x1, x2)
     if not isinstance(per_layer, bool):
         raise TypeError(f"Expected `per_layer` to be a bool but got {per_layer!r}.")
+    if not isinstance(fallback, bool):
+        raise TypeError(f"Expected `fallback` to be a bool but got {fallback!r}.")
     if chunk_size is not None and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
     ):
@@ -143,14 +136,14 @@ def empirical_ntk(
     fm = FunctionalModel(model, params=params, output_fn=output_fn, dtype=dtype)
     return ntk_of(
         fm, x1, x2, output=output, method=method, per_layer=per_layer, chunk_size=chunk_size,
-        store_on=store_on, distributed=distributed,
+        store_on=store_on, distributed=distributed, fallback=fallback,
     )  # fmt: skip
 
 
 def ntk_of(
     fm: FunctionalModel,
-    x1: Tensor,
-    x2: Optional[Tensor] = None,
+    x1: Any,
+    x2: Optional[Any] = None,
     *,
     output: str = "full",
     method: Union[str, NTKMethod] = NTKMethod.AUTO,
@@ -158,6 +151,7 @@ def ntk_of(
     chunk_size: Optional[int] = None,
     store_on: Union[str, torch.device, None] = None,
     distributed: bool = False,
+    fallback: bool = True,
 ) -> Union[Tensor, dict[str, Tensor]]:
     """:func:`empirical_ntk` of a functional view the caller already built.
 
@@ -174,86 +168,12 @@ def ntk_of(
             num_classes = fm.checked_logits(x1, "x1").shape[1]
             if not symmetric:
                 fm.checked_logits(x2, "x2")
-        chunk = chunk_size or max(x1.shape[0], x2.shape[0])
-        plan = None
-        if method in (NTKMethod.AUTO, NTKMethod.STRUCTURED):
-            plan = plan_structure(fm, x1)
-        if method is NTKMethod.AUTO:
-            method = choose_method(fm, plan, num_classes, chunk)
-        engine: Any
-        if method is NTKMethod.STRUCTURED:
-            engine = StructuredMethod(fm, output, per_layer, plan, block_size=chunk)
-        elif method is NTKMethod.JACOBIAN:
-            engine = JacobianMethod(fm, output, per_layer)
-        else:
-            engine = NTKVPMethod(fm, output, per_layer)
-
-        keys = list(fm.names) if per_layer else [""]
-        layout = {"full": (num_classes, num_classes), "diagonal": (num_classes,), "trace": ()}
-        shape = (x1.shape[0], x2.shape[0], *layout[output])
-        blocks = _blockwise(
-            engine, x1, x2, chunk, symmetric, output, keys, shape,
-            None if store_on is None else torch.device(store_on), distributed,
+        n1, n2 = _inputs.batch_size(x1), _inputs.batch_size(x2)
+        run = Run(
+            fm, x1, x2, output, per_layer, chunk_size or max(n1, n2), symmetric,
+            None if store_on is None else torch.device(store_on), distributed, num_classes,
         )  # fmt: skip
+        blocks, info = run.execute(method, fallback)
+    _LAST.info = info
+    _log.debug("empirical_ntk: %s", info.summary())
     return blocks if per_layer else blocks[""]
-
-
-def _blockwise(
-    engine: Any,
-    x1: Tensor,
-    x2: Tensor,
-    chunk: int,
-    symmetric: bool,
-    output: str,
-    keys: list[str],
-    shape: tuple[int, ...],
-    store_on: Optional[torch.device],
-    distributed: bool,
-) -> dict[str, Tensor]:
-    """Assemble kernel blocks of ``chunk`` examples each; for ``x2 = x1`` only ``j ≥ i``.
-
-    When ``distributed``, the ranks of the default process group take contiguous, equal
-    shares of the blocks (each block is computed by exactly one rank, so a sum all-reduce
-    assembles the kernel on every rank). Blocks are kept on ``store_on`` as computed.
-    """
-    rank, world = _rank_and_world(distributed)
-    device = x1.device if world > 1 else (store_on or x1.device)
-    result = {key: torch.zeros(shape, dtype=engine.fm.dtype, device=device) for key in keys}
-    pairs = [
-        (s1, s2)
-        for bi, s1 in enumerate(range(0, x1.shape[0], chunk))
-        for bj, s2 in enumerate(range(0, x2.shape[0], chunk))
-        if not (symmetric and bj < bi)
-    ]
-    share = pairs[rank * len(pairs) // world : (rank + 1) * len(pairs) // world]
-    cached_start, f1 = None, None
-    for s1, s2 in share:  # contiguous, so a row's features are computed once per rank
-        rows, cols = slice(s1, s1 + chunk), slice(s2, s2 + chunk)
-        if cached_start != s1:
-            cached_start, f1 = s1, engine.features(x1[rows])
-        f2 = f1 if symmetric and s1 == s2 else engine.features(x2[cols])
-        for key, block in engine.block(f1, f2).items():
-            block = block.to(device)
-            result[key][rows, cols] = block
-            if symmetric and s1 != s2:
-                result[key][cols, rows] = transpose_kernel(block, output)
-    if world > 1:
-        import torch.distributed as dist
-
-        for key in keys:
-            dist.all_reduce(result[key])
-            if store_on is not None:
-                result[key] = result[key].to(store_on)
-    if symmetric:
-        result = {key: symmetrize(K, output) for key, K in result.items()}
-    return result
-
-
-def _rank_and_world(distributed: bool) -> tuple[int, int]:
-    if not distributed:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return 0, 1
-    return dist.get_rank(), dist.get_world_size()

@@ -33,10 +33,22 @@ class ForwardModule(nn.Module):
         self.model = unwrap_module(model)
         self._forward_fn = forward_fn
 
-    def forward(self, x: Tensor) -> Any:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """``forward_fn(model, x)`` with the batch ``x`` whole, else ``model(...)``.
+
+        The engine calls ``module(x)``, ``module(**x)`` or ``module(*x)`` for a tensor, a
+        mapping or a tuple batch (:mod:`._inputs`); ``forward_fn`` receives the batch as
+        it was given.
+        """
         with _eager():
             if self._forward_fn is None:
-                return self.model(x)
+                return self.model(*args, **kwargs)
+            if kwargs and not args:
+                x: Any = dict(kwargs)
+            elif len(args) == 1 and not kwargs:
+                x = args[0]
+            else:
+                x = tuple(args)
             return self._forward_fn(self.model, x)
 
 

@@ -7,7 +7,9 @@ linearized model, the tracker) goes through :class:`FunctionalModel`, so that th
 * evaluate with ``torch.func.functional_call`` and never write to the module: no
   parameter, buffer (BatchNorm running statistics), ``.grad`` or RNG state changes,
 * see BatchNorm and dropout as in eval mode, with autocast off,
-* turn tuple / dict outputs into ``(N, C)`` logits through ``output_fn``.
+* turn tuple / dict outputs into ``(N, C)`` logits through ``output_fn``,
+* take inputs that are a tensor, or a mapping / tuple of tensors sharing the batch
+  dimension (:mod:`._inputs`): ``model(x)``, ``model(**x)`` or ``model(*x)``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+
+from . import _inputs
+from ._compat import math_kernels
 
 ParamSelector = Union[None, str, Sequence[str], Callable[[str, nn.Parameter], bool]]
 OutputFn = Optional[Callable[[Any], Tensor]]
@@ -120,13 +125,18 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def exact_matmuls(device: torch.device) -> Iterator[None]:
-    """Full-precision float32 matmuls (no TF32) and no autocast inside the block."""
+    """The engine's numerics inside the block: exact matmuls, no autocast, math kernels.
+
+    Full-precision float32 matmuls (no TF32), autocast off, and the math equivalents of
+    fused attention / Transformer fast paths (:func:`._compat.math_kernels`), which have
+    no forward-mode derivative. Every setting is restored on exit.
+    """
     matmul_precision = torch.get_float32_matmul_precision()
     cudnn_tf32 = torch.backends.cudnn.allow_tf32
     try:
         torch.set_float32_matmul_precision("highest")
         torch.backends.cudnn.allow_tf32 = False
-        with torch.autocast(device_type=device.type, enabled=False):
+        with torch.autocast(device_type=device.type, enabled=False), math_kernels():
             yield
     finally:
         torch.set_float32_matmul_precision(matmul_precision)
@@ -183,23 +193,23 @@ class FunctionalModel:
         """Number of scalar parameters P spanning the kernel."""
         return sum(p.numel() for p in self.params.values())
 
-    def cast_input(self, x: Tensor) -> Tensor:
-        """Move an input batch to the model's device and, if floating, to the compute dtype."""
-        x = x.to(self.device)
-        return self._cast(x)
+    def cast_input(self, x: Any) -> Any:
+        """An input batch (tensor, mapping or tuple) on the model's device, floats in dtype."""
+        return _inputs.map_tensors(x, lambda t: self._cast(t.to(self.device)))
 
-    def raw(self, params: Mapping[str, Tensor], x: Tensor) -> Any:
+    def raw(self, params: Mapping[str, Tensor], x: Any) -> Any:
         """The model's raw output at ``params`` (eval mode, buffers as they are)."""
+        args, kwargs = _inputs.call_args(x)
         with eval_mode(self.module):
-            return functional_call(self.module, (dict(params), self.constants), (x,))
+            return functional_call(self.module, (dict(params), self.constants), args, kwargs)
 
     def __call__(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
         """Logits ``(N, C)`` of the batch ``x`` at parameters ``params``."""
         return self.to_logits(self.raw(params, x))
 
-    def single(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+    def single(self, params: Mapping[str, Tensor], x: Any) -> Tensor:
         """Logits ``(C,)`` of one example ``x`` (no batch dimension), for ``vmap``."""
-        return self(params, x.unsqueeze(0)).squeeze(0)
+        return self(params, _inputs.unsqueeze(x)).squeeze(0)
 
     def to_logits(self, out: Any) -> Tensor:
         """Apply ``output_fn`` and check that the result is an ``(N, C)`` tensor."""
@@ -274,7 +284,7 @@ class FunctionalModel:
         except (TypeError, ValueError):
             raise
         except RuntimeError as err:
-            if not x.is_floating_point():
+            if not _inputs.is_floating(x) and isinstance(x, Tensor):
                 raise TypeError(
                     f"`{argname}` has dtype {x.dtype} and the model failed on it ({err}); "
                     "integer inputs suit models that start with an embedding; pass float "
@@ -283,13 +293,16 @@ class FunctionalModel:
             failing = self._failing_layer(x)
             if failing is None:
                 raise
+            got = (
+                f"of shape {tuple(x.shape)} (per-example shape {tuple(x.shape[1:])})"
+                if isinstance(x, Tensor)
+                else f"({_inputs.describe(x)})"
+            )
+            raise ValueError(f"The model failed on `{argname}` {got}: {failing} ({err})") from err
+        n = _inputs.batch_size(x)
+        if logits.shape[0] != n:
             raise ValueError(
-                f"The model failed on `{argname}` of shape {tuple(x.shape)} (per-example shape "
-                f"{tuple(x.shape[1:])}): {failing} ({err})"
-            ) from err
-        if logits.shape[0] != x.shape[0]:
-            raise ValueError(
-                f"The model maps {x.shape[0]} examples of `{argname}` to {logits.shape[0]} "
+                f"The model maps {n} examples of `{argname}` to {logits.shape[0]} "
                 f"rows of logits (shape {tuple(logits.shape)}); expected one row per example."
             )
         bad = ~torch.isfinite(logits).all(dim=1)
@@ -317,24 +330,31 @@ def _describe_failure(name: str, module: nn.Module, shapes: list[tuple[int, ...]
 
 
 def check_inputs(x1: Any, x2: Any = None) -> None:
-    """Validate the probe batches of a kernel call before any heavy work."""
-    for name, x in (("x1", x1), ("x2", x2)):
-        if x is None and name == "x2":
-            continue
-        if not isinstance(x, Tensor):
-            raise TypeError(f"Expected `{name}` to be a torch.Tensor but got {type(x).__name__}.")
-        if x.ndim == 0 or x.shape[0] == 0:
+    """Validate the probe batches of a kernel call before any heavy work.
+
+    Each is a tensor ``(N, ...)`` or a mapping / tuple of tensors sharing the batch
+    dimension; ``x2`` must have the structure and per-example shapes of ``x1``.
+    """
+    _inputs.check_batch("x1", x1)
+    if x2 is None:
+        return
+    _inputs.check_batch("x2", x2)
+    if isinstance(x1, Tensor) and isinstance(x2, Tensor):
+        if x2.shape[1:] != x1.shape[1:]:
             raise ValueError(
-                f"Expected `{name}` to be a non-empty batch of shape (N, ...) with N >= 1 but "
-                f"got shape {tuple(x.shape)}."
+                f"Expected `x2` to have the per-example shape of `x1`, {tuple(x1.shape[1:])}, "
+                f"but got {tuple(x2.shape[1:])} (x1: {tuple(x1.shape)}, x2: {tuple(x2.shape)})."
             )
-    if x2 is not None and x2.shape[1:] != x1.shape[1:]:
+        if x1.is_floating_point() != x2.is_floating_point():
+            raise TypeError(
+                f"`x1` and `x2` must both be floating or both be integer; got {x1.dtype} and "
+                f"{x2.dtype}."
+            )
+        return
+    sig1 = [(k, s) for k, s, *_ in _inputs.example_signature(x1)]
+    sig2 = [(k, s) for k, s, *_ in _inputs.example_signature(x2)]
+    if type(x1) is not type(x2) or sig1 != sig2:
         raise ValueError(
-            f"Expected `x2` to have the per-example shape of `x1`, {tuple(x1.shape[1:])}, but "
-            f"got {tuple(x2.shape[1:])} (x1: {tuple(x1.shape)}, x2: {tuple(x2.shape)})."
-        )
-    if x2 is not None and x1.is_floating_point() != x2.is_floating_point():
-        raise TypeError(
-            f"`x1` and `x2` must both be floating or both be integer; got {x1.dtype} and "
-            f"{x2.dtype}."
+            f"Expected `x2` to have the structure and per-example shapes of `x1` "
+            f"but got x1: {_inputs.describe(x1)}, x2: {_inputs.describe(x2)}."
         )

@@ -12,6 +12,7 @@ differentiable model: it is the fallback of every other method.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -21,12 +22,12 @@ from ._functional import FunctionalModel
 from ._layout import contract_jacobians
 
 
-def jacobians(fm: FunctionalModel, x: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
+def jacobians(fm: FunctionalModel, x: Any, names: Sequence[str]) -> dict[str, Tensor]:
     """Per-example Jacobians ``{name: (N, C, P_l)}`` of the logits w.r.t. ``names``."""
     wrt = {name: fm.params[name] for name in names}
     fixed = {name: p for name, p in fm.params.items() if name not in wrt}
 
-    def logits(wrt_params: dict[str, Tensor], x_single: Tensor) -> Tensor:
+    def logits(wrt_params: dict[str, Tensor], x_single: Any) -> Tensor:
         return fm.single({**fixed, **wrt_params}, x_single)
 
     jac = vmap(jacrev(logits), in_dims=(None, 0))(wrt, x)  # {name: (N, C, *shape)}
@@ -52,7 +53,7 @@ class JacobianMethod:
     def __init__(self, fm: FunctionalModel, output: str, per_layer: bool) -> None:
         self.fm, self.output, self.per_layer = fm, output, per_layer
 
-    def features(self, x: Tensor) -> dict[str, Tensor]:
+    def features(self, x: Any) -> dict[str, Tensor]:
         """Per-example Jacobians ``{name: (N, C, P_l)}`` of a chunk."""
         return jacobians(self.fm, x, self.fm.names)
 

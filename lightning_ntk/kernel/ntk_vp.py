@@ -15,12 +15,13 @@ needs no knowledge of the layers. The full kernel is always computed; ``"diagona
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
+from . import _inputs
 from ._functional import FunctionalModel
 from ._layout import reduce_full
 
@@ -43,14 +44,14 @@ class NTKVPMethod:
         self.fm, self.output, self.per_layer = fm, output, per_layer
         self.group_size = group_size
 
-    def features(self, x: Tensor) -> Tensor:
+    def features(self, x: Any) -> Any:
         """The chunk itself: every block runs its own vjp / jvp."""
         return x  # nothing to precompute: every block runs its own vjp / jvp
 
-    def block(self, x1: Tensor, x2: Tensor) -> dict[str, Tensor]:
+    def block(self, x1: Any, x2: Any) -> dict[str, Tensor]:
         """Kernel block ``Θ(x1, x2)``: one entry per parameter, or the total under ``""``."""
         fm = self.fm
-        N1, N2 = x1.shape[0], x2.shape[0]
+        N1, N2 = _inputs.batch_size(x1), _inputs.batch_size(x2)
         logits2, vjp_fn = vjp(lambda p: fm(p, x2), fm.params)
         C = logits2.shape[1]
         group = self.group_size or max(1, min(N2 * C, _TANGENT_BUDGET // max(fm.num_params, 1)))
@@ -67,7 +68,7 @@ class NTKVPMethod:
             blocks[key] = reduce_full(cols.permute(2, 0, 3, 1), self.output)
         return blocks
 
-    def _push_forward(self, x1: Tensor, tangents: dict[str, Tensor], key: str) -> Tensor:
+    def _push_forward(self, x1: Any, tangents: dict[str, Tensor], key: str) -> Tensor:
         """``J(X1) t`` for each tangent ``t`` in the group: ``(k, N1, C)``."""
         fm = self.fm
         if key == "":

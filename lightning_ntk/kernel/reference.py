@@ -1,27 +1,29 @@
 """Slow, dense, float64 reference for the empirical NTK.
 
-It materialises the whole Jacobian ``J (N, C, P)`` with ``vmap(jacrev)`` in float64 and
-contracts it with one ``einsum``. It is exact and simple by design, and it is what every
-fast method in :mod:`lightning_ntk.kernel` is tested against. Memory is ``O(N·C·P)``:
-use it on small models and probe sets only.
+It materialises the whole Jacobian ``J (N, C, P)`` in float64, one reverse-mode gradient
+per example and class (a plain loop of ``torch.autograd.grad``: no ``vmap``, no
+forward-mode AD, so it runs on every model that can be trained), and contracts it with
+one ``einsum``. It is exact and simple by design, and it is what every fast method in
+:mod:`lightning_ntk.kernel` is tested against. Memory is ``O(N·C·P)``: use it on small
+models and probe sets only.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.func import jacrev, vmap
 
-from ._functional import FunctionalModel, OutputFn, ParamSelector, check_inputs
+from ._functional import FunctionalModel, OutputFn, ParamSelector, check_inputs, exact_matmuls
 from ._layout import check_output
+from .loop import loop_jacobians
 
 
 def reference_ntk(
     model: nn.Module,
-    x1: Tensor,
-    x2: Optional[Tensor] = None,
+    x1: Any,
+    x2: Optional[Any] = None,
     *,
     output: str = "full",
     params: ParamSelector = None,
@@ -31,8 +33,9 @@ def reference_ntk(
 
     Args:
         model: the network; evaluated functionally in eval mode, never mutated.
-        x1: inputs ``(N1, ...)``.
-        x2: inputs ``(N2, ...)``; ``None`` means ``x1``.
+        x1: inputs ``(N1, ...)``: a tensor, or a mapping / tuple of tensors sharing the
+            batch dimension.
+        x2: inputs ``(N2, ...)`` of the same structure; ``None`` means ``x1``.
         output: ``"full" (N1, N2, C, C)``, ``"diagonal" (N1, N2, C)`` or
             ``"trace" (N1, N2)`` (mean over classes).
         params: parameter selection, as in :func:`lightning_ntk.empirical_ntk`.
@@ -46,15 +49,16 @@ def reference_ntk(
     fm = FunctionalModel(model, params=params, output_fn=output_fn, dtype=torch.float64)
     x1 = fm.cast_input(x1)
     x2 = x1 if x2 is None else fm.cast_input(x2)
-    fm.checked_logits(x1, "x1")
-    fm.checked_logits(x2, "x2")
+    with exact_matmuls(fm.device):
+        fm.checked_logits(x1, "x1")
+        fm.checked_logits(x2, "x2")
 
-    def flat_jacobian(x: Tensor) -> Tensor:
-        jac = vmap(jacrev(fm.single), in_dims=(None, 0))(fm.params, x)  # {name: (N, C, *shape)}
-        return torch.cat([j.reshape(*j.shape[:2], -1) for j in jac.values()], dim=2)  # (N, C, P)
+        def flat_jacobian(x: Any) -> Tensor:
+            jac = loop_jacobians(fm, x, fm.names)  # {name: (N, C, P_l)}
+            return torch.cat(list(jac.values()), dim=2)  # (N, C, P)
 
-    J1 = flat_jacobian(x1)
-    J2 = flat_jacobian(x2)
+        J1 = flat_jacobian(x1)
+        J2 = flat_jacobian(x2)
     K = torch.einsum("iap,jbp->ijab", J1, J2)  # (N1, N2, C, C)
     if output == "full":
         return K

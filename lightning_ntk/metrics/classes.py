@@ -18,14 +18,15 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from ..linearization import (
+from ..linearization.distances import (
     _argmax_equal_rows,
     _check_logits,
     _linearization_error_compute,
     _linearization_error_update,
     _prob_tv_rows,
 )
-from .functional import _logit_norm_rows, _target_alignment_compute, _target_alignment_update
+from ._alignment import _target_alignment_compute, _target_alignment_update
+from .functional import _logit_norm_rows
 
 __all__ = ["ArgmaxAgreement", "LinearizationError", "LogitNorm", "ProbTV", "TargetAlignment"]
 
@@ -62,7 +63,7 @@ class TargetAlignment(_PlotMixin, Metric):
     The probe kernel ``K (N, N)`` (or ``(N, N, C)`` / ``(N, N, C, C)``, reduced to trace)
     arrives as row blocks ``K[B, :]`` that together hold every row once, e.g. from
     ``empirical_ntk(model, x[B], x)``. The metric keeps ``O(C²)`` sufficient statistics
-    (see :func:`~lightning_ntk.metrics.functional._target_alignment_update`), so the
+    (see :func:`~lightning_ntk.metrics._alignment._target_alignment_update`), so the
     ``N × N`` kernel is never held at once. ``K`` must be symmetric (a kernel of the
     probe set with itself).
 

@@ -22,17 +22,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple, Optional, TypeVar, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, TypeVar, cast
 
 import torch
 from torch import Tensor
 
 from .. import metrics
-from ..kernel import ntk_of
+from ..kernel import last_call_info, ntk_of
 from ..kernel._forward import module_of
 from ..kernel._functional import FunctionalModel, exact_matmuls
+from ..kernel._inputs import batch_size
 from ..kernel.batch_statistics import BatchStatisticsModel, batch_ntk_of, linearized_logits
-from ..linearization import argmax_agreement, linearization_error, prob_tv
+from ..linearization import LinearizedModel, argmax_agreement, linearization_error, prob_tv
 from ._setup import Setup, logit_optimum
 from ._verdict import LogitContext, Thresholds, diagnose, logit_slope
 from .report import NUMERIC_FIELDS, NTKReport, layer_drift, safe_spectrum, safe_value
@@ -131,9 +132,7 @@ def measure(tracker: NTKTracker, fm: FunctionalModel, step: int) -> Measurement:
         layers = layer_drift(metrics, K, K_layers, state["K0_layers"])
     if finite:
         # f, f0 and f_lin through the same forward: unmoved parameters, exactly zero drift
-        linearized = attempt(
-            failures, "linearized model", lambda: linearized_logits(fm, theta0, fm.params, x)
-        )
+        linearized = attempt(failures, "linearized model", lambda: _linearized(fm, theta0, x))
         if linearized is not None:
             logits_lin, logits0 = linearized
             values["linearization_error"] = safe_value(
@@ -185,6 +184,21 @@ def measure(tracker: NTKTracker, fm: FunctionalModel, step: int) -> Measurement:
     return Measurement(report, layers, kernel, eigenvalues, failures)
 
 
+def _linearized(fm: FunctionalModel, theta0: dict, x: Any) -> tuple[Tensor, Tensor]:
+    """``(f_lin, f0)`` by one ``jvp``, else the linearized model's exact fall-backs.
+
+    Where an op has no forward-mode rule, :mod:`lightning_ntk.linearization` computes
+    ``J0 (θ − θ0)`` by checked reverse-mode routes.
+    """
+    try:
+        return linearized_logits(fm, theta0, fm.params, x)
+    except RuntimeError:
+        if isinstance(fm, BatchStatisticsModel):
+            raise
+        with torch.no_grad():
+            return LinearizedModel.of(fm, theta0, buffers="current").logits_and_initial(x)
+
+
 def probe_kernel(
     tracker: NTKTracker, fm: FunctionalModel, method: str, per_layer: bool
 ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -201,9 +215,10 @@ def probe_kernel(
             method=method,
             per_layer=per_layer,
             # two blocks of probe rows per rank: each rank gets its share of the pairs
-            chunk_size=None if world == 1 else max(1, math.ceil(len(probe) / (2 * world))),
+            chunk_size=None if world == 1 else max(1, math.ceil(batch_size(probe) / (2 * world))),
             distributed=world > 1,
         )
+        tracker.kernel_info = last_call_info()
     if not per_layer:
         assert isinstance(result, Tensor)
         return result, {}

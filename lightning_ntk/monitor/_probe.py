@@ -32,7 +32,9 @@ def default_batch_to_xy(batch: Any) -> tuple[Any, Optional[Tensor]]:
     * a tensor is all inputs;
     * a tuple / list is ``(inputs, labels, ...)``;
     * a mapping uses the first of the keys ``x, input, inputs, input_ids, features,
-      image, images, data`` for inputs and ``y, label, labels, target, targets`` for labels.
+      image, images, data`` for inputs and ``y, label, labels, target, targets`` for labels;
+      a tokenizer's batch (``input_ids`` with ``attention_mask`` etc.) keeps every field
+      but the labels as the inputs, a mapping passed to the model as keyword arguments.
 
     Raises:
         TypeError: a batch of another type, or a mapping without a known input key.
@@ -47,7 +49,10 @@ def default_batch_to_xy(batch: Any) -> tuple[Any, Optional[Tensor]]:
                 f"{_INPUT_KEYS}. Pass `batch_to_xy=lambda batch: (inputs, labels)`."
             )
         y_key = next((k for k in _LABEL_KEYS if k in batch), None)
-        return batch[x_key], (batch[y_key] if y_key is not None else None)
+        labels = batch[y_key] if y_key is not None else None
+        if x_key == "input_ids":  # a tokenizer's batch: the model takes every field by name
+            return {k: v for k, v in batch.items() if k != y_key}, labels
+        return batch[x_key], labels
     if isinstance(batch, (tuple, list)) and len(batch) >= 1:
         return batch[0], (batch[1] if len(batch) > 1 else None)
     raise TypeError(

@@ -52,6 +52,7 @@ from torch import Tensor, nn
 
 from .. import metrics
 from ..exceptions import NTKMeasurementWarning
+from ..kernel import _inputs
 from ..kernel._forward import ForwardModule, selector_on_wrapper
 from ..kernel._functional import FunctionalModel, exact_matmuls
 from ..kernel.batch_statistics import measured_model
@@ -123,6 +124,8 @@ class NTKTracker(NTKSettings):
         self.history: list[NTKReport] = []
         # what could not be measured for this model ("kernel", "linearized model") -> why
         self.failures: dict[str, str] = {}
+        # how the last probe kernel was computed (method, fall-backs): an NTKCallInfo
+        self.kernel_info: Any = None
         self.layer_history: list[dict[str, dict[str, float]]] = []
         self.kernel: Optional[Tensor] = None  # Θ_t of the last report
         self.eigenvalues: Optional[Tensor] = None  # its spectrum, descending
@@ -130,37 +133,31 @@ class NTKTracker(NTKSettings):
 
     # ------------------------------------------------------------------ probe set
 
-    def set_probe(self, probe_x: Tensor, probe_y: Optional[Tensor] = None) -> None:
+    def set_probe(self, probe_x: Any, probe_y: Optional[Tensor] = None) -> None:
         """Use the given probe inputs ``(N, ...)`` and labels ``(N,)`` / ``(N, C)``.
 
+        The inputs are a tensor, or a mapping / tuple of tensors sharing the batch
+        dimension (e.g. ``input_ids`` and ``attention_mask``), given whole to the model.
+
         Raises:
-            TypeError: a probe that is not a tensor.
+            TypeError: a probe that is not a tensor or a mapping / tuple of tensors.
             ValueError: an empty probe, or labels whose length differs from the inputs'.
         """
-        if not isinstance(probe_x, Tensor):
-            raise TypeError(
-                f"Expected `probe_x` to be a torch.Tensor but got {type(probe_x).__name__}; "
-                "for batches that are not (inputs, labels) pass `batch_to_xy`."
-            )
-        if probe_x.ndim == 0 or probe_x.shape[0] == 0:
-            raise ValueError(
-                "Expected `probe_x` to be a non-empty batch of shape (N, ...) with N >= 1 but "
-                f"got shape {tuple(probe_x.shape)}."
-            )
+        _inputs.check_batch("probe_x", probe_x)
+        n = _inputs.batch_size(probe_x)
         if probe_y is not None:
             if not isinstance(probe_y, Tensor):
                 raise TypeError(
                     f"Expected `probe_y` to be a torch.Tensor or None but got "
                     f"{type(probe_y).__name__}."
                 )
-            if probe_y.ndim not in (1, 2) or probe_y.shape[0] != probe_x.shape[0]:
+            if probe_y.ndim not in (1, 2) or probe_y.shape[0] != n:
                 raise ValueError(
-                    f"Expected `probe_y` to have shape ({probe_x.shape[0]},) or "
-                    f"({probe_x.shape[0]}, C) to match `probe_x` of shape "
-                    f"{tuple(probe_x.shape)} but got {tuple(probe_y.shape)}."
+                    f"Expected `probe_y` to have shape ({n},) or ({n}, C) to match `probe_x` "
+                    f"of {_inputs.describe(probe_x)} but got {tuple(probe_y.shape)}."
                 )
             probe_y = probe_y.detach().clone()
-        self.probe_x = probe_x.detach().clone()
+        self.probe_x = _inputs.map_tensors(probe_x, lambda t: t.detach().clone())
         self.probe_y = probe_y
 
     def draw_probe(self, source: Any) -> None:
@@ -224,7 +221,7 @@ class NTKTracker(NTKSettings):
             )
         wrapper = self._wrap(model)
         device = _device_of(wrapper)
-        self.probe_x = self.probe_x.to(device)  # kept on the model's device
+        self.probe_x = _inputs.map_tensors(self.probe_x, lambda t: t.to(device))  # kept there
         if self.probe_y is not None:
             self.probe_y = self.probe_y.to(device)
         _check_finite_probe(self.probe_x)
@@ -412,7 +409,7 @@ class NTKTracker(NTKSettings):
         assert self.probe_x is not None
         device = _device_of(wrapper)
         y = None if self.probe_y is None else self.probe_y.to(device)
-        return self.probe_x.to(device), y
+        return _inputs.map_tensors(self.probe_x, lambda t: t.to(device)), y
 
     def _predict(self, num_classes: Optional[int] = None) -> dict[str, str]:
         """The theory's regime for the set-up as known now (``"unknown"`` if it is not)."""

@@ -1,32 +1,40 @@
-"""The linearized model ``f_lin(x; θ) = f(x; θ0) + J0(x)(θ − θ0)`` and how far a network is from it.
+"""The linearized model ``f_lin(x; θ) = f(x; θ0) + J0(x)(θ − θ0)``.
 
 :func:`linearize` snapshots ``θ0`` and returns a :class:`LinearizedModel`. Each call is
 one ``torch.func.jvp`` at ``θ0`` with tangent ``θ − θ0``: the Jacobian ``J0(x)`` is never
 materialised, so the cost is about two forward passes whatever the number of parameters.
-Forward mode is the true derivative of the forward pass; the reverse-mode identity
-``J v = ∂/∂u ⟨Jᵀ u, v⟩`` is faster on CPU but silently differs wherever a backward is not
-that derivative (``Embedding(padding_idx=...)``, custom functions whose backward detaches).
+Forward mode is the true derivative of the forward pass. Fused attention and Transformer
+fast paths are replaced by their math equivalents during the evaluation (they have no
+forward-mode rule); the user's settings are restored afterwards.
 
-Distances between a network's logits ``f = f(X; θt)``, its linearization
-``f_lin = f_lin(X; θt)`` and its initial logits ``f0 = f(X; θ0)``, all ``(N, C)``:
+Where an op still has no forward-mode rule, ``J v`` is computed by exact fall-backs, in
+order (:attr:`LinearizedModel.mode` says which ran; each is logged at DEBUG level):
 
-* :func:`linearization_error` ``= ‖f − f_lin‖_F / max(‖f − f0‖_F, eps)``: the part of the
-  function's change the linear model misses, relative to the change itself;
-* :func:`prob_tv`: mean over rows of the total-variation distance
-  ``½ Σ_a |softmax(f)_a − softmax(f_lin)_a|``;
-* :func:`argmax_agreement`: fraction of rows where ``argmax f == argmax f_lin``.
+1. ``"jvp"``; on CPU again with oneDNN off (``"jvp_composite"``: ``nn.LSTM`` as cells);
+2. ``"double_vjp"``: the reverse-mode identity ``J v = ∂/∂u ⟨Jᵀ u, v⟩``;
+3. ``"loop"``: per-example reverse-mode gradients, one example and class at a time.
+
+Reverse mode silently differs from the forward pass's derivative wherever a backward is
+not that derivative (``Embedding(padding_idx=...)`` once the padding row moved, custom
+functions whose backward detaches). So a reverse-mode result is used only after it
+matched a float64 central finite difference of the forward pass along the same tangent
+(Richardson-extrapolated); otherwise the call raises instead of returning a plausible
+wrong number.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
-from typing import Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jvp
+from torch.func import functional_call
 
-from .kernel._functional import (
+from ..kernel import _inputs
+from ..kernel._directional import checked, double_vjp, forward_mode, loop_jvp
+from ..kernel._functional import (
     FunctionalModel,
     OutputFn,
     ParamSelector,
@@ -35,17 +43,13 @@ from .kernel._functional import (
     unwrap_module,
 )
 
-__all__ = [
-    "LinearizedModel",
-    "argmax_agreement",
-    "linearization_error",
-    "linearize",
-    "prob_tv",
-]
+__all__ = ["LinearizedModel", "linearize"]
 
 ParamSource = Union[None, Mapping[str, Tensor], nn.Module]
 
 _BUFFERS = ("initial", "current")
+_MODES = ("jvp", "jvp_composite", "double_vjp", "loop")
+_log = logging.getLogger("lightning_ntk.linearization")
 
 
 def linearize(
@@ -168,6 +172,11 @@ class LinearizedModel:
         self._constants0: dict[str, Tensor] = {}
         if buffers == "initial":  # "current" reads the module at call time: no copy
             self._constants0 = {name: t.clone() for name, t in self._fm.constants.items()}
+        self.mode: Optional[str] = None
+        """How the last ``J v`` was computed: ``"jvp"``, ``"jvp_composite"``,
+        ``"double_vjp"`` or ``"loop"`` (see the module docstring); ``None`` before a call."""
+        self.fallbacks: list[str] = []
+        """``"<mode>: <error>"`` for each route that could not run in the last call."""
 
     # ------------------------------------------------------------------ evaluation
 
@@ -217,16 +226,76 @@ class LinearizedModel:
     # ------------------------------------------------------------------ helpers
 
     def _jvp(
-        self, x: Tensor, theta0: dict[str, Tensor], tangent: dict[str, Tensor]
+        self, x: Any, theta0: dict[str, Tensor], tangent: dict[str, Tensor]
     ) -> tuple[Tensor, Tensor]:
+        """``(f(x; θ0), J0(x) v)`` by the first route of the chain that runs (and checks)."""
         x = self._fm.cast_input(x)
-        with exact_matmuls(self._fm.device):
-            return jvp(lambda p: self._evaluate(p, x), (theta0,), (tangent,))
+        self.fallbacks = []
+        evaluate = self._evaluate
+        routes: list[tuple[str, Callable[[], tuple[Tensor, Tensor]]]] = [
+            ("jvp", lambda: forward_mode(evaluate, x, theta0, tangent)),
+            ("double_vjp", lambda: self._checked(x, theta0, tangent, double_vjp)),
+            ("loop", lambda: self._checked(x, theta0, tangent, loop_jvp)),
+        ]
+        if self._fm.device.type == "cpu" and torch.backends.mkldnn.is_available():
+            composite = ("jvp_composite", lambda: forward_mode(evaluate, x, theta0, tangent, True))
+            routes.insert(1, composite)
+        start = _LAST_MODE.get(_mode_key(self._fm, self.model))
+        if start is not None:  # the route that worked for this model last time goes first
+            routes.sort(key=lambda route: route[0] != start)
+        last: Optional[BaseException] = None
+        for mode, route in routes:
+            try:
+                with exact_matmuls(self._fm.device):
+                    out = route()
+            except RuntimeError as err:  # no rule for an op (NotImplementedError too): next route
+                last = err
+                reason = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+                self.fallbacks.append(f"{mode}: {reason[:300]}")
+                _log.debug("linearize: %s cannot run on this model (%s)", mode, reason)
+                continue
+            self.mode = mode
+            key = _mode_key(self._fm, self.model)
+            _LAST_MODE.pop(key, None)
+            _LAST_MODE[key] = mode  # most recently used last
+            while len(_LAST_MODE) > 32:
+                del _LAST_MODE[next(iter(_LAST_MODE))]
+            if self.fallbacks:
+                _log.debug("linearize: J v by %s after %s", mode, "; ".join(self.fallbacks))
+            return out
+        raise RuntimeError(
+            "The linearized model cannot be evaluated exactly: "
+            + "; ".join(self.fallbacks)
+            + ". Forward mode lacks a rule for an op of the model and the reverse-mode "
+            "result did not match a float64 finite difference."
+        ) from last
 
-    def _evaluate(self, theta: Mapping[str, Tensor], x: Tensor) -> Tensor:
+    def _checked(
+        self, x: Any, theta0: dict[str, Tensor], tangent: dict[str, Tensor], route: Callable
+    ) -> tuple[Tensor, Tensor]:
+        """A reverse-mode route's ``(f0, J v)``, kept only if finite differences agree."""
+        result = route(self._evaluate, x, theta0, tangent)
+        return checked(result, self._evaluate64(x), theta0, tangent, self._fm.dtype)
+
+    def _evaluate64(self, x: Any) -> Callable[[Mapping[str, Tensor]], Tensor]:
+        """``θ ↦ f(x; θ)`` in float64 with this model's constants, for finite differences."""
+        x64 = _inputs.map_tensors(x, lambda t: t.double() if t.is_floating_point() else t)
         constants = self._constants0 if self._buffers == "initial" else self._live_constants()
+        constants = {n: t.double() if t.is_floating_point() else t for n, t in constants.items()}
+
+        def f(theta: Mapping[str, Tensor]) -> Tensor:
+            args, kwargs = _inputs.call_args(x64)
+            with eval_mode(self.model), torch.no_grad():
+                out = functional_call(self.model, (dict(theta), constants), args, kwargs)
+            return self._fm.to_logits(out).double()
+
+        return f
+
+    def _evaluate(self, theta: Mapping[str, Tensor], x: Any) -> Tensor:
+        constants = self._constants0 if self._buffers == "initial" else self._live_constants()
+        args, kwargs = _inputs.call_args(x)
         with eval_mode(self.model):
-            out = functional_call(self.model, (dict(theta), constants), (x,))
+            out = functional_call(self.model, (dict(theta), constants), args, kwargs)
         return self._fm.to_logits(out)
 
     def _live_constants(self) -> dict[str, Tensor]:
@@ -284,97 +353,11 @@ class LinearizedModel:
         return chosen
 
 
-# ---------------------------------------------------------------------- distances
+# the route that last worked, per model structure (a monitor builds a new linearized model
+# for every report): {key: mode}
+_LAST_MODE: dict[tuple, str] = {}
 
 
-def linearization_error(
-    logits: Tensor, logits_lin: Tensor, logits0: Tensor, eps: float = 1e-12
-) -> Tensor:
-    """``‖f − f_lin‖_F / max(‖f − f0‖_F, eps)`` over a batch.
-
-    Args:
-        logits: ``f(X; θt)``, shape ``(N, C)``.
-        logits_lin: ``f_lin(X; θt)``, shape ``(N, C)``.
-        logits0: ``f(X; θ0)``, shape ``(N, C)``.
-        eps: floor of the denominator (the error of an unmoved network is 0, not NaN).
-
-    Returns:
-        A 0-dim tensor: 0 for a network that is exactly linear in its parameters, about
-        1 when the linear model explains none of the change.
-    """
-    num_sq, den_sq = _linearization_error_update(logits, logits_lin, logits0)
-    return _linearization_error_compute(num_sq, den_sq, eps)
-
-
-def prob_tv(logits: Tensor, logits_lin: Tensor) -> Tensor:
-    """Mean over rows of ``½ Σ_a |softmax(f)_a − softmax(f_lin)_a|``, in ``[0, 1]``.
-
-    Args:
-        logits: ``(N, C)``.
-        logits_lin: ``(N, C)``.
-
-    Returns:
-        A 0-dim tensor.
-    """
-    _check_logits(logits=logits, logits_lin=logits_lin)
-    return _prob_tv_rows(logits, logits_lin).mean()
-
-
-def argmax_agreement(logits: Tensor, logits_lin: Tensor) -> Tensor:
-    """Fraction of rows whose predicted class is the same under ``f`` and ``f_lin``.
-
-    Args:
-        logits: ``(N, C)``.
-        logits_lin: ``(N, C)``.
-
-    Returns:
-        A 0-dim floating tensor in ``[0, 1]``.
-    """
-    _check_logits(logits=logits, logits_lin=logits_lin)
-    dtype = logits.dtype if logits.is_floating_point() else torch.float32
-    return _argmax_equal_rows(logits, logits_lin).to(dtype).mean()
-
-
-def _linearization_error_update(
-    logits: Tensor, logits_lin: Tensor, logits0: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Sums ``(‖f − f_lin‖², ‖f − f0‖²)`` of one batch, in float64."""
-    _check_logits(logits=logits, logits_lin=logits_lin, logits0=logits0)
-    f = logits.double()
-    num_sq = (f - logits_lin.double()).square().sum()
-    den_sq = (f - logits0.double()).square().sum()
-    return num_sq, den_sq
-
-
-def _linearization_error_compute(num_sq: Tensor, den_sq: Tensor, eps: float) -> Tensor:
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps <= 0:
-        raise ValueError(f"Expected `eps` to be a positive float but got {eps!r}.")
-    return num_sq.sqrt() / den_sq.sqrt().clamp_min(eps)
-
-
-def _prob_tv_rows(logits: Tensor, logits_lin: Tensor) -> Tensor:
-    """Total-variation distance of each row's softmaxes, ``(N,)``."""
-    p = torch.softmax(logits.double(), dim=-1)
-    q = torch.softmax(logits_lin.double(), dim=-1)
-    return 0.5 * (p - q).abs().sum(dim=-1)
-
-
-def _argmax_equal_rows(logits: Tensor, logits_lin: Tensor) -> Tensor:
-    return logits.argmax(dim=-1) == logits_lin.argmax(dim=-1)
-
-
-def _check_logits(**named: Tensor) -> None:
-    """All arguments must be ``(N, C)`` tensors of one shape."""
-    first_name, first = next(iter(named.items()))
-    for name, t in named.items():
-        if not isinstance(t, Tensor):
-            raise TypeError(f"Expected `{name}` to be a torch.Tensor but got {type(t).__name__}.")
-        if t.ndim != 2:
-            raise ValueError(
-                f"Expected `{name}` to be logits of shape (N, C) but got shape {tuple(t.shape)}."
-            )
-        if t.shape != first.shape:
-            raise ValueError(
-                f"Expected `{name}` to have the shape of `{first_name}`, {tuple(first.shape)}, "
-                f"but got {tuple(t.shape)}."
-            )
+def _mode_key(fm: FunctionalModel, module: nn.Module) -> tuple:
+    params = tuple((n, id(p)) for n, p in module.named_parameters())
+    return (type(module), tuple(fm.names), fm.dtype, params)

@@ -1,0 +1,62 @@
+"""Math equivalents of fused fast paths, switched on only inside the engine's evaluation.
+
+Some fused kernels compute the same function as their composite definition but have no
+forward-mode derivative, no double backward or no batching rule:
+
+* ``nn.TransformerEncoder`` / ``nn.TransformerEncoderLayer`` / ``nn.MultiheadAttention``
+  take a fused fast path (``aten::_transformer_encoder_layer_fwd``,
+  ``_native_multi_head_attention``) in eval mode or without grad;
+* ``F.scaled_dot_product_attention`` dispatches to flash / memory-efficient kernels
+  (``_scaled_dot_product_flash_attention_for_cpu`` has neither forward AD nor double
+  backward).
+
+:func:`math_kernels` turns both off for the duration of a block and restores the user's
+settings afterwards, so training outside the engine keeps its speed. The math paths are
+the reference definitions of these ops: the function is the same up to round-off.
+
+:func:`forward_ad_kernels` additionally turns oneDNN (mkldnn) off: CPU ``nn.LSTM`` then
+runs as composite cells, which have forward-mode derivatives (``mkldnn_rnn_layer`` has
+none). It is used only around forward-mode evaluations, because the composite LSTM in
+turn has no batching rule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+
+@contextlib.contextmanager
+def math_kernels() -> Iterator[None]:
+    """No fused Transformer fast path and math-only SDPA inside the block; restored after."""
+    mha = getattr(torch.backends, "mha", None)
+    fastpath = mha.get_fastpath_enabled() if mha is not None else None
+    with contextlib.ExitStack() as stack:
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        except ImportError:  # torch < 2.3: nothing to switch
+            pass
+        try:
+            if mha is not None:
+                mha.set_fastpath_enabled(False)
+            yield
+        finally:
+            if mha is not None:
+                mha.set_fastpath_enabled(fastpath)
+
+
+@contextlib.contextmanager
+def forward_ad_kernels() -> Iterator[None]:
+    """:func:`math_kernels` and no oneDNN kernels (composite RNN cells) inside the block."""
+    with math_kernels(), torch.backends.mkldnn.flags(enabled=False):
+        yield
+
+
+def forward_ad_unsupported(err: BaseException) -> bool:
+    """Whether ``err`` says an op has no forward-mode derivative."""
+    text = str(err)
+    return "forward AD" in text or "forward-mode AD" in text or "jvp" in text.lower()

@@ -1,0 +1,220 @@
+"""Which layers the structured method may factorise, verified per example on the call's inputs.
+
+:func:`plan_structure` lists the supported layers holding selected parameters and keeps
+those whose factors reproduce autograd's per-example gradients (see :mod:`.structured`);
+plans are cached per model fingerprint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import _inputs
+from ._functional import FunctionalModel
+from ._recording import CONVS, NORMS, Layer, record, summed_gradients
+
+__all__ = ["StructurePlan", "fingerprint", "plan_structure"]
+
+
+_VERIFY_EXAMPLES = 4
+
+
+_VERIFY_BUDGET = 2**26  # numbers of the per-example reference gradients
+
+
+_VERIFY_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}
+
+
+@dataclass
+class StructurePlan:
+    """Which selected parameters are structured and which fall back to Jacobians."""
+
+    layers: list[Layer] = field(default_factory=list)
+    fallback_names: list[str] = field(default_factory=list)
+
+    @property
+    def structured_names(self) -> list[str]:
+        """Selected parameters with a structured kernel, in layer order."""
+        return [n for layer in self.layers for n in layer.param_names]
+
+
+def plan_structure(fm: FunctionalModel, x: Tensor) -> StructurePlan:
+    """Find the supported layers of ``fm`` and verify them on a few examples of ``x``.
+
+    The verified plan is remembered under a fingerprint of the model's structure: the
+    selected names, the compute dtype, the per-example input shape and every module's
+    name, type and parameter identities. Repeated calls on the same model (a monitor's
+    reports, also through a fresh wrapper module each time) skip the verification pass;
+    any change of that fingerprint (a replaced layer or parameter, new tying) verifies
+    again. At most ``_MAX_PLANS`` plans are kept, the least recently used dropped first.
+    """
+    key = fingerprint(fm, x)
+    roles = _PLANS.pop(key, None)
+    if roles is None:
+        candidates = _candidate_layers(fm)
+        if candidates:
+            candidates = _verified(fm, candidates, _verification_batch(fm, candidates, x))
+        roles = [(layer.name, layer.weight, layer.bias) for layer in candidates]
+    _PLANS[key] = roles  # (re)inserted last: most recently used
+    while len(_PLANS) > _MAX_PLANS:
+        del _PLANS[next(iter(_PLANS))]
+    modules = dict(fm.module.named_modules())
+    layers = [Layer(name, modules[name], weight, bias) for name, weight, bias in roles]
+    structured = {n for layer in layers for n in layer.param_names}
+    return StructurePlan(layers, [n for n in fm.names if n not in structured])
+
+
+_MAX_PLANS = 32
+
+
+_PLANS: dict[tuple, list[tuple[str, Optional[str], Optional[str]]]] = {}
+
+
+def fingerprint(fm: FunctionalModel, x: Any) -> tuple:
+    """The model's structure, selection, dtype and per-example input signature."""
+    structure = tuple(
+        (name, type(m), tuple((k, id(p)) for k, p in m._parameters.items()))
+        for name, m in fm.module.named_modules(remove_duplicate=False)
+    )
+    return (tuple(fm.names), fm.dtype, _inputs.example_signature(x), structure)
+
+
+def _verification_batch(fm: FunctionalModel, layers: list[Layer], x: Any) -> Any:
+    """At least two examples (one repeated if need be), fewer for very large layers."""
+    largest = max(fm.params[n].numel() for layer in layers for n in layer.param_names)
+    n = max(2, min(_VERIFY_EXAMPLES, _VERIFY_BUDGET // max(1, largest)))
+    x = _inputs.take(x, slice(0, n))
+    while _inputs.batch_size(x) < 2:
+        x = _inputs.concat([x, x])
+    return x
+
+
+# --------------------------------------------------------------------------- plan
+def _candidate_layers(fm: FunctionalModel) -> list[Layer]:
+    """Supported modules whose selected parameters they alone hold."""
+    owners: dict[int, int] = {}
+    for module in fm.module.modules():
+        for p in module._parameters.values():
+            if p is not None:
+                owners[id(p)] = owners.get(id(p), 0) + 1
+    selected = set(fm.names)
+    layers = []
+    for mod_name, module in fm.module.named_modules():
+        if not _supported(module):
+            continue
+        prefix = f"{mod_name}." if mod_name else ""
+        layer = Layer(mod_name, module)
+        for role in ("weight", "bias"):
+            p = module._parameters.get(role)
+            full = prefix + role
+            if p is not None and full in selected and owners[id(p)] == 1:
+                setattr(layer, role, full)
+        if layer.param_names:
+            layers.append(layer)
+    return layers
+
+
+def _supported(module: nn.Module) -> bool:
+    """Whether the module is of a type with a structured kernel and its stock forward."""
+    for base in (nn.Linear, *CONVS, nn.Embedding, *NORMS):
+        if isinstance(module, base):
+            if (
+                type(module).forward is not base.forward
+                and base is not nn.modules.batchnorm._BatchNorm
+            ):
+                return False
+            break
+    else:
+        return False
+    if isinstance(module, CONVS):
+        return module.padding_mode == "zeros"
+    if isinstance(module, nn.Embedding):
+        return module.max_norm is None
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return (
+            module.track_running_stats
+            and module.running_mean is not None
+            and (type(module).forward is nn.modules.batchnorm._BatchNorm.forward)
+        )
+    return True
+
+
+def _verified(fm: FunctionalModel, layers: list[Layer], x: Any) -> list[Layer]:
+    """Keep the parameters whose factors reproduce autograd's *per-example* gradients.
+
+    With ``n`` examples and a random cotangent ``u[r] (C,)`` for each example ``r`` (the
+    method's own generator; the global RNG is untouched), one forward and one batched
+    backward pass give, for every ``r``, the layer's output cotangent ``G_r``; autograd
+    on each example alone (a batch of one, as the reference defines the per-example
+    Jacobian) gives ``g_r = ∂⟨u[r], f(x_r)⟩/∂θ``. A layer is kept only if
+
+    * its module is called exactly once per forward;
+    * its input and output have ``n`` rows, one per example;
+    * ``G_r`` vanishes on the rows of every example but ``r`` (the output is per example);
+
+    and each of its parameters only if the gradient rebuilt from the factors, ``Σ_i`` of
+    the per-example gradients for ``G_r``, equals ``g_r`` for every ``r``. Together these
+    give ``J_i(θ)ᵀ u[i]`` rebuilt = autograd's for every example ``i``: a linear map that
+    agrees on a random direction agrees everywhere, with probability one.
+    """
+    n = _inputs.batch_size(x)
+    generator = torch.Generator().manual_seed(0)
+    drawn: list[Tensor] = []
+
+    def per_example_cotangents(logits: Tensor) -> Tensor:
+        u = torch.randn(logits.shape, generator=generator, dtype=logits.dtype).to(logits.device)
+        drawn.append(u)
+        eye = torch.eye(n, dtype=logits.dtype, device=logits.device)
+        return eye[:, :, None] * u[None]  # (n, n, C): row r only on example r
+
+    names = [name for layer in layers for name in layer.param_names]
+    rec = record(fm, layers, x, cotangents=per_example_cotangents)
+    truth = _single_example_gradients(fm, names, x, drawn[0])
+    norms = [
+        sum(float(g.square().sum()) for g in t.values() if g is not None) ** 0.5 for t in truth
+    ]
+    rtol = _VERIFY_RTOL.get(fm.dtype, 1e-3)
+    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=fm.device)
+    kept = []
+    for layer in layers:
+        if rec.calls.get(layer.name, 0) != 1:
+            continue  # reused module (or never called): its inputs are not one H
+        inp, grad = rec.inputs[layer.name], rec.cotangents[layer.name]  # grad (n, *out)
+        if inp.ndim == 0 or inp.shape[0] != n or grad.ndim < 2 or grad.shape[1] != n:
+            continue  # batch-free input or output broadcast over the batch
+        leak = grad[off_diagonal].norm().item()  # cotangent of example r on other rows
+        if leak > rtol * max(grad.norm().item(), 1e-30):
+            continue  # rows are not examples (e.g. a sequence-first layout)
+        for r in range(n):
+            rebuilt = summed_gradients(layer, inp, grad[r : r + 1], fm)
+            for name, g in rebuilt.items():
+                ref = truth[r][name]
+                ref = torch.zeros_like(g) if ref is None else ref.reshape(g.shape)
+                # round-off is judged against the example's whole gradient (a parameter
+                # whose true gradient is zero, e.g. an attention key bias, rebuilds to ~0)
+                scale = max(ref.norm().item(), g.norm().item(), 1e-6 * norms[r], 1e-30)
+                if (g - ref).norm().item() > rtol * scale:  # e.g. used outside the call
+                    setattr(layer, "weight" if name == layer.weight else "bias", None)
+        if layer.param_names:
+            kept.append(layer)
+    return kept
+
+
+def _single_example_gradients(
+    fm: FunctionalModel, names: list[str], x: Any, u: Tensor
+) -> list[dict[str, Optional[Tensor]]]:
+    """``∂⟨u[r], f(x_r)⟩/∂θ`` for each example ``r``, each from a batch of one."""
+    out = []
+    for r in range(_inputs.batch_size(x)):
+        wrt = {name: fm.params[name].detach().requires_grad_() for name in names}
+        with torch.enable_grad():
+            logits = fm({**fm.params, **wrt}, _inputs.take(x, slice(r, r + 1)))  # (1, C)
+        grads = torch.autograd.grad(
+            logits, list(wrt.values()), grad_outputs=u[r : r + 1], allow_unused=True
+        )
+        out.append(dict(zip(wrt, grads)))
+    return out

@@ -1,0 +1,272 @@
+"""What the structured method records of a layer, and the factors it builds from that.
+
+One forward pass with hooks records each supported layer's input; one batched backward
+gives the cotangents of its output. From those, :func:`weight_factors` gives the
+``(H, G)`` factors of a weight's per-example gradient and :func:`small_per_example` the
+per-example gradients of small parameters (biases, norm affines).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._factors import LayerInput, per_example_outer
+from ._functional import FunctionalModel
+
+__all__ = [
+    "CONVS",
+    "NORMS",
+    "Layer",
+    "Recording",
+    "check_rows",
+    "hooks",
+    "record",
+    "small_per_example",
+    "summed_gradients",
+    "unfold",
+    "weight_factors",
+]
+
+
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+
+
+@dataclass
+class Layer:
+    """A supported module whose selected parameters get a structured kernel."""
+
+    name: str  # module name
+    module: nn.Module
+    weight: Optional[str] = None  # full parameter names, if selected
+    bias: Optional[str] = None
+    use_gram: bool = False  # decided per block size in StructuredMethod
+
+    @property
+    def param_names(self) -> list[str]:
+        """The layer's selected parameter names."""
+        return [n for n in (self.weight, self.bias) if n is not None]
+
+
+def check_rows(layers: list[Layer], rec: Recording, n: int) -> None:
+    """Every recorded layer input and output cotangent has one row per example."""
+    for layer in layers:
+        inp, grad = rec.inputs.get(layer.name), rec.cotangents.get(layer.name)
+        if inp is None or grad is None or inp.shape[:1] != (n,) or grad.shape[1:2] != (n,):
+            raise RuntimeError(
+                f"structured: the input or output of layer {layer.name!r} does not have one "
+                f"row per example ({n} examples); its kernel cannot be factorised."
+            )
+
+
+# ------------------------------------------------------------------ recording
+@contextlib.contextmanager
+def hooks(layers: list[Layer], hook: Callable[[Layer, Any, Any], Any]) -> Iterator[None]:
+    handles = [
+        layer.module.register_forward_hook(lambda m, i, o, layer=layer: hook(layer, i, o))
+        for layer in layers
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass
+class Recording:
+    inputs: dict[str, Tensor]  # layer -> its input
+    cotangents: dict[str, Tensor]  # layer -> (R, N, *output_shape)
+    param_grads: dict[str, Optional[Tensor]]  # wrt name -> (R, *shape)
+    calls: dict[str, int]  # layer -> calls in one forward
+
+
+def record(
+    fm: FunctionalModel,
+    layers: list[Layer],
+    x: Tensor,
+    cotangents: Optional[Callable[[Tensor], Tensor]] = None,
+    wrt: Optional[dict[str, Tensor]] = None,
+) -> Recording:
+    """Inputs of each layer and the cotangents of its output, from one forward and backward.
+
+    A zero tensor ``z`` requiring grad is added to each layer's output, so that
+    ``∂f/∂z = ∂f/∂y``; autograd never differentiates with respect to parameters unless
+    asked to through ``wrt``.
+
+    Args:
+        fm: the functional model.
+        layers: the layers to record.
+        x: a chunk of inputs ``(N, ...)``.
+        cotangents: maps the logits ``(N, C)`` to ``R`` output cotangents ``(R, N, C)``;
+            ``None`` for the ``C`` one-hot directions (``R = C``).
+        wrt: parameters (requiring grad) to differentiate as well, replacing
+            ``fm.params`` entries of the same name in the forward pass.
+    """
+    inputs: dict[str, Tensor] = {}
+    zeros: dict[str, Tensor] = {}
+    calls: dict[str, int] = {}
+
+    def hook(layer: Layer, inp: tuple, out: Tensor) -> Tensor:
+        calls[layer.name] = calls.get(layer.name, 0) + 1
+        inputs[layer.name] = inp[0].detach()
+        z = torch.zeros_like(out, requires_grad=True)
+        zeros[layer.name] = z
+        return out + z
+
+    wrt = wrt or {}
+    with torch.enable_grad(), hooks(layers, hook):
+        logits = fm({**fm.params, **wrt}, x)  # (N, C)
+    N, C = logits.shape
+    if cotangents is None:
+        eye = torch.eye(C, dtype=logits.dtype, device=logits.device)
+        cts = eye.unsqueeze(1).expand(C, N, C)  # (C, N, C)
+    else:
+        cts = cotangents(logits)
+    targets = [zeros[n] for n in zeros] + list(wrt.values())
+    try:
+        grads = torch.autograd.grad(
+            logits, targets, grad_outputs=cts, is_grads_batched=True, allow_unused=True
+        )
+    except RuntimeError:  # an op without a batching rule: one backward per direction
+        rows = [
+            torch.autograd.grad(
+                logits, targets, grad_outputs=ct, retain_graph=True, allow_unused=True
+            )
+            for ct in cts
+        ]
+        grads = tuple(
+            None if rows[0][k] is None else torch.stack([r[k] for r in rows])
+            for k in range(len(targets))
+        )
+    layer_grads = dict(zip(zeros, grads))
+    result = {
+        name: g if g is not None else zeros[name].new_zeros(len(cts), *zeros[name].shape)
+        for name, g in layer_grads.items()
+    }
+    param_grads = dict(zip(wrt, grads[len(zeros) :]))
+    return Recording(inputs, result, param_grads, calls)
+
+
+# ------------------------------------------------------------------ per layer
+def weight_factors(
+    layer: Layer, inp: Tensor, grad: Tensor, fm: FunctionalModel
+) -> tuple[Optional[LayerInput], Tensor]:
+    """``H`` and ``G (R, N, T, D)`` of the layer's weight (``(None, grad)`` for norms)."""
+    module = layer.module
+    R, N = grad.shape[:2]
+    if isinstance(module, nn.Linear):
+        K = inp.shape[-1]
+        return LayerInput(dense=inp.reshape(N, -1, K)), grad.reshape(R, N, -1, grad.shape[-1])
+    if isinstance(module, CONVS):
+        patches = unfold(inp, module)  # (N, T, Cin·k)
+        G = grad.flatten(start_dim=3).transpose(2, 3)  # (R, N, T, Cout)
+        return LayerInput(dense=patches), G
+    if isinstance(module, nn.Embedding):
+        tokens = inp.reshape(N, -1)
+        if module.padding_idx is not None:
+            tokens = tokens.masked_fill(tokens == module.padding_idx, -1)
+        G = grad.reshape(R, N, -1, grad.shape[-1])
+        return LayerInput(tokens=tokens, vocab=module.num_embeddings, dtype=fm.dtype), G
+    return None, grad
+
+
+def small_per_example(
+    layer: Layer, inp: Tensor, grad: Tensor, fm: FunctionalModel
+) -> dict[str, Tensor]:
+    """Per-example gradients ``(N, C, P)`` of biases and norm-layer affine weights."""
+    module = layer.module
+    R, N = grad.shape[:2]
+    out: dict[str, Tensor] = {}
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        if layer.bias is not None:
+            out[layer.bias] = grad.reshape(R, N, -1, grad.shape[-1]).sum(2).transpose(0, 1)
+        return out
+    if isinstance(module, CONVS):
+        if layer.bias is not None:
+            out[layer.bias] = grad.flatten(start_dim=3).sum(3).transpose(0, 1)
+        return out
+    # norm layers: y = x̂ ⊙ w + b
+    if isinstance(module, nn.LayerNorm):
+        P = module.weight.numel() if module.weight is not None else module.bias.numel()
+        x_hat = F.layer_norm(inp, module.normalized_shape, eps=module.eps).reshape(N, -1, P)
+        g = grad.reshape(R, N, -1, P)
+        weight_grad = lambda: (g * x_hat).sum(2)  # noqa: E731
+        bias_grad = lambda: g.sum(2)  # noqa: E731
+    else:  # BatchNorm (running statistics) and GroupNorm: per channel
+        Ch = inp.shape[1]
+        if isinstance(module, nn.GroupNorm):
+            x_hat = F.group_norm(inp, module.num_groups, eps=module.eps)
+        else:
+            prefix = f"{layer.name}." if layer.name else ""
+            mean = fm.constants[prefix + "running_mean"]
+            var = fm.constants[prefix + "running_var"]
+            shape = (1, Ch) + (1,) * (inp.ndim - 2)
+            x_hat = (inp - mean.view(shape)) * torch.rsqrt(var.view(shape) + module.eps)
+        x_hat = x_hat.reshape(N, Ch, -1)
+        g = grad.reshape(R, N, Ch, -1)
+        weight_grad = lambda: (g * x_hat).sum(3)  # noqa: E731
+        bias_grad = lambda: g.sum(3)  # noqa: E731
+    if layer.weight is not None:
+        out[layer.weight] = weight_grad().transpose(0, 1)
+    if layer.bias is not None:
+        out[layer.bias] = bias_grad().transpose(0, 1)
+    return out
+
+
+def summed_gradients(
+    layer: Layer, inp: Tensor, grad: Tensor, fm: FunctionalModel
+) -> dict[str, Tensor]:
+    """``Σ_i`` of the layer's per-example gradients for one cotangent (``grad (1, N, ...)``)."""
+    summed = {
+        name: J.sum(0).reshape(-1) for name, J in small_per_example(layer, inp, grad, fm).items()
+    }
+    if layer.weight is not None and not isinstance(layer.module, NORMS):
+        H, G = weight_factors(layer, inp, grad, fm)
+        groups = getattr(layer.module, "groups", 1)
+        if groups == 1:
+            summed[layer.weight] = H.summed_outer(G[0]).reshape(-1)
+        else:
+            summed[layer.weight] = per_example_outer(H, G, groups).sum(0).reshape(-1)
+    return summed
+
+
+def unfold(x: Tensor, conv: nn.Module) -> Tensor:
+    """Input patches of an N-d convolution: ``(N, T, C_in·Π k)``, weight-flatten order."""
+    dims = x.ndim - 2
+    kernel, stride, dilation = conv.kernel_size, conv.stride, conv.dilation
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            pads = [(0, 0)] * dims
+        else:  # "same": as torch pads, the extra element goes to the end
+            pads = []
+            for k, d in zip(kernel, dilation):
+                total = d * (k - 1)
+                pads.append((total // 2, total - total // 2))
+    else:
+        pads = [(p, p) for p in conv.padding]
+    flat_pad = [v for pair in reversed(pads) for v in pair]
+    x = F.pad(x, flat_pad)
+    if dims == 2:  # im2col: one pass, where the strided views below copy slowly
+        patches = F.unfold(x, kernel, dilation=dilation, stride=stride)  # (N, C_in·k, T)
+        return patches.transpose(1, 2)
+    for d in range(dims):
+        span = dilation[d] * (kernel[d] - 1) + 1
+        x = x.unfold(2 + d, span, stride[d])[..., :: dilation[d]]
+    # (N, C_in, *out, *k) -> (N, *out, C_in, *k)
+    N = x.shape[0]
+    perm = [0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims)]
+    x = x.permute(perm)
+    T = 1
+    for s in x.shape[1 : 1 + dims]:
+        T *= s
+    return x.reshape(N, T, -1)
