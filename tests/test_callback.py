@@ -131,7 +131,7 @@ def test_early_stopping_on_an_ntk_metric():
 def test_scalars_go_through_module_log_when_the_trainer_has_no_metric_dicts():
     from types import MappingProxyType
 
-    from lightning_ntk.monitor.callback import _publish
+    from lightning_ntk.monitor._publish import publish as _publish
 
     logged = []
     module = SimpleNamespace(log=lambda name, value, **kw: logged.append((name, value, kw)))

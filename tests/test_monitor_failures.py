@@ -12,7 +12,6 @@ import torch
 
 from lightning_ntk import NTKMeasurementWarning, NTKMonitor, NTKTracker
 from lightning_ntk.monitor import _measure
-from lightning_ntk.monitor import tracker as tracker_module
 from tests._lightning_models import module_class, one_thread, trainer_kwargs  # noqa: F401
 
 KERNEL_FIELDS = ("relative_change", "kernel_distance", "eig_max", "effective_rank")
@@ -48,7 +47,7 @@ def _fail_after(calls_ok, error):
 
 def test_a_kernel_pytorch_cannot_compute_is_nan_with_one_warning(monkeypatch):
     error = RuntimeError("vmap: no batching rule for aten::made_up_op")
-    wrap = _fail_after(0, error)  # Θ0 at the start works (tracker.py), every report fails
+    wrap = _fail_after(1, error)  # Θ0 at the start works, every report's kernel fails
     monkeypatch.setattr(_measure, "probe_kernel", wrap(_measure.probe_kernel))
     monitor = NTKMonitor(n_probe=9, log_base=2)
     trainer, caught = _fit(monitor)
@@ -81,7 +80,7 @@ def test_a_linearization_pytorch_cannot_compute_is_nan_with_one_warning(monkeypa
 
 def test_a_kernel_that_fails_at_the_start_leaves_the_other_metrics(monkeypatch):
     monkeypatch.setattr(
-        tracker_module, "probe_kernel", _fail_after(0, RuntimeError("boom"))(lambda: None)
+        _measure, "probe_kernel", _fail_after(0, RuntimeError("boom"))(lambda: None)
     )
     x, y = torch.randn(6, 4), torch.arange(6) % 3
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))

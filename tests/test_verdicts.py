@@ -299,7 +299,7 @@ def test_stop_says_why_in_one_line(caplog):
 
 
 def test_loss_modules_are_found_inside_containers():
-    from lightning_ntk.monitor.callback import _find_loss
+    from lightning_ntk.monitor._setup import find_loss as _find_loss
 
     class Module(nn.Module):
         def __init__(self, where: str) -> None:

@@ -41,7 +41,7 @@ from .report import NUMERIC_FIELDS, NTKReport, layer_drift, safe_spectrum, safe_
 if TYPE_CHECKING:
     from .tracker import NTKTracker
 
-__all__ = ["Measurement", "attempt", "measure", "probe_kernel", "world_size"]
+__all__ = ["Measurement", "attempt", "measure", "probe_kernel", "snapshot", "world_size"]
 
 T = TypeVar("T")
 
@@ -197,6 +197,55 @@ def _linearized(fm: FunctionalModel, theta0: dict, x: Any) -> tuple[Tensor, Tens
             raise
         with torch.no_grad():
             return LinearizedModel.of(fm, theta0, buffers="current").logits_and_initial(x)
+
+
+def snapshot(tracker: NTKTracker, fm: FunctionalModel, step: int) -> tuple[dict[str, Any], dict]:
+    """What :meth:`NTKTracker.start` keeps: ``θ0``, ``Θ0``, the initial logits and set-up.
+
+    The probe's logits are validated first (a set-up error raises here, before any
+    heavy work); a kernel PyTorch cannot compute leaves ``Θ0`` ``None`` and says why in
+    the returned failures (see :func:`attempt`).
+
+    Raises:
+        ValueError / TypeError: a model whose output on the probe is not ``(N, C)``
+            logits with ``C >= 2`` (pass ``forward_fn`` or ``output_fn``).
+    """
+    x = fm.cast_input(tracker.probe_x)
+    try:
+        with exact_matmuls(fm.device):
+            logits0 = fm.checked_logits(x, "probe_x")
+    except (TypeError, ValueError) as err:
+        raise type(err)(
+            f"{err} (The probe is evaluated as `forward_fn(model, x)` if given, else "
+            "`model(x)`; pass `forward_fn` or `output_fn` so it yields (N, C) logits.)"
+        ) from err
+    method = tracker.method
+    per_layer = tracker.per_layer if tracker.per_layer is not None else method != "ntk_vp"
+    num_classes = int(logits0.shape[1])
+    if num_classes < 2:
+        raise ValueError(
+            f"The model maps the probe to logits of shape {tuple(logits0.shape)}: one "
+            "output. The monitor's theory and verdicts are about classifiers "
+            "(cross-entropy over C >= 2 logits); for a binary classifier with one "
+            "logit z, pass `output_fn=lambda z: torch.cat([torch.zeros_like(z), z], 1)` "
+            "(the same softmax); regression is not supported."
+        )
+    failures: dict[str, str] = {}
+    computed = attempt(failures, "kernel", lambda: probe_kernel(tracker, fm, method, per_layer))
+    total, layers = computed if computed is not None else (None, {})
+    state = {
+        "theta0": {n: p.detach().clone() for n, p in fm.params.items()},
+        "logits0": logits0.clone(),
+        "num_classes": num_classes,
+        "method": method,
+        "per_layer": per_layer,
+        "start_step": int(step),
+        "K0": total,
+        "K0_layers": layers,
+        "logit_norm0": float(metrics.logit_norm(logits0)),
+        "predicted": tracker.predict_regime(num_classes),
+    }
+    return state, failures
 
 
 def probe_kernel(

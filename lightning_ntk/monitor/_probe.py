@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..kernel import _inputs
+
 BatchToXY = Callable[[Any], tuple[Any, Optional[Tensor]]]
 
 _INPUT_KEYS = ("x", "input", "inputs", "input_ids", "features", "image", "images", "data")
@@ -152,3 +154,62 @@ def preserved_rng(device: Optional[torch.device] = None) -> Iterator[None]:
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)  # noqa: NPY002
+
+
+def checked_probe(probe_x: Any, probe_y: Optional[Tensor]) -> tuple[Any, Optional[Tensor]]:
+    """Detached copies of probe inputs and labels, after checking that they match.
+
+    Raises:
+        TypeError: a probe that is not a tensor or a mapping / tuple of tensors.
+        ValueError: an empty probe, or labels whose length differs from the inputs'.
+    """
+    _inputs.check_batch("probe_x", probe_x)
+    n = _inputs.batch_size(probe_x)
+    if probe_y is not None:
+        if not isinstance(probe_y, Tensor):
+            raise TypeError(
+                f"Expected `probe_y` to be a torch.Tensor or None but got {type(probe_y).__name__}."
+            )
+        if probe_y.ndim not in (1, 2) or probe_y.shape[0] != n:
+            raise ValueError(
+                f"Expected `probe_y` to have shape ({n},) or ({n}, C) to match `probe_x` "
+                f"of {_inputs.describe(probe_x)} but got {tuple(probe_y.shape)}."
+            )
+        probe_y = probe_y.detach().clone()
+    return _inputs.map_tensors(probe_x, lambda t: t.detach().clone()), probe_y
+
+
+def check_finite_probe(probe_x: Any) -> None:
+    """Refuse probe inputs holding NaN / inf, naming that cause (not the model)."""
+    if isinstance(probe_x, Tensor) and probe_x.is_floating_point():
+        bad = ~torch.isfinite(probe_x.reshape(len(probe_x), -1)).all(dim=1)
+        if bool(bad.any()):
+            rows = bad.nonzero().flatten().tolist()
+            raise ValueError(
+                f"The probe inputs hold non-finite values (NaN or inf) at rows {rows[:10]}"
+                f"{' ...' if len(rows) > 10 else ''}: they were drawn from the training data "
+                "(or given as `probe_x`), which holds NaN / inf there. Clean the data or pass "
+                "a finite `probe_x`."
+            )
+
+
+def first_dataloader(loaders: Any) -> Any:
+    """The first ``DataLoader`` in what ``trainer.train_dataloader`` returns."""
+    if isinstance(loaders, torch.utils.data.DataLoader):
+        return loaders
+    if isinstance(loaders, Mapping):
+        loaders = list(loaders.values())
+    if isinstance(loaders, (list, tuple)):
+        for item in loaders:
+            found = first_dataloader(item)
+            if found is not None:
+                return found
+    iterables = getattr(loaders, "iterables", None)  # a CombinedLoader
+    if iterables is not None:
+        return first_dataloader(iterables)
+    if loaders is None:
+        raise ValueError(
+            "NTKMonitor found no training dataloader to draw the probe from; pass `probe_x` "
+            "(and `probe_y`)."
+        )
+    return loaders

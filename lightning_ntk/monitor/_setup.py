@@ -31,7 +31,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LossObserver", "Setup", "logit_optimum", "resolve_setup"]
+__all__ = ["LossObserver", "Setup", "find_loss", "logit_optimum", "resolve_setup"]
 
 # the fit of the training loss must close to this relative residual (float32 round-off
 # gives ~1e-8; an L2 term of 0.003·‖θ − θ0‖²/2 in the loss gave 5e-5 after two steps) ...
@@ -101,6 +101,25 @@ class LossObserver:
         self.rows.append((H, U, float(loss)))
         self.steps.append(int(step))
         self._solve()
+
+    def add_batch(self, logits: Tensor, y: Any, loss: Any, step: int) -> None:
+        """:meth:`add` for what a training step hands over, stopping on what does not fit.
+
+        Args:
+            logits: the batch's logits as training computed them.
+            y: its targets, integer labels ``(N,)`` or soft targets ``(N, C)``.
+            loss: the loss training computed on it (a scalar tensor or number).
+            step: the step, for the report's account of the set-up.
+        """
+        if not isinstance(y, Tensor) or y.shape[:1] != logits.shape[:1]:
+            self.stop("the training batches carry no targets matching the logits")
+            return
+        try:
+            value = float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
+        except (TypeError, ValueError, RuntimeError):
+            self.stop(f"the training loss is not a number ({type(loss).__name__})")
+            return
+        self.add(logits, y, value, int(step))
 
     def state_dict(self) -> dict[str, Any]:
         """What was observed and concluded (for checkpoints)."""
@@ -362,3 +381,22 @@ def logit_optimum(setup: Setup, probe_y: Optional[Tensor], num_classes: int) -> 
         )
     except (TypeError, ValueError):
         return None
+
+
+def find_loss(pl_module: nn.Module) -> Optional[nn.Module]:
+    """The first ``nn.CrossEntropyLoss`` / ``nn.NLLLoss`` in the module.
+
+    Sub-modules at any depth (also in ``ModuleList`` / ``ModuleDict``), and loss modules
+    kept in plain ``dict`` / ``list`` / ``tuple`` attributes, which are not registered.
+    """
+    kinds = (nn.CrossEntropyLoss, nn.NLLLoss)
+    for module in pl_module.modules():
+        if isinstance(module, kinds):
+            return module
+        for value in vars(module).values():
+            items = value.values() if isinstance(value, dict) else value
+            if isinstance(value, (dict, list, tuple)):
+                for item in items:
+                    if isinstance(item, kinds):
+                        return item
+    return None

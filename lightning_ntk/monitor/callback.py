@@ -32,18 +32,20 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import KW_ONLY, dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Optional, Union, cast
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..exceptions import (
     LinearizationBreakdownError,
     LinearizationBreakdownWarning,
     NTKMeasurementWarning,
 )
+from ._probe import first_dataloader
+from ._publish import PROGRESS_BAR_KEYS, publish, rank_zero_info, verbose_line, with_prefix
+from ._setup import find_loss
 from ._verdict import Thresholds
 from .loggers import tensorboard_writers, write_extras, write_layout
 from .settings import NTKSettings, settings_of
@@ -52,7 +54,6 @@ from .tracker import NTKReport, NTKTracker
 __all__ = ["NTKMonitor", "NTKMonitorBase", "monitor_class"]  # NTKMonitor: built on first use
 
 ACTIONS = ("warn", "stop", "raise")
-PROGRESS_BAR_KEYS = ("ntk/relative_change", "ntk/lazy")
 _SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
 _MODULES = {
     "pytorch_lightning": "lightning_ntk.monitor.callback",
@@ -189,12 +190,12 @@ class NTKMonitorBase(NTKSettings):
         # its learning rate sets the L2 time scale; a declared `weight_decay` still wins
         tracker.optimizer = optimizers[0] if optimizers else None
         if tracker.label_smoothing is None:
-            tracker.loss = _find_loss(pl_module)
+            tracker.loss = find_loss(pl_module)
         if self._restored and tracker.started:
             self._restored = False
             return
         if not self._probe_given:
-            tracker.draw_probe(_first_dataloader(trainer.train_dataloader))
+            tracker.draw_probe(first_dataloader(trainer.train_dataloader))
         self._failed = False
         try:
             tracker.start(pl_module, step=trainer.global_step)
@@ -287,9 +288,9 @@ class NTKMonitorBase(NTKSettings):
         local = (tracker.history[-1], tracker.scalars())
         report, scalars = trainer.strategy.broadcast(local, src=0)  # same on every rank
         tracker.history[-1] = report
-        scalars = {_with_prefix(name, self.prefix): value for name, value in scalars.items()}
-        bar = {_with_prefix(name, self.prefix) for name in PROGRESS_BAR_KEYS}
-        _publish(trainer, pl_module, scalars, epoch_end, self.prog_bar, bar)
+        scalars = {with_prefix(name, self.prefix): value for name, value in scalars.items()}
+        bar = {with_prefix(name, self.prefix) for name in PROGRESS_BAR_KEYS}
+        publish(trainer, pl_module, scalars, epoch_end, self.prog_bar, bar)
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=step)
         if self.tensorboard_extras and trainer.is_global_zero:
@@ -303,7 +304,7 @@ class NTKMonitorBase(NTKSettings):
                     prefix=self.prefix,
                 )
         if self.verbose and trainer.is_global_zero:
-            _info(self._namespace, _verbose_line(report, self.prefix))
+            rank_zero_info(self._namespace, verbose_line(report, self.prefix))
         self._act(trainer, report)
 
     def _act(self, trainer: Any, report: NTKReport) -> None:
@@ -314,7 +315,7 @@ class NTKMonitorBase(NTKSettings):
         action = self.on_breakdown
         if action == "stop":
             if not trainer.should_stop:
-                _rank_zero_info(
+                rank_zero_info(
                     self._namespace, f"NTKMonitor: stopping training at step {report.step}: "
                     f"{report.message}"
                 )  # fmt: skip
@@ -327,59 +328,6 @@ class NTKMonitorBase(NTKSettings):
             )
         elif transition and callable(action):
             action(report)
-
-
-def _publish(
-    trainer: Any,
-    pl_module: Any,
-    scalars: Mapping[str, float],
-    epoch_end: bool,
-    prog_bar: bool,
-    prog_bar_keys: Collection[str] = PROGRESS_BAR_KEYS,
-) -> None:
-    """Put the scalars where other callbacks and the progress bar read them.
-
-    Falls back to ``pl_module.log`` (``logger=False``) if the trainer does not expose
-    the two metric dicts as plain dicts.
-    """
-    callback_metrics = getattr(trainer, "callback_metrics", None)
-    progress_bar_metrics = getattr(trainer, "progress_bar_metrics", None)
-    if isinstance(callback_metrics, dict) and isinstance(progress_bar_metrics, dict):
-        dtype = torch.get_default_dtype()
-        for name, value in scalars.items():
-            callback_metrics[name] = torch.tensor(value, dtype=dtype)
-            if prog_bar and name in prog_bar_keys:
-                progress_bar_metrics[name] = value
-        return
-    for name, value in scalars.items():
-        pl_module.log(
-            name,
-            value,
-            on_step=not epoch_end,
-            on_epoch=epoch_end,
-            prog_bar=prog_bar and name in prog_bar_keys,
-            logger=False,
-            batch_size=1,
-        )
-
-
-def _with_prefix(name: str, prefix: str) -> str:
-    """``ntk/<key>`` as ``<prefix><key>``."""
-    return prefix + name.removeprefix("ntk/")
-
-
-def _verbose_line(report: NTKReport, prefix: str) -> str:
-    """One line per report for ``verbose=True``."""
-    return (
-        f"NTKMonitor ({prefix}) step {report.step}: {report.verdict} (relative_change "
-        f"{report.relative_change:.3g}, linearization_error {report.linearization_error:.3g}, "
-        f"logit_growth {report.logit_growth:.3g}). {report.message}"
-    )
-
-
-def _info(namespace: str, message: str) -> None:
-    """Log ``message`` at INFO on rank 0 through the Lightning namespace's own logger."""
-    importlib.import_module(f"{namespace}.utilities.rank_zero").rank_zero_info(message)
 
 
 def monitor_class(namespace: str) -> type:
@@ -417,53 +365,3 @@ def __getattr__(name: str) -> Any:
         globals()["NTKMonitor"] = cls
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _first_dataloader(loaders: Any) -> Any:
-    """The first ``DataLoader`` in what ``trainer.train_dataloader`` returns."""
-    if isinstance(loaders, torch.utils.data.DataLoader):
-        return loaders
-    if isinstance(loaders, Mapping):
-        loaders = list(loaders.values())
-    if isinstance(loaders, (list, tuple)):
-        for item in loaders:
-            found = _first_dataloader(item)
-            if found is not None:
-                return found
-    iterables = getattr(loaders, "iterables", None)  # a CombinedLoader
-    if iterables is not None:
-        return _first_dataloader(iterables)
-    if loaders is None:
-        raise ValueError(
-            "NTKMonitor found no training dataloader to draw the probe from; pass `probe_x` "
-            "(and `probe_y`)."
-        )
-    return loaders
-
-
-def _find_loss(pl_module: nn.Module) -> Optional[nn.Module]:
-    """The first ``nn.CrossEntropyLoss`` / ``nn.NLLLoss`` in the module.
-
-    Sub-modules at any depth (also in ``ModuleList`` / ``ModuleDict``), and loss modules
-    kept in plain ``dict`` / ``list`` / ``tuple`` attributes, which are not registered.
-    """
-    kinds = (nn.CrossEntropyLoss, nn.NLLLoss)
-    for module in pl_module.modules():
-        if isinstance(module, kinds):
-            return module
-        for value in vars(module).values():
-            items = value.values() if isinstance(value, dict) else value
-            if isinstance(value, (dict, list, tuple)):
-                for item in items:
-                    if isinstance(item, kinds):
-                        return item
-    return None
-
-
-def _rank_zero_info(namespace: str, message: str) -> None:
-    """One line on rank 0 through the namespace's logger, as ``EarlyStopping`` does."""
-    try:
-        rank_zero = importlib.import_module(f"{namespace}.utilities.rank_zero")
-        rank_zero.rank_zero_info(message)
-    except (ImportError, AttributeError):
-        print(message)

@@ -26,18 +26,8 @@ want it set ``log_base=2`` or ``every_n_steps``. Memory: one
 copy of the selected parameters (``θ0``) and ``N²·C²`` numbers per kernel snapshot
 (per layer when ``per_layer`` is on).
 
-Verdict thresholds (drift, break) and what was measured on digits (two hidden layers,
-SGD; steps 256–1024; details and the full table: ``docs/verdicts.md``):
-
-=======================  ==========  ===============================  =========================
-signal                   thresholds  lazy / converging runs           broken runs
-=======================  ==========  ===============================  =========================
-relative_change          0.1, 0.5    0.02–0.04 (NTK-param, 2048);     0.6–2.4 (width 64);
-                                     0.08–0.16 (width 512)            1–17 (standard param.)
-logit slope per doubling 0.5, 0.8    0.63 → −0.2 with smoothing 0.1   1.0–2.6, hard labels,
-                                     (≤ 0.4 from step 512)            steady at every width
-linearization_error      0.2, 0.5    0.07–0.11 (width 512, smooth.)   0.3–0.8 (width 64, SP)
-=======================  ==========  ===============================  =========================
+Verdict thresholds and the measurements behind them: :mod:`lightning_ntk.monitor._verdict`
+and ``docs/verdicts.md``.
 """
 
 from __future__ import annotations
@@ -50,14 +40,19 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from .. import metrics
 from ..exceptions import NTKMeasurementWarning
 from ..kernel import _inputs
 from ..kernel._forward import ForwardModule, selector_on_wrapper
 from ..kernel._functional import FunctionalModel, exact_matmuls
 from ..kernel.batch_statistics import measured_model
-from ._measure import attempt, measure, probe_kernel
-from ._probe import default_batch_to_xy, draw_probe, preserved_rng
+from ._measure import measure, snapshot
+from ._probe import (
+    check_finite_probe,
+    checked_probe,
+    default_batch_to_xy,
+    draw_probe,
+    preserved_rng,
+)
 from ._schedule import Schedule
 from ._setup import LossObserver, Setup, resolve_setup
 from ._verdict import Thresholds
@@ -143,22 +138,7 @@ class NTKTracker(NTKSettings):
             TypeError: a probe that is not a tensor or a mapping / tuple of tensors.
             ValueError: an empty probe, or labels whose length differs from the inputs'.
         """
-        _inputs.check_batch("probe_x", probe_x)
-        n = _inputs.batch_size(probe_x)
-        if probe_y is not None:
-            if not isinstance(probe_y, Tensor):
-                raise TypeError(
-                    f"Expected `probe_y` to be a torch.Tensor or None but got "
-                    f"{type(probe_y).__name__}."
-                )
-            if probe_y.ndim not in (1, 2) or probe_y.shape[0] != n:
-                raise ValueError(
-                    f"Expected `probe_y` to have shape ({n},) or ({n}, C) to match `probe_x` "
-                    f"of {_inputs.describe(probe_x)} but got {tuple(probe_y.shape)}."
-                )
-            probe_y = probe_y.detach().clone()
-        self.probe_x = _inputs.map_tensors(probe_x, lambda t: t.detach().clone())
-        self.probe_y = probe_y
+        self.probe_x, self.probe_y = checked_probe(probe_x, probe_y)
 
     def draw_probe(self, source: Any) -> None:
         """Draw ``n_probe`` examples from a map-style dataset or a ``DataLoader``'s dataset.
@@ -224,51 +204,15 @@ class NTKTracker(NTKSettings):
         self.probe_x = _inputs.map_tensors(self.probe_x, lambda t: t.to(device))  # kept there
         if self.probe_y is not None:
             self.probe_y = self.probe_y.to(device)
-        _check_finite_probe(self.probe_x)
+        check_finite_probe(self.probe_x)
         with preserved_rng(device):
             fm = self._functional(wrapper)
-            x = fm.cast_input(self.probe_x)
-            try:
-                with exact_matmuls(fm.device):
-                    logits0 = fm.checked_logits(x, "probe_x")
-            except (TypeError, ValueError) as err:
-                raise type(err)(
-                    f"{err} (The probe is evaluated as `forward_fn(model, x)` if given, else "
-                    "`model(x)`; pass `forward_fn` or `output_fn` so it yields (N, C) logits.)"
-                ) from err
-            method = self.method
-            per_layer = self.per_layer if self.per_layer is not None else method != "ntk_vp"
-            num_classes = int(logits0.shape[1])
-            if num_classes < 2:
-                raise ValueError(
-                    f"The model maps the probe to logits of shape {tuple(logits0.shape)}: one "
-                    "output. The monitor's theory and verdicts are about classifiers "
-                    "(cross-entropy over C >= 2 logits); for a binary classifier with one "
-                    "logit z, pass `output_fn=lambda z: torch.cat([torch.zeros_like(z), z], 1)` "
-                    "(the same softmax); regression is not supported."
-                )
-            failures: dict[str, str] = {}
-            computed = attempt(
-                failures, "kernel", lambda: probe_kernel(self, fm, method, per_layer)
-            )
-            total, layers = computed if computed is not None else (None, {})
-            state = {
-                "theta0": {n: p.detach().clone() for n, p in fm.params.items()},
-                "logits0": logits0.clone(),
-                "num_classes": num_classes,
-                "method": method,
-                "per_layer": per_layer,
-                "start_step": int(step),
-                "K0": total,
-                "K0_layers": layers,
-                "logit_norm0": float(metrics.logit_norm(logits0)),
-                "predicted": self._predict(num_classes),
-            }
+            state, failures = snapshot(self, fm, step)
         self._state = state  # only a complete snapshot marks the tracker as started
         self._warn_failures(failures)
         self.history = []
         self.layer_history = []
-        self.kernel = total
+        self.kernel = state["K0"]
         self.eigenvalues = None
 
     def update(self, model: nn.Module, step: int) -> NTKReport:
@@ -316,7 +260,7 @@ class NTKTracker(NTKSettings):
     def predicted(self) -> dict[str, str]:
         """``{"regime": ..., "reason": ...}``: the paper's prediction for the set-up."""
         if self._state is None:
-            return self._predict(None)
+            return self.predict_regime(None)
         return dict(self._state["predicted"])
 
     @property
@@ -411,7 +355,7 @@ class NTKTracker(NTKSettings):
         y = None if self.probe_y is None else self.probe_y.to(device)
         return _inputs.map_tensors(self.probe_x, lambda t: t.to(device)), y
 
-    def _predict(self, num_classes: Optional[int] = None) -> dict[str, str]:
+    def predict_regime(self, num_classes: Optional[int] = None) -> dict[str, str]:
         """The theory's regime for the set-up as known now (``"unknown"`` if it is not)."""
         try:
             return self.setup.prediction()
@@ -471,15 +415,7 @@ class NTKTracker(NTKSettings):
             loss: the loss training computed on it (a scalar tensor or number).
             step: the step, for the report's account of the set-up.
         """
-        if not isinstance(y, Tensor) or y.shape[:1] != logits.shape[:1]:
-            self.observer.stop("the training batches carry no targets matching the logits")
-            return
-        try:
-            value = float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
-        except (TypeError, ValueError, RuntimeError):
-            self.observer.stop(f"the training loss is not a number ({type(loss).__name__})")
-            return
-        self.observer.add(logits, y, value, int(step))
+        self.observer.add_batch(logits, y, loss, step)
 
     def observe(self, model: nn.Module, x: Any, y: Any, loss: Any, step: int = 0) -> None:
         """Let the tracker infer the label smoothing from a training batch (plain loops).
@@ -509,17 +445,3 @@ def _to_cpu(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _to_cpu(v) for k, v in value.items()}
     return value
-
-
-def _check_finite_probe(probe_x: Any) -> None:
-    """Refuse probe inputs holding NaN / inf, naming that cause (not the model)."""
-    if isinstance(probe_x, Tensor) and probe_x.is_floating_point():
-        bad = ~torch.isfinite(probe_x.reshape(len(probe_x), -1)).all(dim=1)
-        if bool(bad.any()):
-            rows = bad.nonzero().flatten().tolist()
-            raise ValueError(
-                f"The probe inputs hold non-finite values (NaN or inf) at rows {rows[:10]}"
-                f"{' ...' if len(rows) > 10 else ''}: they were drawn from the training data "
-                "(or given as `probe_x`), which holds NaN / inf there. Clean the data or pass "
-                "a finite `probe_x`."
-            )
