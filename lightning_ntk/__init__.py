@@ -19,8 +19,9 @@ Groups:
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -57,27 +58,14 @@ _LAZY_ATTRIBUTES: dict[str, str] = {
 }
 
 _LAZY_SUBMODULES = {
-    "kernel", "metrics", "testing", "theory", "lightning", "uncertainty", "monitor",
+    "kernel", "linearization", "metrics", "testing", "theory", "lightning", "uncertainty",
+    "monitor",
 }  # fmt: skip
 
 __all__ = sorted(_LAZY_ATTRIBUTES)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY_ATTRIBUTES:
-        module = importlib.import_module(_LAZY_ATTRIBUTES[name], __name__)
-        value = getattr(module, name)
-        globals()[name] = value  # cache: later look-ups skip this function
-        return value
-    if name in _LAZY_SUBMODULES:
-        return importlib.import_module(f".{name}", __name__)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    # the public names, loaded or not, and the module's dunders; not the helpers above
-    dunders = {name for name in globals() if name.startswith("__")}
-    return sorted(dunders | set(__all__) | _LAZY_SUBMODULES)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY_ATTRIBUTES, _LAZY_SUBMODULES)
 
 
 if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports

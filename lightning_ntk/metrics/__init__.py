@@ -15,10 +15,9 @@ They are imported lazily (PEP 562): the functions alone do not import torchmetri
 
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from .._lazy import lazy_exports
 from .functional import (
     Spectrum,
     argmax_agreement,
@@ -57,22 +56,7 @@ __all__ = [
 _CLASSES = {"ArgmaxAgreement", "LinearizationError", "LogitNorm", "ProbTV", "TargetAlignment"}
 
 
-def __getattr__(name: str) -> Any:
-    if name in _CLASSES:
-        value = getattr(importlib.import_module(".classes", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    dunders = {name for name in globals() if name.startswith("__")}
-    submodules = {
-        name
-        for name, value in globals().items()
-        if isinstance(value, ModuleType) and value.__name__.startswith(f"{__name__}.")
-    }
-    return sorted(dunders | set(__all__) | submodules)
+__getattr__, __dir__ = lazy_exports(__name__, dict.fromkeys(_CLASSES, ".classes"))
 
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -32,9 +32,9 @@ Layer: may import :mod:`lightning_ntk.kernel`, :mod:`lightning_ntk.linearization
 
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
 
 # public name -> submodule that defines it
 _LAZY_ATTRIBUTES: dict[str, str] = {
@@ -58,22 +58,7 @@ _LAZY_ATTRIBUTES: dict[str, str] = {
 __all__ = sorted(_LAZY_ATTRIBUTES)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY_ATTRIBUTES:
-        value = getattr(importlib.import_module(_LAZY_ATTRIBUTES[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    dunders = {name for name in globals() if name.startswith("__")}
-    submodules = {
-        name
-        for name, value in globals().items()
-        if isinstance(value, ModuleType) and value.__name__.startswith(f"{__name__}.")
-    }
-    return sorted(dunders | set(__all__) | submodules)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY_ATTRIBUTES)
 
 
 if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
