@@ -31,6 +31,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from ..theory.regime import read_optimizer
+
 __all__ = ["LossObserver", "Setup", "find_loss", "logit_optimum", "resolve_setup"]
 
 # the fit of the training loss must close to this relative residual (float32 round-off
@@ -290,10 +292,10 @@ def resolve_setup(
     sources = setup.sources
     # ---- weight decay and learning rate
     if optimizer is not None:
-        lam, decoupled, lr, name = _read_optimizer(optimizer)
-        setup.lr = lr
-        setup.weight_decay, setup.decoupled = lam, decoupled
-        sources["weight_decay"] = f"read from the optimizer {name}"
+        read = read_optimizer(optimizer)
+        setup.lr = read.lr
+        setup.weight_decay, setup.decoupled = read.weight_decay, read.decoupled
+        sources["weight_decay"] = f"read from the optimizer {read.name}"
     if weight_decay is not None:
         setup.weight_decay = float(weight_decay)
         setup.decoupled = setup.decoupled and setup.weight_decay > 0
@@ -341,28 +343,6 @@ def resolve_setup(
         setup.min_target = min(mins)
         sources["targets"] = "read from the " + " and ".join(where)
     return setup
-
-
-def _read_optimizer(optimizer: Any) -> tuple[float, bool, Optional[float], str]:
-    """``(λ, decoupled, lr, name)`` of an optimizer's weight groups."""
-    groups = getattr(optimizer, "param_groups", None)
-    if not isinstance(groups, (list, tuple)):
-        raise TypeError(
-            "Expected `optimizer` to be a torch.optim.Optimizer (with `param_groups`) but "
-            f"got {type(optimizer).__name__}."
-        )
-    groups = [g for g in groups if len(g.get("params", ())) > 0]
-    weight_groups = [g for g in groups if any(p.ndim >= 2 for p in g["params"])] or groups
-    decays = [float(g.get("weight_decay", 0.0) or 0.0) for g in weight_groups]
-    lam = min(decays) if decays else 0.0
-    if lam < 0:
-        raise ValueError(f"Expected the optimizer's `weight_decay` to be >= 0 but got {lam}.")
-    lrs = [float(g["lr"]) for g in weight_groups if isinstance(g.get("lr"), (int, float))]
-    decoupled = lam > 0 and (
-        isinstance(optimizer, torch.optim.AdamW)
-        or any(g.get("decoupled_weight_decay", False) for g in weight_groups)
-    )
-    return lam, decoupled, (max(lrs) if lrs else None), type(optimizer).__name__
 
 
 def logit_optimum(setup: Setup, probe_y: Optional[Tensor], num_classes: int) -> Optional[Tensor]:

@@ -18,7 +18,13 @@ from torch import Tensor, nn
 
 from ._checks import check_nonnegative, check_smoothing, check_soft_targets, check_tensor
 
-__all__ = ["RegimePrediction", "optimal_logits", "predict_regime"]
+__all__ = [
+    "OptimizerDecay",
+    "RegimePrediction",
+    "optimal_logits",
+    "predict_regime",
+    "read_optimizer",
+]
 
 
 # ---------------------------------------------------------------------- regime
@@ -190,6 +196,65 @@ def optimal_logits(
 # ---------------------------------------------------------------------- helpers
 
 
+@dataclass(frozen=True)
+class OptimizerDecay:
+    """The weight decay an optimizer applies to its weights, as the theory reads it.
+
+    Attributes:
+        weight_decay: ``λ``, the smallest decay of the groups holding weight matrices
+            (all groups if none does): biases and norm parameters may go undecayed.
+        decoupled: whether the decay is decoupled (``AdamW``, ``decoupled_weight_decay``).
+        lr: the largest learning rate of those groups, if numeric (for ``1/(lr·λ)``).
+        name: the optimizer's class name.
+        note: what a reader should know (undecayed biases, groups that differ).
+    """
+
+    weight_decay: float
+    decoupled: bool
+    lr: Optional[float]
+    name: str
+    note: str = ""
+
+
+def read_optimizer(optimizer: Any) -> OptimizerDecay:
+    """The :class:`OptimizerDecay` of a ``torch.optim.Optimizer``.
+
+    Raises:
+        TypeError: an object without ``param_groups``.
+        ValueError: a negative weight decay.
+    """
+    groups = getattr(optimizer, "param_groups", None)
+    if not isinstance(groups, (list, tuple)):
+        raise TypeError(
+            "Expected `optimizer` to be a torch.optim.Optimizer (with `param_groups`) but "
+            f"got {type(optimizer).__name__}."
+        )
+    groups = [g for g in groups if len(g.get("params", ())) > 0]
+    weight_groups = [g for g in groups if any(p.ndim >= 2 for p in g["params"])]
+    considered = weight_groups or groups
+    decays = [float(g.get("weight_decay", 0.0) or 0.0) for g in considered]
+    lam = min(decays) if decays else 0.0
+    if lam < 0:
+        raise ValueError(f"Expected the optimizer's `weight_decay` to be >= 0 but got {lam}.")
+    note = ""
+    weight_ids = {id(g) for g in weight_groups}  # identity: groups hold tensors
+    undecayed = [
+        g for g in groups if id(g) not in weight_ids and float(g.get("weight_decay", 0)) == 0
+    ]
+    if weight_groups and undecayed and lam > 0:
+        note = " (biases / norm parameters without decay are fine: λ is the weight groups')"
+    if len(set(decays)) > 1:
+        note += (
+            f" (parameter groups differ in weight decay {sorted(set(decays))}; λ is their minimum)"
+        )
+    decoupled = lam > 0 and (
+        isinstance(optimizer, torch.optim.AdamW)
+        or any(g.get("decoupled_weight_decay", False) for g in considered)
+    )
+    lrs = [float(g["lr"]) for g in considered if isinstance(g.get("lr"), (int, float))]
+    return OptimizerDecay(lam, decoupled, max(lrs) if lrs else None, type(optimizer).__name__, note)
+
+
 def _resolve_weight_decay(
     declared: Optional[float], optimizer: Optional[Any], decoupled: Optional[bool]
 ) -> tuple[float, bool, str]:
@@ -198,42 +263,14 @@ def _resolve_weight_decay(
     note = ""
     found_decoupled = False
     if optimizer is not None:
-        groups = getattr(optimizer, "param_groups", None)
-        if not isinstance(groups, (list, tuple)):
-            raise TypeError(
-                "Expected `optimizer` to be a torch.optim.Optimizer (with `param_groups`) but "
-                f"got {type(optimizer).__name__}."
-            )
-        groups = [g for g in groups if len(g.get("params", ())) > 0]
-        is_adamw = isinstance(optimizer, torch.optim.AdamW)
-        weight_groups = [g for g in groups if any(p.ndim >= 2 for p in g["params"])]
-        considered = weight_groups or groups
-        decays = [float(g.get("weight_decay", 0.0) or 0.0) for g in considered]
-        from_optimizer = min(decays) if decays else 0.0
-        if from_optimizer < 0:
-            raise ValueError(
-                f"Expected the optimizer's `weight_decay` to be >= 0 but got {from_optimizer}."
-            )
-        weight_ids = {id(g) for g in weight_groups}  # identity: groups hold tensors
-        undecayed = [
-            g for g in groups if id(g) not in weight_ids and float(g.get("weight_decay", 0)) == 0
-        ]
-        if weight_groups and undecayed and from_optimizer > 0:
-            note = " (biases / norm parameters without decay are fine: λ is the weight groups')"
-        if len(set(decays)) > 1:
-            note += (
-                f" (parameter groups differ in weight decay {sorted(set(decays))}; λ is their "
-                "minimum)"
-            )
-        found_decoupled = from_optimizer > 0 and (
-            is_adamw or any(g.get("decoupled_weight_decay", False) for g in considered)
-        )
-        if lam is not None and not math.isclose(lam, from_optimizer, rel_tol=1e-9, abs_tol=0):
+        read = read_optimizer(optimizer)
+        note, found_decoupled = read.note, read.decoupled
+        if lam is not None and not math.isclose(lam, read.weight_decay, rel_tol=1e-9, abs_tol=0):
             raise ValueError(
                 f"Declared `weight_decay`={lam:g} contradicts the optimizer's weight decay "
-                f"{from_optimizer:g}; pass only one of them."
+                f"{read.weight_decay:g}; pass only one of them."
             )
-        lam = from_optimizer
+        lam = read.weight_decay
     if decoupled is not None:
         if not isinstance(decoupled, bool):
             raise TypeError(f"Expected `decoupled_decay` to be a bool but got {decoupled!r}.")
