@@ -25,7 +25,7 @@ from .loop import LoopMethod
 from .ntk_vp import NTKVPMethod
 from .structured import StructuredMethod
 
-__all__ = ["FAILED", "MEASURED", "Run"]
+__all__ = ["FAILED", "MEASURED", "Run", "rank_and_world"]
 
 _log = logging.getLogger("lightning_ntk.kernel")
 
@@ -173,7 +173,7 @@ class Run:
             self._fail(NTKMethod.STRUCTURED, err)
             plan = None
         picked = choose_method(self.fm, plan, self.num_classes, self.chunk)
-        if model_is_sure(plan) or _rank_and_world(self.distributed)[1] > 1:
+        if model_is_sure(plan) or rank_and_world(self.distributed)[1] > 1:
             # (ranks never time: their timings, hence their collectives, could differ)
             return [picked], "cost model", None
         key = self._key()
@@ -370,7 +370,7 @@ def _blockwise(
     shares of the blocks (each block is computed by exactly one rank, so a sum all-reduce
     assembles the kernel on every rank). Blocks are kept on ``store_on`` as computed.
     """
-    rank, world = _rank_and_world(distributed)
+    rank, world = rank_and_world(distributed)
     x_device = _inputs.tensors_of(x1)[0].device
     device = x_device if world > 1 else (store_on or x_device)
     result = {key: torch.zeros(shape, dtype=engine.fm.dtype, device=device) for key in keys}
@@ -404,7 +404,8 @@ def _blockwise(
     return result
 
 
-def _rank_and_world(distributed: bool) -> tuple[int, int]:
+def rank_and_world(distributed: bool = True) -> tuple[int, int]:
+    """``(rank, world size)`` in the default process group; ``(0, 1)`` without one."""
     if not distributed:
         return 0, 1
     import torch.distributed as dist

@@ -32,6 +32,7 @@ from ..kernel import last_call_info, ntk_of
 from ..kernel._forward import module_of
 from ..kernel._functional import FunctionalModel, exact_matmuls
 from ..kernel._inputs import batch_size
+from ..kernel._run import rank_and_world
 from ..kernel.batch_statistics import BatchStatisticsModel, batch_ntk_of, linearized_logits
 from ..linearization import LinearizedModel, argmax_agreement, linearization_error, prob_tv
 from ._setup import Setup, logit_optimum
@@ -41,7 +42,7 @@ from .report import NUMERIC_FIELDS, NTKReport, layer_drift, safe_spectrum, safe_
 if TYPE_CHECKING:
     from .tracker import NTKTracker
 
-__all__ = ["Measurement", "attempt", "measure", "probe_kernel", "snapshot", "world_size"]
+__all__ = ["Measurement", "attempt", "measure", "probe_kernel", "snapshot"]
 
 T = TypeVar("T")
 
@@ -253,7 +254,7 @@ def probe_kernel(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``Θ(X, X)`` in the chosen layout, and per module when ``per_layer`` is on."""
     probe = fm.cast_input(tracker.probe_on(fm.module)[0])
-    world = world_size() if tracker.distributed else 1
+    world = rank_and_world(tracker.distributed)[1]
     if isinstance(fm, BatchStatisticsModel):  # rows coupled: the whole-batch Jacobian
         result = batch_ntk_of(fm, probe, output=tracker.output, per_layer=per_layer)
     else:
@@ -279,12 +280,3 @@ def probe_kernel(
     total = sum(layers.values())
     assert isinstance(total, Tensor)
     return total, layers
-
-
-def world_size() -> int:
-    """Processes in the initialised default ``torch.distributed`` group (1 if none)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1

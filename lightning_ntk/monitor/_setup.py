@@ -292,10 +292,10 @@ def resolve_setup(
     sources = setup.sources
     # ---- weight decay and learning rate
     if optimizer is not None:
-        read = read_optimizer(optimizer)
-        setup.lr = read.lr
-        setup.weight_decay, setup.decoupled = read.weight_decay, read.decoupled
-        sources["weight_decay"] = f"read from the optimizer {read.name}"
+        decay = read_optimizer(optimizer)
+        setup.lr = decay.lr
+        setup.weight_decay, setup.decoupled = decay.weight_decay, decay.decoupled
+        sources["weight_decay"] = f"read from the optimizer {decay.name}"
     if weight_decay is not None:
         setup.weight_decay = float(weight_decay)
         setup.decoupled = setup.decoupled and setup.weight_decay > 0
