@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -10,7 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_ntk.monitor._setup import LossObserver, Setup, logit_optimum, resolve_setup
-from lightning_ntk.monitor._verdict import LogitContext, Thresholds, diagnose
+from lightning_ntk.monitor._verdict import (
+    LogitContext,
+    Signals,
+    Thresholds,
+    diagnose,
+    regime_of,
+    velocity,
+)
 from lightning_ntk.theory import optimal_logits
 from tests._lightning_models import one_thread  # noqa: F401
 
@@ -120,10 +128,7 @@ def test_the_optimum_of_smoothed_targets():
 
 def _diagnose(slope, predicted, **context):
     return diagnose(
-        relative_change=0.02,
-        linearization_error=0.05,
-        slope=slope,
-        finite=True,
+        Signals(relative_change=0.02, linearization_error=0.05, slope=slope),
         thresholds=Thresholds(),
         predicted_regime=predicted,
         context=LogitContext(**context),
@@ -131,47 +136,73 @@ def _diagnose(slope, predicted, **context):
 
 
 def test_logits_short_of_the_optimum_are_converging_whatever_their_slope():
-    converging = _diagnose(1.0, "lazy", logit_norm=3.9, optimum_norm=4.28, step=800)
+    converging = _diagnose(1.0, "bounded", logit_norm=3.9, optimum_norm=4.28, step=800)
     assert (converging.verdict, converging.causes) == ("lazy", [])
     assert "converging" in converging.message
-    overshoot = _diagnose(1.0, "lazy", logit_norm=9.0, optimum_norm=4.28, step=800)
+    overshoot = _diagnose(1.0, "bounded", logit_norm=9.0, optimum_norm=4.28, step=800)
     assert (overshoot.verdict, overshoot.causes) == ("broken", ["logits diverging"])
-    assert "past the optimum" in overshoot.message
+    assert overshoot.regime == "logits diverging" and "past the optimum" in overshoot.message
 
 
 def test_hard_targets_diverge_and_an_unknown_set_up_states_the_condition():
-    diverging = _diagnose(1.0, "divergent", logit_norm=8.0, step=800)
+    diverging = _diagnose(1.0, "diverging", logit_norm=8.0, step=800)
     assert (diverging.verdict, diverging.causes) == ("broken", ["logits diverging"])
-    assert "hard one-hot targets and no weight decay" in diverging.message
+    assert "hard one-hot targets without weight decay predict" in diverging.message
+    assert "+1.00 per doubling of steps (alarm at 0.8)" in diverging.message
     unknown = _diagnose(1.0, "unknown", logit_norm=8.0, step=800)
     assert (unknown.verdict, unknown.causes) == ("drifting", ["logits growing"])
-    assert "if the targets are hard one-hot" in unknown.message
-    assert "hard one-hot targets and no" not in unknown.message
+    assert "with hard one-hot targets and no weight decay this is" in unknown.message
+    assert "alarm" not in unknown.message  # an unknown set-up never raises the alarm
     lazy_unknown = _diagnose(math.nan, "unknown", step=800)
-    assert lazy_unknown.verdict == "lazy" and "if the targets are hard" in lazy_unknown.message
+    assert lazy_unknown.verdict == "lazy" and "with hard one-hot" in lazy_unknown.message
+    # hints name only settings both NTKTracker and NTKMonitor take
+    for message in (unknown.message, lazy_unknown.message):
+        assert "`label_smoothing`" in message and "`loss`" not in message
+
+
+def test_the_set_up_s_older_prediction_names_are_read_as_the_new_ones():
+    old = _diagnose(1.0, "divergent", logit_norm=8.0, step=800)
+    assert old == _diagnose(1.0, "diverging", logit_norm=8.0, step=800)
 
 
 def test_l2_only_waits_for_the_equilibrium_time():
-    early = _diagnose(1.0, "lazy", logit_norm=8.0, equilibrium_step=1000, step=800)
+    early = _diagnose(1.0, "bounded", logit_norm=8.0, equilibrium_step=1000, step=800)
     assert (early.verdict, early.causes) == ("drifting", ["logits growing"])
     assert "1000 steps" in early.message
-    late = _diagnose(1.0, "lazy", logit_norm=8.0, equilibrium_step=100, step=800)
+    late = _diagnose(1.0, "bounded", logit_norm=8.0, equilibrium_step=100, step=800)
     assert (late.verdict, late.causes) == ("broken", ["logits diverging"])
 
 
-def test_message_names_the_signal_that_set_the_verdict():
-    d = diagnose(
-        relative_change=0.48,
-        linearization_error=0.52,
-        slope=0.0,
-        finite=True,
-        thresholds=Thresholds(),
-        predicted_regime="lazy",
+def test_feature_learning_is_information_unless_laziness_was_expected():
+    moved = Signals(relative_change=0.48, linearization_error=0.52, kernel_velocity=0.3, slope=0.0)
+    told = diagnose(moved, thresholds=Thresholds(), predicted_regime="bounded")
+    assert (told.regime, told.verdict) == ("feature learning", "drifting")
+    assert told.causes == ["kernel moving", "linearization error"]
+    assert "widen" not in told.message and "alarm" not in told.message
+    expected = diagnose(moved, thresholds=Thresholds(), predicted_regime="bounded", expect="lazy")
+    assert (expected.regime, expected.verdict) == ("feature learning", "broken")
+    # one sentence per finding, each value with the levels that read it
+    assert "linearization error 0.52 (lazy below 0.2, alarm at 0.5)" in expected.message
+    assert "kernel relative change 0.48 (lazy below 0.1, alarm at 0.5)" in expected.message
+    assert "widen the layers" in expected.message and "below break" not in expected.message
+
+
+def test_a_settled_kernel_with_a_good_local_linearization_is_locally_linear():
+    t = Thresholds()
+    settled = Signals(
+        relative_change=5.0, linearization_error=0.9, kernel_velocity=0.02,
+        local_linearization_error=0.05, previous_step=64,
+    )  # fmt: skip
+    d = diagnose(settled, thresholds=t, predicted_regime="bounded")
+    assert (d.regime, d.verdict) == ("locally linear", "drifting")
+    assert "around step 64's parameters" in d.message
+    assert regime_of(dataclasses.replace(settled, kernel_velocity=0.5), t) == "feature learning"
+    assert regime_of(dataclasses.replace(settled, local_linearization_error=0.5), t) == (
+        "feature learning"
     )
-    assert d.verdict == "broken" and d.causes == ["kernel moving", "linearization error"]
-    head = d.message.split(";")[0]
-    assert "linearization error (0.52 ≥ break threshold 0.5)" in head
-    assert "relative change 0.48 ≥ drift threshold 0.1, below break 0.5" in d.message
+    assert regime_of(Signals(relative_change=0.01, linearization_error=0.01), t) == "lazy"
+    assert regime_of(Signals(), t) == "unknown"
+    assert velocity(1.0, 16, 4) == pytest.approx(0.5) and velocity(1.0, 4, 0) == pytest.approx(0.5)
 
 
 # ---------------------------------------------------------------------- through the tracker
@@ -233,7 +264,7 @@ def test_batchnorm_cnn_at_lr_0_is_lazy_with_zero_drift_at_every_report(momentum)
     # the deployed function's kernel (running statistics) does move
     assert trackers["running"].history[-1].relative_change > 1e-3
     assert "inferred from the training loss" in reports[-1].setup
-    assert reports[-1].predicted_regime == "divergent"  # hard labels, λ = 0: both known
+    assert reports[-1].predicted_regime == "diverging"  # hard labels, λ = 0: both known
 
 
 @pytest.mark.slow
@@ -256,7 +287,7 @@ def test_smoothing_given_only_to_f_cross_entropy_in_a_lightning_module():
     monitor = NTKMonitor(n_probe=9, log_base=2)
     pl.Trainer(callbacks=[monitor], **trainer_kwargs(max_steps=16)).fit(model)
     last = monitor.history[-1]
-    assert last.predicted_regime == "lazy", last.setup
+    assert last.predicted_regime == "bounded", last.setup
     assert "label smoothing 0.1 (inferred from the training loss" in last.setup
     assert math.isfinite(last.logit_optimum) and math.isfinite(last.logit_gap)
     for report in monitor.history:
@@ -289,13 +320,14 @@ def test_stop_says_why_in_one_line(caplog):
         every_n_steps=1,
         on_breakdown="stop",
         thresholds={"relative_change": (1e-9, 1e-8)},
+        expect="lazy",
     )
     with caplog.at_level(logging.INFO):
         trainer = pl.Trainer(callbacks=[monitor], **trainer_kwargs(max_steps=20))
         trainer.fit(module_class("pytorch_lightning")())
     assert trainer.global_step == 1
-    lines = [r.getMessage() for r in caplog.records if "NTKMonitor: stopping" in r.getMessage()]
-    assert len(lines) == 1 and "step 1" in lines[0] and "kernel moving" in lines[0]
+    lines = [r.getMessage() for r in caplog.records if "Stopping training" in r.getMessage()]
+    assert len(lines) == 1 and "step 1:" in lines[0] and "kernel relative change" in lines[0]
 
 
 def test_loss_modules_are_found_inside_containers():

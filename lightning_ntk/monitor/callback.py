@@ -44,7 +44,14 @@ from ..exceptions import (
     NTKMeasurementWarning,
 )
 from ._probe import first_dataloader
-from ._publish import PROGRESS_BAR_KEYS, publish, rank_zero_info, verbose_line, with_prefix
+from ._publish import (
+    PROGRESS_BAR_KEYS,
+    publish,
+    rank_zero_info,
+    rank_zero_warn,
+    verbose_line,
+    with_prefix,
+)
 from ._setup import find_loss
 from ._verdict import Thresholds
 from .loggers import tensorboard_writers, write_extras, write_layout
@@ -90,22 +97,25 @@ class NTKMonitorBase(NTKSettings):
     Args:
         probe_x: probe inputs ``(N, ...)``; ``None`` draws them from the training data.
         probe_y: probe labels ``(N,)`` or soft targets ``(N, C)``.
-        on_breakdown: what to do when the verdict turns ``"broken"``: ``"warn"`` (a
-            :class:`~lightning_ntk.LinearizationBreakdownWarning`, once per transition),
-            ``"stop"`` (stop training on every rank), ``"raise"``
+        on_breakdown: what to do when the verdict turns ``"broken"`` — an alarm: logits
+            diverging (always), or leaving the lazy regime with ``expect="lazy"``. Acted on
+            once per transition into the alarm: ``"warn"`` (a
+            :class:`~lightning_ntk.LinearizationBreakdownWarning` through Lightning's
+            rank-zero warnings), ``"stop"`` (stop training on every rank), ``"raise"``
             (:class:`~lightning_ntk.LinearizationBreakdownError`), or a callable receiving
-            the report (called once per transition).
+            the report.
         prog_bar: show ``<prefix>relative_change`` and ``<prefix>lazy`` in the progress
             bar (on by default, unlike ``self.log``: the verdict is what the monitor is for).
         tensorboard_extras: write the spectrum histogram, kernel image, diagnosis text and
             custom-scalars layout to attached TensorBoard loggers.
         prefix: the start of every logged key (``"ntk/"``: ``ntk/relative_change``, …);
             monitors with different prefixes log side by side on one ``Trainer``.
-        verbose: print each report's verdict and message (on rank 0), like Lightning's
-            ``EarlyStopping(verbose=True)``.
+        verbose: print each report's regime, verdict and message (on rank 0), like
+            Lightning's ``EarlyStopping(verbose=True)``; a message the alarm's warning
+            carries is not printed twice.
         **settings: what is measured and when: every field of
             :class:`~lightning_ntk.monitor.settings.NTKSettings` (``n_probe``, ``output``,
-            ``method``, ``params``, ``every_n_steps``, ``log_base``, ``thresholds``,
+            ``method``, ``params``, ``every_n_steps``, ``log_base``, ``thresholds``, ``expect``,
             ``weight_decay``, ``label_smoothing``, ``forward_fn``, ``output_fn``, …), as
             keywords. ``weight_decay`` and ``label_smoothing`` override what is read from
             the first optimizer and the module's loss; ``forward_fn(pl_module, x)``
@@ -303,30 +313,38 @@ class NTKMonitorBase(NTKSettings):
                     labels=tracker.probe_y,
                     prefix=self.prefix,
                 )
+        alarm = self._is_alarm(report)
         if self.verbose and trainer.is_global_zero:
-            rank_zero_info(self._namespace, verbose_line(report, self.prefix))
+            # an alarm's message goes out once, in the warning / the stop line
+            told = alarm and self.on_breakdown in ("warn", "stop")
+            rank_zero_info(self._namespace, verbose_line(report, self.prefix, message=not told))
         self._act(trainer, report)
 
+    @property
+    def diagnosis(self) -> str:
+        """The run so far in one line: each regime with its steps and figures, then the logits."""
+        return self.tracker.diagnosis
+
+    def _is_alarm(self, report: NTKReport) -> bool:
+        """Whether ``report`` enters an alarm state (``"broken"`` after a report that was not)."""
+        return report.verdict == "broken" and self._last_verdict != "broken"
+
     def _act(self, trainer: Any, report: NTKReport) -> None:
-        transition = report.verdict == "broken" and self._last_verdict != "broken"
+        """Act once per transition into an alarm (verdict ``"broken"``)."""
+        transition = self._is_alarm(report)
         self._last_verdict = report.verdict
-        if report.verdict != "broken":
+        if not transition:
             return
         action = self.on_breakdown
+        text = f"NTKMonitor ({self.prefix}) step {report.step}: {report.message}"
         if action == "stop":
-            if not trainer.should_stop:
-                rank_zero_info(
-                    self._namespace, f"NTKMonitor: stopping training at step {report.step}: "
-                    f"{report.message}"
-                )  # fmt: skip
+            rank_zero_info(self._namespace, f"{text} Stopping training.")
             trainer.should_stop = True
         elif action == "raise":
-            raise LinearizationBreakdownError(f"Step {report.step}: {report.message}")
-        elif transition and action == "warn":
-            warnings.warn(
-                f"Step {report.step}: {report.message}", LinearizationBreakdownWarning, stacklevel=2
-            )
-        elif transition and callable(action):
+            raise LinearizationBreakdownError(text)
+        elif action == "warn":
+            rank_zero_warn(self._namespace, text, LinearizationBreakdownWarning)
+        elif callable(action):
             action(report)
 
 

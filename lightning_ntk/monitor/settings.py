@@ -17,7 +17,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
-from ._verdict import Thresholds
+from ._verdict import EXPECTATIONS, Thresholds
 
 __all__ = ["METHODS", "OUTPUTS", "NTKSettings", "settings_of"]
 
@@ -60,6 +60,10 @@ class NTKSettings:
             disables.
         thresholds: verdict thresholds, a :class:`~lightning_ntk.Thresholds` or a dict of
             its fields (e.g. ``{"relative_change": [0.1, 0.5]}``).
+        expect: ``"lazy"`` when training is meant to stay in the kernel regime (NTK
+            experiments, wide-limit tests): leaving it is then an alarm (verdict
+            ``"broken"``). ``None`` (default): no expectation — feature learning is
+            reported as information and only diverging logits raise an alarm.
         weight_decay: the optimizer's weight decay, if known (overrides what is read from
             the optimizer).
         label_smoothing: the loss's label smoothing, if known (overrides what is read
@@ -83,6 +87,7 @@ class NTKSettings:
     every_n_epochs: Optional[int] = None
     log_base: Optional[float] = 4.0
     thresholds: Union[Thresholds, dict[str, Any], None] = None
+    expect: Optional[str] = None
     weight_decay: Optional[float] = None
     label_smoothing: Optional[float] = None
     seed: int = 0
@@ -118,6 +123,10 @@ class NTKSettings:
                 raise ValueError(
                     f"Expected `{name}` to be a non-negative number or None but got {value!r}."
                 )
+        if self.expect not in EXPECTATIONS:
+            raise ValueError(
+                f"Expected `expect` to be one of {EXPECTATIONS} but got {self.expect!r}."
+            )
         self.thresholds = _as_thresholds(self.thresholds)
 
 
