@@ -236,7 +236,7 @@ def test_on_breakdown_stop_raise_and_callable():
         every_n_steps=1,
         on_breakdown="raise",
     )
-    with pytest.raises(LinearizationBreakdownError, match="step 1: .*Laziness was expected"):
+    with pytest.raises(LinearizationBreakdownError, match=r"step 1: .*Laziness was expected"):
         fit("pytorch_lightning", monitor, max_steps=20)
 
     seen = []

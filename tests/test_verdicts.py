@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import re
+import warnings
 
 import pytest
 import torch
@@ -361,3 +364,176 @@ def test_observing_batches_the_model_cannot_take_leaves_the_set_up_unknown():
     assert not tracker.wants_observation
     assert "could not be evaluated" in tracker.setup.sources["label_smoothing"]
     assert tracker.update(model, 1).predicted_regime == "unknown"
+
+
+# ---------------------------------------------------------------------- regimes and alarms
+
+
+def _digits_like(n: int = 320, seed: int = 0):
+    """8×8 single-channel images of 10 classes: a fixed template per class plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    templates = torch.randn(10, 1, 8, 8, generator=g)
+    y = torch.arange(n) % 10
+    return templates[y] + 0.8 * torch.randn(n, 1, 8, 8, generator=g), y
+
+
+def _cnn_module():
+    import pytorch_lightning as pl
+
+    class CNN(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(
+                nn.Conv2d(1, 8, 3, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(8, 16, 3, padding=1),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Flatten(),
+                nn.Linear(16 * 16, 32),
+                nn.ReLU(),
+                nn.Linear(32, 10),
+            )
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=3e-3, weight_decay=0.01)
+
+        def train_dataloader(self):
+            data = torch.utils.data.TensorDataset(*_digits_like())
+            g = torch.Generator().manual_seed(0)
+            return torch.utils.data.DataLoader(data, batch_size=32, shuffle=True, generator=g)
+
+    return CNN()
+
+
+def _fit_recording(monitor, make_module, max_steps, caplog):
+    """Train; return the monitor's breakdown warnings and its verbose lines."""
+    import logging
+
+    import pytorch_lightning as pl
+
+    from lightning_ntk import LinearizationBreakdownWarning
+    from tests._lightning_models import trainer_kwargs
+
+    pl.seed_everything(0, verbose=False)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
+        warnings.simplefilter("always")
+        trainer = pl.Trainer(callbacks=[monitor], **trainer_kwargs(max_steps=max_steps))
+        trainer.fit(make_module())
+    alarms = [str(w.message) for w in caught if w.category is LinearizationBreakdownWarning]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("NTKMonitor")]
+    return alarms, lines
+
+
+def test_an_ordinary_adamw_cnn_is_feature_learning_without_an_alarm(caplog):
+    """A 10k-parameter CNN, AdamW with weight decay: information at every report, no alarm."""
+    from lightning_ntk import NTKMonitor
+
+    monitor = NTKMonitor(n_probe=10, verbose=True)
+    alarms, lines = _fit_recording(monitor, _cnn_module, 256, caplog)
+    reports = monitor.history
+    assert [r.step for r in reports] == [4, 16, 64, 256]
+    assert alarms == [] and all(r.verdict != "broken" for r in reports), alarms
+    assert len(lines) == len(reports)
+    assert all(r.predicted_regime == "bounded" for r in reports)  # weight decay, not "lazy"
+    assert "feature learning" in {r.regime for r in reports}
+    for r in reports:
+        assert "widen the layers" not in r.message and "predicts lazy" not in r.message
+        assert "`loss`" not in r.message and "`optimizer`" not in r.message
+    # the diagnosis strings the regimes together with their steps and figures
+    diagnosis = monitor.diagnosis
+    first, *rest = diagnosis.split("; ")
+    assert first.startswith(f"{reports[0].regime} until step ") or first.startswith(
+        f"{reports[0].regime} throughout (steps 4–256)"
+    ), diagnosis
+    assert re.search(r"feature learning[^;]*kernel velocity \d+\.\d\d", diagnosis), diagnosis
+    assert re.search(r"logit", rest[-1] if rest else first), diagnosis
+
+
+def test_the_previous_report_s_linearization_predicts_the_next_report_s_logits():
+    """Standard parameterization, SGD: the kernel moves early, then settles; from then on
+    the linearization around the previous report's parameters predicts the logits far
+    better than the one around θ0, and its error is the one ``linearize`` gives."""
+    from lightning_ntk import NTKTracker, linearize
+    from lightning_ntk.linearization import linearization_error
+
+    x, y = _digits_like(200)
+    x = x.flatten(1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    tracker = NTKTracker(x[:16], y[:16], optimizer=opt, label_smoothing=0.1, log_base=2)
+    tracker.start(model)
+    previous = {n: p.detach().clone() for n, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(1)
+    for step in range(1, 1025):
+        idx = torch.randint(len(x), (32,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(model(x[idx]), y[idx], label_smoothing=0.1).backward()
+        opt.step()
+        if tracker.is_due(step):
+            report = tracker.update(model, step)
+            local = linearize(model, previous)
+            with torch.no_grad():
+                f = model(x[:16])
+                expected = linearization_error(f, local(x[:16]), local.initial_logits(x[:16]))
+            assert report.local_linearization_error == pytest.approx(float(expected), rel=1e-3)
+            previous = {n: p.detach().clone() for n, p in model.named_parameters()}
+    late = [r for r in tracker.history if r.step >= 256]
+    for r in late:  # measured: local 0.01-0.03 against 0.3-0.6 around θ0
+        assert r.local_linearization_error < 0.2 * r.linearization_error, r
+    early, last = tracker.history[1], tracker.history[-1]
+    assert last.kernel_velocity < 0.5 * max(r.kernel_velocity for r in tracker.history[:6])
+    assert last.regime == "locally linear" and early.regime != "locally linear"
+    assert "locally linear from step" in tracker.diagnosis
+
+
+def test_hard_labels_without_regularization_raise_their_alarm_exactly_once(caplog):
+    from lightning_ntk import NTKMonitor
+    from tests._lightning_models import module_class
+
+    # the trend from step 32 on, so that a short run measures it
+    monitor = NTKMonitor(n_probe=20, log_base=2, thresholds={"min_trend_step": 32}, verbose=True)
+    classifier = module_class("pytorch_lightning")
+    make = functools.partial(classifier, classes=10, width=32, lr=0.2, n=40, batch_size=40)
+    alarms, lines = _fit_recording(monitor, make, 128, caplog)
+    reports = monitor.history
+    assert reports[-1].predicted_regime == "diverging"
+    assert reports[-1].regime == "logits diverging" and reports[-1].verdict == "broken"
+    assert len(alarms) == 1, alarms
+    first = next(r for r in reports if r.verdict == "broken")
+    assert alarms[0].startswith(f"NTKMonitor (ntk/) step {first.step}: ")
+    assert "add weight decay or label smoothing" in alarms[0] and "(alarm at 0.8)" in alarms[0]
+    assert "diverging" in monitor.diagnosis and f"from step {first.step}" in monitor.diagnosis
+    # printed once: the verbose line of the alarm's report leaves its message to the warning
+    assert sum(first.message in line for line in lines) == 0
+    assert len(lines) == len(reports)
+
+
+@pytest.mark.parametrize("expect", [None, "lazy"])
+def test_leaving_the_lazy_regime_warns_once_only_when_laziness_was_expected(expect, caplog):
+    from lightning_ntk import NTKMonitor
+    from tests._lightning_models import module_class
+
+    monitor = NTKMonitor(n_probe=12, log_base=2, expect=expect, label_smoothing=0.1)
+    classifier = module_class("pytorch_lightning")
+    make = functools.partial(classifier, width=64, lr=0.3, label_smoothing=0.1)
+    alarms, _ = _fit_recording(monitor, make, 64, caplog)
+    reports = monitor.history
+    assert reports[0].linearization_error < 0.5 < reports[-1].linearization_error, reports
+    if expect is None:
+        assert alarms == [] and all(r.verdict != "broken" for r in monitor.history)
+        assert not any("widen" in r.message for r in monitor.history)
+    else:
+        assert len(alarms) == 1, alarms
+        assert "Laziness was expected" in alarms[0] and "widen the layers" in alarms[0]
+        first = next(r for r in reports if r.verdict == "broken")
+        assert alarms[0].startswith(f"NTKMonitor (ntk/) step {first.step}: ")
+        assert reports[-1].verdict == "broken"
