@@ -537,3 +537,29 @@ def test_leaving_the_lazy_regime_warns_once_only_when_laziness_was_expected(expe
         first = next(r for r in reports if r.verdict == "broken")
         assert alarms[0].startswith(f"NTKMonitor (ntk/) step {first.step}: ")
         assert reports[-1].verdict == "broken"
+
+
+def test_thresholds_travel_as_json_not_in_chart_titles_and_the_summary_names_the_regime(
+    tmp_path,
+):
+    pytest.importorskip("tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_ntk.cli._report import load_run, summarize
+    from lightning_ntk.monitor.loggers import write_layout
+
+    writer = SummaryWriter(str(tmp_path))
+    layout = {}
+    writer_add = writer.add_custom_scalars
+    writer.add_custom_scalars = lambda value: (layout.update(value), writer_add(value))
+    write_layout(writer, Thresholds(logit_slope=(0.4, 0.9)), prefix="ntk/")
+    for step, code in ((4, 0.0), (16, 2.0)):
+        writer.add_scalar("ntk/regime", code, step)
+        writer.add_scalar("ntk/lazy", 0.5, step)
+    writer.close()
+    titles = [title for charts in layout.values() for title in charts]
+    assert not any("0.4" in t or "0.9" in t or "break" in t for t in titles), titles
+    run = load_run(tmp_path)
+    assert run.thresholds["logit_slope"] == (0.4, 0.9)
+    assert run.thresholds["relative_change"] == Thresholds().relative_change
+    assert f"{run.label}: drifting at step 16 (feature learning)" in summarize([run])

@@ -312,6 +312,7 @@ class NTKMonitorBase(NTKSettings):
                     kernel=tracker.kernel_matrix() if tracker.kernel is not None else None,
                     labels=tracker.probe_y,
                     prefix=self.prefix,
+                    diagnosis=tracker.diagnosis,
                 )
         alarm = self._is_alarm(report)
         if self.verbose and trainer.is_global_zero:
