@@ -556,6 +556,7 @@ def test_thresholds_travel_as_json_not_in_chart_titles_and_the_summary_names_the
     for step, code in ((4, 0.0), (16, 2.0)):
         writer.add_scalar("ntk/regime", code, step)
         writer.add_scalar("ntk/lazy", 0.5, step)
+        writer.add_scalar("ntk/relative_change", 0.3, step)
     writer.close()
     titles = [title for charts in layout.values() for title in charts]
     assert not any("0.4" in t or "0.9" in t or "break" in t for t in titles), titles
