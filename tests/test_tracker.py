@@ -327,7 +327,7 @@ def test_diagnosis_keeps_logit_divergence_and_kernel_movement_apart():
         slope=1.5,
         finite=True,
         thresholds=t,
-        predicted_regime="divergent",
+        predicted_regime="diverging",
     )
     assert diverging.verdict == "broken"
     assert diverging.causes == ["logits diverging"]
@@ -338,7 +338,7 @@ def test_diagnosis_keeps_logit_divergence_and_kernel_movement_apart():
         slope=0.0,
         finite=True,
         thresholds=t,
-        predicted_regime="lazy",
+        predicted_regime="bounded",
     )
     assert moving.verdict == "broken"
     assert moving.causes == ["kernel moving"]
@@ -350,7 +350,7 @@ def test_diagnosis_keeps_logit_divergence_and_kernel_movement_apart():
         slope=math.nan,
         finite=True,
         thresholds=t,
-        predicted_regime="lazy",
+        predicted_regime="bounded",
     )
     assert (lazy.verdict, lazy.causes) == ("lazy", [])
     drifting = diagnose(
@@ -359,7 +359,7 @@ def test_diagnosis_keeps_logit_divergence_and_kernel_movement_apart():
         slope=0.1,
         finite=True,
         thresholds=t,
-        predicted_regime="lazy",
+        predicted_regime="bounded",
     )
     assert drifting.verdict == "drifting"
 
@@ -382,7 +382,7 @@ def test_hard_labels_diverge_and_label_smoothing_does_not():
             if tracker.is_due(step):
                 report = tracker.update(model, step)
         causes[smoothing] = report.causes
-        expected = "divergent" if smoothing == 0 else "lazy"
+        expected = "diverging" if smoothing == 0 else "bounded"
         assert report.predicted_regime == expected
     assert "logits diverging" in causes[0.0]
     assert "logits diverging" not in causes[0.2]

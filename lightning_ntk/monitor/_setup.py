@@ -217,28 +217,28 @@ class Setup:
         return math.nan
 
     def prediction(self) -> dict[str, str]:
-        """``{"regime": "lazy" | "divergent" | "unknown", "reason": ...}``."""
+        """``{"regime": "bounded" | "diverging" | "unknown", "reason": ...}``."""
         nd, lam = self.non_degenerate, self.weight_decay
         if nd:
             eps = self.label_smoothing or 0.0
             source = f"label smoothing ε={eps:g}" if eps > 0 else "soft targets"
             return {
-                "regime": "lazy",
-                "reason": f"Lazy: with {source} every class has positive target probability, "
+                "regime": "bounded",
+                "reason": f"Bounded: with {source} every class has positive target probability, "
                 "so zero loss needs only finite logits (the paper's non-degenerate-target "
                 "condition)",
             }
         if lam is not None and lam > 0:
             kind = "decoupled (AdamW-style) weight decay" if self.decoupled else "L2 regularization"
             return {
-                "regime": "lazy",
-                "reason": f"Lazy: {kind} λ={lam:g} gives the objective a finite optimum near "
-                "initialisation, the paper's first condition for a constant NTK",
+                "regime": "bounded",
+                "reason": f"Bounded: {kind} λ={lam:g} gives the objective a finite optimum, so "
+                "the logits stay bounded (the paper's first condition)",
             }
         if nd is False and lam == 0:
             return {
-                "regime": "divergent",
-                "reason": "Divergent: hard one-hot targets with no L2 regularization (λ = 0) "
+                "regime": "diverging",
+                "reason": "Diverging: hard one-hot targets with no L2 regularization (λ = 0) "
                 "need infinite logits for zero loss, so the logits grow without bound; add "
                 "weight decay or label smoothing",
             }
@@ -251,7 +251,7 @@ class Setup:
             "regime": "unknown",
             "reason": f"Unknown: {' and '.join(missing)} could not be established; if the "
             "targets are hard one-hot and there is no weight decay the theory predicts "
-            "diverging logits, otherwise lazy training (pass `label_smoothing` / "
+            "diverging logits, otherwise bounded ones (pass `label_smoothing` / "
             "`weight_decay`, or `loss` / `optimizer`)",
         }
 

@@ -35,8 +35,11 @@ class RegimePrediction:
     """The regime the paper's conditions predict for a training setup.
 
     Attributes:
-        regime: ``"lazy"`` (the NTK stays about constant, the linearized model explains
-            training) or ``"divergent"`` (logits diverge, the linearization breaks down).
+        regime: ``"bounded"`` (the cross-entropy objective has a finite optimum, so the
+            logits stay bounded) or ``"diverging"`` (zero loss needs infinite logits, so
+            they grow without bound). The prediction is about the logits, the paper's
+            dichotomy; whether the kernel stays constant (laziness) is measured, not
+            predicted.
         reason: one sentence naming the condition that decided it.
         weight_decay: the effective L2 strength ``λ`` found (0.0 if none).
         min_target_prob: the smallest target probability of any class (0.0 for hard
@@ -52,9 +55,9 @@ class RegimePrediction:
     decoupled_decay: bool
 
     @property
-    def lazy(self) -> bool:
-        """``regime == "lazy"``."""
-        return self.regime == "lazy"
+    def bounded(self) -> bool:
+        """``regime == "bounded"``."""
+        return self.regime == "bounded"
 
 
 def predict_regime(
@@ -67,11 +70,11 @@ def predict_regime(
     num_classes: Optional[int] = None,
     decoupled_decay: Optional[bool] = None,
 ) -> RegimePrediction:
-    """Predict the lazy / divergent regime of cross-entropy training.
+    """Predict bounded / diverging logits of cross-entropy training.
 
-    Lazy when ``λ > 0`` (L2 regularisation) or when every class has a positive target
+    Bounded when ``λ > 0`` (L2 regularisation) or when every class has a positive target
     probability (label smoothing ``ε > 0``: minimum ``ε / C``; soft targets: their
-    minimum); divergent otherwise (hard one-hot targets, ``λ = 0``).
+    minimum); diverging otherwise (hard one-hot targets, ``λ = 0``).
 
     Args:
         weight_decay: declared ``λ ≥ 0``.
@@ -106,32 +109,31 @@ def predict_regime(
         min_prob = base_min
     positive_targets = eps > 0 or min_prob > 0
     if lam > 0:
-        regime = "lazy"
+        regime = "bounded"
         if decoupled:
             reason = (
-                f"Lazy: decoupled (AdamW-style) weight decay λ={lam:g} is not an L2 term in "
+                f"Bounded: decoupled (AdamW-style) weight decay λ={lam:g} is not an L2 term in "
                 "the loss, but it keeps the parameters bounded like the paper's "
                 "parameter-space regularisation and is treated as such"
             )
         else:
             reason = (
-                f"Lazy: L2 regularisation λ={lam:g} gives the cross-entropy objective a "
-                "finite optimum near initialisation, the paper's first condition for a "
-                "constant NTK"
+                f"Bounded: L2 regularisation λ={lam:g} gives the cross-entropy objective a "
+                "finite optimum, so the logits stay bounded (the paper's first condition)"
             )
     elif positive_targets:
-        regime = "lazy"
+        regime = "bounded"
         source = f"label smoothing ε={eps:g}" if eps > 0 else "soft targets"
         prob = "ε/C" if math.isnan(min_prob) else f"{min_prob:.3g}"
         reason = (
-            f"Lazy: with {source} every class has target probability ≥ {prob}, so zero "
+            f"Bounded: with {source} every class has target probability ≥ {prob}, so zero "
             "loss needs only finite logits (the paper's non-degenerate-target condition), "
             "even without regularisation"
         )
     else:
-        regime = "divergent"
+        regime = "diverging"
         reason = (
-            "Divergent: hard one-hot targets with no L2 regularisation (λ = 0) need infinite "
+            "Diverging: hard one-hot targets with no L2 regularisation (λ = 0) need infinite "
             "logits for zero loss, so the logits grow without bound and training leaves the "
             "kernel regime at any width; add weight decay or label smoothing"
         )
