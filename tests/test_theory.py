@@ -349,12 +349,12 @@ def test_regime_rejects_invalid_or_conflicting_input():
     with pytest.raises(ValueError, match=r"contradicts the loss's label_smoothing=0\.1"):
         predict_regime(label_smoothing=0.2, loss=nn.CrossEntropyLoss(label_smoothing=0.1))
     with pytest.raises(ValueError, match="each row of soft `targets` to sum to 1"):
-        predict_regime(targets=torch.tensor([[0.5, 0.6]]))
+        predict_regime(targets=torch.tensor([[0.5, 0.6]]), task="multiclass")
     with pytest.raises(ValueError, match="probabilities >= 0"):
         predict_regime(targets=torch.tensor([[1.5, -0.5]]))
     with pytest.raises(ValueError, match="`num_classes`=3 columns"):
         predict_regime(targets=torch.tensor([[0.5, 0.5]]), num_classes=3)
-    with pytest.raises(TypeError, match=r"nn\.CrossEntropyLoss or nn\.NLLLoss"):
+    with pytest.raises(TypeError, match=r"NLLLoss or nn\.BCEWithLogitsLoss"):
         predict_regime(loss=nn.MSELoss())
     with pytest.raises(TypeError, match="with `param_groups`"):
         predict_regime(optimizer=object())

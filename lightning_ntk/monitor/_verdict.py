@@ -290,8 +290,8 @@ def _part(
                 f"logits growing ({measured}); the set-up is not known: if the targets are "
                 "hard one-hot and there is no weight decay, this is the divergence the theory "
                 "predicts (add weight decay or label smoothing); with smoothing or soft targets "
-                "the logits may still be approaching a finite optimum — pass `label_smoothing` "
-                "/ `weight_decay` (or `loss` / `optimizer`) to decide"
+                "the logits may still be approaching a finite optimum — declare "
+                "`label_smoothing` / `weight_decay` to decide"
             )
         if math.isfinite(ctx.optimum_norm):
             return (
