@@ -87,9 +87,9 @@ def test_an_l2_term_in_the_loss_is_not_taken_for_smoothing():
     setup = resolve_setup(observer=observer, loss=nn.CrossEntropyLoss(), weight_decay=1e-3)
     # the module's smoothing 0 is contradicted by training: no reading rests on it
     assert setup.label_smoothing is None and setup.task == "multiclass"
-    assert "CrossEntropyLoss says 0, but the training loss is not" in setup.sources[
-        "label_smoothing"
-    ]
+    assert (
+        "CrossEntropyLoss says 0, but the training loss is not" in setup.sources["label_smoothing"]
+    )
     assert setup.prediction()["regime"] == "bounded"  # from the declared L2 term
     undecayed = resolve_setup(observer=observer, loss=nn.CrossEntropyLoss(), weight_decay=0.0)
     assert undecayed.prediction()["regime"] == "unknown"

@@ -234,14 +234,14 @@ class NTKMonitorBase(NTKSettings):
         except Exception as err:  # the monitor never ends training for it
             tracker.observer.stop(f"the training batches could not be split ({err})")
             return
-        if tracker.forward_fn is None:
-            self._capture.attach(pl_module)
         try:
             autocast = _MIXED.get(str(getattr(trainer, "precision", "")))
             self._pending = (tracker.training_logits(pl_module, x, autocast=autocast), y)
         except Exception as err:  # the training step's own logits may still come
             self._pending = (None, y)
             self._evaluation_error = f"{type(err).__name__}: {err}"
+        if tracker.forward_fn is None:  # after the monitor's own forward: the step's calls only
+            self._capture.attach(pl_module)
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
