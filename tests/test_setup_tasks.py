@@ -322,3 +322,14 @@ def test_predict_regime_reads_its_number_of_outputs():
     assert tracker.predict_regime(1)["regime"] == "unknown"  # ε not yet established
     unknown = resolve_setup().prediction()["reason"]
     assert "`loss`" not in unknown and "`optimizer`" not in unknown
+
+
+def test_the_probe_of_float_binary_labels_holds_both_classes():
+    from torch.utils.data import TensorDataset
+
+    from lightning_ntk.monitor._probe import draw_probe
+
+    y = torch.zeros(200)
+    y[::20] = 1.0  # 5 % positives, stored as floats for BCE
+    _, probe_y = draw_probe(TensorDataset(torch.randn(200, 3), y), 8, torch.Generator())
+    assert probe_y is not None and int(probe_y.sum()) == 4
