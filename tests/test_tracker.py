@@ -104,7 +104,9 @@ def test_values_match_the_float64_reference_kernel():
     assert report.param_distance == pytest.approx(dist / norm0, rel=1e-9)
     logits = model.eval()(x)
     centered = logits - logits.mean(dim=1, keepdim=True)
-    assert report.logit_norm == pytest.approx(float(centered.norm(dim=1).mean()), rel=1e-9)
+    margin_units = math.sqrt(3 / 2)  # √(C/(C−1)): a one-hot margin m reads m
+    expected = margin_units * float(centered.norm(dim=1).mean())
+    assert report.logit_norm == pytest.approx(expected, rel=1e-9)
     M = K.permute(0, 2, 1, 3).reshape(10 * 3, 10 * 3)
     eig = torch.linalg.eigvalsh(M)
     assert report.eig_max == pytest.approx(float(eig[-1]), rel=1e-9)

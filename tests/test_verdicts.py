@@ -56,7 +56,7 @@ def test_soft_targets_and_mixup_are_told_apart():
         observer.add(logits, y, float(F.cross_entropy(logits, y)), step)
     setup = resolve_setup(observer=observer)
     assert observer.smoothing == pytest.approx(0.0, abs=1e-5)
-    assert setup.non_degenerate and setup.prediction()["regime"] == "lazy"
+    assert setup.non_degenerate and setup.prediction()["regime"] == "bounded"
     # mixup of one-hot labels: soft rows, but most classes at probability 0 (degenerate)
     observer = LossObserver()
     g = torch.Generator().manual_seed(1)
@@ -69,7 +69,7 @@ def test_soft_targets_and_mixup_are_told_apart():
         observer=observer, optimizer=torch.optim.SGD([nn.Parameter(torch.ones(2, 2))], lr=1)
     )
     assert setup.non_degenerate is False
-    assert setup.prediction()["regime"] == "divergent"
+    assert setup.prediction()["regime"] == "diverging"
 
 
 def test_a_loss_that_is_not_the_cross_entropy_of_the_logits_stays_unknown():
@@ -94,10 +94,16 @@ def test_an_l2_term_in_the_loss_is_not_taken_for_smoothing():
         l2 = 1e-4 * (step - 1) ** 2  # (λ/2)‖θ − θ0‖² grows from 0 as training moves θ
         observer.add(logits, y, float(F.cross_entropy(logits, y)) + l2, step)
     assert observer.smoothing is None and observer.done
+    assert observer.contradicted
     setup = resolve_setup(observer=observer, loss=nn.CrossEntropyLoss(), weight_decay=1e-3)
-    assert setup.label_smoothing == 0.0  # the module's, with the reason it is unconfirmed
-    assert "not confirmed by training" in setup.sources["label_smoothing"]
-    assert setup.prediction()["regime"] == "lazy"  # from the declared L2 term
+    # the module's smoothing 0 is contradicted by training: no reading rests on it
+    assert setup.label_smoothing is None and setup.task == "multiclass"
+    assert (
+        "CrossEntropyLoss says 0, but the training loss is not" in setup.sources["label_smoothing"]
+    )
+    assert setup.prediction()["regime"] == "bounded"  # from the declared L2 term
+    undecayed = resolve_setup(observer=observer, loss=nn.CrossEntropyLoss(), weight_decay=0.0)
+    assert undecayed.prediction()["regime"] == "unknown"
 
 
 def test_declared_beats_observed_beats_read():
@@ -297,13 +303,11 @@ def test_smoothing_given_only_to_f_cross_entropy_in_a_lightning_module():
         assert "hard one-hot targets and no" not in report.message
 
 
-def test_one_output_models_and_non_finite_probe_inputs_are_refused_clearly():
+def test_non_finite_probe_inputs_are_refused_clearly():
     from lightning_ntk import NTKTracker
 
     x, y = _images(12)
     x = x.flatten(1)
-    with pytest.raises(ValueError, match=r"one output.*regression is not supported"):
-        NTKTracker(x, y).start(nn.Linear(36, 1))
     x[3, 5] = math.nan
     with pytest.raises(ValueError, match=r"probe inputs hold non-finite values .* rows \[3\]"):
         NTKTracker(x, y).start(nn.Linear(36, 3))

@@ -36,7 +36,8 @@ from ..kernel._inputs import batch_size
 from ..kernel._run import rank_and_world
 from ..kernel.batch_statistics import BatchStatisticsModel, batch_ntk_of, linearized_logits
 from ..linearization import LinearizedModel, argmax_agreement, linearization_error, prob_tv
-from ._setup import Setup, logit_optimum
+from ..metrics.functional import softmax_form
+from ._setup import Setup, alignment_targets, logit_optimum
 from ._verdict import (
     LogitContext,
     Signals,
@@ -197,6 +198,8 @@ def measure(tracker: NTKTracker, fm: FunctionalModel, step: int) -> Measurement:
     with exact_matmuls(fm.device), torch.no_grad():
         logits = fm(fm.params, x)
     finite = bool(torch.isfinite(logits).all())
+    setup = _setup_of(tracker)
+    task = setup.metric_task(snap.num_classes)  # how the logit metrics read the outputs
     values: dict[str, float] = dict.fromkeys(NUMERIC_FIELDS, math.nan)
     theta0 = {n: t.to(fm.device) for n, t in snap.theta0.items()}
     values["param_distance"] = safe_value(lambda: metrics.param_distance(fm.params, theta0))
@@ -204,10 +207,10 @@ def measure(tracker: NTKTracker, fm: FunctionalModel, step: int) -> Measurement:
     reference = snap.reference
     kernel = KernelPart()
     if finite:
-        kernel = _kernel_part(tracker, fm, snap, y, step, failures)
+        kernel = _kernel_part(tracker, fm, snap, y, task, step, failures)
         values.update(kernel.values)
-        values.update(_linearization_part(fm, theta0, snap.previous, x, logits, failures))
-    setup, predicted, logit_values, context = _logit_part(tracker, snap, logits, y, finite, step)
+        values.update(_linearization_part(fm, theta0, snap.previous, x, logits, task, failures))
+    predicted, logit_values, context = _logit_part(setup, snap, logits, y, task, finite, step)
     values.update(logit_values)
     values["logit_slope"] = _slope(tracker, step, values["logit_norm"])
     signals = Signals(
@@ -264,6 +267,7 @@ def _kernel_part(
     fm: FunctionalModel,
     snap: Snapshot,
     y: Optional[Tensor],
+    task: str,
     step: int,
     failures: dict[str, str],
 ) -> KernelPart:
@@ -287,8 +291,9 @@ def _kernel_part(
         change = safe_value(lambda: metrics.relative_change(K, K_prev))
         values["kernel_velocity"] = velocity(change, step, reference.step)
     if y is not None:
+        targets = alignment_targets(y, task)
         values["target_alignment"] = safe_value(
-            lambda: metrics.target_alignment(K, y, num_classes=snap.num_classes)
+            lambda: metrics.target_alignment(K, targets, num_classes=snap.num_classes)
         )
     spec = safe_spectrum(metrics, K)
     if spec is not None:
@@ -308,6 +313,7 @@ def _linearization_part(
     previous: Optional[ReportPoint],
     x: Any,
     logits: Tensor,
+    task: str,
     failures: dict[str, str],
 ) -> dict[str, float]:
     """The network against its linearization around ``θ0`` and around the last report.
@@ -326,8 +332,10 @@ def _linearization_part(
     values["linearization_error"] = safe_value(
         lambda: linearization_error(logits, logits_lin, logits0)
     )
-    values["prob_tv"] = safe_value(lambda: prob_tv(logits, logits_lin))
-    values["argmax_agreement"] = safe_value(lambda: argmax_agreement(logits, logits_lin))
+    # sigmoid outputs z through their softmax form [0, z]: Bernoulli TV, sign agreement
+    probs, probs_lin = softmax_form(logits, task), softmax_form(logits_lin, task)
+    values["prob_tv"] = safe_value(lambda: prob_tv(probs, probs_lin))
+    values["argmax_agreement"] = safe_value(lambda: argmax_agreement(probs, probs_lin))
     if previous is None:
         values["local_linearization_error"] = values["linearization_error"]
         return values
@@ -340,42 +348,46 @@ def _linearization_part(
     return values
 
 
+def _setup_of(tracker: NTKTracker) -> Setup:
+    """The set-up as known now; a report never raises for it."""
+    try:
+        return tracker.setup
+    except (TypeError, ValueError) as err:
+        return Setup(sources={"weight_decay": f"unknown: not understood ({err})"})
+
+
 def _logit_part(
-    tracker: NTKTracker,
+    setup: Setup,
     snap: Snapshot,
     logits: Tensor,
     y: Optional[Tensor],
+    task: str,
     finite: bool,
     step: int,
-) -> tuple[Setup, dict[str, str], dict[str, float], LogitContext]:
+) -> tuple[dict[str, str], dict[str, float], LogitContext]:
     """The logits against what the set-up allows: their norm, growth, optimum and gap.
 
-    Returns the set-up as known now, its prediction, the logit values and the context the
-    diagnosis reads the logit trend against.
+    Returns the set-up's prediction, the logit values (in the logit norm's margin units
+    for the task) and the context the diagnosis reads the logit trend against.
     """
     values: dict[str, float] = {}
     if finite:
-        values["logit_norm"] = safe_value(lambda: metrics.logit_norm(logits))
-        norm0 = snap.logit_norm0
+        values["logit_norm"] = safe_value(lambda: metrics.logit_norm(logits, task))
+        norm0 = float(metrics.logit_norm(snap.logits0.to(logits.device), task))
         values["logit_growth"] = values["logit_norm"] / norm0 if norm0 > 0 else math.nan
-    try:
-        setup = tracker.setup
-    except (TypeError, ValueError) as err:  # a report never raises for the set-up
-        setup = Setup(sources={"weight_decay": f"unknown: not understood ({err})"})
     predicted = setup.prediction()  # observations may have added to what start knew
     f_star = logit_optimum(setup, y, snap.num_classes)
-    if f_star is not None and finite:
-        centered = logits.double() - logits.double().mean(dim=1, keepdim=True)
-        f_star = f_star.to(centered.device)
-        values["logit_gap"] = float((centered - f_star).norm(dim=1).mean())
-        values["logit_optimum"] = float(f_star.norm(dim=1).mean())
+    if f_star is not None and finite:  # in the logit norm's margin units
+        f_star = f_star.to(logits.device)
+        values["logit_gap"] = float(metrics.logit_norm(logits.double() - f_star, task))
+        values["logit_optimum"] = float(metrics.logit_norm(f_star, task))
     context = LogitContext(
         logit_norm=values.get("logit_norm", math.nan),
         optimum_norm=values.get("logit_optimum", math.nan),
         equilibrium_step=setup.equilibrium_step,
         step=step,
     )
-    return setup, predicted, values, context
+    return predicted, values, context
 
 
 def _slope(tracker: NTKTracker, step: int, logit_norm: float) -> float:
@@ -423,23 +435,16 @@ def snapshot(tracker: NTKTracker, fm: FunctionalModel, step: int) -> tuple[Snaps
         ) from err
     method = tracker.method
     per_layer = tracker.per_layer if tracker.per_layer is not None else method != "ntk_vp"
-    num_classes = int(logits0.shape[1])
-    if num_classes < 2:
-        raise ValueError(
-            f"The model maps the probe to logits of shape {tuple(logits0.shape)}: one "
-            "output. The monitor's theory and verdicts are about classifiers "
-            "(cross-entropy over C >= 2 logits); for a binary classifier with one "
-            "logit z, pass `output_fn=lambda z: torch.cat([torch.zeros_like(z), z], 1)` "
-            "(the same softmax); regression is not supported."
-        )
+    num_classes = int(logits0.shape[1])  # one output: a binary classifier (sigmoid)
     failures: dict[str, str] = {}
     computed = attempt(failures, "kernel", lambda: probe_kernel(tracker, fm, method, per_layer))
     total, layers = computed if computed is not None else (None, {})
     alignment0 = math.nan
     if total is not None and tracker.probe_y is not None:
-        probe_y = tracker.probe_y.to(total.device)
+        task = _setup_of(tracker).metric_task(num_classes)
+        targets = alignment_targets(tracker.probe_y.to(total.device), task)
         alignment0 = safe_value(
-            lambda: metrics.target_alignment(total, probe_y, num_classes=num_classes)
+            lambda: metrics.target_alignment(total, targets, num_classes=num_classes)
         )
     state = Snapshot(
         theta0={n: p.detach().clone() for n, p in fm.params.items()},
@@ -450,7 +455,7 @@ def snapshot(tracker: NTKTracker, fm: FunctionalModel, step: int) -> tuple[Snaps
         start_step=int(step),
         K0=total,
         K0_layers=layers,
-        logit_norm0=float(metrics.logit_norm(logits0)),
+        logit_norm0=float(metrics.logit_norm(logits0, "binary" if num_classes == 1 else None)),
         predicted=tracker.predict_regime(num_classes),
         alignment0=alignment0,
     )
