@@ -104,11 +104,13 @@ def test_tensorboard_scalars_histogram_image_text(namespace, tmp_path):
     assert "ntk/diagnosis/text_summary" in tags["tensors"]
     text = acc.Tensors("ntk/diagnosis/text_summary")[-1].tensor_proto.string_val[0].decode()
     assert monitor.history[-1].verdict in text
-    # thresholds live in the custom-scalars layout's titles, not as constant series
+    assert monitor.diagnosis in text  # the run so far
+    # thresholds travel as one JSON text, not as constant series
     assert not [tag for tag in tags["scalars"] if "threshold" in tag]
+    thresholds = acc.Tensors("ntk/thresholds/text_summary")[0].tensor_proto.string_val[0]
+    assert b'"relative_change": [0.1, 0.5]' in thresholds
     layout = acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]
-    assert b"kernel relative change (drift 0.1, break 0.5)" in layout
-    assert b"ntk/relative_change" in layout
+    assert b"ntk/relative_change" in layout and b"ntk/regime" in layout
 
 
 def test_early_stopping_on_an_ntk_metric():

@@ -154,14 +154,11 @@ def test_messages_name_only_arguments_of_the_monitor():
 
     from lightning_ntk import NTKMonitor
     from lightning_ntk.monitor._setup import Setup
-    from lightning_ntk.monitor._verdict import LogitContext, Thresholds, diagnose
+    from lightning_ntk.monitor._verdict import LogitContext, Signals, Thresholds, diagnose
 
     arguments = {f.name for f in dataclasses.fields(NTKMonitor)}
     growing = diagnose(
-        relative_change=0.0,
-        linearization_error=0.0,
-        slope=0.7,
-        finite=True,
+        Signals(relative_change=0.0, linearization_error=0.0, slope=0.7),
         thresholds=Thresholds(),
         predicted_regime="unknown",
         context=LogitContext(logit_norm=5.0, step=800),

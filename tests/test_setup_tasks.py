@@ -289,7 +289,7 @@ def test_a_one_logit_head_is_a_binary_classifier_without_output_fn():
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     tracker = NTKTracker(x, y, optimizer=opt, log_base=2)
     tracker.start(model)
-    assert tracker.started_state["K0"].shape == (12, 12, 1, 1)
+    assert tracker.started_state.K0.shape == (12, 12, 1, 1)
     data = torch.randn(96, 6, generator=g)
     for step in range(1, 9):
         xb = data[torch.randperm(96, generator=g)[:24]]
