@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_ntk import empirical_ntk, linearize
+from lightning_ntk import NTKTracker, empirical_ntk, linearize
 from lightning_ntk.metrics import linearization_error, logit_norm, relative_change
 from lightning_ntk.testing import NTKMLP
 from lightning_ntk.theory import predict_regime
@@ -36,12 +36,12 @@ def digits():
     X = (X - X.mean(0)) / X.std(0).clamp_min(1e-6)
     y = torch.tensor(data.target)
     perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(0))
-    return X[perm[PROBE:]], y[perm[PROBE:]], X[perm[:PROBE]]
+    return X[perm[PROBE:]], y[perm[PROBE:]], X[perm[:PROBE]], y[perm[:PROBE]]
 
 
 def _train(digits, width, smoothing):
     """Kernel drift, linearization error and centered logit norm on the probe after training."""
-    X, y, probe = digits
+    X, y, probe, probe_y = digits
     torch.manual_seed(0)  # the same initialisation for every configuration of a width
     model = NTKMLP(64, width, 2, 10, weight_std=math.sqrt(2), bias_std=0.1)
     K0 = empirical_ntk(model, probe)  # (32, 32, 10, 10)
@@ -49,12 +49,17 @@ def _train(digits, width, smoothing):
     f0 = lin.initial_logits(probe)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=smoothing)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
+    # the monitor's reading of the same run: reports at 2, 4, …, 128 and every 50 steps
+    tracker = NTKTracker(probe, probe_y, optimizer=opt, loss=loss_fn, log_base=2, every_n_steps=50)
+    tracker.start(model)
     batches = torch.Generator().manual_seed(1)  # the same batches too
-    for _ in range(STEPS):
+    for step in range(1, STEPS + 1):
         idx = torch.randint(len(X), (BATCH,), generator=batches)
         opt.zero_grad()
         loss_fn(model(X[idx]), y[idx]).backward()
         opt.step()
+        if tracker.is_due(step):
+            tracker.update(model, step)
     with torch.no_grad():
         f = model(probe)
     return {
@@ -62,6 +67,8 @@ def _train(digits, width, smoothing):
         "lin_err": float(linearization_error(f, lin(probe), f0)),
         "logit": float(logit_norm(f)),
         "regime": predict_regime(optimizer=opt, loss=loss_fn, num_classes=10).regime,
+        "report": tracker.history[-1],
+        "diagnosis": tracker.diagnosis,
     }
 
 
@@ -94,3 +101,13 @@ def test_lazy_drift_shrinks_with_width(runs):
     # measured: rc 0.25 → 0.074, linearization error 0.17 → 0.052 (about 1/√width)
     assert wide["rc"] < 0.5 * narrow["rc"], runs
     assert wide["lin_err"] < 0.5 * narrow["lin_err"], runs
+
+
+def test_the_monitor_reads_the_headline(runs):
+    """Hard labels: the logits-diverging alarm; smoothing, wide: lazy; narrow: not lazy."""
+    hard, smooth, narrow = (runs[k]["report"] for k in ("hard-1024", "smooth-1024", "smooth-256"))
+    assert (hard.regime, hard.verdict) == ("logits diverging", "broken"), runs["hard-1024"]
+    assert hard.predicted_regime == "diverging" and "logits diverging" in hard.causes
+    assert (smooth.regime, smooth.verdict) == ("lazy", "lazy"), runs["smooth-1024"]
+    assert narrow.regime != "lazy" and narrow.verdict == "drifting", runs["smooth-256"]
+    assert runs["smooth-1024"]["diagnosis"].startswith("lazy throughout")
