@@ -83,11 +83,13 @@ def _figures(regime: str, reports: Sequence[Any], alignment_before: float) -> st
         out = []
         speeds = [r.kernel_velocity for r in reports if math.isfinite(r.kernel_velocity)]
         if speeds:
-            out.append(
-                f"kernel velocity {speeds[0]:.2f}"
-                + (f" → {speeds[-1]:.2f}" if len(speeds) > 1 else "")
-                + " per doubling of steps"
-            )
+            path = [speeds[0], max(speeds), speeds[-1]]  # first, peak, last
+            if path[1] in (path[0], path[2]):
+                path.pop(1)
+            if len(speeds) == 1:
+                path = path[:1]
+            figures = " → ".join(f"{v:.2f}" for v in path)
+            out.append(f"kernel velocity {figures} per doubling of steps")
         before, now = alignment_before, reports[-1].target_alignment
         if not math.isfinite(before):
             before = reports[0].target_alignment
