@@ -112,16 +112,16 @@ def draw_probe(
     with preserved_rng():
         items = [dataset[int(i)] for i in pool]
     x, y = split(collate(items))
-    if _class_labels(y):
+    if isinstance(y, Tensor) and _class_labels(y):
         chosen = _stratified(y, n_probe)
     else:
         chosen = torch.arange(n_probe)
     return _take(x, chosen), (None if y is None else _take(y, chosen))
 
 
-def _class_labels(y: Any) -> bool:
+def _class_labels(y: Tensor) -> bool:
     """Labels to stratify by: integer labels ``(N,)``, or binary 0/1 targets as floats."""
-    if not isinstance(y, Tensor) or y.ndim != 1:
+    if y.ndim != 1:
         return False
     return not y.is_floating_point() or bool(((y == 0) | (y == 1)).all())
 

@@ -286,7 +286,7 @@ class NTKMonitorBase(NTKSettings):
         logits, y = pending
         if len(captured) == 1:  # the module was called once: its output is the loss's input
             try:
-                own = tracker._output_logits(captured[0])
+                own = tracker.logits_of_output(captured[0])
                 if isinstance(y, Tensor) and own.shape[0] == y.shape[0]:
                     tracker.add_observation(own, y, loss, step=step, captured=True)
                     return

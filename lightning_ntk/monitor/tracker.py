@@ -467,7 +467,7 @@ class NTKTracker(NTKSettings):
         if not self.wants_observation:
             return
         if logits is not None:
-            self.add_observation(self._output_logits(logits), y, loss, step, captured=True)
+            self.add_observation(self.logits_of_output(logits), y, loss, step, captured=True)
             return
         try:
             device = _device_of(model)
@@ -482,8 +482,12 @@ class NTKTracker(NTKSettings):
             return
         self.add_observation(logits, y, loss, step)
 
-    def _output_logits(self, output: Any) -> Tensor:
-        """The logits of a model output the training step computed, through ``output_fn``."""
+    def logits_of_output(self, output: Any) -> Tensor:
+        """Detached logits ``(N, C)`` of a model output, through ``output_fn`` if given.
+
+        Raises:
+            TypeError: an output that ``output_fn`` does not turn into a tensor.
+        """
         logits = self.output_fn(output) if self.output_fn is not None else output
         if not isinstance(logits, Tensor):
             raise TypeError(
