@@ -177,6 +177,15 @@ class LossObserver:
         self.done = True
 
 
+# why a fact is unknown when no source said anything about it
+_NOT_FOUND = {
+    "label_smoothing": "not declared (`label_smoothing`), no loss module read and no "
+    "training batch observed",
+    "targets": "no probe labels and no training targets observed",
+    "weight_decay": "not declared (`weight_decay`) and no optimizer read",
+}
+
+
 @dataclass
 class Setup:
     """What is known of the training set-up, and where each fact comes from.
@@ -268,10 +277,15 @@ class Setup:
         else:
             targets = "with classes at probability 0 before smoothing (hard labels, mixup)"
         return (
-            f"label smoothing {eps} ({self.sources.get('label_smoothing', 'unknown')}); "
-            f"targets {targets} ({self.sources.get('targets', 'unknown')}); weight decay "
-            f"{lam} ({self.sources.get('weight_decay', 'unknown')})"
+            f"label smoothing {eps} ({self._source('label_smoothing')}); "
+            f"targets {targets} ({self._source('targets')}); weight decay "
+            f"{lam} ({self._source('weight_decay')})"
         )
+
+    def _source(self, fact: str) -> str:
+        """How ``fact`` was found, or why it is unknown (never a bare "unknown")."""
+        source = self.sources.get(fact, _NOT_FOUND[fact])
+        return source.removeprefix("unknown: ")
 
 
 def resolve_setup(
@@ -315,7 +329,7 @@ def resolve_setup(
         if read is not None and abs(read - observer.smoothing) > 1e-3:
             note = f"; the module's loss says {read:g}, but training does not use it"
         sources["label_smoothing"] = observer.detail + note
-    elif observer is not None and (observer.rows or observer.done):
+    elif observer is not None and (observer.rows or observer.done or observer.calls):
         if setup.label_smoothing is None:
             sources["label_smoothing"] = f"unknown: {observer.detail}"
         elif observer.done:
