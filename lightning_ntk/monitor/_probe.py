@@ -233,16 +233,19 @@ def probe_logits(fm: Any, x: Any) -> Tensor:
     """The probe's logits ``(N, C)`` at the start, the model's failures told from the monitor's.
 
     The model's forward runs first: whatever it raises is re-raised unchanged (its type
-    stays catchable) with :data:`MODEL_FAILURE_NOTE` added. Then the monitor's checks of
-    the output (a tensor of ``(N, C)`` finite logits, one row per example) raise their
+    stays catchable) with :data:`MODEL_FAILURE_NOTE` added, except a PyTorch
+    ``RuntimeError`` in a layer, which becomes the engine's ``ValueError`` naming the
+    probe's shape and the layer (chained to it). Then the monitor's checks of the output
+    (a tensor of ``(N, C)`` finite logits, one row per example) raise their
     ``TypeError`` / ``ValueError`` with a note on ``forward_fn`` / ``output_fn``.
     """
     try:
         with exact_matmuls(fm.device), torch.no_grad():
             fm.raw(fm.params, x)
     except Exception as err:
-        err.add_note(MODEL_FAILURE_NOTE)
-        raise
+        failure = _with_layer_hint(fm, x, err)
+        failure.add_note(MODEL_FAILURE_NOTE)
+        raise failure from failure.__cause__  # `err`, or the engine's ValueError naming the layer
     try:
         with exact_matmuls(fm.device):
             return fm.checked_logits(x, "probe_x")
@@ -274,3 +277,18 @@ def first_dataloader(loaders: Any) -> Any:
             "(and `probe_y`)."
         )
     return loaders
+
+
+def _with_layer_hint(fm: Any, x: Any, err: Exception) -> BaseException:
+    """The engine's ``ValueError`` naming the failing layer for a PyTorch error, else ``err``."""
+    if not isinstance(err, RuntimeError):
+        return err
+    try:
+        with exact_matmuls(fm.device):
+            fm.checked_logits(x, "probe_x")
+    except (TypeError, ValueError) as described:
+        if described.__cause__ is not None:  # the engine's description of this failure
+            return described
+    except Exception:  # the model failed differently this time: keep the first error
+        return err
+    return err
