@@ -48,6 +48,7 @@ CAUSE_GROWING = "logits growing"
 CAUSE_KERNEL = "kernel moving"
 CAUSE_LINEARIZATION = "linearization error"
 CAUSE_NONFINITE = "non-finite logits"
+CAUSE_NONFINITE_DATA = "non-finite training data"
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,7 @@ def diagnose(
     thresholds: Thresholds,
     predicted_regime: str,
     context: Optional[LogitContext] = None,
+    data_finite: bool = True,
 ) -> Diagnosis:
     """Verdict, causes and message from the signals of one report.
 
@@ -168,8 +170,16 @@ def diagnose(
         thresholds: the drift / break thresholds.
         predicted_regime: ``"bounded"``, ``"diverging"`` or ``"unknown"`` from the set-up.
         context: the logits' optimum and the regularization's time scale, when known.
+        data_finite: whether every training batch seen held finite inputs and targets.
     """
     ctx = context or LogitContext()
+    if not finite and not data_finite:
+        return Diagnosis(
+            "broken",
+            [CAUSE_NONFINITE_DATA],
+            "The logits on the probe set are not finite because a training batch holds NaN "
+            "or inf, which made the parameters non-finite — clean the training data.",
+        )
     if not finite:
         return Diagnosis(
             "broken",
