@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from ..exceptions import NTKMeasurementWarning
 from ..kernel import _inputs
 from ..kernel._forward import ForwardModule, selector_on_wrapper
-from ..kernel._functional import FunctionalModel, exact_matmuls
+from ..kernel._functional import FunctionalModel, check_placement, exact_matmuls, unwrap_module
 from ..kernel.batch_statistics import measured_model
 from ._measure import measure, snapshot
 from ._probe import (
@@ -199,6 +199,7 @@ class NTKTracker(NTKSettings):
             raise ValueError(
                 "No probe set: pass `probe_x` (and `probe_y`) or call `draw_probe` first."
             )
+        check_placement(unwrap_module(model))  # one device, not meta, not sharded
         wrapper = self._wrap(model)
         device = _device_of(wrapper)
         self.probe_x = _inputs.map_tensors(self.probe_x, lambda t: t.to(device))  # kept there
