@@ -72,10 +72,12 @@ def plan_structure(fm: FunctionalModel, x: Tensor) -> StructurePlan:
 
     The verified plan is remembered under a fingerprint of the model's structure: the
     selected names, the compute dtype, the per-example input shape and every module's
-    name, type and parameter identities. Repeated calls on the same model (a monitor's
-    reports, also through a fresh wrapper module each time) skip the verification pass;
-    any change of that fingerprint (a replaced layer or parameter, new tying) verifies
-    again. At most ``_MAX_PLANS`` plans are kept, the least recently used dropped first.
+    name, type, parameter identities and plain settings. Repeated calls on the same
+    model (a monitor's reports, also through a fresh wrapper module each time) skip the
+    verification pass; any change of that fingerprint (a replaced layer or parameter,
+    new tying, a changed flag) verifies again. What no fingerprint sees (data-dependent
+    control flow, settings held in containers) is caught by :func:`check_call` on every
+    call. At most ``_MAX_PLANS`` plans are kept, the least recently used dropped first.
     """
     key = fingerprint(fm, x)
     roles = _PLANS.pop(key, None)
@@ -302,8 +304,8 @@ def check_call(fm: FunctionalModel, layers: list[Layer], rec: Recording, n: int)
     assert probe is not None, "record(..., probe=True) gives the check its direction"
     rtol = _VERIFY_RTOL.get(fm.dtype, 1e-3)
     reasons: dict[str, str] = {}
-    grads = [g for g in probe.param_grads.values() if g is not None]
-    floor = 1e-6 * sum(float(g.double().square().sum()) for g in grads) ** 0.5
+    norms = [g.norm() for g in probe.param_grads.values() if g is not None]
+    floor = 1e-6 * float(torch.stack(norms).norm()) if norms else 0.0
     for layer in layers:
         calls = rec.calls.get(layer.name, 0)
         if calls != 1:
@@ -314,10 +316,10 @@ def check_call(fm: FunctionalModel, layers: list[Layer], rec: Recording, n: int)
             reasons[layer.name] = f"does not have one row per example ({n} examples)"
             continue
         Gu = probe.cotangents[layer.name]  # (N, *out)
-        u = probe.u.T.reshape(*probe.u.T.shape, *([1] * (G.ndim - 2)))  # (C, N, 1, ...)
-        combined = (u * G).sum(0)
-        bound = (u.abs() * G.abs()).sum(0).norm().item()
-        if (Gu - combined).norm().item() > rtol * max(bound, Gu.norm().item(), 1e-30):
+        C = G.shape[0]
+        combined = torch.einsum("cn,cnm->nm", probe.u.T, G.reshape(C, n, -1))  # (N, M)
+        scale = max(Gu.norm().item(), combined.norm().item(), 1e-30)
+        if (Gu.reshape(n, -1) - combined).norm().item() > rtol * scale:
             reasons[layer.name] = "mixes examples: its output rows reach other examples' logits"
             continue
         for name, rebuilt in summed_gradients(layer, inp, Gu[None], fm).items():
