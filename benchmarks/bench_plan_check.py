@@ -10,6 +10,11 @@ rounds (the fastest round counts).
 Usage::
 
     python benchmarks/bench_plan_check.py [--repeats 5]
+
+Measured (CPU, ``OMP_NUM_THREADS=1``, ``--repeats 9``, a shared machine): MLP 0.051 s
+checked against 0.052 s unchecked (within noise), CNN 0.060 s against 0.053 s (+13 %:
+the check unfolds the convolution inputs once more), text model 0.111 s against
+0.107 s (+4 %).
 """
 
 from __future__ import annotations
