@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from ..exceptions import NTKMeasurementWarning
 from ..kernel import _inputs
 from ..kernel._forward import ForwardModule, selector_on_wrapper
-from ..kernel._functional import FunctionalModel, exact_matmuls
+from ..kernel._functional import FunctionalModel, check_placement, exact_matmuls, unwrap_module
 from ..kernel.batch_statistics import measured_model
 from ._measure import measure, snapshot
 from ._observer import active_dropout
@@ -215,8 +215,8 @@ class NTKTracker(NTKSettings):
             raise ValueError(
                 "No probe set: pass `probe_x` (and `probe_y`) or call `draw_probe` first."
             )
+        device = check_placement(unwrap_module(model))  # one device, not meta, not sharded
         wrapper = self._wrap(model)
-        device = _single_device(wrapper)
         self.probe_x = _inputs.map_tensors(self.probe_x, lambda t: t.to(device))  # kept there
         if self.probe_y is not None:
             self.probe_y = self.probe_y.to(device)
@@ -532,27 +532,6 @@ class NTKTracker(NTKSettings):
             )
         logits = logits.detach()
         return logits[:, None] if logits.ndim == 1 else logits
-
-
-def _single_device(module: nn.Module) -> torch.device:
-    """The one device holding the model's parameters, or a clear error at the start.
-
-    Raises:
-        ValueError: parameters on several devices, or on the ``meta`` device (no data).
-    """
-    devices = sorted({str(p.device) for p in module.parameters()})
-    if len(devices) > 1:
-        raise ValueError(
-            f"The model's parameters are on several devices ({', '.join(devices)}); the "
-            "monitor needs every parameter on one device: move the model with "
-            "`model.to(device)` (model-parallel models are not supported)."
-        )
-    if devices == ["meta"]:
-        raise ValueError(
-            "The model's parameters are on the meta device, which holds no values; "
-            "materialise them first (e.g. `model.to_empty(device=...)` and initialise)."
-        )
-    return _device_of(module)
 
 
 def _device_of(module: nn.Module) -> torch.device:
