@@ -13,11 +13,20 @@ to the module it is written in: :func:`_resolve_by_import` maps it to the page w
 object is documented. A reference to something that cannot be imported is an error;
 one to an importable object without a page of its own (a private helper, a torch type)
 is shown as code without a link.
+
+The site's home page is ``docs/index`` (``root_doc``); the build writes a top-level
+``index.html`` that redirects to it (:func:`_write_landing_page`), so
+``docs/_build/html/index.html`` opens the site. It also fails (a warning, an error with
+``-W``) when a public member of :data:`API_CLASSES` has no entry in the API reference
+(:func:`_check_api_members`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import html
 import importlib
+import inspect
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -184,6 +193,84 @@ def _link(app: Any, env: Any, node: Any, contnode: Any, name: str) -> Any:
     return (exact or [ref for _, ref in found] or [contnode])[0]
 
 
+# ------------------------------------------------------------------ landing page, API coverage
+
+# classes whose every public member (method or property) must have an API reference entry
+API_CLASSES = ("lightning_ntk.NTKMonitor", "lightning_ntk.NTKTracker", "lightning_ntk.NTKReport")
+
+_REDIRECT = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{title}</title>
+<meta http-equiv="refresh" content="0; url={target}">
+<link rel="canonical" href="{target}">
+</head>
+<body><p>The documentation is at <a href="{target}">{target}</a>.</p></body>
+</html>
+"""
+
+
+def _write_landing_page(outdir: Path, root_uri: str, title: str) -> Optional[Path]:
+    """Write ``outdir/index.html`` redirecting to the home page ``root_uri`` (relative).
+
+    Returns:
+        The written path, or ``None`` when the home page already is ``index.html``.
+    """
+    if root_uri == "index.html":
+        return None
+    target = html.escape(root_uri, quote=True)
+    path = Path(outdir) / "index.html"
+    path.write_text(_REDIRECT.format(title=html.escape(title), target=target), encoding="utf-8")
+    return path
+
+
+def public_members(path: str) -> list[str]:
+    """Public methods and properties of the class at ``path`` that users call.
+
+    Dataclass fields (documented as the class's arguments or attributes) and what a
+    Lightning ``Callback`` already defines (its hooks, ``state_dict``) are left out.
+    """
+    cls = _import_path(path)
+    fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    framework = set()
+    for base in cls.__mro__:
+        if base.__name__ == "Callback" and not base.__module__.startswith("lightning_ntk"):
+            framework |= set(vars(base))
+    return sorted(
+        name
+        for name, value in inspect.getmembers(cls)
+        if not name.startswith("_")
+        and name not in fields
+        and name not in framework
+        and (callable(value) or isinstance(inspect.getattr_static(cls, name), property))
+    )
+
+
+def _check_api_members(documented: set[str]) -> list[str]:
+    """``Class.member`` of :data:`API_CLASSES` missing from the ``documented`` objects."""
+    return [
+        f"{path}.{name}"
+        for path in API_CLASSES
+        for name in public_members(path)
+        if f"{path}.{name}" not in documented
+    ]
+
+
+def _finish(app: Any, exception: Optional[BaseException]) -> None:
+    """After an HTML build: write the landing page; warn about undocumented API members."""
+    if exception is not None or app.builder.format != "html":
+        return
+    from sphinx.util import logging
+
+    logger = logging.getLogger(__name__)
+    for name in _check_api_members(set(app.env.domains["py"].objects)):
+        logger.warning(f"{name} is public but has no entry in the API reference (docs/api/).")
+    root_uri = app.builder.get_target_uri(app.config.root_doc)
+    _write_landing_page(Path(app.builder.outdir), root_uri, app.config.html_title)
+
+
 def setup(app: Any) -> None:
-    """Register the import-based resolution of cross-references."""
+    """Register the import-based resolution of cross-references and the build's last step."""
     app.connect("missing-reference", _resolve_by_import)
+    app.connect("build-finished", _finish)

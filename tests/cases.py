@@ -7,6 +7,10 @@ still be exact, is caught as a regression) and ``fallback`` those it must hand t
 per-example Jacobians; both may hold ``fnmatch`` patterns (``structured`` then means
 the matches not in ``fallback``).
 
+``CASES`` also hold the models that break a cached plan (a layer run a data-dependent
+number of times, with probes that do and do not trigger it), ``nn.EmbeddingBag`` (dense
+and with sparse gradients), sparse embeddings and a ``torch.compile``d model.
+
 ``ARCHITECTURES`` are the architectures people train (Transformer encoders with their
 fused fast path, a ViT, LSTM / GRU, tied embeddings, weight / spectral norm, depthwise
 conv + squeeze-excitation, SDPA attention, a Hugging Face BERT classifier when
@@ -155,6 +159,84 @@ class _OutsideCall(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = torch.tanh(self.fc(x)) + x @ self.fc.weight.T
         return self.head(h)
+
+
+class _DataDependentDepth(nn.Module):
+    """A layer run a second time on the examples whose first feature is positive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.fc(x))
+        deeper = x[:, 0] > 0
+        if bool(deeper.any()):  # fc runs twice in this forward pass
+            h = torch.where(deeper[:, None], torch.tanh(self.fc(h)), h)
+        return self.head(h)
+
+
+class _SharedBlockLoop(nn.Module):
+    """A weight-shared block applied as many times as the batch's deepest example needs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, 5)
+        self.block = nn.Linear(5, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.inp(x))
+        steps = 1 + (x[:, 0] > 0).long() + (x[:, 1] > 1).long()  # 1 to 3 per example
+        for k in range(int(steps.max())):  # a data-dependent number of calls
+            h = torch.where((steps > k)[:, None], torch.tanh(self.block(h)), h)
+        return self.head(h)
+
+
+def _shallow_then_deep(n: int, g: torch.Generator) -> Tensor:
+    """Probes whose first four examples take the shallow path and the others deeper ones.
+
+    For :class:`_SharedBlockLoop`: one step for the first four, then two and three
+    alternately.
+    """
+    x = torch.randn(n, 4, generator=g)
+    index = torch.arange(n)
+    x[:, 0] = torch.where(index < 4, -x[:, 0].abs(), x[:, 0].abs() + 0.1)
+    x[:, 1] = torch.where((index >= 4) & (index % 2 == 1), x[:, 1].abs() + 1.1, -x[:, 1].abs())
+    return x
+
+
+class _BagOfWords(nn.Module):
+    """``nn.EmbeddingBag`` (mean of the token vectors) and a linear classifier."""
+
+    def __init__(self, sparse: bool = False, vocab: int = 12, dim: int = 5) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(vocab, dim, mode="mean", sparse=sparse)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.bag(tokens)))
+
+
+class _SparseEmbeddings(nn.Module):
+    """``nn.Embedding(sparse=True)`` and ``nn.EmbeddingBag(sparse=True)`` side by side."""
+
+    def __init__(self, vocab: int = 12, dim: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim, sparse=True)
+        self.bag = nn.EmbeddingBag(vocab, dim, mode="sum", sparse=True)
+        self.head = nn.Linear(2 * dim, 3)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = torch.cat([self.embed(tokens).mean(dim=1), self.bag(tokens)], dim=1)
+        return self.head(torch.tanh(h))
+
+
+def _compiled_mlp() -> nn.Module:
+    """A ``torch.compile``d MLP (the eager backend: compiling for real is slow on CPU)."""
+    mlp = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    return torch.compile(mlp, backend="eager")
 
 
 # ------------------------------------------------------------- architectures people train
@@ -459,6 +541,45 @@ CASES = [
         lambda: nn.Linear(6, 4, bias=False),
         _randn(6),
         structured={"weight"},
+    ),
+    ModelCase(  # the plan (first four examples) sees one call; later probes run fc twice
+        "data_dependent_depth",
+        _DataDependentDepth,
+        _shallow_then_deep,
+        structured={"fc.weight", "fc.bias", "head.weight", "head.bias"},
+    ),
+    ModelCase(
+        "shared_block_loop",
+        _SharedBlockLoop,
+        _shallow_then_deep,
+        structured={"inp.weight", "inp.bias", "block.weight", "block.bias", "head.*"},
+    ),
+    ModelCase(
+        "embedding_bag",
+        _BagOfWords,
+        _tokens(12, 5),
+        structured={"head.weight", "head.bias"},
+        fallback={"bag.weight"},
+    ),
+    ModelCase(
+        "embedding_bag_sparse",
+        lambda: _BagOfWords(sparse=True),
+        _tokens(12, 5),
+        structured={"head.weight", "head.bias"},
+        fallback={"bag.weight"},
+    ),
+    ModelCase(
+        "sparse_embeddings",
+        _SparseEmbeddings,
+        _tokens(12, 4),
+        structured={"embed.weight", "head.weight", "head.bias"},
+        fallback={"bag.weight"},
+    ),
+    ModelCase(
+        "compiled",
+        _compiled_mlp,
+        _randn(5),
+        structured={"*"},
     ),
 ]
 

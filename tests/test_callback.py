@@ -391,7 +391,7 @@ def test_two_monitors_keep_separate_checkpoint_state(tmp_path):
     trainer, _ = fit("pytorch_lightning", [full, trace], max_steps=2)
     path = tmp_path / "two.ckpt"
     trainer.save_checkpoint(path)
-    states = torch.load(path, weights_only=False)["callbacks"]
+    states = torch.load(path, weights_only=True)["callbacks"]
     assert {full.state_key, trace.state_key} <= set(states) and full.state_key != trace.state_key
     restored = NTKMonitor(n_probe=9, log_base=2, output="trace")
     restored.load_state_dict(states[trace.state_key])

@@ -86,3 +86,10 @@ if __name__ == "__main__":
         on_breakdown="stop",
     )
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(_summary(trainer, monitor)))
+    # tear the gloo group down before exit: left to the interpreter's exit, its threads
+    # sometimes abort the process ("terminate called without an active exception")
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -68,33 +69,45 @@ def test_bit_identical_training_with_and_without_the_monitor(namespace, override
     _assert_identical(without, with_monitor)
 
 
-def _resume_run(tmp_path: Path, name: str, max_steps: int, ckpt_path=None, save_at=None):
+def _resume_run(
+    tmp_path: Path, name: str, max_steps: int, ckpt_path=None, save_at=None, **settings
+):
+    """One run; ``settings`` of the monitor (``n_probe=None``: a run without the monitor)."""
     import pytorch_lightning as pl
 
     pl.seed_everything(0, verbose=False)
     model = module_class("pytorch_lightning")(batch_size=48, shuffle=False, lr=0.2)
-    monitor = monitor_cls("pytorch_lightning")(n_probe=9, log_base=2, every_n_steps=3)
+    settings = {"n_probe": 9, "log_base": 2, "every_n_steps": 3, **settings}
+    monitor = None
+    if settings["n_probe"] is not None:
+        monitor = monitor_cls("pytorch_lightning")(**settings)
     logger = pl.loggers.CSVLogger(tmp_path, name=name, version=0)
     trainer = pl.Trainer(
-        callbacks=monitor,
+        callbacks=[monitor] if monitor else [],
         **trainer_kwargs(max_steps=max_steps, logger=logger, log_every_n_steps=50),
     )
-    trainer.fit(model, ckpt_path=ckpt_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, ckpt_path=ckpt_path)
     if save_at is not None:
         trainer.save_checkpoint(save_at)
     logger.save()
-    rows = list(csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")))
+    metrics = Path(logger.log_dir) / "metrics.csv"
+    rows = list(csv.DictReader(open(metrics))) if metrics.exists() else []
     logged = {int(r["step"]): r for r in rows if r.get("ntk/relative_change")}
-    return monitor, logged
+    restarts = [w for w in caught if "NTKMonitor resumes" in str(w.message)]
+    return monitor, logged, restarts
 
 
 def test_resume_from_checkpoint_reports_the_same_values(tmp_path):
-    full, full_logged = _resume_run(tmp_path, "full", 12)
+    full, full_logged, _ = _resume_run(tmp_path, "full", 12)
     ckpt = tmp_path / "step6.ckpt"
     _resume_run(tmp_path, "first", 6, save_at=ckpt)
-    resumed, resumed_logged = _resume_run(tmp_path, "resumed", 12, ckpt_path=ckpt)
+    resumed, resumed_logged, restarts = _resume_run(tmp_path, "resumed", 12, ckpt_path=ckpt)
     assert [r.step for r in full.history] == [2, 3, 4, 6, 8, 9, 12]
     assert [r.step for r in resumed.history] == [2, 3, 4, 6, 8, 9, 12]  # history restored
+    assert restarts == []  # the reference of step 0 was restored: nothing to say
+    assert all(r.reference_step == 0 and not r.restarted for r in resumed.history)
     assert sorted(resumed_logged) == [8, 9, 12]
     for step in (8, 9, 12):
         expected, got = full_logged[step], resumed_logged[step]
@@ -105,3 +118,26 @@ def test_resume_from_checkpoint_reports_the_same_values(tmp_path):
                 float(expected[key]), rel=1e-6, abs=1e-9, nan_ok=True
             ), key
     assert full.history[-1] == resumed.history[-1]
+
+
+@pytest.mark.parametrize(
+    ("first_settings", "why"),
+    [
+        ({"n_probe": None}, "holds no state of this NTKMonitor"),
+        ({"n_probe": 8}, "holds NTKMonitor state saved with other settings"),
+    ],
+    ids=["saved-without-the-monitor", "saved-with-another-n_probe"],
+)
+def test_resume_without_this_monitors_state_says_so_and_marks_the_reports(
+    tmp_path, first_settings, why
+):
+    ckpt = tmp_path / "step6.ckpt"
+    _resume_run(tmp_path, "first", 6, save_at=ckpt, **first_settings)
+    resumed, logged, restarts = _resume_run(tmp_path, "resumed", 12, ckpt_path=ckpt)
+    assert len(restarts) == 1
+    message = str(restarts[0].message)
+    assert "resumes at step 6" in message and why in message
+    assert "takes θ0 and Θ0 at step 6" in message
+    assert [r.step for r in resumed.history] == [8, 9, 12]
+    assert all(r.reference_step == 6 and r.restarted for r in resumed.history)
+    assert sorted(logged) == [8, 9, 12]

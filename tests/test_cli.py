@@ -116,8 +116,9 @@ def test_load_run_reads_ntk_scalars_and_the_last_diagnosis(tmp_path):
     assert "run: broken at step 4" in summarize([run])
 
 
-def test_report_plots_a_plain_loop_log_with_its_logged_thresholds(tmp_path, capsys):
+def test_report_plots_a_plain_loop_log_with_the_default_thresholds(tmp_path, capsys):
     pytest.importorskip("matplotlib", reason="the report's figure needs matplotlib (`plot` extra)")
+    from lightning_ntk import Thresholds
     from lightning_ntk.cli._report import _thresholds
 
     points = [(s, 0.01 * s) for s in (1, 2, 4, 8, 128, 256)]
@@ -128,13 +129,14 @@ def test_report_plots_a_plain_loop_log_with_its_logged_thresholds(tmp_path, caps
             "ntk/linearization_error": points,
             "ntk/logit_norm": points,
             "ntk/lazy": [(256, 0.5)],
+            # a layout that was never released: not read as thresholds
             "ntk/threshold/relative_change_drift": [(256, 0.25)],
             "ntk/threshold/relative_change_break": [(256, 0.75)],
         },
     )
     runs = load_runs(tmp_path / "logs")
     assert [r.label for r in runs] == ["a"]
-    assert _thresholds(runs)["relative_change"] == (0.25, 0.75)
+    assert _thresholds(runs)["relative_change"] == Thresholds().relative_change != (0.25, 0.75)
     assert main(["report", str(tmp_path / "logs")]) == 0
     assert (tmp_path / "logs" / "ntk_report.png").read_bytes()[:8] == PNG_MAGIC
     assert "a: drifting at step 256" in capsys.readouterr().out
@@ -165,6 +167,112 @@ def test_report_reads_thresholds_from_the_layout_under_a_prefix(tmp_path, capsys
     assert "run: lazy at step 4" in capsys.readouterr().out
 
 
+def test_report_joins_a_run_resumed_into_later_versions_and_keeps_a_restart_apart(tmp_path, capsys):
+    versions = tmp_path / "logs" / "lightning_logs"
+    _write_events(versions / "version_0", {"ntk/relative_change": [(4, 0.125), (16, 0.25)]})
+    _write_events(
+        versions / "version_1",
+        {"ntk/relative_change": [(16, 0.375), (64, 0.5)], "ntk/lazy": [(64, 1.0)]},
+        text=[(64, "lazy at step 64")],
+    )
+    _write_events(versions / "version_9", {"ntk/relative_change": [(4, 0.5)]})  # a restart
+    _write_events(  # resumes the restart: versions are ordered as numbers, not strings
+        versions / "version_10",
+        {"ntk/relative_change": [(256, 0.75)], "ntk/lazy": [(256, 0.5)]},
+    )
+    runs = load_runs(tmp_path / "logs")
+    assert [r.label for r in runs] == [
+        "lightning_logs/version_0+version_1",
+        "lightning_logs/version_9+version_10",
+    ]
+    first, restart = runs
+    # the step both versions logged takes the resumed version's value
+    assert first.scalars["ntk/relative_change"] == ([4, 16, 64], [0.125, 0.375, 0.5])
+    assert first.segments == [
+        ("lightning_logs/version_0", 4, 16),
+        ("lightning_logs/version_1", 16, 64),
+    ]
+    assert first.diagnosis == (64, "lazy at step 64")
+    assert restart.scalars["ntk/relative_change"] == ([4, 256], [0.5, 0.75])
+    assert main(["report", str(tmp_path / "logs")]) == 0
+    out = capsys.readouterr().out
+    assert "lightning_logs/version_0+version_1: lazy at step 64" in out
+    assert "one run, resumed: version_0 (steps 4–16), then version_1 (steps 16–64)" in out
+    assert "lightning_logs/version_9+version_10: drifting at step 256" in out
+
+
+def test_report_keeps_a_new_version_that_starts_over_as_its_own_run(tmp_path):
+    versions = tmp_path / "lightning_logs"
+    _write_events(versions / "version_0", {"ntk/relative_change": [(4, 0.1), (64, 0.2)]})
+    _write_events(versions / "version_1", {"ntk/relative_change": [(4, 0.3), (64, 0.4)]})
+    runs = load_runs(tmp_path)
+    assert [r.label for r in runs] == ["lightning_logs/version_0", "lightning_logs/version_1"]
+    assert all(len(r.segments) == 1 for r in runs)
+
+
+def _train(tmp_path: Path, logger, max_steps: int, ckpt_path=None, save_at=None):
+    import pytorch_lightning as pl
+
+    from lightning_ntk import NTKMonitor
+    from tests._lightning_models import module_class, trainer_kwargs
+
+    pl.seed_everything(0, verbose=False)
+    model = module_class("pytorch_lightning")(batch_size=48, shuffle=False, lr=0.2)
+    monitor = NTKMonitor(n_probe=6, every_n_steps=2)
+    trainer = pl.Trainer(callbacks=monitor, **trainer_kwargs(max_steps=max_steps, logger=logger))
+    trainer.fit(model, ckpt_path=ckpt_path)
+    if save_at is not None:
+        trainer.save_checkpoint(save_at)
+    logger.save()
+
+
+@pytest.mark.parametrize("kind", ["tensorboard", "csv"])
+def test_report_shows_a_lightning_run_resumed_into_a_new_logger_version_as_one_run(
+    kind, tmp_path, capsys
+):
+    import pytorch_lightning as pl
+
+    def logger():  # a new version each time, as when resuming without `version=`
+        if kind == "csv":
+            return pl.loggers.CSVLogger(tmp_path / "logs", name="run")
+        return pl.loggers.TensorBoardLogger(tmp_path / "logs", name="run")
+
+    torch.set_num_threads(1)
+    checkpoint = tmp_path / "step4.ckpt"
+    _train(tmp_path, logger(), 4, save_at=checkpoint)
+    _train(tmp_path, logger(), 8, ckpt_path=checkpoint)
+    assert sorted(p.name for p in (tmp_path / "logs" / "run").iterdir()) == [
+        "version_0",
+        "version_1",
+    ]
+    (run,) = load_runs(tmp_path / "logs")
+    assert run.label == "run/version_0+version_1"
+    assert run.scalars["ntk/relative_change"][0] == [2, 4, 6, 8]
+    assert [label for label, _, _ in run.segments] == ["run/version_0", "run/version_1"]
+    assert main(["report", str(tmp_path / "logs"), "--out", str(tmp_path / "r.png")]) == 0
+    assert "run/version_0+version_1: " in capsys.readouterr().out
+
+
+def test_report_reads_a_csv_logger_directory(tmp_path, capsys):
+    from pytorch_lightning.loggers import CSVLogger
+
+    logger = CSVLogger(tmp_path / "logs", name="csv_run")
+    logger.log_metrics({"train/loss": 1.0}, step=1)
+    for step, value in ((4, 0.1), (16, 0.2)):
+        logger.log_metrics({"ntk/relative_change": value, "ntk/lazy": 1.0}, step=step)
+    logger.log_metrics({"cheap/relative_change": 0.7}, step=16)
+    logger.save()
+    assert (tmp_path / "logs" / "csv_run" / "version_0" / "metrics.csv").is_file()
+    (run,) = load_runs(tmp_path / "logs")
+    assert run.label == "csv_run/version_0"
+    assert run.scalars["ntk/relative_change"] == ([4, 16], [0.1, 0.2])
+    assert "train/loss" not in run.scalars and run.diagnosis is None
+    (cheap,) = load_runs(tmp_path / "logs", prefix="cheap/")
+    assert cheap.scalars == {"ntk/relative_change": ([16], [0.7])}
+    assert main(["report", str(tmp_path / "logs"), "--out", str(tmp_path / "r.png")]) == 0
+    assert "csv_run/version_0: lazy at step 16" in capsys.readouterr().out
+
+
 def test_report_with_core_dependencies_prints_the_summary_and_names_the_extra(tmp_path):
     _write_events(
         tmp_path / "logs" / "a", {"ntk/relative_change": [(4, 0.5)], "ntk/lazy": [(4, 1.0)]}
@@ -187,7 +295,9 @@ def test_report_with_core_dependencies_prints_the_summary_and_names_the_extra(tm
 
 def test_report_without_event_files_fails_clearly(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 1
-    assert "Expected TensorBoard event files" in capsys.readouterr().err
+    assert "Expected TensorBoard event files (events.out.tfevents.*) or CSVLogger metrics.csv" in (
+        capsys.readouterr().err
+    )
     with pytest.raises(NoNTKDataError, match="found none"):
         load_runs(tmp_path)
 

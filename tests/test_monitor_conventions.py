@@ -111,15 +111,14 @@ def test_two_monitors_with_different_prefixes_log_disjoint_keys(tmp_path):
     assert not {t for t in tags if not t.startswith(("cheap/", "ntk/", "epoch"))}
 
 
-def test_prefix_is_checked_and_kept_out_of_the_default_state_key():
+def test_prefix_is_checked_and_part_of_the_state_key():
     from lightning_ntk import NTKMonitor
 
     with pytest.raises(TypeError, match="Expected `prefix` to be a non-empty str but got 3"):
         NTKMonitor(prefix=3)
     with pytest.raises(TypeError, match="Expected `verbose` to be a bool"):
         NTKMonitor(verbose="yes")
-    default = NTKMonitor()
-    assert "prefix" not in default.state_key  # checkpoints of earlier versions still load
+    assert "'prefix': 'ntk/'" in NTKMonitor().state_key
     assert "'prefix': 'a/'" in NTKMonitor(prefix="a/").state_key
 
 

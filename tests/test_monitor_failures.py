@@ -12,7 +12,7 @@ import torch
 
 from lightning_ntk import NTKMeasurementWarning, NTKMonitor, NTKTracker
 from lightning_ntk.monitor import _measure
-from tests._lightning_models import module_class, one_thread, trainer_kwargs  # noqa: F401
+from tests._lightning_models import blobs, mlp, module_class, one_thread, trainer_kwargs  # noqa: F401
 
 KERNEL_FIELDS = ("relative_change", "kernel_distance", "eig_max", "effective_rank")
 LINEAR_FIELDS = ("linearization_error", "prob_tv", "argmax_agreement")
@@ -115,3 +115,179 @@ def test_on_breakdown_raise_lets_the_error_through(monkeypatch):
     monkeypatch.setattr(NTKTracker, "start", _fail_after(0, IndexError("odd"))(NTKTracker.start))
     with pytest.raises(IndexError, match="odd"):
         _fit(NTKMonitor(n_probe=9, log_base=2, on_breakdown="raise"))
+
+
+class _ShapeError(ValueError):
+    """A user's exception whose ``__init__`` takes two required arguments."""
+
+    def __init__(self, expected, got):
+        super().__init__(f"expected {expected}, got {got}")
+        self.expected, self.got = expected, got
+
+
+def _failing_forward_module(error):
+    """A LightningModule whose forward raises ``error`` whenever gradients are off, as
+    they are while the monitor measures (training's forward has them on)."""
+    base = module_class("pytorch_lightning")
+
+    class Model(base):
+        def forward(self, x):
+            if not torch.is_grad_enabled():
+                raise error
+            return super().forward(x)
+
+    return Model
+
+
+def test_a_value_error_from_the_model_at_the_start_does_not_end_training():
+    pl.seed_everything(0, verbose=False)
+    model = _failing_forward_module(ValueError("the model refuses this batch"))()
+    monitor = NTKMonitor(n_probe=9, log_base=2)
+    trainer = pl.Trainer(callbacks=monitor, **trainer_kwargs(max_steps=8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model)
+    measurement = [w for w in caught if issubclass(w.category, NTKMeasurementWarning)]
+    assert trainer.global_step == 8 and monitor.history == []
+    assert len(measurement) == 1
+    message = str(measurement[0].message)
+    assert "at the start of training (ValueError: the model refuses this batch)" in message
+    assert "training goes on" in message
+
+
+def test_on_breakdown_raise_gives_the_models_own_exception_with_a_note():
+    pl.seed_everything(0, verbose=False)
+    model = _failing_forward_module(_ShapeError((16, 6), (16, 5)))()
+    monitor = NTKMonitor(n_probe=9, log_base=2, on_breakdown="raise")
+    trainer = pl.Trainer(callbacks=monitor, **trainer_kwargs(max_steps=8))
+    with pytest.raises(_ShapeError) as raised:
+        trainer.fit(model)
+    assert raised.value.expected == (16, 6)  # the user's exception, not a rebuilt one
+    assert any("raised by the model's forward" in note for note in raised.value.__notes__)
+
+
+def test_an_exception_with_required_arguments_keeps_its_type():
+    class Strict(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            raise _ShapeError("(N, 4)", tuple(x.shape))
+
+    tracker = NTKTracker(torch.randn(6, 4), torch.arange(6) % 3)
+    with pytest.raises(_ShapeError, match=r"expected \(N, 4\), got \(6, 4\)") as raised:
+        tracker.start(Strict())
+    assert raised.value.got == (6, 4) and not tracker.started
+
+
+def test_the_monitors_own_output_check_keeps_its_type_and_names_the_fix():
+    class DictOut(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return {"logits": self.linear(x)}
+
+    tracker = NTKTracker(torch.randn(6, 4), torch.arange(6) % 3)
+    with pytest.raises(TypeError, match="output_fn") as raised:
+        tracker.start(DictOut())
+    assert any("pass `forward_fn` or `output_fn`" in note for note in raised.value.__notes__)
+    assert type(raised.value) is TypeError
+
+
+def test_models_on_the_meta_device_or_on_several_devices_are_refused_clearly():
+    x, y = torch.randn(6, 4), torch.arange(6) % 3
+    meta = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3)).to("meta")
+    with pytest.raises(
+        ValueError, match="model is on the meta device, which holds shapes but no values"
+    ):
+        NTKTracker(x, y).start(meta)
+    split = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3))
+    split[1].to("meta")
+    with pytest.raises(
+        ValueError,
+        match=r"on several devices \('0.weight' on cpu, '1.weight' on meta\).*model.to\(device\)",
+    ):
+        NTKTracker(x, y).start(split)
+
+
+def _nan_data_module():
+    base = module_class("pytorch_lightning")
+
+    class Model(base):
+        def __init__(self):
+            super().__init__()
+            del self.loss_fn  # F.cross_entropy: the label smoothing is inferred from training
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self(x), y)
+
+        def train_dataloader(self):
+            x, y = blobs(48, 6, 3)
+            x[20, 2] = math.nan  # one missing value, in the second batch
+            return torch.utils.data.DataLoader(
+                torch.utils.data.TensorDataset(x, y), batch_size=16, shuffle=False
+            )
+
+    return Model
+
+
+def test_nan_in_the_training_data_is_reported_as_a_data_problem_not_divergence():
+    pl.seed_everything(0, verbose=False)
+    x, y = blobs(9, 6, 3, seed=1)
+    monitor = NTKMonitor(probe_x=x, probe_y=y, log_base=2)
+    trainer = pl.Trainer(callbacks=monitor, **trainer_kwargs(max_steps=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(_nan_data_module()())
+    last = monitor.history[-1]
+    assert last.verdict == "broken" and last.causes == ["non-finite training data"]
+    assert "clean the training data" in last.message
+    assert "learning rate" not in last.message
+    assert "unknown (unknown" not in last.setup
+    assert "; label smoothing unknown (the training loss was not finite);" in last.setup
+
+
+def test_divergence_with_finite_data_still_reads_as_divergence():
+    x, y = blobs(6)
+    model = mlp()
+    tracker = NTKTracker(x, y, log_base=2)
+    tracker.start(model)
+    tracker.observe(model, x, y, loss=1.0, step=1)
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("inf")
+    report = tracker.update(model, 1)
+    assert report.causes == ["non-finite logits"] and "lower the learning rate" in report.message
+
+
+def test_a_probe_drawn_with_nan_warns_and_training_goes_on():
+    pl.seed_everything(0, verbose=False)
+    monitor = NTKMonitor(n_probe=48, log_base=2)  # every example: the NaN row among them
+    trainer = pl.Trainer(callbacks=monitor, **trainer_kwargs(max_steps=2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(_nan_data_module()())
+    measurement = [w for w in caught if issubclass(w.category, NTKMeasurementWarning)]
+    assert trainer.global_step == 2 and monitor.history == []
+    assert len(measurement) == 1
+    assert "probe inputs hold non-finite values (NaN or inf) at rows" in str(measurement[0].message)
+    assert "Clean the data" in str(measurement[0].message)
+
+
+def test_a_given_probe_with_nan_is_refused_when_given():
+    x, y = blobs(6)
+    x[2, 0] = math.nan
+    with pytest.raises(ValueError, match=r"probe inputs hold non-finite values .* rows \[2\]"):
+        NTKMonitor(probe_x=x, probe_y=y)
+
+
+def test_the_setup_line_says_why_a_fact_is_unknown():
+    from lightning_ntk.monitor._setup import resolve_setup
+
+    line = resolve_setup().describe()
+    assert "unknown (unknown" not in line
+    assert "label smoothing unknown (not declared (`label_smoothing`)" in line
+    assert "weight decay unknown (not declared (`weight_decay`) and no optimizer read)" in line

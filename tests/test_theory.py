@@ -4,6 +4,7 @@ Gradient descent on ``f_lin`` is exactly the kernel flow (``f_lin`` is linear in
 its kernel never changes); these tests train ``f_lin`` by autograd on ``θ`` and compare.
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -15,6 +16,7 @@ from lightning_ntk.linearization import linearize
 from lightning_ntk.metrics import logit_norm
 from lightning_ntk.theory import (
     KernelSolution,
+    LinearizedTraining,
     RegimePrediction,
     kernel_flow,
     kernel_solution,
@@ -358,3 +360,76 @@ def test_regime_rejects_invalid_or_conflicting_input():
         predict_regime(loss=nn.MSELoss())
     with pytest.raises(TypeError, match="with `param_groups`"):
         predict_regime(optimizer=object())
+
+
+# ------------------------------------------------------------------ LinearizedTraining
+
+
+def test_one_training_object_drives_the_solution_and_the_flow(problem):
+    K, f0, y = problem["K"], problem["f0"], problem["y"]
+    training = LinearizedTraining(weight_decay=0.1, label_smoothing=0.1, reduction="sum")
+    by_object = kernel_solution(
+        K, f0, y, training, ntk_test=problem["K_test"], logits0_test=problem["f0_test"]
+    )
+    by_keywords = kernel_solution(
+        K,
+        f0,
+        y,
+        weight_decay=0.1,
+        label_smoothing=0.1,
+        reduction="sum",
+        ntk_test=problem["K_test"],
+        logits0_test=problem["f0_test"],
+    )
+    torch.testing.assert_close(by_object.train_logits, by_keywords.train_logits, rtol=0, atol=0)
+    torch.testing.assert_close(by_object.test_logits, by_keywords.test_logits, rtol=0, atol=0)
+    assert by_object.train_logits.shape == (N, C) and by_object.test_logits.shape == (5, C)
+    # the same loss followed for a number of steps: the flow's settings differ only there
+    lr = problem["lr"] / N  # reduction="sum": G = Θ0, N times the mean-reduced kernel
+    flow = kernel_flow(K, f0, y, dataclasses.replace(training, steps=3, lr=lr))
+    assert flow.shape == (4, N, C)
+    torch.testing.assert_close(
+        flow,
+        kernel_flow(
+            K, f0, y, weight_decay=0.1, label_smoothing=0.1, reduction="sum", steps=3, lr=lr
+        ),
+        rtol=0,
+        atol=0,
+    )
+    torch.testing.assert_close(flow[0], f0.double())
+
+
+def test_training_settings_are_validated_once_when_built():
+    with pytest.raises(ValueError, match="Expected `weight_decay` to be a non-negative float"):
+        LinearizedTraining(weight_decay=-1.0)
+    with pytest.raises(ValueError, match=r"Expected `label_smoothing` to be a float in \[0, 1\)"):
+        LinearizedTraining(label_smoothing=1.0)
+    with pytest.raises(ValueError, match="Expected `decay_to` to be one of"):
+        LinearizedTraining(decay_to="origin")
+    with pytest.raises(ValueError, match="Expected `reduction` to be one of"):
+        LinearizedTraining(reduction="none")
+    with pytest.raises(ValueError, match="Expected `lr` to be a positive float with `steps`"):
+        LinearizedTraining(steps=3)
+    with pytest.raises(ValueError, match="Expected `steps` to be a non-negative int with `lr`"):
+        LinearizedTraining(lr=0.1)
+    with pytest.raises(ValueError, match="Expected `lr` to be a positive float"):
+        LinearizedTraining(steps=3, lr=0.0)
+    training = LinearizedTraining(weight_decay=1, steps=0, lr=1)
+    assert training.weight_decay == 1.0 and isinstance(training.weight_decay, float)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        training.weight_decay = 0.5  # type: ignore[misc]
+
+
+def test_training_and_its_keywords_are_not_mixed_and_the_function_fits_the_time(problem):
+    K, f0, y = problem["K"], problem["f0"], problem["y"]
+    training = LinearizedTraining(weight_decay=0.1)
+    with pytest.raises(TypeError, match="got `training` and its settings weight_decay"):
+        kernel_solution(K, f0, y, training, weight_decay=0.2)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'weightdecay'"):
+        kernel_solution(K, f0, y, weightdecay=0.1)
+    with pytest.raises(TypeError, match="Expected `training` to be a LinearizedTraining"):
+        kernel_solution(K, f0, y, {"weight_decay": 0.1})
+    with pytest.raises(ValueError, match="use kernel_flow for a finite number of steps"):
+        kernel_solution(K, f0, y, weight_decay=0.1, steps=10, lr=0.1)
+    with pytest.raises(ValueError, match="Expected `steps` and `lr` for kernel_flow"):
+        kernel_flow(K, f0, y, training)

@@ -41,6 +41,8 @@ DESIGN_FIELDS = [
     "logit_gap",
     "logit_optimum",
     "setup",
+    "reference_step",
+    "restarted",
     "kernel_velocity",
     "local_linearization_error",
     "logit_slope",
@@ -71,7 +73,17 @@ def test_report_has_exactly_the_design_fields_and_logged_names():
     numeric = [
         n
         for n in DESIGN_FIELDS
-        if n not in ("verdict", "causes", "predicted_regime", "message", "setup", "regime")
+        if n
+        not in (
+            "verdict",
+            "causes",
+            "predicted_regime",
+            "message",
+            "setup",
+            "reference_step",
+            "restarted",
+            "regime",
+        )
     ]
     assert sorted(scalars) == sorted([f"ntk/{n}" for n in numeric] + ["ntk/lazy", "ntk/regime"])
     assert scalars["ntk/lazy"] == {"lazy": 1.0, "drifting": 0.5, "broken": 0.0}[report.verdict]
@@ -304,7 +316,7 @@ def test_state_dict_resume_reports_the_same_values():
     torch.save(a.state_dict(), buffer)
     buffer.seek(0)
     b = NTKTracker(log_base=2)
-    b.load_state_dict(torch.load(buffer, weights_only=False))
+    b.load_state_dict(torch.load(buffer, weights_only=True))
     assert b.started and b.last_step == 8
     for step in range(9, 17):
         nn.functional.cross_entropy(model(x), y).backward()

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from lightning_ntk.testing._analytic import NTKMLP, analytic_nngp, analytic_ntk
-from lightning_ntk.theory import kernel_flow, kernel_solution
+from lightning_ntk.theory import LinearizedTraining, kernel_flow, kernel_solution
 from lightning_ntk.uncertainty import (
     EnsemblePrediction,
     GPLaplacePrediction,
@@ -417,3 +417,28 @@ def test_bad_input_raises_clear_errors(data, kernels):
         gp_laplace_classifier(K, y, K_test, torch.ones(M, dtype=DT), num_classes=1)
     with pytest.raises(ValueError, match=r"`kernel_test_diag` to be of shape \(5,\)"):
         gp_laplace_classifier(K, y, K_test, torch.ones(4, dtype=DT))
+
+
+def test_ensembles_take_the_same_training_object_as_the_theory(data, kernels):
+    x, y, x_test = data
+    K, K_test = kernels
+    net = NTKMLP(D, 8, 1, C)
+    training = LinearizedTraining(weight_decay=0.1, label_smoothing=0.05)
+    f0, f0_test = _draws(3, N), _draws(3, M, seed=2)
+    batch = kernel_solutions(K, f0, y, training, ntk_test=K_test, logits0_test=f0_test)
+    assert batch.train_logits.shape == (3, N, C) and batch.test_logits.shape == (3, M, C)
+    single = kernel_solution(K, f0[1], y, training, ntk_test=K_test, logits0_test=f0_test[1])
+    torch.testing.assert_close(batch.train_logits[1], single.train_logits, atol=1e-7, rtol=0)
+    torch.testing.assert_close(batch.test_logits[1], single.test_logits, atol=1e-7, rtol=0)
+    by_object = kernel_ensemble(x, y, x_test, training, model=net, num_draws=4, seed=3)
+    by_keywords = kernel_ensemble(
+        x, y, x_test, model=net, weight_decay=0.1, label_smoothing=0.05, num_draws=4, seed=3
+    )
+    torch.testing.assert_close(by_object.member_logits, by_keywords.member_logits, atol=0, rtol=0)
+    zero = LinearizedTraining(weight_decay=0.1, decay_to="zero")
+    with pytest.raises(ValueError, match="Expected `decay_to` to be 'init' for kernel_solutions"):
+        kernel_solutions(K, f0, y, zero)
+    with pytest.raises(ValueError, match="Expected `decay_to` to be 'init' for kernel_ensemble"):
+        kernel_ensemble(x, y, x_test, zero, model=net)
+    with pytest.raises(TypeError, match="got `training` and its settings lr"):
+        kernel_ensemble(x, y, x_test, training, model=net, lr=0.1)

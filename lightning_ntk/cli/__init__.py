@@ -4,7 +4,8 @@
 the paper's conditions (hard targets; L2 regularization; label smoothing; a narrow
 network) with :class:`~lightning_ntk.NTKMonitor` attached, prints what the monitor
 concluded and writes TensorBoard logs and a figure. ``lightning-ntk report LOGDIR``
-rebuilds the figure and a text summary from any TensorBoard logs the monitor wrote.
+rebuilds the figure and a text summary from the TensorBoard or CSV logs the
+monitor wrote.
 
 Both subcommands exit with status 0 on success, 2 on bad options (with a message that
 says what was expected) and 1 when the work itself fails.

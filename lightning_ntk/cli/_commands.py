@@ -65,15 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser(
         "report",
-        help="plot and summarise the ntk/ curves of TensorBoard logs",
+        help="plot and summarise the ntk/ curves of TensorBoard or CSV logs",
         description=(
-            "Rebuild the drift figure and a text summary from TensorBoard logs written by "
-            "NTKMonitor (every run below LOGDIR with ntk/ scalars)."
+            "Rebuild the drift figure and a text summary from the TensorBoard or CSVLogger "
+            "logs NTKMonitor wrote (every run below LOGDIR with ntk/ scalars; a run resumed "
+            "into a new version_N directory is shown as one run)."
         ),
     )
     demo.set_defaults(subparser=demo)
     report.set_defaults(subparser=report)
-    report.add_argument("logdir", type=Path, help="a TensorBoard log directory")
+    report.add_argument("logdir", type=Path, help="a TensorBoard or CSVLogger log directory")
     report.add_argument(
         "--out",
         type=Path,

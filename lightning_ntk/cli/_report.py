@@ -1,20 +1,23 @@
-"""``lightning-ntk report``: the drift figure and a summary from TensorBoard logs.
+"""``lightning-ntk report``: the drift figure and a summary from TensorBoard or CSV logs.
 
-Reads every run below a log directory (each directory holding
-``events.out.tfevents.*`` files with ``ntk/`` scalars, as written by
-:class:`~lightning_ntk.NTKMonitor` or a plain loop logging :meth:`NTKTracker.scalars
-<lightning_ntk.NTKTracker.scalars>`) with TensorBoard's own ``EventAccumulator``, and
-plots against the step, one line per run:
+Reads every run below a log directory: a directory holding ``events.out.tfevents.*``
+files with ``ntk/`` scalars (``TensorBoardLogger``, or a plain loop logging
+:meth:`NTKTracker.scalars <lightning_ntk.NTKTracker.scalars>` with a ``SummaryWriter``),
+read with TensorBoard's own ``EventAccumulator``, or a ``metrics.csv`` with ``ntk/``
+columns (``CSVLogger``). A run resumed from a checkpoint into a new logger version
+(``<name>/version_1`` after ``<name>/version_0``, its reports following on from the
+earlier version's last step) is joined to the run it continues: one curve, one summary.
+It plots against the step, one line per run:
 
 * kernel drift ``relative_change = ‖Θ_t − Θ0‖_F / ‖Θ0‖_F``;
 * ``linearization_error = ‖f − f_lin‖_F / ‖f − f0‖_F``;
 * the mean centered logit norm ``logit_norm``;
 
 with the verdict thresholds drawn (read from the ``ntk/thresholds`` text the monitor
-writes, or from the layout's chart titles / ``ntk/threshold/*`` scalars of logs from
-earlier versions, else the :class:`~lightning_ntk.Thresholds` defaults; for the logits a
-line rising by the alarm slope per doubling of steps). The summary names each run's last
-verdict and regime (``ntk/regime``).
+writes to TensorBoard, or from the layout's chart titles in logs of earlier versions,
+else the :class:`~lightning_ntk.Thresholds` defaults; for the logits a line rising by the
+alarm slope per doubling of steps). The summary names each run's last verdict and regime
+(``ntk/regime``).
 
 The text summary needs only the core dependencies; the figure needs matplotlib (the
 ``plot`` extra).
@@ -22,6 +25,7 @@ The text summary needs only the core dependencies; the figure needs matplotlib (
 
 from __future__ import annotations
 
+import csv
 import math
 import os
 import re
@@ -30,9 +34,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-__all__ = ["NoNTKDataError", "Run", "load_run", "load_runs", "plot_runs", "summarize"]
+__all__ = [
+    "NoNTKDataError",
+    "Run",
+    "join_resumed",
+    "load_run",
+    "load_runs",
+    "plot_runs",
+    "summarize",
+]
 
 EVENT_PREFIX = "events.out.tfevents."
+CSV_METRICS = "metrics.csv"  # CSVLogger's file
+_VERSION = re.compile(r"^version_(?P<number>\d+)$")  # Lightning's logger versions
 DIAGNOSIS_TAG = "ntk/diagnosis"
 LAYOUT_TAG = "custom_scalars__config__"
 # chart titles of the layout in logs of earlier versions
@@ -68,14 +82,17 @@ class NoNTKDataError(ValueError):
 
 @dataclass
 class Run:
-    """The ``ntk/`` data of one TensorBoard run.
+    """The ``ntk/`` data of one run (TensorBoard events or a CSVLogger ``metrics.csv``).
 
     Attributes:
         label: name shown in the figure and the summary.
-        path: the run's directory.
+        path: the run's directory (the first one, for a run resumed in later versions).
         scalars: ``{tag: (steps, values)}`` for every ``ntk/`` scalar tag.
-        diagnosis: ``(step, text)`` of the last ``ntk/diagnosis`` text, if logged.
+        diagnosis: ``(step, text)`` of the last ``ntk/diagnosis`` text, if logged
+            (TensorBoard only).
         thresholds: ``{signal: (drift, break)}`` read from the run's custom-scalars layout.
+        segments: ``(directory label, first step, last step)`` of each logger version
+            the run was written in, in order; one entry unless it was resumed.
     """
 
     label: str
@@ -83,6 +100,12 @@ class Run:
     scalars: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
     diagnosis: Optional[tuple[int, str]] = None
     thresholds: dict[str, tuple[float, float]] = field(default_factory=dict)
+    segments: list[tuple[str, int, int]] = field(default_factory=list)
+
+    @property
+    def steps(self) -> list[int]:
+        """Every step with an ``ntk/`` scalar, sorted."""
+        return sorted({step for steps, _ in self.scalars.values() for step in steps})
 
     def last(self, tag: str) -> float:
         """The last logged value of ``tag`` (``nan`` if never logged)."""
@@ -104,13 +127,15 @@ class Run:
 def load_runs(logdir: Union[str, Path], *, prefix: str = "ntk/") -> list[Run]:
     """Every run below ``logdir`` with ``ntk/`` scalars, labelled by its relative path.
 
+    Resumed runs are joined (:func:`join_resumed`).
+
     Args:
-        logdir: a TensorBoard log directory.
+        logdir: a TensorBoard or CSVLogger log directory.
         prefix: the prefix of the monitor's scalars (``NTKMonitor(prefix=...)``); the
             runs' scalars are keyed ``ntk/<name>`` whatever it is.
 
     Raises:
-        NoNTKDataError: no event files, or none with ``ntk/`` scalars.
+        NoNTKDataError: no event or ``metrics.csv`` files, or none with ``ntk/`` scalars.
     """
     logdir = Path(logdir)
     dirs = sorted(
@@ -118,12 +143,13 @@ def load_runs(logdir: Union[str, Path], *, prefix: str = "ntk/") -> list[Run]:
             Path(root)
             for root, _, files in os.walk(logdir)
             for f in files
-            if f.startswith(EVENT_PREFIX)
+            if f.startswith(EVENT_PREFIX) or f == CSV_METRICS
         }
     )
     if not dirs:
         raise NoNTKDataError(
-            f"Expected TensorBoard event files ({EVENT_PREFIX}*) below '{logdir}' but found none."
+            f"Expected TensorBoard event files ({EVENT_PREFIX}*) or CSVLogger "
+            f"{CSV_METRICS} files below '{logdir}' but found none."
         )
     runs = []
     for d in dirs:
@@ -133,10 +159,10 @@ def load_runs(logdir: Union[str, Path], *, prefix: str = "ntk/") -> list[Run]:
             runs.append(run)
     if not runs:
         raise NoNTKDataError(
-            f"Found {len(dirs)} TensorBoard run(s) below '{logdir}' but none with {prefix} "
+            f"Found {len(dirs)} run(s) below '{logdir}' but none with {prefix} "
             "scalars: log them with NTKMonitor (or NTKTracker.scalars() in a plain loop)."
         )
-    return runs
+    return join_resumed(runs)
 
 
 def load_run(
@@ -146,42 +172,55 @@ def load_run(
     strict: bool = True,
     prefix: str = "ntk/",
 ) -> Run:
-    """The ``<prefix>`` scalars and last diagnosis of the run whose event files are in ``path``.
+    """The ``<prefix>`` scalars and last diagnosis of the run whose logs are in ``path``.
 
-    The scalars are keyed ``ntk/<name>`` whatever the prefix.
+    Reads the TensorBoard event files in ``path``, or, when they hold no ``<prefix>``
+    scalars, its CSVLogger ``metrics.csv``. The scalars are keyed ``ntk/<name>``
+    whatever the prefix.
 
     Raises:
         NoNTKDataError: with ``strict``, when the run has no ``ntk/`` scalars.
     """
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     path = Path(path)
-    accumulator = EventAccumulator(str(path), size_guidance={"scalars": 0, "tensors": 0})
-    accumulator.Reload()
-    tags = accumulator.Tags()
     run = Run(label=label or path.name, path=path)
-    for tag in tags.get("scalars", []):
-        if tag.startswith(prefix):
-            by_step = {e.step: e.value for e in accumulator.Scalars(tag)}  # last write wins
-            steps = sorted(by_step)
-            run.scalars["ntk/" + tag[len(prefix) :]] = (steps, [by_step[s] for s in steps])
-    for tag in tags.get("tensors", []):
-        if tag == LAYOUT_TAG:
-            for event in accumulator.Tensors(tag):
-                run.thresholds.update(_layout_thresholds(event.tensor_proto, prefix))
-        if tag.startswith(f"{prefix}thresholds"):
-            from ..monitor.loggers import read_thresholds
-
-            for event in accumulator.Tensors(tag):
-                run.thresholds.update(read_thresholds(_text_of(event.tensor_proto)))
-        if tag.startswith(f"{prefix}diagnosis"):
-            events = accumulator.Tensors(tag)
-            if events:
-                last = max(events, key=lambda e: e.step)
-                run.diagnosis = (last.step, _text_of(last.tensor_proto))
+    if any(f.name.startswith(EVENT_PREFIX) for f in path.iterdir()):
+        _read_events(run, path, prefix)
+    if not run.scalars and (path / CSV_METRICS).is_file():
+        _read_csv(run, path / CSV_METRICS, prefix)
     if strict and not run.scalars:
         raise NoNTKDataError(f"Expected {prefix} scalars in the run '{path}' but found none.")
+    if run.scalars:
+        steps = run.steps
+        run.segments = [(run.label, steps[0], steps[-1])]
     return run
+
+
+def join_resumed(runs: Sequence[Run]) -> list[Run]:
+    """Join each run to the earlier logger versions it continues.
+
+    Lightning resuming from a checkpoint into a new logger version writes
+    ``<name>/version_{k+1}`` beside ``<name>/version_k``; the monitor's reports there
+    continue at the checkpoint's step. A run in ``version_{k+1}`` whose first step is
+    at or after the last step of the run in ``version_k`` (the same ``<name>``) is
+    joined to it (at a step both logged, the later version wins); a version that starts
+    again from an earlier step is a new run of its own.
+
+    Returns:
+        The runs, joined runs labelled ``<name>/version_0+version_1``, in input order.
+    """
+    joined: list[Run] = []
+    previous: dict[Path, Run] = {}  # directory of the versions -> the run its last one continues
+    for run in sorted(runs, key=_version_order):
+        match = _VERSION.match(run.path.name)
+        earlier = previous.get(run.path.parent) if match else None
+        if earlier is not None and run.scalars and run.steps[0] >= earlier.steps[-1]:
+            _append(earlier, run)
+            continue
+        joined.append(run)
+        if match:
+            previous[run.path.parent] = run
+    order = {id(run): i for i, run in enumerate(runs)}
+    return sorted(joined, key=lambda run: order[id(run)])
 
 
 def summarize(runs: Sequence[Run]) -> str:
@@ -196,6 +235,12 @@ def summarize(runs: Sequence[Run]) -> str:
             f"{run.last('ntk/linearization_error'):.3f}, logit_norm "
             f"{run.last('ntk/logit_norm'):.2f} (growth {run.last('ntk/logit_growth'):.2f})"
         )
+        if len(run.segments) > 1:
+            parts = ", then ".join(
+                f"{label.rpartition('/')[2]} (steps {first}–{last})"
+                for label, first, last in run.segments
+            )
+            lines.append(f"    one run, resumed: {parts}")
         if run.diagnosis is not None:
             lines.append(f"    {run.diagnosis[1]}")
     return "\n".join(lines)
@@ -254,8 +299,7 @@ def plot_runs(runs: Sequence[Run], out: Union[str, Path], *, title: Optional[str
 def _thresholds(runs: Sequence[Run]) -> dict[str, tuple[float, float]]:
     """``{signal: (drift, break)}`` shared by all runs, from their logs, else the defaults.
 
-    The logs hold them in the layout's chart titles (or, written by earlier versions, as
-    ``ntk/threshold/*`` scalars).
+    TensorBoard logs hold them in the titles of the custom-scalars layout's charts.
     """
     from ..monitor._verdict import Thresholds
 
@@ -266,15 +310,7 @@ def _thresholds(runs: Sequence[Run]) -> dict[str, tuple[float, float]]:
         "logit_slope": defaults.logit_slope,
     }
     for signal in ("relative_change", "linearization_error", "logit_slope"):
-        logged = [
-            run.thresholds.get(signal)
-            or (
-                run.last(f"ntk/threshold/{signal}_drift"),
-                run.last(f"ntk/threshold/{signal}_break"),
-            )
-            for run in runs
-        ]
-        logged = [pair for pair in logged if all(math.isfinite(v) for v in pair)]
+        logged = [run.thresholds[signal] for run in runs if signal in run.thresholds]
         if logged and all(pair == logged[0] for pair in logged):
             out[signal] = logged[0]
     return out
@@ -324,6 +360,83 @@ def _draw_thresholds(
         )
         handles.append(line)
     return handles
+
+
+def _read_events(run: Run, path: Path, prefix: str) -> None:
+    """Fill ``run`` from the TensorBoard event files in ``path``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(path), size_guidance={"scalars": 0, "tensors": 0})
+    accumulator.Reload()
+    tags = accumulator.Tags()
+    for tag in tags.get("scalars", []):
+        if tag.startswith(prefix):
+            by_step = {e.step: e.value for e in accumulator.Scalars(tag)}  # last write wins
+            steps = sorted(by_step)
+            run.scalars["ntk/" + tag[len(prefix) :]] = (steps, [by_step[s] for s in steps])
+    for tag in tags.get("tensors", []):
+        if tag == LAYOUT_TAG:
+            for event in accumulator.Tensors(tag):
+                run.thresholds.update(_layout_thresholds(event.tensor_proto, prefix))
+        if tag.startswith(f"{prefix}thresholds"):
+            from ..monitor.loggers import read_thresholds
+
+            for event in accumulator.Tensors(tag):
+                run.thresholds.update(read_thresholds(_text_of(event.tensor_proto)))
+        if tag.startswith(f"{prefix}diagnosis"):
+            events = accumulator.Tensors(tag)
+            if events:
+                last = max(events, key=lambda e: e.step)
+                run.diagnosis = (last.step, _text_of(last.tensor_proto))
+
+
+def _read_csv(run: Run, path: Path, prefix: str) -> None:
+    """Fill ``run`` from a CSVLogger ``metrics.csv`` (a ``step`` column, one per metric).
+
+    CSVLogger writes one row per ``log_metrics`` call, empty cells for the metrics that
+    call did not log; a row without a step is skipped.
+    """
+    by_tag: dict[str, dict[int, float]] = {}
+    with path.open(newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            step_text = (row.get("step") or "").strip()
+            try:
+                step = int(float(step_text))
+            except ValueError:
+                continue
+            for column, text in row.items():
+                if column and column.startswith(prefix) and text not in (None, ""):
+                    try:
+                        value = float(text)
+                    except ValueError:
+                        continue
+                    by_tag.setdefault("ntk/" + column[len(prefix) :], {})[step] = value
+    for tag, by_step in by_tag.items():
+        steps = sorted(by_step)  # last write wins
+        run.scalars[tag] = (steps, [by_step[s] for s in steps])
+
+
+def _version_order(run: Run) -> tuple[str, int, str]:
+    """Sort key: runs grouped by directory, logger versions in numeric order."""
+    match = _VERSION.match(run.path.name)
+    number = int(match["number"]) if match else -1
+    return (run.path.parent.as_posix(), number, run.path.name)
+
+
+def _append(run: Run, later: Run) -> None:
+    """Extend ``run`` with ``later``, the same run resumed in the next logger version."""
+    for tag, (steps, values) in later.scalars.items():
+        by_step = dict(zip(*run.scalars.get(tag, ([], []))))
+        by_step.update(zip(steps, values))
+        ordered = sorted(by_step)
+        run.scalars[tag] = (ordered, [by_step[s] for s in ordered])
+    if later.diagnosis is not None and (
+        run.diagnosis is None or later.diagnosis[0] >= run.diagnosis[0]
+    ):
+        run.diagnosis = later.diagnosis
+    run.thresholds.update(later.thresholds)
+    run.segments.extend(later.segments)
+    run.label = f"{run.label}+{later.path.name}"
 
 
 def _layout_thresholds(tensor_proto: object, prefix: str) -> dict[str, tuple[float, float]]:

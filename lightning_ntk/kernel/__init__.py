@@ -28,7 +28,14 @@ import torch
 from torch import Tensor, nn
 
 from . import _inputs
-from ._functional import FunctionalModel, OutputFn, ParamSelector, check_inputs, exact_matmuls
+from ._functional import (
+    FunctionalModel,
+    OutputFn,
+    ParamSelector,
+    check_input_device,
+    check_inputs,
+    exact_matmuls,
+)
 from ._layout import check_output
 from ._methods import NTKCallInfo, NTKMethod, choose_method
 from ._run import Run
@@ -115,7 +122,10 @@ def empirical_ntk(
 
     Raises:
         ValueError / TypeError: bad arguments or inputs, naming the argument, what came
-            and what was expected; non-finite logits. Raised before any heavy work.
+            and what was expected; non-finite logits; inputs on another device than the
+            model, a model spread over several devices or on the ``meta`` device, or
+            sharded parameters (FSDP2 ``DTensor``, not supported yet). Raised before any
+            heavy work.
         RuntimeError: no method of the chain could run on the model (the last error,
             with every method's error in the message).
     """
@@ -134,6 +144,9 @@ def empirical_ntk(
         )
 
     fm = FunctionalModel(model, params=params, output_fn=output_fn, dtype=dtype)
+    check_input_device(x1, "x1", fm.device)
+    if x2 is not None:
+        check_input_device(x2, "x2", fm.device)
     return ntk_of(
         fm, x1, x2, output=output, method=method, per_layer=per_layer, chunk_size=chunk_size,
         store_on=store_on, distributed=distributed, fallback=fallback,

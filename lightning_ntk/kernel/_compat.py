@@ -51,12 +51,16 @@ def math_kernels() -> Iterator[None]:
 
 @contextlib.contextmanager
 def forward_ad_kernels() -> Iterator[None]:
-    """:func:`math_kernels` and no oneDNN kernels (composite RNN cells) inside the block."""
-    with math_kernels(), torch.backends.mkldnn.flags(enabled=False):
-        yield
+    """:func:`math_kernels` and no oneDNN kernels (composite RNN cells) inside the block.
 
-
-def forward_ad_unsupported(err: BaseException) -> bool:
-    """Whether ``err`` says an op has no forward-mode derivative."""
-    text = str(err)
-    return "forward AD" in text or "forward-mode AD" in text or "jvp" in text.lower()
+    Only the ``enabled`` flag of oneDNN is switched (``torch.backends.mkldnn.flags``
+    would also write its legacy TF32 flag, which PyTorch refuses once the per-backend
+    precision API is in use).
+    """
+    enabled = torch.backends.mkldnn.enabled
+    with math_kernels():
+        try:
+            torch.backends.mkldnn.enabled = False
+            yield
+        finally:
+            torch.backends.mkldnn.enabled = enabled

@@ -25,8 +25,16 @@ from torch.func import jvp, vjp
 
 from . import _inputs
 from ._compat import forward_ad_kernels
+from ._functional import as_dense
 
-__all__ = ["checked", "double_vjp", "finite_difference", "forward_mode", "loop_jvp"]
+__all__ = [
+    "BackwardMismatch",
+    "checked",
+    "double_vjp",
+    "finite_difference",
+    "forward_mode",
+    "loop_jvp",
+]
 
 Evaluate = Callable[[Mapping[str, Tensor], Any], Tensor]
 Params = dict[str, Tensor]
@@ -49,31 +57,38 @@ def forward_mode(
 def double_vjp(
     evaluate: Evaluate, x: Any, theta0: Params, tangent: Params
 ) -> tuple[Tensor, Tensor]:
-    """``J v`` as the vjp of ``u ↦ Jᵀ u`` (linear in ``u``) with cotangent ``v``."""
-    f0, vjp_fn = vjp(lambda p: evaluate(p, x), theta0)
-    _, transpose_fn = vjp(lambda u: vjp_fn(u)[0], torch.zeros_like(f0))
-    (Jv,) = transpose_fn(tangent)
+    """``J v`` as the vjp of ``u ↦ Jᵀ u`` (linear in ``u``) with cotangent ``v``.
+
+    Autograd is switched on inside (the route works under a caller's ``torch.no_grad()``).
+    """
+    with torch.enable_grad():
+        f0, vjp_fn = vjp(lambda p: evaluate(p, x), theta0)
+        _, transpose_fn = vjp(lambda u: vjp_fn(u)[0], torch.zeros_like(f0))
+        (Jv,) = transpose_fn(tangent)
     return f0.detach(), Jv
 
 
 def loop_jvp(evaluate: Evaluate, x: Any, theta0: Params, tangent: Params) -> tuple[Tensor, Tensor]:
-    """``(J v)[i, a] = ⟨∂f_a(x_i)/∂θ, v⟩``, one backward pass per example and class."""
+    """``(J v)[i, a] = ⟨∂f_a(x_i)/∂θ, v⟩``, one backward pass per example and class.
+
+    Autograd is switched on inside (the route works under a caller's ``torch.no_grad()``).
+    """
     rows_f0, rows_Jv = [], []
-    for i in range(_inputs.batch_size(x)):
-        wrt = {n: t.detach().requires_grad_() for n, t in theta0.items()}
-        with torch.enable_grad():
+    with torch.enable_grad():
+        for i in range(_inputs.batch_size(x)):
+            wrt = {n: t.detach().requires_grad_() for n, t in theta0.items()}
             logits = evaluate(wrt, _inputs.take(x, slice(i, i + 1)))[0]  # (C,)
-        entries = []
-        for a in range(logits.shape[0]):
-            grads = torch.autograd.grad(
-                logits[a], list(wrt.values()), retain_graph=True, allow_unused=True
-            )
-            entries.append(
-                sum((g * tangent[n]).sum() for n, g in zip(wrt, grads) if g is not None)
-                + logits.new_zeros(())
-            )
-        rows_f0.append(logits.detach())
-        rows_Jv.append(torch.stack(entries))
+            entries = []
+            for a in range(logits.shape[0]):
+                grads = torch.autograd.grad(
+                    logits[a], list(wrt.values()), retain_graph=True, allow_unused=True
+                )
+                terms = [
+                    (as_dense(g) * tangent[n]).sum() for n, g in zip(wrt, grads) if g is not None
+                ]
+                entries.append(sum(terms) + logits.new_zeros(()))
+            rows_f0.append(logits.detach())
+            rows_Jv.append(torch.stack(entries))
     return torch.stack(rows_f0), torch.stack(rows_Jv)
 
 
@@ -94,7 +109,8 @@ def checked(
         dtype: the compute dtype, which sets the tolerance.
 
     Raises:
-        RuntimeError: the two differ: the model's backward is not its forward's derivative.
+        BackwardMismatch: the two differ: the model's backward is not its forward's
+            derivative.
     """
     f0, Jv = result
     reference = finite_difference(evaluate64, theta0, tangent)
@@ -102,12 +118,16 @@ def checked(
     scale = reference.norm().item()
     rtol = _CHECK_RTOL.get(dtype, _CHECK_RTOL_DEFAULT)
     if not err <= rtol * scale + 1e-12 * (1.0 + f0.detach().double().norm().item()):
-        raise RuntimeError(
+        raise BackwardMismatch(
             f"reverse-mode J v differs from the float64 finite difference of the forward "
             f"pass by {err:.3e} (relative {err / max(scale, 1e-300):.3e}): the model's "
             "backward is not the derivative of its forward here"
         )
     return f0, Jv
+
+
+class BackwardMismatch(RuntimeError):
+    """A reverse-mode ``J v`` that differs from the finite difference of the forward pass."""
 
 
 def finite_difference(

@@ -6,7 +6,8 @@ linearized model, the tracker) goes through :class:`FunctionalModel`, so that th
 * select the same parameters (trainable by default, or a user's names / predicate),
 * evaluate with ``torch.func.functional_call`` and never write to the module: no
   parameter, buffer (BatchNorm running statistics), ``.grad`` or RNG state changes,
-* see BatchNorm and dropout as in eval mode, with autocast off,
+* see BatchNorm and dropout as in eval mode, with autocast off, and take dense gradients
+  of sparse embeddings (``nn.Embedding(sparse=True)``, ``nn.EmbeddingBag(sparse=True)``),
 * turn tuple / dict outputs into ``(N, C)`` logits through ``output_fn``,
 * take inputs that are a tensor, or a mapping / tuple of tensors sharing the batch
   dimension (:mod:`._inputs`): ``model(x)``, ``model(**x)`` or ``model(*x)``.
@@ -113,34 +114,105 @@ def compute_dtype(
 
 @contextlib.contextmanager
 def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode and restore each one's own flag afterwards."""
+    """Every submodule in eval mode, with dense gradients; each flag restored afterwards.
+
+    See :func:`dense_gradients` for the second part.
+    """
     flags = [(m, m.training) for m in module.modules()]
     try:
         module.eval()
-        yield
+        with dense_gradients(module):
+            yield
     finally:
         for m, training in flags:
             m.training = training
 
 
 @contextlib.contextmanager
+def dense_gradients(module: nn.Module) -> Iterator[None]:
+    """``sparse=False`` on every ``nn.Embedding`` / ``nn.EmbeddingBag`` inside the block.
+
+    The forward function is the same; only the gradient's layout changes, from a sparse
+    tensor (which ``vmap``, forward mode and reshaping reject) to the equal dense one.
+    Each module's own flag is restored on exit.
+    """
+    sparse = [
+        m for m in module.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse
+    ]
+    try:
+        for m in sparse:
+            m.sparse = False
+        yield
+    finally:
+        for m in sparse:
+            m.sparse = True
+
+
+def as_dense(gradient: Tensor) -> Tensor:
+    """A gradient as a dense tensor (a sparse one from a custom sparse embedding densified)."""
+    if gradient.layout != torch.strided:
+        return gradient.to_dense()
+    return gradient
+
+
+@contextlib.contextmanager
 def exact_matmuls(device: torch.device) -> Iterator[None]:
     """The engine's numerics inside the block: exact matmuls, no autocast, math kernels.
 
-    Full-precision float32 matmuls (no TF32), autocast off, and the math equivalents of
-    fused attention / Transformer fast paths (:func:`._compat.math_kernels`), which have
-    no forward-mode derivative. Every setting is restored on exit.
+    Full-precision float32 matmuls, convolutions and RNNs (no TF32, no bf16 reduction),
+    autocast off, and the math equivalents of fused attention / Transformer fast paths
+    (:func:`._compat.math_kernels`), which have no forward-mode derivative. Every
+    setting is restored on exit, exactly (see :func:`_full_precision`).
     """
-    matmul_precision = torch.get_float32_matmul_precision()
-    cudnn_tf32 = torch.backends.cudnn.allow_tf32
-    try:
-        torch.set_float32_matmul_precision("highest")
-        torch.backends.cudnn.allow_tf32 = False
+    with _full_precision():
         with torch.autocast(device_type=device.type, enabled=False), math_kernels():
             yield
+
+
+# (backend, operation) pairs of PyTorch's per-backend `fp32_precision` settings, parents
+# first (a parent's value reaches its children when set, so they are restored after it).
+_PRECISION_SCOPES = (
+    ("generic", "all"),
+    ("cuda", "all"), ("cuda", "matmul"), ("cuda", "conv"), ("cuda", "rnn"),
+    ("mkldnn", "all"), ("mkldnn", "matmul"), ("mkldnn", "conv"), ("mkldnn", "rnn"),
+)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _full_precision() -> Iterator[None]:
+    """``"ieee"`` float32 precision for every backend's matmuls, convolutions and RNNs.
+
+    PyTorch has two APIs for these flags: the per-backend ``fp32_precision`` settings
+    (``torch.backends.cuda.matmul.fp32_precision = "tf32"``, ``torch.backends.cudnn.conv``,
+    ``torch.backends.mkldnn``, ``torch.backends.fp32_precision``) and the legacy
+    ``torch.set_float32_matmul_precision`` / ``allow_tf32`` flags, which are views of
+    the former and raise once they are mixed with it. Where PyTorch has the per-backend
+    settings, every one of them is read, set and restored through that API, whichever
+    one the user set the flags with (restoring all of them leaves the legacy views as
+    they were too); older versions use the legacy flags.
+    """
+    get = getattr(torch._C, "_get_fp32_precision_getter", None)
+    set_ = getattr(torch._C, "_set_fp32_precision_setter", None)
+    if get is None or set_ is None:  # older PyTorch: the legacy flags only
+        matmul_precision = torch.get_float32_matmul_precision()
+        cudnn_tf32 = torch.backends.cudnn.allow_tf32
+        try:
+            torch.set_float32_matmul_precision("highest")
+            torch.backends.cudnn.allow_tf32 = False
+            yield
+        finally:
+            torch.set_float32_matmul_precision(matmul_precision)
+            torch.backends.cudnn.allow_tf32 = cudnn_tf32
+        return
+    saved = [(scope, get(*scope)) for scope in _PRECISION_SCOPES]
+    try:
+        for backend, operation in _PRECISION_SCOPES:
+            if operation != "all":
+                set_(backend, operation, "ieee")
+        yield
     finally:
-        torch.set_float32_matmul_precision(matmul_precision)
-        torch.backends.cudnn.allow_tf32 = cudnn_tf32
+        for (backend, operation), value in saved:
+            set_(backend, operation, value)
 
 
 class FunctionalModel:
@@ -172,6 +244,7 @@ class FunctionalModel:
         if output_fn is not None and not callable(output_fn):
             raise TypeError(f"Expected `output_fn` to be callable but got {output_fn!r}.")
         self.module = unwrap_module(model)
+        check_placement(self.module)
         self.names = select_parameters(self.module, params)
         self.dtype = compute_dtype(self.module, self.names, dtype)
         self.output_fn = output_fn
@@ -313,6 +386,67 @@ class FunctionalModel:
                 f"{rows[:10]}{' ...' if len(rows) > 10 else ''}; the kernel is undefined there."
             )
         return logits.detach()
+
+
+def check_placement(module: nn.Module) -> torch.device:
+    """The one device holding the module's parameters and buffers, checked before any work.
+
+    Raises:
+        ValueError: a parameter is sharded (a ``DTensor``, e.g. from FSDP2's
+            ``fully_shard``), which is not supported yet; the module spans several devices;
+            or it is on the ``meta`` device, which holds no values.
+    """
+    parameters = list(module.named_parameters())
+    tensors = [*parameters, *module.named_buffers()]
+    sharded = [name for name, t in tensors if _is_dtensor(t)]
+    if sharded:
+        kind = "parameter" if sharded[0] in dict(parameters) else "buffer"
+        raise ValueError(
+            f"The model's {kind} {sharded[0]!r} is sharded (a DTensor, as made by FSDP2's "
+            "`fully_shard`): kernels of sharded models are not supported yet. Compute them "
+            "on an unsharded copy, e.g. the same model built without sharding, loaded with "
+            "`{name: t.full_tensor() for name, t in model.state_dict().items()}`."
+        )
+    devices: dict[torch.device, str] = {}
+    for name, t in tensors:
+        devices.setdefault(t.device, name)
+    if len(devices) > 1:
+        where = ", ".join(f"{name!r} on {device}" for device, name in devices.items())
+        raise ValueError(
+            f"The model's parameters and buffers are on several devices ({where}); the "
+            "kernel needs the whole model on one device: move it there with `model.to(device)`."
+        )
+    device = next(iter(devices), torch.device("cpu"))
+    if device.type == "meta":
+        raise ValueError(
+            "The model is on the meta device, which holds shapes but no values; materialise "
+            "it first (e.g. `model.to_empty(device='cpu')`, then load its weights)."
+        )
+    return device
+
+
+def check_input_device(x: Any, argname: str, device: torch.device) -> None:
+    """Every tensor of the batch ``x`` is on ``device``, the model's, before any work.
+
+    Raises:
+        ValueError: naming the argument, the input's device and the model's.
+    """
+    for t in _inputs.tensors_of(x):
+        if t.device != device:
+            how = f"`{argname}.to({str(device)!r})`" if isinstance(x, Tensor) else "`.to` each"
+            raise ValueError(
+                f"`{argname}` is on {t.device} but the model is on {device}; move the inputs "
+                f"to the model's device ({how})."
+            )
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    """Whether ``t`` is a ``torch.distributed`` DTensor (a sharded or replicated parameter)."""
+    if type(t) in (Tensor, nn.Parameter) or not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
 
 
 def _describe_failure(name: str, module: nn.Module, shapes: list[tuple[int, ...]]) -> str:

@@ -2,7 +2,9 @@
 
 :func:`plan_structure` lists the supported layers holding selected parameters and keeps
 those whose factors reproduce autograd's per-example gradients (see :mod:`.structured`);
-plans are cached per model fingerprint.
+plans are cached per model fingerprint. A cached plan is never trusted blindly:
+:func:`check_call` re-checks, on every chunk of every call, what the plan assumes, from
+the recording the structured method makes anyway plus one more backward pass.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from torch import Tensor, nn
 
 from . import _inputs
 from ._functional import FunctionalModel
-from ._recording import CONVS, NORMS, Layer, record, summed_gradients
+from ._recording import CONVS, NORMS, Layer, Recording, record, summed_gradients
 
-__all__ = ["StructurePlan", "fingerprint", "plan_structure"]
+__all__ = ["PlanMismatch", "StructurePlan", "check_call", "fingerprint", "plan_structure"]
 
 
 _VERIFY_EXAMPLES = 4
@@ -41,16 +43,41 @@ class StructurePlan:
         """Selected parameters with a structured kernel, in layer order."""
         return [n for layer in self.layers for n in layer.param_names]
 
+    def without(self, layer_names: set[str], order: list[str]) -> StructurePlan:
+        """The plan with the named layers' parameters handed to per-example Jacobians.
+
+        Args:
+            layer_names: module names of the layers to drop.
+            order: every selected parameter name, in the order of ``fallback_names``.
+        """
+        kept = [layer for layer in self.layers if layer.name not in layer_names]
+        structured = {n for layer in kept for n in layer.param_names}
+        return StructurePlan(kept, [n for n in order if n not in structured])
+
+
+class PlanMismatch(RuntimeError):
+    """A planned layer did not behave, on this call's inputs, as its plan assumes.
+
+    Attributes:
+        reasons: ``{layer name: what differed}``.
+    """
+
+    def __init__(self, reasons: dict[str, str]) -> None:
+        self.reasons = reasons
+        super().__init__("; ".join(f"layer {name!r} {why}" for name, why in reasons.items()))
+
 
 def plan_structure(fm: FunctionalModel, x: Tensor) -> StructurePlan:
     """Find the supported layers of ``fm`` and verify them on a few examples of ``x``.
 
     The verified plan is remembered under a fingerprint of the model's structure: the
     selected names, the compute dtype, the per-example input shape and every module's
-    name, type and parameter identities. Repeated calls on the same model (a monitor's
-    reports, also through a fresh wrapper module each time) skip the verification pass;
-    any change of that fingerprint (a replaced layer or parameter, new tying) verifies
-    again. At most ``_MAX_PLANS`` plans are kept, the least recently used dropped first.
+    name, type, parameter identities and plain settings. Repeated calls on the same
+    model (a monitor's reports, also through a fresh wrapper module each time) skip the
+    verification pass; any change of that fingerprint (a replaced layer or parameter,
+    new tying, a changed flag) verifies again. What no fingerprint sees (data-dependent
+    control flow, settings held in containers) is caught by :func:`check_call` on every
+    call. At most ``_MAX_PLANS`` plans are kept, the least recently used dropped first.
     """
     key = fingerprint(fm, x)
     roles = _PLANS.pop(key, None)
@@ -74,13 +101,43 @@ _MAX_PLANS = 32
 _PLANS: dict[tuple, list[tuple[str, Optional[str], Optional[str]]]] = {}
 
 
-def fingerprint(fm: FunctionalModel, x: Any) -> tuple:
-    """The model's structure, selection, dtype and per-example input signature."""
+def fingerprint(fm: FunctionalModel, x: Any, settings: bool = True) -> tuple:
+    """The model's structure, selection, dtype and per-example input signature.
+
+    The structure is every module's name, type and parameter identities, and with
+    ``settings`` also its plain settings (:func:`_settings`: ``sparse``, ``padding_idx``,
+    flags a forward branches on), so that what is remembered of a model's computation
+    (a verified plan, a method that failed) is forgotten when one of them changes.
+    """
     structure = tuple(
-        (name, type(m), tuple((k, id(p)) for k, p in m._parameters.items()))
+        (
+            name,
+            type(m),
+            tuple((k, id(p)) for k, p in m._parameters.items()),
+            _settings(m) if settings else (),
+        )
         for name, m in fm.module.named_modules(remove_duplicate=False)
     )
     return (tuple(fm.names), fm.dtype, _inputs.example_signature(x), structure)
+
+
+_PLAIN = (bool, int, float, str, type(None), torch.dtype)
+
+
+def _settings(module: nn.Module) -> tuple:
+    """The module's attributes of plain types (numbers, strings, flags, tuples of them).
+
+    ``training`` is left out: the engine evaluates in eval mode whatever the flag says.
+    """
+
+    def plain(value: Any) -> bool:
+        if isinstance(value, tuple):
+            return all(plain(v) for v in value)
+        return isinstance(value, _PLAIN)
+
+    return tuple(
+        (key, value) for key, value in vars(module).items() if key != "training" and plain(value)
+    )
 
 
 def _verification_batch(fm: FunctionalModel, layers: list[Layer], x: Any) -> Any:
@@ -218,3 +275,59 @@ def _single_example_gradients(
         )
         out.append(dict(zip(wrt, grads)))
     return out
+
+
+# ------------------------------------------------------------------ every call
+def check_call(fm: FunctionalModel, layers: list[Layer], rec: Recording, n: int) -> None:
+    """Check, on one chunk's recording, every assumption of the plan; raise if one fails.
+
+    The structured kernel of a layer is exact when, in this very forward pass,
+
+    * the layer is called exactly once (not a data-dependent number of times);
+    * its input and output have ``n`` rows, one per example of the chunk;
+    * its output rows of example ``i`` reach only the logits of example ``i``;
+    * its selected parameters act only through this call.
+
+    The first two are read from the recording. The last two are checked with a random
+    direction ``u (N, C)`` pushed back once (``rec.probe``): autograd's cotangent of the
+    layer output for ``⟨u, f⟩`` must equal ``Σ_a u[i, a] G[a, i]`` on the rows of each
+    example ``i`` (rows of one example reaching another's logits make them differ), and
+    the parameter gradient rebuilt from the factors with that cotangent must equal
+    autograd's (a use outside the call makes them differ). Both sides are linear in
+    ``u``: agreement on a random direction means agreement everywhere, with
+    probability one.
+
+    Raises:
+        PlanMismatch: naming each layer that failed and how.
+    """
+    probe = rec.probe
+    assert probe is not None, "record(..., probe=True) gives the check its direction"
+    rtol = _VERIFY_RTOL.get(fm.dtype, 1e-3)
+    reasons: dict[str, str] = {}
+    norms = [g.norm() for g in probe.param_grads.values() if g is not None]
+    floor = 1e-6 * float(torch.stack(norms).norm()) if norms else 0.0
+    for layer in layers:
+        calls = rec.calls.get(layer.name, 0)
+        if calls != 1:
+            reasons[layer.name] = f"was called {calls} times in one forward pass"
+            continue
+        inp, G = rec.inputs[layer.name], rec.cotangents[layer.name]  # G (C, N, *out)
+        if inp.ndim == 0 or inp.shape[0] != n or G.ndim < 2 or G.shape[1] != n:
+            reasons[layer.name] = f"does not have one row per example ({n} examples)"
+            continue
+        Gu = probe.cotangents[layer.name]  # (N, *out)
+        C = G.shape[0]
+        combined = torch.einsum("cn,cnm->nm", probe.u.T, G.reshape(C, n, -1))  # (N, M)
+        scale = max(Gu.norm().item(), combined.norm().item(), 1e-30)
+        if (Gu.reshape(n, -1) - combined).norm().item() > rtol * scale:
+            reasons[layer.name] = "mixes examples: its output rows reach other examples' logits"
+            continue
+        for name, rebuilt in summed_gradients(layer, inp, Gu[None], fm).items():
+            ref = probe.param_grads.get(name)
+            ref = torch.zeros_like(rebuilt) if ref is None else ref.reshape(rebuilt.shape)
+            scale = max(ref.norm().item(), rebuilt.norm().item(), floor, 1e-30)
+            if (rebuilt - ref).norm().item() > rtol * scale:
+                reasons[layer.name] = f"has its parameter {name!r} used outside its call"
+                break
+    if reasons:
+        raise PlanMismatch(reasons)

@@ -24,8 +24,8 @@ __all__ = [
     "CONVS",
     "NORMS",
     "Layer",
+    "Probe",
     "Recording",
-    "check_rows",
     "hooks",
     "record",
     "small_per_example",
@@ -57,17 +57,6 @@ class Layer:
         return [n for n in (self.weight, self.bias) if n is not None]
 
 
-def check_rows(layers: list[Layer], rec: Recording, n: int) -> None:
-    """Every recorded layer input and output cotangent has one row per example."""
-    for layer in layers:
-        inp, grad = rec.inputs.get(layer.name), rec.cotangents.get(layer.name)
-        if inp is None or grad is None or inp.shape[:1] != (n,) or grad.shape[1:2] != (n,):
-            raise RuntimeError(
-                f"structured: the input or output of layer {layer.name!r} does not have one "
-                f"row per example ({n} examples); its kernel cannot be factorised."
-            )
-
-
 # ------------------------------------------------------------------ recording
 @contextlib.contextmanager
 def hooks(layers: list[Layer], hook: Callable[[Layer, Any, Any], Any]) -> Iterator[None]:
@@ -88,6 +77,23 @@ class Recording:
     cotangents: dict[str, Tensor]  # layer -> (R, N, *output_shape)
     param_grads: dict[str, Optional[Tensor]]  # wrt name -> (R, *shape)
     calls: dict[str, int]  # layer -> calls in one forward
+    probe: Optional[Probe] = None  # one random direction, for the per-call check
+
+
+@dataclass
+class Probe:
+    """One random direction ``u (N, C)`` of the logits and what autograd gives for it.
+
+    Attributes:
+        u: the direction, one row per example.
+        cotangents: ``{layer: ∂⟨u, f⟩/∂y (N, *output_shape)}``, the cotangent of each
+            layer's output.
+        param_grads: ``{name: ∂⟨u, f⟩/∂θ}`` of the layers' selected parameters.
+    """
+
+    u: Tensor
+    cotangents: dict[str, Tensor]
+    param_grads: dict[str, Optional[Tensor]]
 
 
 def record(
@@ -96,6 +102,7 @@ def record(
     x: Tensor,
     cotangents: Optional[Callable[[Tensor], Tensor]] = None,
     wrt: Optional[dict[str, Tensor]] = None,
+    probe: bool = False,
 ) -> Recording:
     """Inputs of each layer and the cotangents of its output, from one forward and backward.
 
@@ -111,6 +118,9 @@ def record(
             ``None`` for the ``C`` one-hot directions (``R = C``).
         wrt: parameters (requiring grad) to differentiate as well, replacing
             ``fm.params`` entries of the same name in the forward pass.
+        probe: also push one random direction ``u (N, C)`` back (one more backward
+            pass), to the layers' outputs and to their selected parameters
+            (:class:`Probe`): what :func:`._plan.check_call` compares the factors with.
     """
     inputs: dict[str, Tensor] = {}
     zeros: dict[str, Tensor] = {}
@@ -124,8 +134,12 @@ def record(
         return out + z
 
     wrt = wrt or {}
+    probe_wrt: dict[str, Tensor] = {}
+    if probe:  # the layers' own parameters, to compare their factors with autograd
+        names = [n for layer in layers for n in layer.param_names if n not in wrt]
+        probe_wrt = {n: fm.params[n].detach().requires_grad_() for n in names}
     with torch.enable_grad(), hooks(layers, hook):
-        logits = fm({**fm.params, **wrt}, x)  # (N, C)
+        logits = fm({**fm.params, **probe_wrt, **wrt}, x)  # (N, C)
     N, C = logits.shape
     if cotangents is None:
         eye = torch.eye(C, dtype=logits.dtype, device=logits.device)
@@ -135,8 +149,9 @@ def record(
     targets = [zeros[n] for n in zeros] + list(wrt.values())
     try:
         grads = torch.autograd.grad(
-            logits, targets, grad_outputs=cts, is_grads_batched=True, allow_unused=True
-        )
+            logits, targets, grad_outputs=cts, is_grads_batched=True, allow_unused=True,
+            retain_graph=probe,
+        )  # fmt: skip
     except RuntimeError:  # an op without a batching rule: one backward per direction
         rows = [
             torch.autograd.grad(
@@ -154,7 +169,27 @@ def record(
         for name, g in layer_grads.items()
     }
     param_grads = dict(zip(wrt, grads[len(zeros) :]))
-    return Recording(inputs, result, param_grads, calls)
+    recording = Recording(inputs, result, param_grads, calls)
+    if probe:
+        recording.probe = _probe(logits, zeros, {**probe_wrt, **wrt})
+    return recording
+
+
+def _probe(logits: Tensor, zeros: dict[str, Tensor], wrt: dict[str, Tensor]) -> Probe:
+    """Push a random ``u (N, C)`` back to the layers' outputs and their parameters.
+
+    ``u`` comes from a generator of its own (the global RNG is untouched).
+    """
+    generator = torch.Generator().manual_seed(0)
+    u = torch.randn(logits.shape, generator=generator, dtype=torch.float64)
+    u = u.to(device=logits.device, dtype=logits.dtype)
+    grads = torch.autograd.grad(
+        logits, [*zeros.values(), *wrt.values()], grad_outputs=u, allow_unused=True
+    )
+    cotangents = {
+        name: g if g is not None else torch.zeros_like(zeros[name]) for name, g in zip(zeros, grads)
+    }
+    return Probe(u, cotangents, dict(zip(wrt, grads[len(zeros) :])))
 
 
 # ------------------------------------------------------------------ per layer

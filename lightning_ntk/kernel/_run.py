@@ -19,7 +19,7 @@ from . import _inputs
 from ._functional import FunctionalModel
 from ._layout import symmetrize, transpose_kernel
 from ._methods import CHAIN, JACOBIAN_BUDGET, NTKCallInfo, NTKMethod, choose_method, model_is_sure
-from ._plan import StructurePlan, fingerprint, plan_structure
+from ._plan import PlanMismatch, StructurePlan, fingerprint, plan_structure
 from .jacobian import JacobianMethod
 from .loop import LoopMethod
 from .ntk_vp import NTKVPMethod
@@ -70,8 +70,11 @@ _RECHECKS = 2
 
 
 # methods (or parts) PyTorch could not run on a model: {(model key, method): reason}.
-# Skipped on later calls with the same model and input signature (out-of-memory errors,
-# which depend on the sizes, are not remembered).
+# The key is what the failure depends on: the model's structure and module settings
+# (e.g. an embedding's `sparse` flag), selection, dtype, input signature and device.
+# Skipped on later calls with the same key while the chain has a later method to try;
+# the last method is always run (out-of-memory errors, which depend on the sizes, are
+# not remembered).
 FAILED: dict[tuple, str] = {}
 
 
@@ -116,9 +119,9 @@ class Run:
         if fallback:
             order = order + [m for m in CHAIN[CHAIN.index(order[-1]) + 1 :] if m not in order]
         last_error: Optional[BaseException] = None
-        for candidate in order:
+        for position, candidate in enumerate(order):
             try:
-                blocks, per_example = self._compute(candidate)
+                blocks, per_example = self._compute(candidate, position < len(order) - 1)
             except Exception as err:
                 last_error = err
                 self._fail(candidate, err)
@@ -282,7 +285,7 @@ class Run:
     def _key(self) -> tuple:
         x2_sig = None if self.symmetric else (_inputs.batch_size(self.x2),)
         return (
-            fingerprint(self.fm, self.x1),
+            fingerprint(self.fm, self.x1, settings=False),  # timings: the structure alone
             _inputs.batch_size(self.x1),
             x2_sig,
             self.output,
@@ -292,9 +295,17 @@ class Run:
         )
 
     # ------------------------------------------------------------------ compute
-    def _compute(self, method: NTKMethod) -> tuple[dict[str, Tensor], tuple[str, ...]]:
-        """The kernel by ``method``; a method that failed on this model before is skipped."""
-        known = FAILED.get((self._model_key, method.value))
+    def _compute(
+        self, method: NTKMethod, skip_known: bool = True
+    ) -> tuple[dict[str, Tensor], tuple[str, ...]]:
+        """The kernel by ``method``; one that failed on this computation before is skipped.
+
+        Args:
+            method: the method.
+            skip_known: skip it if it failed before on the same model key (``False`` for
+                the last method left to try: it runs whatever was remembered).
+        """
+        known = FAILED.get((self._model_key, method.value)) if skip_known else None
         if known is not None:
             raise _KnownFailure(f"failed earlier on this model ({known})")
         try:
@@ -315,37 +326,60 @@ class Run:
         engine: Any
         per_example: tuple[str, ...] = tuple(fm.names)
         if method is NTKMethod.STRUCTURED:
-            plan = self.plan()
-            part = "structured/jacobian of unstructured parameters"
-            known = FAILED.get((self._model_key, part))
-
-            def on_fallback(err: BaseException) -> None:
-                self._fail(part, err)
-                self._remember(part, err)
-
-            engine = StructuredMethod(
-                fm, self.output, self.per_layer, plan, block_size=self.chunk,
-                on_fallback=on_fallback, loop_fallback=known is not None,
-            )  # fmt: skip
-            if known is not None:
-                self.failures.append(f"{part}: failed earlier on this model ({known})")
-            per_example = tuple(plan.fallback_names)
+            return self._structured()
         elif method is NTKMethod.JACOBIAN:
             engine = JacobianMethod(fm, self.output, self.per_layer)
         elif method is NTKMethod.NTK_VP:
             engine = NTKVPMethod(fm, self.output, self.per_layer)
         else:
             engine = LoopMethod(fm, self.output, self.per_layer)
-        keys = list(fm.names) if self.per_layer else [""]
+        return self._assemble(engine), per_example
+
+    def _structured(self) -> tuple[dict[str, Tensor], tuple[str, ...]]:
+        """The structured kernel; layers that fail the per-call check use Jacobians.
+
+        A planned layer that, on this call's inputs, does not behave as its plan assumes
+        (:class:`._plan.PlanMismatch`) is dropped from the plan for the rest of the call
+        and the kernel is assembled again.
+        """
+        plan = self.plan()
+        part = "structured/jacobian of unstructured parameters"
+        known = FAILED.get((self._model_key, part))
+        if known is not None:
+            self.failures.append(f"{part}: failed earlier on this model ({known})")
+
+        def on_fallback(err: BaseException) -> None:
+            self._fail(part, err)
+            self._remember(part, err)
+
+        while True:
+            engine = StructuredMethod(
+                self.fm, self.output, self.per_layer, plan, block_size=self.chunk,
+                on_fallback=on_fallback, loop_fallback=known is not None,
+            )  # fmt: skip
+            try:
+                return self._assemble(engine), tuple(plan.fallback_names)
+            except PlanMismatch as mismatch:
+                for name, why in mismatch.reasons.items():
+                    self.failures.append(
+                        f"structured/{name or 'model'}: on these inputs the layer {why}; "
+                        "its parameters used per-example Jacobians"
+                    )
+                    _log.debug("empirical_ntk: structured layer %r %s", name, why)
+                plan = plan.without(set(mismatch.reasons), list(self.fm.names))
+                self._plan = plan  # for the rest of this call only: the cache is untouched
+
+    def _assemble(self, engine: Any) -> dict[str, Tensor]:
+        """The kernel blocks of ``engine`` over the call's inputs."""
+        keys = list(self.fm.names) if self.per_layer else [""]
         C = self.num_classes
         layout = {"full": (C, C), "diagonal": (C,), "trace": ()}
         n1, n2 = _inputs.batch_size(self.x1), _inputs.batch_size(self.x2)
         shape = (n1, n2, *layout[self.output])
-        blocks = _blockwise(
+        return _blockwise(
             engine, self.x1, self.x2, self.chunk, self.symmetric, self.output, keys, shape,
             self.store_on, self.distributed,
         )  # fmt: skip
-        return blocks, per_example
 
 
 class _KnownFailure(RuntimeError):

@@ -43,6 +43,7 @@ from ._functional import (
     OutputFn,
     ParamSelector,
     check_inputs,
+    dense_gradients,
     exact_matmuls,
     unwrap_module,
 )
@@ -117,7 +118,7 @@ class BatchStatisticsModel(FunctionalModel):
 
     def raw(self, params: Mapping[str, Tensor], x: Tensor) -> Any:
         """The model's raw output at ``params`` on the batch ``x``, with batch statistics."""
-        with batch_statistics_mode(self.module):
+        with batch_statistics_mode(self.module), dense_gradients(self.module):
             return functional_call(self.module, (dict(params), self.constants), (x,))
 
     def single(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from . import _inputs
-from ._functional import FunctionalModel
+from ._functional import FunctionalModel, as_dense
 from .jacobian import contract
 
 
@@ -30,21 +30,21 @@ def loop_jacobians(fm: FunctionalModel, x: Any, names: Sequence[str]) -> dict[st
     """Per-example Jacobians ``{name: (N, C, P_l)}`` of the logits, one backward at a time."""
     N = _inputs.batch_size(x)
     rows: dict[str, list[Tensor]] = {name: [] for name in names}
-    for i in range(N):
-        wrt = {name: fm.params[name].detach().requires_grad_() for name in names}
-        with torch.enable_grad():
+    with torch.enable_grad():  # also under a caller's torch.no_grad()
+        for i in range(N):
+            wrt = {name: fm.params[name].detach().requires_grad_() for name in names}
             logits = fm({**fm.params, **wrt}, _inputs.take(x, slice(i, i + 1)))[0]  # (C,)
-        C = logits.shape[0]
-        per_class: dict[str, list[Tensor]] = {name: [] for name in names}
-        for a in range(C):
-            grads = torch.autograd.grad(
-                logits[a], list(wrt.values()), retain_graph=a < C - 1, allow_unused=True
-            )
-            for name, g in zip(wrt, grads):
-                p = wrt[name]
-                per_class[name].append(torch.zeros_like(p) if g is None else g)
-        for name in names:
-            rows[name].append(torch.stack(per_class[name]).reshape(C, -1))  # (C, P_l)
+            C = logits.shape[0]
+            per_class: dict[str, list[Tensor]] = {name: [] for name in names}
+            for a in range(C):
+                grads = torch.autograd.grad(
+                    logits[a], list(wrt.values()), retain_graph=a < C - 1, allow_unused=True
+                )
+                for name, g in zip(wrt, grads):
+                    p = wrt[name]
+                    per_class[name].append(torch.zeros_like(p) if g is None else as_dense(g))
+            for name in names:
+                rows[name].append(torch.stack(per_class[name]).reshape(C, -1))  # (C, P_l)
     return {name: torch.stack(rows[name]) for name in names}  # (N, C, P_l)
 
 

@@ -28,9 +28,15 @@ cotangent must vanish on every other example's rows, and the gradient rebuilt fr
 layer's factors must equal autograd's gradient of ``⟨u_r, f(x_r)⟩``. A layer applied to a
 batch-free input whose output is broadcast over the batch (a ``(1, T)`` position-index
 buffer, ``arange``, a learned constant), applied to a sequence-first layout, or whose
-parameter is also used outside its call fails that test and falls back. Every call also
-checks that each layer's recorded input and output have one row per example. The kernel
-is therefore always exact.
+parameter is also used outside its call fails that test and falls back.
+
+A verified plan is cached per model structure, but every chunk of every call checks it
+again (:func:`._plan.check_call`), at the cost of one more backward pass: each layer
+must have been called exactly once, with one input and output row per example, its
+output rows must reach only their own example's logits and its parameters must act only
+through its call. A layer that fails (data-dependent control flow that runs it twice on
+some inputs, an attribute that changed the forward) hands its parameters to per-example
+Jacobians for that call. The kernel is therefore always exact.
 """
 
 from __future__ import annotations
@@ -51,11 +57,10 @@ from ._factors import (
 )
 from ._functional import FunctionalModel
 from ._layout import contract_jacobians
-from ._plan import StructurePlan, fingerprint, plan_structure
+from ._plan import StructurePlan, check_call, fingerprint, plan_structure
 from ._recording import (
     NORMS,
     Layer,
-    check_rows,
     record,
     small_per_example,
     weight_factors,
@@ -93,15 +98,16 @@ class StructuredMethod:
         """Per-example gradients ``{name: (N, C, P)}`` and Gram factors for a chunk.
 
         Raises:
-            RuntimeError: a layer's recorded input or output does not have one row per
-                example of ``x`` (the chain then falls back to another method).
+            PlanMismatch: a planned layer did not behave as the plan assumes on ``x``
+                (:func:`._plan.check_call`); the call then hands that layer's parameters
+                to per-example Jacobians.
         """
         per_example: dict[str, Tensor] = {}
         grams: dict[str, tuple[LayerInput, Tensor, Optional[str]]] = {}
         if self.plan.layers:
-            rec = record(self.fm, self.plan.layers, x)
+            rec = record(self.fm, self.plan.layers, x, probe=True)
             inputs, cotangents = rec.inputs, rec.cotangents
-            check_rows(self.plan.layers, rec, _inputs.batch_size(x))
+            check_call(self.fm, self.plan.layers, rec, _inputs.batch_size(x))
             for layer in self.plan.layers:
                 H, G = weight_factors(layer, inputs[layer.name], cotangents[layer.name], self.fm)
                 for name, J in small_per_example(

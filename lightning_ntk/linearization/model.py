@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..kernel import _inputs
-from ..kernel._directional import checked, double_vjp, forward_mode, loop_jvp
+from ..kernel._directional import BackwardMismatch, checked, double_vjp, forward_mode, loop_jvp
 from ..kernel._functional import (
     FunctionalModel,
     OutputFn,
@@ -244,12 +244,14 @@ class LinearizedModel:
         if start is not None:  # the route that worked for this model last time goes first
             routes.sort(key=lambda route: route[0] != start)
         last: Optional[BaseException] = None
+        mismatch = False
         for mode, route in routes:
             try:
                 with exact_matmuls(self._fm.device):
                     out = route()
             except RuntimeError as err:  # no rule for an op (NotImplementedError too): next route
                 last = err
+                mismatch = mismatch or isinstance(err, BackwardMismatch)
                 reason = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
                 self.fallbacks.append(f"{mode}: {reason[:300]}")
                 _log.debug("linearize: %s cannot run on this model (%s)", mode, reason)
@@ -263,11 +265,16 @@ class LinearizedModel:
             if self.fallbacks:
                 _log.debug("linearize: J v by %s after %s", mode, "; ".join(self.fallbacks))
             return out
+        cause = (
+            "the reverse-mode result did not match a float64 finite difference of the forward "
+            "pass (the model's backward is not its forward's derivative)"
+            if mismatch
+            else "no route could run on the model (each route's error is listed)"
+        )
         raise RuntimeError(
-            "The linearized model cannot be evaluated exactly: "
+            f"The linearized model cannot be evaluated exactly: {cause}: "
             + "; ".join(self.fallbacks)
-            + ". Forward mode lacks a rule for an op of the model and the reverse-mode "
-            "result did not match a float64 finite difference."
+            + "."
         ) from last
 
     def _checked(

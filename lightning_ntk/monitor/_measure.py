@@ -37,6 +37,7 @@ from ..kernel._run import rank_and_world
 from ..kernel.batch_statistics import BatchStatisticsModel, batch_ntk_of, linearized_logits
 from ..linearization import LinearizedModel, argmax_agreement, linearization_error, prob_tv
 from ..metrics.functional import softmax_form
+from ._probe import probe_logits
 from ._setup import Setup, alignment_targets, logit_optimum
 from ._verdict import (
     LogitContext,
@@ -107,6 +108,7 @@ class Snapshot:
         predicted: the set-up's ``{"regime": ..., "reason": ...}``.
         alignment0: ``A(Θ0, YYᵀ)`` (``nan`` without probe labels).
         previous: the last report's point; ``None`` before the first report (``θ0``).
+        restarted: ``θ0`` was taken mid-run because the run's own reference was lost.
     """
 
     theta0: dict[str, Tensor]
@@ -121,6 +123,7 @@ class Snapshot:
     predicted: dict[str, str]
     alignment0: float = math.nan
     previous: Optional[ReportPoint] = None
+    restarted: bool = False
 
     @property
     def reference(self) -> ReportPoint:
@@ -220,6 +223,7 @@ def measure(tracker: NTKTracker, fm: FunctionalModel, step: int) -> Measurement:
         local_linearization_error=values["local_linearization_error"],
         slope=values["logit_slope"],
         finite=finite,
+        data_finite=finite or tracker.training_data_finite,  # read (a host sync) only then
         target_alignment=values["target_alignment"],
         previous_alignment=reference.target_alignment,
         previous_step=reference.step,
@@ -233,7 +237,7 @@ def measure(tracker: NTKTracker, fm: FunctionalModel, step: int) -> Measurement:
     )
     report = NTKReport(
         step=step,
-        **values,
+        **cast(dict[str, Any], values),  # floats, for the float fields only
         verdict=diagnosis.verdict,
         causes=list(diagnosis.causes),
         predicted_regime=predicted_name(predicted["regime"]),
@@ -422,17 +426,9 @@ def snapshot(tracker: NTKTracker, fm: FunctionalModel, step: int) -> tuple[Snaps
 
     Raises:
         ValueError / TypeError: a model whose output on the probe is not ``(N, C)``
-            logits with ``C >= 2`` (pass ``forward_fn`` or ``output_fn``).
+            logits (pass ``forward_fn`` or ``output_fn``).
     """
-    x = fm.cast_input(tracker.probe_x)
-    try:
-        with exact_matmuls(fm.device):
-            logits0 = fm.checked_logits(x, "probe_x")
-    except (TypeError, ValueError) as err:
-        raise type(err)(
-            f"{err} (The probe is evaluated as `forward_fn(model, x)` if given, else "
-            "`model(x)`; pass `forward_fn` or `output_fn` so it yields (N, C) logits.)"
-        ) from err
+    logits0 = probe_logits(fm, fm.cast_input(tracker.probe_x))
     method = tracker.method
     per_layer = tracker.per_layer if tracker.per_layer is not None else method != "ntk_vp"
     num_classes = int(logits0.shape[1])  # one output: a binary classifier (sigmoid)
@@ -455,7 +451,7 @@ def snapshot(tracker: NTKTracker, fm: FunctionalModel, step: int) -> tuple[Snaps
         start_step=int(step),
         K0=total,
         K0_layers=layers,
-        logit_norm0=float(metrics.logit_norm(logits0, "binary" if num_classes == 1 else None)),
+        logit_norm0=float(metrics.logit_norm(logits0)),  # one output reads as binary
         predicted=tracker.predict_regime(num_classes),
         alignment0=alignment0,
     )

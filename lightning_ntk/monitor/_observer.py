@@ -263,15 +263,20 @@ class LossObserver:
             self.smoothing, self.pos_weight = best.smoothing, best.pos_weight
             self.detail = f"inferred from the training loss at {steps} ({best.why})"
             return
-        worst = min(ready, key=lambda fit: fit.residual)
-        losses = " or ".join(LOSS_NAMES[fit.family] for fit in ready)
+        fitted = [fit for fit in ready if math.isfinite(fit.residual)]
+        if not fitted:  # not a contradiction: these batches cannot decide
+            self.detail = f"{ready[0].why} (over {steps})"
+            return
+        nearest = min(fitted, key=lambda fit: fit.residual)
+        losses = " or ".join(LOSS_NAMES[fit.family] for fit in fitted)
         self.detail = (
-            f"the training loss is not a (smoothed) {losses} of the logits ({worst.why} over "
+            f"the training loss is not a (smoothed) {losses} of the logits ({nearest.why} over "
             f"{steps}, allowed {self.tolerance:.0e}: extra loss terms, another loss, or "
             f"inputs / targets changed inside the training step{self._dropout_note()})"
         )
-        if len(ready) == len(self.rows) and all(
-            len(self.rows[fit.family]) >= FAMILIES[fit.family] + _EXTRA_BATCHES + 1 for fit in ready
+        if len(fitted) == len(self.rows) and all(
+            len(self.rows[fit.family]) >= FAMILIES[fit.family] + _EXTRA_BATCHES + 1
+            for fit in fitted
         ):
             self.done = self.contradicted = True
 
@@ -341,12 +346,6 @@ def _fit(family: str, rows: list[list[float]], tolerance: float) -> Optional[_Fi
             return _Fit(family, residual, False, f"{why} but a non-positive pos_weight")
     if not -1e-3 - 3 * se < eps < 1.0:
         return _Fit(family, residual, False, f"{why} but ε = {eps:.3g} outside [0, 1)")
-    form = (
-        "loss = {s:.3g}·[(1−ε)·CE + ε·mean(−log p)]"
-        if family == "cross_entropy"
-        else "loss = {s:.3g}·BCE(z, (1−ε)·t + ε/2)"
-        + (f" with pos_weight {fit.pos_weight:.3g}" if abs(fit.pos_weight - 1) > 1e-3 else "")
-    ).format(s=a + b)
     if abs(eps) <= max(_ZERO_SMOOTHING, 3 * se) and 3 * se <= _MAX_UNCERTAINTY:
         fit.smoothing = 0.0
     elif eps > 3 * se:
@@ -354,11 +353,19 @@ def _fit(family: str, rows: list[list[float]], tolerance: float) -> Optional[_Fi
     else:
         fit.why = (
             f"the training loss is a {LOSS_NAMES[family]} of the logits ({why}), but its "
-            f"smoothing ε = {eps:.2g} ± {se:.1g} cannot be told from 0 at the loss's precision"
+            f"smoothing ε = {eps:.2g} ± {se:.1g} cannot be told from 0 from these batches"
         )
         return fit
-    fit.why = f"{form}, {why}"
+    fit.why = f"{_form(family, a + b, fit.pos_weight)}, {why}"
     return fit
+
+
+def _form(family: str, scale: float, pos_weight: float) -> str:
+    """The loss the fit found, as a formula."""
+    if family == "cross_entropy":
+        return f"loss = {scale:.3g}·[(1−ε)·CE + ε·mean(−log p)]"
+    weighted = f" with pos_weight {pos_weight:.3g}" if abs(pos_weight - 1) > 1e-3 else ""
+    return f"loss = {scale:.3g}·BCE(z, (1−ε)·t + ε/2){weighted}"
 
 
 def _features(

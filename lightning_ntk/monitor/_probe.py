@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..kernel import _inputs
+from ..kernel._functional import exact_matmuls
 
 BatchToXY = Callable[[Any], tuple[Any, Optional[Tensor]]]
 
@@ -112,16 +113,16 @@ def draw_probe(
     with preserved_rng():
         items = [dataset[int(i)] for i in pool]
     x, y = split(collate(items))
-    if _class_labels(y):
+    if isinstance(y, Tensor) and _class_labels(y):
         chosen = _stratified(y, n_probe)
     else:
         chosen = torch.arange(n_probe)
     return _take(x, chosen), (None if y is None else _take(y, chosen))
 
 
-def _class_labels(y: Any) -> bool:
+def _class_labels(y: Tensor) -> bool:
     """Labels to stratify by: integer labels ``(N,)``, or binary 0/1 targets as floats."""
-    if not isinstance(y, Tensor) or y.ndim != 1:
+    if y.ndim != 1:
         return False
     return not y.is_floating_point() or bool(((y == 0) | (y == 1)).all())
 
@@ -189,16 +190,79 @@ def checked_probe(probe_x: Any, probe_y: Optional[Tensor]) -> tuple[Any, Optiona
 
 def check_finite_probe(probe_x: Any) -> None:
     """Refuse probe inputs holding NaN / inf, naming that cause (not the model)."""
-    if isinstance(probe_x, Tensor) and probe_x.is_floating_point():
-        bad = ~torch.isfinite(probe_x.reshape(len(probe_x), -1)).all(dim=1)
-        if bool(bad.any()):
-            rows = bad.nonzero().flatten().tolist()
-            raise ValueError(
-                f"The probe inputs hold non-finite values (NaN or inf) at rows {rows[:10]}"
-                f"{' ...' if len(rows) > 10 else ''}: they were drawn from the training data "
-                "(or given as `probe_x`), which holds NaN / inf there. Clean the data or pass "
-                "a finite `probe_x`."
-            )
+    bad = torch.zeros(_inputs.batch_size(probe_x), dtype=torch.bool)
+    for t in _inputs.tensors_of(probe_x):
+        if t.is_floating_point():
+            bad |= ~torch.isfinite(t.reshape(len(t), -1)).all(dim=1).cpu()
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten().tolist()
+        raise ValueError(
+            f"The probe inputs hold non-finite values (NaN or inf) at rows {rows[:10]}"
+            f"{' ...' if len(rows) > 10 else ''}: they were drawn from the training data "
+            "(or given as `probe_x`), which holds NaN / inf there. Clean the data or pass "
+            "a finite `probe_x`."
+        )
+
+
+def all_finite(batch: Any) -> Tensor:
+    """Whether every floating tensor of a (nested) batch is finite: a bool tensor, no host sync."""
+    flags = [torch.isfinite(t).all() for t in _floating_tensors(batch)]
+    if not flags:
+        return torch.tensor(True)
+    return torch.stack([f.to(flags[0].device) for f in flags]).all()
+
+
+def _floating_tensors(batch: Any) -> Iterator[Tensor]:
+    if isinstance(batch, Tensor):
+        if batch.is_floating_point():
+            yield batch
+    elif isinstance(batch, Mapping):
+        for value in batch.values():
+            yield from _floating_tensors(value)
+    elif isinstance(batch, (tuple, list)):
+        for value in batch:
+            yield from _floating_tensors(value)
+
+
+# Added to an exception the model's own code raised on the probe: a measurement failure,
+# not a wrong monitor argument (the monitor warns and training goes on).
+MODEL_FAILURE_NOTE = (
+    "lightning_ntk: raised by the model's forward on the monitor's probe set "
+    "(`forward_fn(model, x)` if given, else `model(x)`)."
+)
+
+
+def raised_by_model(err: BaseException) -> bool:
+    """Whether ``err`` came from the model's own forward on the probe (see :func:`probe_logits`)."""
+    return MODEL_FAILURE_NOTE in getattr(err, "__notes__", ())
+
+
+def probe_logits(fm: Any, x: Any) -> Tensor:
+    """The probe's logits ``(N, C)`` at the start, the model's failures told from the monitor's.
+
+    The model's forward runs first: whatever it raises is re-raised unchanged (its type
+    stays catchable) with :data:`MODEL_FAILURE_NOTE` added, except a PyTorch
+    ``RuntimeError`` in a layer, which becomes the engine's ``ValueError`` naming the
+    probe's shape and the layer (chained to it). Then the monitor's checks of the output
+    (a tensor of ``(N, C)`` finite logits, one row per example) raise their
+    ``TypeError`` / ``ValueError`` with a note on ``forward_fn`` / ``output_fn``.
+    """
+    try:
+        with exact_matmuls(fm.device), torch.no_grad():
+            fm.raw(fm.params, x)
+    except Exception as err:
+        failure = _with_layer_hint(fm, x, err)
+        failure.add_note(MODEL_FAILURE_NOTE)
+        raise failure from failure.__cause__  # `err`, or the engine's ValueError naming the layer
+    try:
+        with exact_matmuls(fm.device):
+            return fm.checked_logits(x, "probe_x")
+    except (TypeError, ValueError) as err:
+        err.add_note(
+            "The probe is evaluated as `forward_fn(model, x)` if given, else `model(x)`; "
+            "pass `forward_fn` or `output_fn` so it yields (N, C) logits."
+        )
+        raise
 
 
 def first_dataloader(loaders: Any) -> Any:
@@ -221,3 +285,18 @@ def first_dataloader(loaders: Any) -> Any:
             "(and `probe_y`)."
         )
     return loaders
+
+
+def _with_layer_hint(fm: Any, x: Any, err: Exception) -> BaseException:
+    """The engine's ``ValueError`` naming the failing layer for a PyTorch error, else ``err``."""
+    if not isinstance(err, RuntimeError):
+        return err
+    try:
+        with exact_matmuls(fm.device):
+            fm.checked_logits(x, "probe_x")
+    except (TypeError, ValueError) as described:
+        if described.__cause__ is not None:  # the engine's description of this failure
+            return described
+    except Exception:  # the model failed differently this time: keep the first error
+        return err
+    return err

@@ -40,6 +40,17 @@ __all__ = ["LossObserver", "Setup", "find_loss", "logit_optimum", "resolve_setup
 _LOSS_KINDS = (nn.CrossEntropyLoss, nn.NLLLoss, nn.BCEWithLogitsLoss)
 
 
+# why a fact is unknown when no source said anything about it
+_NOT_FOUND = {
+    "task": "not declared (`task`), no loss identified and neither the head nor the "
+    "targets decide it",
+    "label_smoothing": "not declared (`label_smoothing`), no loss module read and no "
+    "training batch observed",
+    "targets": "no probe labels and no training targets observed",
+    "weight_decay": "not declared (`weight_decay`) and no optimizer read",
+}
+
+
 @dataclass
 class Setup:
     """What is known of the training set-up, and where each fact comes from.
@@ -157,11 +168,16 @@ class Setup:
             targets = "with classes at probability 0 before smoothing (hard labels, mixup)"
         task = self.task or "unknown"
         return (
-            f"task {task} ({self.sources.get('task', 'unknown')}); "
-            f"label smoothing {eps} ({self.sources.get('label_smoothing', 'unknown')}); "
-            f"targets {targets} ({self.sources.get('targets', 'unknown')}); weight decay "
-            f"{lam} ({self.sources.get('weight_decay', 'unknown')})"
+            f"task {task} ({self._source('task')}); "
+            f"label smoothing {eps} ({self._source('label_smoothing')}); "
+            f"targets {targets} ({self._source('targets')}); weight decay "
+            f"{lam} ({self._source('weight_decay')})"
         )
+
+    def _source(self, fact: str) -> str:
+        """How ``fact`` was found, or why it is unknown (never a bare "unknown")."""
+        source = self.sources.get(fact, _NOT_FOUND[fact])
+        return source.removeprefix("unknown: ")
 
 
 def resolve_setup(
@@ -268,7 +284,7 @@ def _resolve_smoothing(
         # a reading observation contradicts: no conclusion rests on it
         setup.label_smoothing = None
         sources["label_smoothing"] = f"unknown: {module} says {read:g}, but {observer.detail}"
-    elif observer is not None and (observer.steps or observer.done):
+    elif observer is not None and (observer.steps or observer.done or observer.calls):
         if setup.label_smoothing is None:
             sources["label_smoothing"] = f"unknown: {observer.detail}"
         elif observer.done:

@@ -61,6 +61,7 @@ CAUSE_GROWING = "logits growing"
 CAUSE_KERNEL = "kernel moving"
 CAUSE_LINEARIZATION = "linearization error"
 CAUSE_NONFINITE = "non-finite logits"
+CAUSE_NONFINITE_DATA = "non-finite training data"
 
 # the set-up's prediction, older names first (the theory's predicted regime was renamed)
 PREDICTED_NAMES = {"lazy": "bounded", "divergent": "diverging"}
@@ -136,6 +137,7 @@ class Signals:
         local_linearization_error: ``‖f − f_lin,prev‖_F / ‖f − f_prev‖_F``.
         slope: logit-norm growth per doubling of steps (``nan`` when not yet known).
         finite: whether the logits on the probe were finite.
+        data_finite: whether every training batch seen held finite inputs and targets.
         target_alignment: ``A(Θ_t, YYᵀ)`` now, and ``previous_alignment`` at the
             previous report (or ``θ0``).
         previous_step: the step of the previous report (or of ``θ0``).
@@ -147,6 +149,7 @@ class Signals:
     local_linearization_error: float = math.nan
     slope: float = math.nan
     finite: bool = True
+    data_finite: bool = True
     target_alignment: float = math.nan
     previous_alignment: float = math.nan
     previous_step: int = 0
@@ -263,6 +266,14 @@ def diagnose(
     """
     ctx = context or LogitContext()
     predicted = predicted_name(predicted_regime)
+    if not signals.finite and not signals.data_finite:
+        return Diagnosis(
+            "broken",
+            [CAUSE_NONFINITE_DATA],
+            "Logits not finite on the probe set because a training batch holds NaN or inf, "
+            "which made the parameters non-finite — clean the training data.",
+            UNKNOWN,
+        )
     if not signals.finite:
         return Diagnosis(
             "broken",

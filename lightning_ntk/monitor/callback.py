@@ -45,7 +45,7 @@ from ..exceptions import (
     NTKMeasurementWarning,
 )
 from ._observer import OutputCapture
-from ._probe import first_dataloader
+from ._probe import check_finite_probe, first_dataloader, raised_by_model
 from ._publish import (
     PROGRESS_BAR_KEYS,
     publish,
@@ -162,6 +162,7 @@ class NTKMonitorBase(NTKSettings):
         self._capture = OutputCapture()  # the training step's own outputs
         self._evaluation_error = ""
         self._state_key: Optional[tuple[dict[str, Any], str]] = None
+        self._other_state_keys: list[str] = []  # other monitors' states in the checkpoint
 
     # ------------------------------------------------------------------ Lightning hooks
 
@@ -179,9 +180,8 @@ class NTKMonitorBase(NTKSettings):
             every_n_steps=schedule.every_n_steps,
             every_n_epochs=schedule.every_n_epochs,
             log_base=schedule.log_base,
+            prefix=self.prefix,
         )
-        if self.prefix != "ntk/":  # the default keeps the key of earlier checkpoints
-            settings["prefix"] = self.prefix
         # Lightning reads the key around every hook call of every step: build it once
         # per distinct settings
         cached = self._state_key
@@ -204,7 +204,14 @@ class NTKMonitorBase(NTKSettings):
         self.tracker.distributed = trainer.world_size > 1
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        """Draw the probe (if needed), read the set-up and snapshot ``θ0``, ``Θ0``."""
+        """Draw the probe (if needed), read the set-up and snapshot ``θ0``, ``Θ0``.
+
+        The monitor's own checks (probe, devices, ``forward_fn`` / ``output_fn``) raise;
+        anything the model raises on the probe, or a probe drawn with NaN / inf, is a
+        measurement failure: one warning, no reports, training goes on (see
+        ``on_breakdown``). A resume that finds no state of this monitor warns once and
+        takes ``θ0`` at the resume step (reports then carry ``restarted=True``).
+        """
         tracker = self.tracker
         optimizers = list(getattr(trainer, "optimizers", []) or [])
         # its learning rate sets the L2 time scale; a declared `weight_decay` still wins
@@ -214,16 +221,27 @@ class NTKMonitorBase(NTKSettings):
         if self._restored and tracker.started:
             self._restored = False
             return
+        step = trainer.global_step
+        resumed = step > 0  # the run's own θ0 (step 0) is lost: say so, mark the reports
         if not self._probe_given:
             tracker.draw_probe(first_dataloader(trainer.train_dataloader))
         self._failed = False
         try:
-            tracker.start(pl_module, step=trainer.global_step)
-        except (TypeError, ValueError):
-            raise  # the set-up itself is wrong (probe, forward_fn, output_fn): say so now
-        except Exception as err:
+            if not self._probe_given:  # drawn from the training data: NaN is a data problem
+                check_finite_probe(tracker.probe_x)
+        except ValueError as err:
             self._give_up(err, "at the start of training")
             return
+        try:
+            tracker.start(pl_module, step=step, restarted=resumed)
+        except Exception as err:
+            if isinstance(err, (TypeError, ValueError)) and not raised_by_model(err):
+                raise  # the monitor's own arguments are wrong (probe, forward_fn, ...)
+            self._give_up(err, "at the start of training")
+            return
+        if resumed:
+            self._warn_restarted(trainer, step)
+        self._restored = False
         self._last_verdict = None
         if self.tensorboard_extras and trainer.is_global_zero:
             for writer in tensorboard_writers(trainer.loggers):
@@ -232,17 +250,25 @@ class NTKMonitorBase(NTKSettings):
     def on_train_batch_start(
         self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
     ) -> None:
-        """While the set-up is not established, keep this batch's logits (see the class)."""
+        """Note whether the batch is finite; keep its logits while the set-up is unknown.
+
+        The logits serve to infer the label smoothing (see the class).
+        """
         self._pending = None
         self._capture.release()
         tracker = self.tracker
-        if trainer.sanity_checking or self._failed or not tracker.wants_observation:
+        if trainer.sanity_checking or self._failed or not tracker.started:
             return
+        observing = tracker.wants_observation
         try:
             to_xy = cast(Callable[[Any], Any], tracker.batch_to_xy)  # the tracker sets a default
             x, y = to_xy(batch)
+            tracker.note_training_batch(x, y)  # NaN data is not divergence: reports say which
         except Exception as err:  # the monitor never ends training for it
-            tracker.observer.stop(f"the training batches could not be split ({err})")
+            if observing:
+                tracker.observer.stop(f"the training batches could not be evaluated ({err})")
+            return
+        if not observing:
             return
         try:
             autocast = _MIXED.get(str(getattr(trainer, "precision", "")))
@@ -273,6 +299,37 @@ class NTKMonitorBase(NTKSettings):
         if not self._failed and self.tracker.is_epoch_due(trainer.current_epoch, step):
             self._report(trainer, pl_module, step, epoch_end=True)
 
+    def _warn_restarted(self, trainer: Any, step: int) -> None:
+        """Say once that the reference is taken at ``step``, not at the start of training."""
+        ckpt_path = getattr(trainer, "ckpt_path", None)
+        if ckpt_path is None:
+            why = "no reference of this monitor was restored (no checkpoint was given)"
+        elif self._restored:
+            why = f"its state in the checkpoint {ckpt_path} holds no θ0 (it was never taken)"
+        elif self._other_state_keys:
+            why = (
+                f"the checkpoint {ckpt_path} holds NTKMonitor state saved with other settings "
+                "(the state key depends on n_probe, output, method, params, seed, the "
+                "schedule and prefix)"
+            )
+        else:
+            why = f"the checkpoint {ckpt_path} holds no state of this NTKMonitor"
+        warnings.warn(
+            f"NTKMonitor resumes at step {step} but {why}: it takes θ0 and Θ0 at step {step}, "
+            "so drift and logit growth are measured from there, not from the start of "
+            "training, and every report carries restarted=True.",
+            NTKMeasurementWarning,
+            stacklevel=2,
+        )
+
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        """Note other NTKMonitor states in the checkpoint, to name them if ours is missing."""
+        own = self.state_key
+        states = checkpoint.get("callbacks") or {}
+        self._other_state_keys = [
+            key for key in states if str(key).startswith("NTKMonitor") and key != own
+        ]
+
     def state_dict(self) -> dict[str, Any]:
         """The tracker's state (probe, ``θ0``, ``Θ0``, history) and the last verdict."""
         return {"tracker": self.tracker.state_dict(), "last_verdict": self._last_verdict}
@@ -296,7 +353,7 @@ class NTKMonitorBase(NTKSettings):
         logits, y = pending
         if len(captured) == 1:  # the module was called once: its output is the loss's input
             try:
-                own = tracker._output_logits(captured[0])
+                own = tracker.logits_of_output(captured[0])
                 if isinstance(y, Tensor) and own.shape[0] == y.shape[0]:
                     tracker.add_observation(own, y, loss, step=step, captured=True)
                     return

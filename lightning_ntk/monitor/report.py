@@ -23,6 +23,7 @@ from ._verdict import LAZY_SCORE, REGIME_CODE
 __all__ = ["NTKReport"]
 
 TEXT_FIELDS = ("verdict", "causes", "predicted_regime", "message", "setup", "regime")
+REFERENCE_FIELDS = ("reference_step", "restarted")  # where θ0 comes from: not logged
 
 
 @dataclass
@@ -59,6 +60,11 @@ class NTKReport:
             below it are still converging, not diverging.
         setup: what is known of the set-up (label smoothing, targets, weight decay) and
             where each fact comes from: declared, inferred from the training loss, read.
+        reference_step: the step ``θ0`` and ``Θ0`` were taken at (``0`` when the
+            monitor watched the run from its start).
+        restarted: ``True`` when the reference was taken mid-run because the run's own
+            was lost (a resume from a checkpoint without this monitor's state): drifts
+            are measured from ``reference_step``, not from initialisation.
         kernel_velocity: ``‖Θ_t − Θ_prev‖_F / ‖Θ_prev‖_F / log2(t / t_prev)``, the kernel's
             relative change since the previous report (or ``θ0``, step 0 counted as 1) per
             doubling of steps.
@@ -93,6 +99,8 @@ class NTKReport:
     logit_gap: float = math.nan
     logit_optimum: float = math.nan
     setup: str = ""
+    reference_step: int = 0
+    restarted: bool = False
     kernel_velocity: float = math.nan
     local_linearization_error: float = math.nan
     logit_slope: float = math.nan
@@ -108,7 +116,7 @@ class NTKReport:
         out = {
             f"ntk/{f.name}": float(getattr(self, f.name))
             for f in dataclasses.fields(self)
-            if f.name not in TEXT_FIELDS
+            if f.name not in (*TEXT_FIELDS, *REFERENCE_FIELDS)
         }
         out["ntk/lazy"] = LAZY_SCORE[self.verdict]
         out["ntk/regime"] = REGIME_CODE.get(self.regime, math.nan)
@@ -128,7 +136,9 @@ class NTKReport:
 
 
 NUMERIC_FIELDS = tuple(
-    f.name for f in dataclasses.fields(NTKReport) if f.name not in ("step", *TEXT_FIELDS)
+    f.name
+    for f in dataclasses.fields(NTKReport)
+    if f.name not in ("step", *TEXT_FIELDS, *REFERENCE_FIELDS)
 )
 
 

@@ -17,13 +17,14 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
+from ..kernel._methods import NTKMethod
 from ..theory._targets import TASKS
 from ._verdict import EXPECTATIONS, Thresholds
 
 __all__ = ["METHODS", "OUTPUTS", "NTKSettings", "settings_of"]
 
 OUTPUTS = ("full", "diagonal", "trace")
-METHODS = ("auto", "structured", "jacobian", "ntk_vp")
+METHODS = tuple(method.value for method in NTKMethod)  # the engine's list, not a copy
 NORMALIZATIONS = ("batch", "running")
 
 
@@ -36,7 +37,8 @@ class NTKSettings:
             given.
         output: kernel layout ``"full"`` (default; ``(N, N, C, C)``), ``"diagonal"`` or
             ``"trace"``.
-        method: kernel method ``"auto"``, ``"structured"``, ``"jacobian"`` or ``"ntk_vp"``.
+        method: kernel method, one of :class:`~lightning_ntk.kernel.NTKMethod`:
+            ``"auto"``, ``"structured"``, ``"jacobian"``, ``"ntk_vp"`` or ``"loop"``.
         params: parameters spanning the kernel (``None``: all trainable; a name, names or
             a predicate ``(name, parameter) -> bool``, as in
             :func:`lightning_ntk.empirical_ntk`).
@@ -104,8 +106,12 @@ class NTKSettings:
         _check_positive_int("top_layers", self.top_layers)
         if self.output not in OUTPUTS:
             raise ValueError(f"Expected `output` to be one of {OUTPUTS} but got {self.output!r}.")
-        if self.method not in METHODS:
-            raise ValueError(f"Expected `method` to be one of {METHODS} but got {self.method!r}.")
+        try:
+            self.method = NTKMethod(self.method).value
+        except ValueError:
+            raise ValueError(
+                f"Expected `method` to be one of {METHODS} but got {self.method!r}."
+            ) from None
         for name in ("output_fn", "forward_fn", "batch_to_xy"):
             fn = getattr(self, name)
             if fn is not None and not callable(fn):

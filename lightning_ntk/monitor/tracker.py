@@ -44,11 +44,12 @@ from torch import Tensor, nn
 from ..exceptions import NTKMeasurementWarning
 from ..kernel import _inputs
 from ..kernel._forward import ForwardModule, selector_on_wrapper
-from ..kernel._functional import FunctionalModel, exact_matmuls
+from ..kernel._functional import FunctionalModel, check_placement, exact_matmuls, unwrap_module
 from ..kernel.batch_statistics import measured_model
 from ._measure import Snapshot, measure, snapshot
 from ._observer import active_dropout
 from ._probe import (
+    all_finite,
     check_finite_probe,
     checked_probe,
     default_batch_to_xy,
@@ -128,6 +129,7 @@ class NTKTracker(NTKSettings):
         self.kernel: Optional[Tensor] = None  # Θ_t of the last report
         self.eigenvalues: Optional[Tensor] = None  # its spectrum, descending
         self.observer = LossObserver()  # infers the label smoothing from the training loss
+        self._data_finite: Optional[Tensor] = None  # every training batch seen was finite
 
     # ------------------------------------------------------------------ probe set
 
@@ -141,14 +143,17 @@ class NTKTracker(NTKSettings):
             TypeError: a probe that is not a tensor or a mapping / tuple of tensors.
             ValueError: an empty probe, or labels whose length differs from the inputs'.
         """
-        self.probe_x, self.probe_y = checked_probe(probe_x, probe_y)
+        probe_x, probe_y = checked_probe(probe_x, probe_y)
+        check_finite_probe(probe_x)
+        self.probe_x, self.probe_y = probe_x, probe_y
 
     def draw_probe(self, source: Any) -> None:
         """Draw ``n_probe`` examples from a map-style dataset or a ``DataLoader``'s dataset.
 
         Stratified by class when the items carry integer labels; drawn with the
         tracker's own generator. No data-loader iterator is created and the global
-        RNGs are restored, so the training data order is unchanged.
+        RNGs are restored, so the training data order is unchanged. Examples holding
+        NaN / inf are kept: :meth:`start` refuses them, naming the data as the cause.
         """
         dataset, collate = source, None
         if isinstance(source, torch.utils.data.DataLoader):
@@ -160,7 +165,7 @@ class NTKTracker(NTKSettings):
             collate_fn=collate,
             batch_to_xy=self.batch_to_xy,
         )
-        self.set_probe(x, y)
+        self.probe_x, self.probe_y = checked_probe(x, y)
 
     # ------------------------------------------------------------------ schedule
 
@@ -191,19 +196,29 @@ class NTKTracker(NTKSettings):
 
     # ------------------------------------------------------------------ measurements
 
-    def start(self, model: nn.Module, step: int = 0) -> None:
+    def start(self, model: nn.Module, step: int = 0, *, restarted: bool = False) -> None:
         """Snapshot ``θ0``, ``Θ0``, the initial logits and their norm; clear the history.
 
+        Args:
+            model: the classifier, its parameters on one device.
+            step: the optimizer step ``θ0`` is taken at; every report's ``reference_step``.
+            restarted: ``θ0`` is taken mid-run because the reference of the run's start
+                was lost (a resume from a checkpoint without this tracker's state); every
+                report's ``restarted``.
+
         Raises:
-            ValueError / TypeError: no probe set, or a model whose output on the probe is
-                not ``(N, C)`` logits (pass ``forward_fn`` or ``output_fn``).
+            ValueError / TypeError: no probe set, probe inputs holding NaN / inf, a model
+                on the ``meta`` device or on several devices, or a model whose output on
+                the probe is not ``(N, C)`` logits (pass ``forward_fn`` or ``output_fn``).
+            Exception: whatever the model's forward raises on the probe, unchanged, with
+                a note saying so.
         """
         if self.probe_x is None:
             raise ValueError(
                 "No probe set: pass `probe_x` (and `probe_y`) or call `draw_probe` first."
             )
+        device = check_placement(unwrap_module(model))  # one device, not meta, not sharded
         wrapper = self._wrap(model)
-        device = _device_of(wrapper)
         self.probe_x = _inputs.map_tensors(self.probe_x, lambda t: t.to(device))  # kept there
         if self.probe_y is not None:
             self.probe_y = self.probe_y.to(device)
@@ -211,6 +226,7 @@ class NTKTracker(NTKSettings):
         with preserved_rng(device):
             fm = self._functional(wrapper)
             state, failures = snapshot(self, fm, step)
+        state.restarted = bool(restarted)
         self._state = state  # only a complete snapshot marks the tracker as started
         self._warn_failures(failures)
         self.history = []
@@ -230,10 +246,12 @@ class NTKTracker(NTKSettings):
         with preserved_rng(_device_of(wrapper)):
             measured = measure(self, self._functional(wrapper), int(step))
         report, layers = measured.report, measured.layers
+        state = self.started_state
+        report.reference_step = int(state.start_step)
+        report.restarted = state.restarted
         self._warn_failures(measured.failures)
-        assert self._state is not None
-        self._state.previous = measured.point  # the next report's velocity and local error
-        self._state.predicted = measured.predicted
+        state.previous = measured.point  # the next report's velocity and local error
+        state.predicted = measured.predicted
         if measured.kernel is not None:
             self.kernel, self.eigenvalues = measured.kernel, measured.eigenvalues
         self.history.append(report)
@@ -448,6 +466,21 @@ class NTKTracker(NTKSettings):
             with numerics, torch.no_grad():
                 return fm(fm.params, fm.cast_input(x)).detach()
 
+    def note_training_batch(self, x: Any, y: Any = None) -> None:
+        """Remember whether a training batch's inputs and targets are finite (no host sync).
+
+        A report whose logits are not finite then says whether the data (NaN / inf in a
+        batch) or training itself (divergence) made them so.
+        """
+        flag = all_finite([x, y] if isinstance(y, Tensor) else x)
+        seen = self._data_finite
+        self._data_finite = flag if seen is None else seen & flag.to(seen.device)
+
+    @property
+    def training_data_finite(self) -> bool:
+        """Whether every training batch given to :meth:`note_training_batch` was finite."""
+        return self._data_finite is None or bool(self._data_finite)
+
     def add_observation(
         self, logits: Tensor, y: Any, loss: Any, step: int, captured: bool = False
     ) -> None:
@@ -476,15 +509,17 @@ class NTKTracker(NTKSettings):
         """Let the tracker infer the loss and its smoothing from a training batch (plain loops).
 
         Call it with the batch, its targets and the loss training computed on it, before
-        the optimizer step; it does something only while :attr:`wants_observation`. Pass
-        the ``logits`` the loss was computed from when you have them: with dropout or
+        the optimizer step; it notes whether the batch is finite (see
+        :meth:`note_training_batch`) and evaluates it only while :attr:`wants_observation`.
+        Pass the ``logits`` the loss was computed from when you have them: with dropout or
         mixed precision only those reproduce the loss exactly. Without them the batch
         is re-evaluated, under the autocast in effect at the call.
         """
+        self.note_training_batch(x, y)
         if not self.wants_observation:
             return
         if logits is not None:
-            self.add_observation(self._output_logits(logits), y, loss, step, captured=True)
+            self.add_observation(self.logits_of_output(logits), y, loss, step, captured=True)
             return
         try:
             device = _device_of(model)
@@ -499,8 +534,12 @@ class NTKTracker(NTKSettings):
             return
         self.add_observation(logits, y, loss, step)
 
-    def _output_logits(self, output: Any) -> Tensor:
-        """The logits of a model output the training step computed, through ``output_fn``."""
+    def logits_of_output(self, output: Any) -> Tensor:
+        """Detached logits ``(N, C)`` of a model output, through ``output_fn`` if given.
+
+        Raises:
+            TypeError: an output that ``output_fn`` does not turn into a tensor.
+        """
         logits = self.output_fn(output) if self.output_fn is not None else output
         if not isinstance(logits, Tensor):
             raise TypeError(

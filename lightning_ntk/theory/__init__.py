@@ -11,6 +11,10 @@ class has positive probability, e.g. label smoothing). With hard one-hot targets
 * :func:`kernel_solution` gives the trained logits of the linearized model in closed form
   (a fixed point solved by Newton's method), on the training set and at new inputs.
 * :func:`kernel_flow` integrates the function-space gradient-descent dynamics step by step.
+* :class:`LinearizedTraining` holds their settings (the loss and, for a flow, the steps),
+  shared with :func:`lightning_ntk.uncertainty.kernel_solutions` and
+  :func:`lightning_ntk.uncertainty.kernel_ensemble`; each function also takes its fields
+  as keywords (``kernel_solution(ntk, f0, y, weight_decay=0.1)``).
 
 Conventions shared by the last two. Logits ``f (N, C)``, ``p(f)`` the row softmax,
 targets ``Y (N, C)`` (after label smoothing ``ε``: ``(1 − ε) Y + ε / C``), learning rate
@@ -38,10 +42,12 @@ Layer: may import :mod:`lightning_ntk.kernel`, :mod:`lightning_ntk.linearization
 """
 
 from ._kernel_solution import KernelSolution, kernel_flow, kernel_solution, weight_decay_shift
+from ._training import LinearizedTraining
 from .regime import RegimePrediction, optimal_logits, predict_regime
 
 __all__ = [
     "KernelSolution",
+    "LinearizedTraining",
     "RegimePrediction",
     "kernel_flow",
     "kernel_solution",

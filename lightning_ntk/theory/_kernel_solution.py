@@ -7,17 +7,15 @@ in the docstring of :mod:`lightning_ntk.theory`, which re-exports these function
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..kernel._functional import OutputFn, ParamSelector
 from . import _solve
-from ._checks import check_nonnegative, check_option, check_smoothing, check_tensor, checked_targets
-
-_DECAY_TO = ("init", "zero")
-_REDUCTIONS = ("mean", "sum")
+from ._checks import check_tensor, checked_targets
+from ._training import LinearizedTraining, resolve_training
 
 
 @dataclass(frozen=True)
@@ -47,21 +45,19 @@ def kernel_solution(
     ntk: Tensor,
     logits0: Tensor,
     targets: Tensor,
+    training: Optional[LinearizedTraining] = None,
     *,
-    weight_decay: float = 0.0,
-    label_smoothing: float = 0.0,
-    decay_to: str = "init",
-    shift: Optional[Tensor] = None,
     ntk_test: Optional[Tensor] = None,
     logits0_test: Optional[Tensor] = None,
+    shift: Optional[Tensor] = None,
     shift_test: Optional[Tensor] = None,
     model: Optional[nn.Module] = None,
     x: Optional[Tensor] = None,
     x_test: Optional[Tensor] = None,
-    reduction: str = "mean",
     tol: float = 1e-10,
     max_iter: int = 100,
     raise_on_failure: bool = True,
+    **settings: Any,
 ) -> KernelSolution:
     """Kernel-predicted trained logits of the linearized model (module docstring).
 
@@ -71,44 +67,49 @@ def kernel_solution(
             (read as ``K ⊗ I_C``) are accepted too.
         logits0: ``f(X; θ0)``, ``(N, C)``.
         targets: integer labels ``(N,)`` or soft targets ``(N, C)``.
-        weight_decay: ``λ ≥ 0``.
-        label_smoothing: ``ε ∈ [0, 1)``, applied to the targets as
-            ``nn.CrossEntropyLoss(label_smoothing=ε)`` does.
-        decay_to: ``"init"`` (``λ/2 ‖θ − θ0‖²``, ``s = 0``) or ``"zero"`` (plain weight
-            decay ``λ/2 ‖θ‖²``, ``s = J0 θ0``). Ignored when ``λ = 0``.
-        shift: ``s = J0(X) θ0`` ``(N, C)`` for ``decay_to="zero"``; or pass ``model`` and
-            ``x`` to compute it (:func:`weight_decay_shift`, over all trainable parameters:
-            pass ``shift`` yourself if the kernel spans a subset).
+        training: the loss (:class:`LinearizedTraining`: ``weight_decay``,
+            ``label_smoothing``, ``decay_to``, ``reduction``); its ``steps`` must be
+            ``None`` (:func:`kernel_flow` follows a finite number of steps).
         ntk_test: ``Θ0(X_test, X)``, ``empirical_ntk(model, X_test, X)``, ``(M, N, C, C)``
             (or the matching diagonal / trace layout).
         logits0_test: ``f(X_test; θ0)``, ``(M, C)``; required with ``ntk_test``.
+        shift: ``s = J0(X) θ0`` ``(N, C)`` for ``decay_to="zero"``; or pass ``model`` and
+            ``x`` to compute it (:func:`weight_decay_shift`, over all trainable parameters:
+            pass ``shift`` yourself if the kernel spans a subset).
         shift_test: ``J0(X_test) θ0`` ``(M, C)``; or ``model`` and ``x_test``.
         model: the network at ``θ0``, only to compute the shifts.
         x: training inputs, with ``model``.
         x_test: test inputs, with ``model``.
-        reduction: ``"mean"`` (loss averaged over the ``N`` examples, ``G = Θ0/N``) or
-            ``"sum"`` (``G = Θ0``).
         tol: convergence tolerance: ``λ > 0``, on ``max |F|`` or on the relative Newton
             step (see :func:`lightning_ntk.theory._solve.solve_regularized`); ``λ = 0``, on
             ``max |p(f*) − Y|`` (never below 1e-8).
         max_iter: Newton iterations at most.
         raise_on_failure: raise ``RuntimeError`` when the residual misses ``tol``
             (default); ``False`` returns the result with ``converged=False``.
+        **settings: the fields of :class:`LinearizedTraining` as keywords instead of
+            ``training`` (``weight_decay=0.1`` is ``LinearizedTraining(weight_decay=0.1)``).
 
     Returns:
         A :class:`KernelSolution` (float64, on the kernel's device).
 
     Raises:
-        ValueError: bad shapes or options, or ``λ = 0`` with a zero target probability
-            (hard labels): then there is no finite fixed point.
+        ValueError: bad shapes or options, ``steps`` given, or ``λ = 0`` with a zero
+            target probability (hard labels): then there is no finite fixed point.
+        TypeError: ``training`` and ``settings`` both, or an unknown setting.
         RuntimeError: no convergence (with ``raise_on_failure=True``).
     """
-    lam = check_nonnegative(weight_decay, "weight_decay")
-    check_option(decay_to, "decay_to", _DECAY_TO)
-    check_option(reduction, "reduction", _REDUCTIONS)
+    training = resolve_training(training, settings, "kernel_solution")
+    if training.finite_time:
+        raise ValueError(
+            f"kernel_solution gives the trained (fixed-point) logits but got "
+            f"`steps`={training.steps}: use kernel_flow for a finite number of steps."
+        )
+    lam = training.weight_decay
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"Expected `max_iter` to be a positive int but got {max_iter!r}.")
-    problem = _Problem.build(ntk, logits0, targets, label_smoothing, ntk_test, logits0_test)
+    problem = _Problem.build(
+        ntk, logits0, targets, training.label_smoothing, ntk_test, logits0_test
+    )
     C, N = problem.C, problem.N
     if lam == 0:
         if float(problem.y.min()) <= 0:
@@ -123,8 +124,8 @@ def kernel_solution(
         iterations, converged = 0, residual <= max(tol, 1e-8)
         offset_test = problem.f0_test
     else:
-        s, s_test = _shifts(decay_to, problem, shift, shift_test, model, x, x_test)
-        scale = N if reduction == "mean" else 1
+        s, s_test = _shifts(training.decay_to, problem, shift, shift_test, model, x, x_test)
+        scale = training.kernel_scale(N)
         result = _solve.solve_regularized(
             problem.M / scale, problem.f0 - s, problem.y, lam, C, tol=tol, max_iter=max_iter
         )
@@ -167,20 +168,16 @@ def kernel_flow(
     ntk: Tensor,
     logits0: Tensor,
     targets: Tensor,
+    training: Optional[LinearizedTraining] = None,
     *,
-    lr: float,
-    steps: int,
-    weight_decay: float = 0.0,
-    label_smoothing: float = 0.0,
-    decay_to: str = "init",
-    shift: Optional[Tensor] = None,
     ntk_test: Optional[Tensor] = None,
     logits0_test: Optional[Tensor] = None,
+    shift: Optional[Tensor] = None,
     shift_test: Optional[Tensor] = None,
     model: Optional[nn.Module] = None,
     x: Optional[Tensor] = None,
     x_test: Optional[Tensor] = None,
-    reduction: str = "mean",
+    **settings: Any,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Logits of full-batch gradient descent on the linearized model, step by step.
 
@@ -194,38 +191,41 @@ def kernel_flow(
         ntk: ``Θ0(X, X)``, as in :func:`kernel_solution`.
         logits0: ``f(X; θ0)``, ``(N, C)``.
         targets: integer labels ``(N,)`` or soft targets ``(N, C)``.
-        lr: learning rate ``η > 0``.
-        steps: number of gradient steps (``≥ 0``).
-        weight_decay: ``λ ≥ 0``.
-        label_smoothing: ``ε ∈ [0, 1)``.
-        decay_to: ``"init"`` or ``"zero"``, as in :func:`kernel_solution`.
-        shift: ``J0(X) θ0`` for ``decay_to="zero"``.
+        training: the loss and the steps (:class:`LinearizedTraining`); ``steps`` and
+            ``lr`` are required.
         ntk_test: ``Θ0(X_test, X)`` to follow test logits too.
         logits0_test: ``f(X_test; θ0)``, with ``ntk_test``.
+        shift: ``J0(X) θ0`` for ``decay_to="zero"``.
         shift_test: ``J0(X_test) θ0`` for ``decay_to="zero"``.
         model: the network at ``θ0``, only to compute the shifts.
         x: training inputs, with ``model``.
         x_test: test inputs, with ``model``.
-        reduction: ``"mean"`` (``G = Θ0/N``) or ``"sum"`` (``G = Θ0``).
+        **settings: the fields of :class:`LinearizedTraining` as keywords instead of
+            ``training`` (``lr=0.1, steps=100``).
 
     Returns:
         The float64 trajectory ``(steps + 1, N, C)`` (index 0 is ``f0``); with
         ``ntk_test``, the tuple ``(train, test)`` with test ``(steps + 1, M, C)``.
+
+    Raises:
+        ValueError: bad shapes or options, or no ``steps`` and ``lr``.
+        TypeError: ``training`` and ``settings`` both, or an unknown setting.
     """
-    lam = check_nonnegative(weight_decay, "weight_decay")
-    eta = check_nonnegative(lr, "lr")
-    if eta == 0:
-        raise ValueError(f"Expected `lr` to be a positive float but got {lr!r}.")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"Expected `steps` to be a non-negative int but got {steps!r}.")
-    check_option(decay_to, "decay_to", _DECAY_TO)
-    check_option(reduction, "reduction", _REDUCTIONS)
-    problem = _Problem.build(ntk, logits0, targets, label_smoothing, ntk_test, logits0_test)
+    training = resolve_training(training, settings, "kernel_flow")
+    if training.steps is None or training.lr is None:
+        raise ValueError(
+            "Expected `steps` and `lr` for kernel_flow (the number of gradient steps and "
+            "their learning rate) but got neither; kernel_solution gives the trained logits."
+        )
+    lam, eta, steps = training.weight_decay, training.lr, training.steps
+    problem = _Problem.build(
+        ntk, logits0, targets, training.label_smoothing, ntk_test, logits0_test
+    )
     zeros = torch.zeros_like(problem.f0)
     s, s_test = zeros, None if problem.f0_test is None else torch.zeros_like(problem.f0_test)
     if lam > 0:
-        s, s_test = _shifts(decay_to, problem, shift, shift_test, model, x, x_test)
-    scale = problem.N if reduction == "mean" else 1
+        s, s_test = _shifts(training.decay_to, problem, shift, shift_test, model, x, x_test)
+    scale = training.kernel_scale(problem.N)
     M_test = None if problem.M_test is None else problem.M_test / scale
     train, test = _solve.flow(
         problem.M / scale,
@@ -303,7 +303,7 @@ class _Problem:
             )
         N, C = logits0.shape
         _check_kernel(ntk, "ntk", N, N, C, "Θ0(X, X)")
-        eps = check_smoothing(label_smoothing)
+        eps = label_smoothing  # validated by LinearizedTraining
         Y = checked_targets(targets, N, C)
         Y = (1 - eps) * Y + eps / C
         device = ntk.device

@@ -11,7 +11,8 @@ from torch import Tensor, nn
 
 from ..testing._analytic import NTKMLP
 from ..theory import _softmax_gp
-from ..theory._checks import check_nonnegative, check_smoothing, check_tensor
+from ..theory._checks import check_tensor
+from ..theory._training import LinearizedTraining, resolve_training
 from ._common import (
     EnsemblePrediction,
     build_model,
@@ -23,7 +24,6 @@ from ._common import (
 )
 
 _KERNELS = ("auto", "analytic", "empirical")
-_REDUCTIONS = ("mean", "sum")
 
 
 @dataclass(frozen=True)
@@ -49,17 +49,14 @@ def kernel_solutions(
     ntk: Tensor,
     logits0: Tensor,
     targets: Tensor,
+    training: Optional[LinearizedTraining] = None,
     *,
-    weight_decay: float = 0.0,
-    label_smoothing: float = 0.0,
     ntk_test: Optional[Tensor] = None,
     logits0_test: Optional[Tensor] = None,
-    reduction: str = "mean",
-    steps: Optional[int] = None,
-    lr: Optional[float] = None,
     tol: float = 1e-9,
     max_iter: int = 100,
     raise_on_failure: bool = True,
+    **settings: Any,
 ) -> KernelSolutions:
     """Trained logits of many initial functions under one class-shared kernel ``Θ ⊗ I_C``.
 
@@ -76,42 +73,39 @@ def kernel_solutions(
         ntk: ``Θ(X, X)``, ``(N, N)`` (trace layout).
         logits0: initial logits ``f0(X)``, ``(S, N, C)`` (or ``(N, C)`` for one draw).
         targets: integer labels ``(N,)`` or soft targets ``(N, C)``.
-        weight_decay: ``λ ≥ 0`` of ``(λ/2) ‖θ − θ0‖²``.
-        label_smoothing: ``ε ∈ [0, 1)``, as ``nn.CrossEntropyLoss`` applies it.
+        training: the loss and, for a flow, the steps
+            (:class:`~lightning_ntk.theory.LinearizedTraining`; ``decay_to="init"``):
+            ``steps=None`` for the fixed point.
         ntk_test: ``Θ(X_test, X)``, ``(M, N)``.
         logits0_test: ``f0(X_test)``, ``(S, M, C)``; required with ``ntk_test``.
-        reduction: ``"mean"`` (``G = Θ/N``) or ``"sum"`` (``G = Θ``).
-        steps: ``None`` for the fixed point; a number of gradient steps for the flow.
-        lr: learning rate ``η > 0`` of the flow (with ``steps``).
         tol: tolerance on the fixed-point residual.
         max_iter: Newton iterations at most.
         raise_on_failure: raise ``RuntimeError`` when a draw misses ``tol``.
+        **settings: the fields of ``LinearizedTraining`` as keywords instead of
+            ``training`` (``weight_decay=0.1``).
 
     Returns:
         :class:`KernelSolutions`, float64.
 
     Raises:
-        ValueError: bad shapes or options; ``λ = 0`` with a zero target probability and
-            no ``steps`` (hard labels have no finite fixed point).
+        ValueError: bad shapes or options; ``decay_to="zero"``; ``λ = 0`` with a zero
+            target probability and no ``steps`` (hard labels have no finite fixed point).
+        TypeError: ``training`` and ``settings`` both, or an unknown setting.
         RuntimeError: no convergence (with ``raise_on_failure=True``).
     """
-    lam = check_nonnegative(weight_decay, "weight_decay")
-    check_option(reduction, "reduction", _REDUCTIONS)
+    training = _batched_training(training, settings, "kernel_solutions")
+    lam = training.weight_decay
     check_positive_int(max_iter, "max_iter")
     K, f0, Y, K_test, f0_test = _check_problem(
-        ntk, logits0, targets, label_smoothing, ntk_test, logits0_test
+        ntk, logits0, targets, training.label_smoothing, ntk_test, logits0_test
     )
     N = K.shape[0]
-    G = K / N if reduction == "mean" else K
-    G_test = None if K_test is None else (K_test / N if reduction == "mean" else K_test)
-    if steps is not None or lr is not None:
-        check_positive_int(steps, "steps", allow_zero=True)
-        assert steps is not None  # checked above
-        eta = check_nonnegative(lr, "lr") if lr is not None else 0.0
-        if eta == 0:
-            raise ValueError(f"Expected `lr` to be a positive float with `steps` but got {lr!r}.")
+    scale = training.kernel_scale(N)
+    G = K / scale
+    G_test = None if K_test is None else K_test / scale
+    if training.steps is not None and training.lr is not None:
         train, test = _softmax_gp.flow(
-            G, f0, Y, lr=eta, steps=steps, lam=lam, G_test=G_test, f0_test=f0_test
+            G, f0, Y, lr=training.lr, steps=training.steps, lam=lam, G_test=G_test, f0_test=f0_test
         )
         return KernelSolutions(train, test, 0, True, 0.0)
     if lam == 0:
@@ -152,19 +146,16 @@ def kernel_ensemble(
     x_train: Tensor,
     targets: Tensor,
     x_test: Tensor,
+    training: Optional[LinearizedTraining] = None,
     *,
     model: Union[nn.Module, Callable[[], nn.Module]],
     kernel: str = "auto",
-    weight_decay: float = 0.0,
-    label_smoothing: float = 0.0,
-    reduction: str = "mean",
-    steps: Optional[int] = None,
-    lr: Optional[float] = None,
     num_draws: int = 64,
     num_inits: int = 8,
     seed: int = 0,
     tol: float = 1e-9,
     max_iter: int = 100,
+    **settings: Any,
 ) -> EnsemblePrediction:
     """Distribution over random initialisation of the trained logits, from the kernels.
 
@@ -184,20 +175,20 @@ def kernel_ensemble(
         x_train: training inputs ``(N, ...)``.
         targets: integer labels ``(N,)`` or soft targets ``(N, C)``.
         x_test: test inputs ``(M, ...)``.
+        training: the loss and, for a flow, the steps
+            (:class:`~lightning_ntk.theory.LinearizedTraining`; ``decay_to="init"``):
+            ``steps=None`` for the trained (fixed-point) logits.
         model: an ``NTKMLP`` (or a callable returning one) or, for ``"empirical"``, a
             callable returning a freshly initialised ``nn.Module`` producing ``(N, C)``.
         kernel: ``"auto"`` (analytic for an ``NTKMLP`` instance, else empirical),
             ``"analytic"`` or ``"empirical"``.
-        weight_decay: ``λ ≥ 0`` of ``(λ/2) ‖θ − θ0‖²``.
-        label_smoothing: ``ε ∈ [0, 1)``.
-        reduction: ``"mean"`` or ``"sum"`` (how the loss sums over examples).
-        steps: ``None`` for the trained (fixed-point) logits; else gradient steps.
-        lr: learning rate with ``steps``.
         num_draws: ``S ≥ 2`` initial functions.
         num_inits: real initialisations for ``"empirical"``.
         seed: seed of the private generator.
         tol: fixed-point tolerance.
         max_iter: Newton iterations at most.
+        **settings: the fields of ``LinearizedTraining`` as keywords instead of
+            ``training`` (``weight_decay=0.02``).
 
     Returns:
         :class:`EnsemblePrediction` over the ``M`` test points.
@@ -206,15 +197,15 @@ def kernel_ensemble(
         ValueError / TypeError: bad input, before any heavy work (e.g. hard labels with
             ``λ = 0`` and no ``steps``).
     """
+    training = _batched_training(training, settings, "kernel_ensemble")
     check_option(kernel, "kernel", _KERNELS)
     check_positive_int(num_draws, "num_draws", minimum=2)
     check_positive_int(num_inits, "num_inits")
     x_train, x_test = check_inputs(x_train, x_test)
-    check_nonnegative(weight_decay, "weight_decay")
-    eps = check_smoothing(label_smoothing)
     check_targets_rows(targets, x_train.shape[0])
     hard = not targets.is_floating_point() or float(targets.min()) <= 0
-    if steps is None and lr is None and weight_decay == 0 and eps == 0 and hard:
+    degenerate = hard and training.label_smoothing == 0  # a target probability of 0
+    if not training.finite_time and training.weight_decay == 0 and degenerate:
         raise ValueError(
             "There is no finite fixed point: hard one-hot `targets` with `weight_decay`=0 "
             "and `label_smoothing`=0 need infinite logits. Pass weight_decay > 0 or "
@@ -231,13 +222,9 @@ def kernel_ensemble(
         ntk[:N, :N],
         f0[:, :N],
         targets,
-        weight_decay=weight_decay,
-        label_smoothing=label_smoothing,
+        training,
         ntk_test=ntk[N:, :N],
         logits0_test=f0[:, N:],
-        reduction=reduction,
-        steps=steps,
-        lr=lr,
         tol=tol,
         max_iter=max_iter,
     )
@@ -253,6 +240,20 @@ def kernel_ensemble(
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _batched_training(
+    training: Optional[LinearizedTraining], settings: dict[str, Any], caller: str
+) -> LinearizedTraining:
+    """The training of a batched solve: regularised towards the initialisation only."""
+    training = resolve_training(training, settings, caller)
+    if training.decay_to != "init":
+        raise ValueError(
+            f"Expected `decay_to` to be 'init' for {caller} (regularisation towards the "
+            f"initialisation) but got {training.decay_to!r}; kernel_solution handles "
+            "decay_to='zero' one initialisation at a time."
+        )
+    return training
 
 
 def _interpolate(K: Tensor, f0: Tensor, Y: Tensor) -> tuple[Tensor, Tensor]:
@@ -362,7 +363,7 @@ def _check_problem(
             f"Expected `ntk` = Θ(X, X) of shape ({N}, {N}) (trace layout, shared by the "
             f"classes) to match `logits0` but got {tuple(ntk.shape)}."
         )
-    eps = check_smoothing(label_smoothing)
+    eps = label_smoothing  # validated by LinearizedTraining
     Y = (1 - eps) * targets_matrix(targets, N, C) + eps / C
     if (ntk_test is None) != (logits0_test is None):
         raise ValueError(

@@ -1,0 +1,211 @@
+"""What the engine meets outside plain dense models on one device.
+
+Sparse gradients, autograd switched off by the caller, the per-backend precision API,
+models on the wrong device(s) and sharded (DTensor) parameters, and the list of methods
+the monitor accepts. Every kernel method on the registry's sparse, ``EmbeddingBag`` and
+data-dependent models is checked in ``test_kernel.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_ntk import NTKMonitor, NTKTracker, empirical_ntk, linearize, reference_ntk
+from lightning_ntk.kernel import NTKMethod
+from lightning_ntk.kernel._functional import FunctionalModel
+from lightning_ntk.kernel.loop import loop_jacobians
+from lightning_ntk.monitor.settings import METHODS
+
+from .cases import CASES_BY_NAME
+from .test_kernel import assert_kernel_close
+
+ALL_METHODS = ["structured", "jacobian", "ntk_vp", "loop", "auto"]
+
+
+def _bag_of_words() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.EmbeddingBag(10, 4), nn.Linear(4, 3)).double()
+
+
+# ------------------------------------------------------------------ autograd off
+def test_linearized_embedding_bag_under_no_grad():
+    """``_embedding_bag`` has no forward-mode rule nor double backward: only the loop runs."""
+    model = _bag_of_words()
+    x = torch.randint(0, 10, (5, 3))
+    theta = {n: p.detach() + 0.01 for n, p in model.named_parameters()}
+    lin = linearize(model)
+    with torch.no_grad():
+        f_lin = lin(x, theta)
+    assert lin.mode == "loop", lin.fallbacks
+    fm = FunctionalModel(model)
+    J = loop_jacobians(fm, x, fm.names)
+    f0 = model(x).detach()
+    expected = f0 + sum(J[n] @ (theta[n] - fm.params[n]).reshape(-1) for n in fm.names)
+    torch.testing.assert_close(f_lin, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_loop_method_under_no_grad():
+    case = CASES_BY_NAME["mlp"]
+    model, x = case.model(), case.inputs(4)
+    with torch.no_grad():
+        K = empirical_ntk(model, x, method="loop", fallback=False)
+    assert_kernel_close(K, reference_ntk(model, x), 1e-10, "loop under no_grad")
+
+
+class _NoDerivative(torch.autograd.Function):
+    """An op with neither a forward-mode rule nor a usable backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("this op has no backward")
+
+
+class _Opaque(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return _NoDerivative.apply(self.fc(x))
+
+
+def test_linearization_error_names_the_real_cause():
+    model = _Opaque().double()
+    lin = linearize(model)
+    tangent = {n: torch.ones_like(p) for n, p in model.named_parameters()}
+    with pytest.raises(RuntimeError, match="no route could run") as info:
+        lin.tangent_logits(torch.randn(3, 3, dtype=torch.float64), tangent)
+    assert "finite difference" not in str(info.value)
+    assert "this op has no backward" in str(info.value)
+
+
+# ------------------------------------------------------------------ precision flags
+_SCOPES = [
+    ("generic", "all"),
+    *((backend, op) for backend in ("cuda", "mkldnn") for op in ("all", "matmul", "conv", "rnn")),
+]
+
+
+@pytest.fixture
+def precision_flags():
+    """The process's precision flags, restored after the test (through the new API)."""
+    get = torch._C._get_fp32_precision_getter
+    saved = [(scope, get(*scope)) for scope in _SCOPES]
+    yield lambda: [get(*scope) for scope in _SCOPES]
+    for scope, value in saved:
+        torch._C._set_fp32_precision_setter(*scope, value)
+
+
+def _set_tf32(api: str) -> None:
+    if api == "legacy":
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = True
+    else:  # states the legacy views cannot express (reading them raises)
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.rnn.fp32_precision = "ieee"
+
+
+@pytest.mark.skipif(
+    not hasattr(torch._C, "_get_fp32_precision_getter"), reason="no per-backend precision API"
+)
+@pytest.mark.parametrize("api", ["legacy", "new"])
+@pytest.mark.parametrize("name", ["mlp", "cnn_batchnorm", "lstm"])
+def test_tf32_allowed_by_either_api(precision_flags, api, name):
+    case = CASES_BY_NAME[name]
+    model = case.model().float()
+    x = case.inputs(4, seed=1)
+    x = x.float() if x.is_floating_point() else x
+    R = reference_ntk(model, x)
+    _set_tf32(api)
+    before = precision_flags()
+    if api == "legacy":
+        legacy = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
+    for method in ALL_METHODS:
+        K = empirical_ntk(model, x, method=method)
+        assert_kernel_close(K, R, 1e-5, f"{name}/{method} with TF32 allowed ({api} API)")
+        assert precision_flags() == before, method
+    linearize(model).tangent_logits(x, dict(model.named_parameters()))
+    assert precision_flags() == before
+    if api == "legacy":  # the legacy views still read as the user set them
+        assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == legacy
+
+
+# ------------------------------------------------------------------ devices
+def _entry_points(model, x):
+    probe_y = torch.arange(x.shape[0]) % 2
+    return {
+        "empirical_ntk": lambda: empirical_ntk(model, x),
+        "linearize": lambda: linearize(model),
+        "tracker.start": lambda: NTKTracker(x, probe_y).start(model),
+    }
+
+
+@pytest.mark.parametrize("entry", ["empirical_ntk", "linearize", "tracker.start"])
+def test_model_on_the_meta_device_is_refused(entry):
+    model = nn.Linear(3, 2, device="meta")
+    with pytest.raises(ValueError, match="meta device, which holds shapes but no values"):
+        _entry_points(model, torch.randn(4, 3, device="meta"))[entry]()
+
+
+@pytest.mark.parametrize("entry", ["empirical_ntk", "linearize", "tracker.start"])
+def test_model_split_over_devices_is_refused(entry):
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2, device="meta"))
+    with pytest.raises(
+        ValueError, match=r"several devices \('0.weight' on cpu, '1.weight' on meta"
+    ):
+        _entry_points(model, torch.randn(4, 3))[entry]()
+
+
+def test_inputs_on_another_device_are_refused():
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="`x1` is on meta but the model is on cpu"):
+        empirical_ntk(model, torch.randn(4, 3, device="meta"))
+    with pytest.raises(ValueError, match="`x2` is on meta but the model is on cpu"):
+        empirical_ntk(model, torch.randn(4, 3), torch.randn(2, 3, device="meta"))
+
+
+def test_tracker_moves_the_probe_to_the_model_itself():
+    model = nn.Linear(3, 2)
+    tracker = NTKTracker(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))
+    tracker.start(model)
+    assert tracker.probe_x.device == next(model.parameters()).device
+
+
+@pytest.fixture
+def one_process_group():
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("entry", ["empirical_ntk", "linearize", "tracker.start"])
+def test_sharded_parameters_are_refused(one_process_group, entry):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    model = nn.Linear(3, 2)
+    mesh = init_device_mesh("cpu", (1,))
+    model.weight = nn.Parameter(distribute_tensor(model.weight.detach(), mesh, [Shard(0)]))
+    with pytest.raises(ValueError, match=r"'weight' is sharded .* not supported yet.*full_tensor"):
+        _entry_points(model, torch.randn(4, 3))[entry]()
+
+
+# ------------------------------------------------------------------ methods
+def test_the_monitor_takes_the_engines_methods():
+    assert METHODS == tuple(m.value for m in NTKMethod)
+    assert NTKMonitor(method="loop").method == "loop"
+    assert NTKMonitor(method=NTKMethod.NTK_VP).method == "ntk_vp"
+    with pytest.raises(ValueError, match=r"`method` to be one of \('auto', .*'loop'\)"):
+        NTKMonitor(method="fast")
