@@ -407,9 +407,10 @@ def test_demo_prints_breakdown_warnings_on_one_line_and_passes_others_on(capsys)
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = show
-        warnings.warn("Step 3: logits diverging.", LinearizationBreakdownWarning, stacklevel=1)
+        message = "NTKMonitor (ntk/) step 3: Logits diverging."  # the monitor names itself
+        warnings.warn(message, LinearizationBreakdownWarning, stacklevel=1)
         warnings.warn("something else", UserWarning, stacklevel=1)
-    assert capsys.readouterr().err == "NTKMonitor: Step 3: logits diverging.\n"
+    assert capsys.readouterr().err == message + "\n"
     assert passed_on == [UserWarning]
 
 
