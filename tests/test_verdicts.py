@@ -431,7 +431,9 @@ def _fit_recording(monitor, make_module, max_steps, caplog):
         warnings.simplefilter("always")
         trainer = pl.Trainer(callbacks=[monitor], **trainer_kwargs(max_steps=max_steps))
         trainer.fit(make_module())
-    alarms = [str(w.message) for w in caught if w.category is LinearizationBreakdownWarning]
+    ours = [w for w in caught if w.category is LinearizationBreakdownWarning]
+    assert all(w.filename == __file__ for w in ours), [w.filename for w in ours]  # user code
+    alarms = [str(w.message) for w in ours]
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("NTKMonitor")]
     return alarms, lines
 

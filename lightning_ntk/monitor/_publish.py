@@ -9,6 +9,7 @@ Lightning's own callbacks do.
 from __future__ import annotations
 
 import importlib
+import sys
 import warnings
 from collections.abc import Collection, Mapping
 from typing import Any
@@ -89,12 +90,31 @@ def rank_zero_info(namespace: str, message: str) -> None:
 
 
 def rank_zero_warn(namespace: str, message: str, category: type[Warning]) -> None:
-    """One warning on rank 0 through the namespace's ``rank_zero_warn``, as its callbacks do.
+    """One warning, on rank 0 only, attributed to the user's code.
 
-    Lightning attributes it to the user's code; without Lightning it points at the caller.
+    The rank is Lightning's (``rank_zero_only.rank`` of the namespace); the warning points
+    at the first frame outside lightning_ntk, Lightning and torch — the user's
+    ``trainer.fit(...)`` or loop — rather than at the monitor's internals.
     """
     try:
-        rank_zero = importlib.import_module(f"{namespace}.utilities.rank_zero")
-        rank_zero.rank_zero_warn(message, category=category)
+        rank = importlib.import_module(f"{namespace}.utilities.rank_zero").rank_zero_only.rank
     except (ImportError, AttributeError):
-        warnings.warn(message, category, stacklevel=3)
+        rank = 0
+    if rank == 0:
+        warnings.warn(message, category, stacklevel=_user_stacklevel())
+
+
+_FRAMEWORKS = frozenset(
+    {"lightning_ntk", "pytorch_lightning", "lightning", "lightning_fabric", "torch"}
+)
+
+
+def _user_stacklevel() -> int:
+    """``stacklevel`` for a ``warnings.warn`` in the caller that names the user's frame."""
+    frame: Any = sys._getframe(1)  # level 1: the function that calls warnings.warn
+    level = 1
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").split(".")[0] not in _FRAMEWORKS:
+            return level
+        frame, level = frame.f_back, level + 1
+    return 1
