@@ -108,8 +108,8 @@ class NTKMonitorBase(NTKSettings):
         on_breakdown: what to do when the verdict turns ``"broken"`` — an alarm: logits
             diverging (always), or leaving the lazy regime with ``expect="lazy"``. Acted on
             once per transition into the alarm: ``"warn"`` (a
-            :class:`~lightning_ntk.LinearizationBreakdownWarning` through Lightning's
-            rank-zero warnings), ``"stop"`` (stop training on every rank), ``"raise"``
+            :class:`~lightning_ntk.LinearizationBreakdownWarning` on rank 0, pointing at
+            the code that called ``trainer.fit``), ``"stop"`` (stop training on every rank), ``"raise"``
             (:class:`~lightning_ntk.LinearizationBreakdownError`), or a callable receiving
             the report.
         prog_bar: show ``<prefix>relative_change`` and ``<prefix>lazy`` in the progress
