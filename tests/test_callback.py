@@ -245,9 +245,9 @@ def test_predicted_regime_is_read_from_optimizer_and_loss():
     fit("pytorch_lightning", smooth, {"label_smoothing": 0.1}, max_steps=2)
     decay = NTKMonitor(n_probe=9, log_base=2)
     fit("pytorch_lightning", decay, {"weight_decay": 0.01}, max_steps=2)
-    assert hard.history[-1].predicted_regime == "divergent"
-    assert smooth.history[-1].predicted_regime == "lazy"
-    assert decay.history[-1].predicted_regime == "lazy"
+    assert hard.history[-1].predicted_regime == "diverging"
+    assert smooth.history[-1].predicted_regime == "bounded"
+    assert decay.history[-1].predicted_regime == "bounded"
 
 
 def test_dict_batches_and_batch_to_xy():

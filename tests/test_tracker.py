@@ -111,7 +111,9 @@ def test_values_match_the_float64_reference_kernel():
     assert report.param_distance == pytest.approx(dist / norm0, rel=1e-9)
     logits = model.eval()(x)
     centered = logits - logits.mean(dim=1, keepdim=True)
-    assert report.logit_norm == pytest.approx(float(centered.norm(dim=1).mean()), rel=1e-9)
+    margin_units = math.sqrt(3 / 2)  # √(C/(C−1)): a one-hot margin m reads m
+    expected = margin_units * float(centered.norm(dim=1).mean())
+    assert report.logit_norm == pytest.approx(expected, rel=1e-9)
     M = K.permute(0, 2, 1, 3).reshape(10 * 3, 10 * 3)
     eig = torch.linalg.eigvalsh(M)
     assert report.eig_max == pytest.approx(float(eig[-1]), rel=1e-9)
@@ -338,7 +340,7 @@ def test_diagnosis_keeps_logit_divergence_and_kernel_movement_apart():
         slope=1.5,
         finite=True,
         thresholds=t,
-        predicted_regime="divergent",
+        predicted_regime="diverging",
     )
     assert diverging.verdict == "broken"
     assert diverging.causes == ["logits diverging"]
@@ -349,7 +351,7 @@ def test_diagnosis_keeps_logit_divergence_and_kernel_movement_apart():
         slope=0.0,
         finite=True,
         thresholds=t,
-        predicted_regime="lazy",
+        predicted_regime="bounded",
     )
     assert moving.verdict == "broken"
     assert moving.causes == ["kernel moving"]
@@ -361,7 +363,7 @@ def test_diagnosis_keeps_logit_divergence_and_kernel_movement_apart():
         slope=math.nan,
         finite=True,
         thresholds=t,
-        predicted_regime="lazy",
+        predicted_regime="bounded",
     )
     assert (lazy.verdict, lazy.causes) == ("lazy", [])
     drifting = diagnose(
@@ -370,7 +372,7 @@ def test_diagnosis_keeps_logit_divergence_and_kernel_movement_apart():
         slope=0.1,
         finite=True,
         thresholds=t,
-        predicted_regime="lazy",
+        predicted_regime="bounded",
     )
     assert drifting.verdict == "drifting"
 
@@ -393,7 +395,7 @@ def test_hard_labels_diverge_and_label_smoothing_does_not():
             if tracker.is_due(step):
                 report = tracker.update(model, step)
         causes[smoothing] = report.causes
-        expected = "divergent" if smoothing == 0 else "lazy"
+        expected = "diverging" if smoothing == 0 else "bounded"
         assert report.predicted_regime == expected
     assert "logits diverging" in causes[0.0]
     assert "logits diverging" not in causes[0.2]

@@ -45,7 +45,7 @@ def test_soft_targets_and_mixup_are_told_apart():
         observer.add(logits, y, float(F.cross_entropy(logits, y)), step)
     setup = resolve_setup(observer=observer)
     assert observer.smoothing == pytest.approx(0.0, abs=1e-5)
-    assert setup.non_degenerate and setup.prediction()["regime"] == "lazy"
+    assert setup.non_degenerate and setup.prediction()["regime"] == "bounded"
     # mixup of one-hot labels: soft rows, but most classes at probability 0 (degenerate)
     observer = LossObserver()
     g = torch.Generator().manual_seed(1)
@@ -58,7 +58,7 @@ def test_soft_targets_and_mixup_are_told_apart():
         observer=observer, optimizer=torch.optim.SGD([nn.Parameter(torch.ones(2, 2))], lr=1)
     )
     assert setup.non_degenerate is False
-    assert setup.prediction()["regime"] == "divergent"
+    assert setup.prediction()["regime"] == "diverging"
 
 
 def test_a_loss_that_is_not_the_cross_entropy_of_the_logits_stays_unknown():
@@ -83,10 +83,16 @@ def test_an_l2_term_in_the_loss_is_not_taken_for_smoothing():
         l2 = 1e-4 * (step - 1) ** 2  # (λ/2)‖θ − θ0‖² grows from 0 as training moves θ
         observer.add(logits, y, float(F.cross_entropy(logits, y)) + l2, step)
     assert observer.smoothing is None and observer.done
+    assert observer.contradicted
     setup = resolve_setup(observer=observer, loss=nn.CrossEntropyLoss(), weight_decay=1e-3)
-    assert setup.label_smoothing == 0.0  # the module's, with the reason it is unconfirmed
-    assert "not confirmed by training" in setup.sources["label_smoothing"]
-    assert setup.prediction()["regime"] == "lazy"  # from the declared L2 term
+    # the module's smoothing 0 is contradicted by training: no reading rests on it
+    assert setup.label_smoothing is None and setup.task == "multiclass"
+    assert (
+        "CrossEntropyLoss says 0, but the training loss is not" in setup.sources["label_smoothing"]
+    )
+    assert setup.prediction()["regime"] == "bounded"  # from the declared L2 term
+    undecayed = resolve_setup(observer=observer, loss=nn.CrossEntropyLoss(), weight_decay=0.0)
+    assert undecayed.prediction()["regime"] == "unknown"
 
 
 def test_declared_beats_observed_beats_read():
@@ -131,16 +137,16 @@ def _diagnose(slope, predicted, **context):
 
 
 def test_logits_short_of_the_optimum_are_converging_whatever_their_slope():
-    converging = _diagnose(1.0, "lazy", logit_norm=3.9, optimum_norm=4.28, step=800)
+    converging = _diagnose(1.0, "bounded", logit_norm=3.9, optimum_norm=4.28, step=800)
     assert (converging.verdict, converging.causes) == ("lazy", [])
     assert "converging" in converging.message
-    overshoot = _diagnose(1.0, "lazy", logit_norm=9.0, optimum_norm=4.28, step=800)
+    overshoot = _diagnose(1.0, "bounded", logit_norm=9.0, optimum_norm=4.28, step=800)
     assert (overshoot.verdict, overshoot.causes) == ("broken", ["logits diverging"])
     assert "past the optimum" in overshoot.message
 
 
 def test_hard_targets_diverge_and_an_unknown_set_up_states_the_condition():
-    diverging = _diagnose(1.0, "divergent", logit_norm=8.0, step=800)
+    diverging = _diagnose(1.0, "diverging", logit_norm=8.0, step=800)
     assert (diverging.verdict, diverging.causes) == ("broken", ["logits diverging"])
     assert "hard one-hot targets and no weight decay" in diverging.message
     unknown = _diagnose(1.0, "unknown", logit_norm=8.0, step=800)
@@ -152,10 +158,10 @@ def test_hard_targets_diverge_and_an_unknown_set_up_states_the_condition():
 
 
 def test_l2_only_waits_for_the_equilibrium_time():
-    early = _diagnose(1.0, "lazy", logit_norm=8.0, equilibrium_step=1000, step=800)
+    early = _diagnose(1.0, "bounded", logit_norm=8.0, equilibrium_step=1000, step=800)
     assert (early.verdict, early.causes) == ("drifting", ["logits growing"])
     assert "1000 steps" in early.message
-    late = _diagnose(1.0, "lazy", logit_norm=8.0, equilibrium_step=100, step=800)
+    late = _diagnose(1.0, "bounded", logit_norm=8.0, equilibrium_step=100, step=800)
     assert (late.verdict, late.causes) == ("broken", ["logits diverging"])
 
 
@@ -166,7 +172,7 @@ def test_message_names_the_signal_that_set_the_verdict():
         slope=0.0,
         finite=True,
         thresholds=Thresholds(),
-        predicted_regime="lazy",
+        predicted_regime="bounded",
     )
     assert d.verdict == "broken" and d.causes == ["kernel moving", "linearization error"]
     head = d.message.split(";")[0]
@@ -233,7 +239,7 @@ def test_batchnorm_cnn_at_lr_0_is_lazy_with_zero_drift_at_every_report(momentum)
     # the deployed function's kernel (running statistics) does move
     assert trackers["running"].history[-1].relative_change > 1e-3
     assert "inferred from the training loss" in reports[-1].setup
-    assert reports[-1].predicted_regime == "divergent"  # hard labels, λ = 0: both known
+    assert reports[-1].predicted_regime == "diverging"  # hard labels, λ = 0: both known
 
 
 @pytest.mark.slow
@@ -256,20 +262,18 @@ def test_smoothing_given_only_to_f_cross_entropy_in_a_lightning_module():
     monitor = NTKMonitor(n_probe=9, log_base=2)
     pl.Trainer(callbacks=[monitor], **trainer_kwargs(max_steps=16)).fit(model)
     last = monitor.history[-1]
-    assert last.predicted_regime == "lazy", last.setup
+    assert last.predicted_regime == "bounded", last.setup
     assert "label smoothing 0.1 (inferred from the training loss" in last.setup
     assert math.isfinite(last.logit_optimum) and math.isfinite(last.logit_gap)
     for report in monitor.history:
         assert "hard one-hot targets and no" not in report.message
 
 
-def test_one_output_models_and_non_finite_probe_inputs_are_refused_clearly():
+def test_non_finite_probe_inputs_are_refused_clearly():
     from lightning_ntk import NTKTracker
 
     x, y = _images(12)
     x = x.flatten(1)
-    with pytest.raises(ValueError, match=r"one output.*regression is not supported"):
-        NTKTracker(x, y).start(nn.Linear(36, 1))
     x[3, 5] = math.nan
     with pytest.raises(ValueError, match=r"probe inputs hold non-finite values .* rows \[3\]"):
         NTKTracker(x, y).start(nn.Linear(36, 3))

@@ -35,8 +35,9 @@ from ..kernel._inputs import batch_size
 from ..kernel._run import rank_and_world
 from ..kernel.batch_statistics import BatchStatisticsModel, batch_ntk_of, linearized_logits
 from ..linearization import LinearizedModel, argmax_agreement, linearization_error, prob_tv
+from ..metrics.functional import softmax_form
 from ._probe import probe_logits
-from ._setup import Setup, logit_optimum
+from ._setup import Setup, alignment_targets, logit_optimum
 from ._verdict import LogitContext, Thresholds, diagnose, logit_slope
 from .report import NUMERIC_FIELDS, NTKReport, layer_drift, safe_spectrum, safe_value
 
@@ -99,6 +100,11 @@ def measure(tracker: NTKTracker, fm: FunctionalModel, step: int) -> Measurement:
     with exact_matmuls(fm.device), torch.no_grad():
         logits = fm(fm.params, x)
     finite = bool(torch.isfinite(logits).all())
+    try:
+        setup = tracker.setup
+    except (TypeError, ValueError) as err:  # a report never raises for the set-up
+        setup = Setup(sources={"weight_decay": f"unknown: not understood ({err})"})
+    task = setup.metric_task(state["num_classes"])  # how the logit metrics read the outputs
     nan = math.nan
     values: dict[str, float] = dict.fromkeys(NUMERIC_FIELDS, nan)
     layers: dict[str, dict[str, float]] = {}
@@ -120,7 +126,9 @@ def measure(tracker: NTKTracker, fm: FunctionalModel, step: int) -> Measurement:
         values["kernel_distance"] = safe_value(lambda: metrics.kernel_distance(K, K0))
         if y is not None:
             values["target_alignment"] = safe_value(
-                lambda: metrics.target_alignment(K, y, num_classes=state["num_classes"])
+                lambda: metrics.target_alignment(
+                    K, alignment_targets(y, task), num_classes=state["num_classes"]
+                )
             )
         spec = safe_spectrum(metrics, K)
         if spec is not None:
@@ -140,26 +148,23 @@ def measure(tracker: NTKTracker, fm: FunctionalModel, step: int) -> Measurement:
             values["linearization_error"] = safe_value(
                 lambda: linearization_error(logits, logits_lin, logits0)
             )
-            values["prob_tv"] = safe_value(lambda: prob_tv(logits, logits_lin))
-            values["argmax_agreement"] = safe_value(lambda: argmax_agreement(logits, logits_lin))
-        values["logit_norm"] = safe_value(lambda: metrics.logit_norm(logits))
-        norm0 = state["logit_norm0"]
+            # sigmoid outputs z through their softmax form [0, z]: Bernoulli TV, sign agreement
+            probs, probs_lin = softmax_form(logits, task), softmax_form(logits_lin, task)
+            values["prob_tv"] = safe_value(lambda: prob_tv(probs, probs_lin))
+            values["argmax_agreement"] = safe_value(lambda: argmax_agreement(probs, probs_lin))
+        values["logit_norm"] = safe_value(lambda: metrics.logit_norm(logits, task))
+        norm0 = float(metrics.logit_norm(state["logits0"].to(logits.device), task))
         values["logit_growth"] = values["logit_norm"] / norm0 if norm0 > 0 else nan
     steps = [r.step for r in tracker.history] + [step]
     norms = [r.logit_norm for r in tracker.history] + [values["logit_norm"]]
     thresholds = cast(Thresholds, tracker.thresholds)  # a Thresholds after NTKSettings' checks
     slope = logit_slope(steps, norms, thresholds.trend_octaves, thresholds.min_trend_step)
-    try:
-        setup = tracker.setup
-    except (TypeError, ValueError) as err:  # a report never raises for the set-up
-        setup = Setup(sources={"weight_decay": f"unknown: not understood ({err})"})
     predicted = state["predicted"] = setup.prediction()  # observations may have added
     f_star = logit_optimum(setup, y, state["num_classes"])
-    if f_star is not None and finite:
-        centered = logits.double() - logits.double().mean(dim=1, keepdim=True)
-        f_star = f_star.to(centered.device)
-        values["logit_gap"] = float((centered - f_star).norm(dim=1).mean())
-        values["logit_optimum"] = float(f_star.norm(dim=1).mean())
+    if f_star is not None and finite:  # in the logit norm's margin units
+        f_star = f_star.to(logits.device)
+        values["logit_gap"] = float(metrics.logit_norm(logits.double() - f_star, task))
+        values["logit_optimum"] = float(metrics.logit_norm(f_star, task))
     diagnosis = diagnose(
         relative_change=values["relative_change"],
         linearization_error=values["linearization_error"],
@@ -211,20 +216,12 @@ def snapshot(tracker: NTKTracker, fm: FunctionalModel, step: int) -> tuple[dict[
 
     Raises:
         ValueError / TypeError: a model whose output on the probe is not ``(N, C)``
-            logits with ``C >= 2`` (pass ``forward_fn`` or ``output_fn``).
+            logits (pass ``forward_fn`` or ``output_fn``).
     """
     logits0 = probe_logits(fm, fm.cast_input(tracker.probe_x))
     method = tracker.method
     per_layer = tracker.per_layer if tracker.per_layer is not None else method != "ntk_vp"
-    num_classes = int(logits0.shape[1])
-    if num_classes < 2:
-        raise ValueError(
-            f"The model maps the probe to logits of shape {tuple(logits0.shape)}: one "
-            "output. The monitor's theory and verdicts are about classifiers "
-            "(cross-entropy over C >= 2 logits); for a binary classifier with one "
-            "logit z, pass `output_fn=lambda z: torch.cat([torch.zeros_like(z), z], 1)` "
-            "(the same softmax); regression is not supported."
-        )
+    num_classes = int(logits0.shape[1])  # one output: a binary classifier (sigmoid)
     failures: dict[str, str] = {}
     computed = attempt(failures, "kernel", lambda: probe_kernel(tracker, fm, method, per_layer))
     total, layers = computed if computed is not None else (None, {})
@@ -237,7 +234,7 @@ def snapshot(tracker: NTKTracker, fm: FunctionalModel, step: int) -> tuple[dict[
         "start_step": int(step),
         "K0": total,
         "K0_layers": layers,
-        "logit_norm0": float(metrics.logit_norm(logits0)),
+        "logit_norm0": float(metrics.logit_norm(logits0)),  # one output reads as binary
         "predicted": tracker.predict_regime(num_classes),
     }
     return state, failures

@@ -168,7 +168,7 @@ def diagnose(
         slope: logit-norm growth per doubling of steps (``nan`` when not yet known).
         finite: whether the logits on the probe were finite.
         thresholds: the drift / break thresholds.
-        predicted_regime: ``"lazy"``, ``"divergent"`` or ``"unknown"`` from the set-up.
+        predicted_regime: ``"bounded"``, ``"diverging"`` or ``"unknown"`` from the set-up.
         context: the logits' optimum and the regularization's time scale, when known.
         data_finite: whether every training batch seen held finite inputs and targets.
     """
@@ -236,7 +236,7 @@ def _logit_finding(
             )
             return CAUSE_LOGITS, 0, note
         return CAUSE_LOGITS, level, ""
-    if predicted == "divergent":
+    if predicted == "diverging":
         return CAUSE_LOGITS, level, ""
     equilibrium = ctx.equilibrium_step
     if math.isfinite(equilibrium) and equilibrium > 0:
@@ -254,7 +254,7 @@ def _level(value: Optional[float], pair: tuple[float, float]) -> int:
 
 def _lazy_message(predicted: str, note: str) -> str:
     tail = f" ({note})." if note else "."
-    if predicted == "divergent":
+    if predicted == "diverging":
         return (
             "Training is in the kernel regime so far, but hard one-hot targets without weight "
             "decay predict diverging logits later — add weight decay or label smoothing to "
@@ -300,8 +300,8 @@ def _part(
                 f"logits growing ({measured}); the set-up is not known: if the targets are "
                 "hard one-hot and there is no weight decay, this is the divergence the theory "
                 "predicts (add weight decay or label smoothing); with smoothing or soft targets "
-                "the logits may still be approaching a finite optimum — pass `label_smoothing` "
-                "/ `weight_decay` (or `loss` / `optimizer`) to decide"
+                "the logits may still be approaching a finite optimum — declare "
+                "`label_smoothing` / `weight_decay` to decide"
             )
         if math.isfinite(ctx.optimum_norm):
             return (
@@ -309,7 +309,7 @@ def _part(
                 f"centered norm {ctx.logit_norm:.2f} against {ctx.optimum_norm:.2f}) — lower "
                 "the learning rate or add weight decay"
             )
-        if predicted == "divergent":
+        if predicted == "diverging":
             return (
                 f"logits diverging ({measured}): hard one-hot targets and no weight decay, so "
                 "the logits must diverge — add weight decay or label smoothing"
@@ -321,9 +321,9 @@ def _part(
         )
     if cause == CAUSE_KERNEL:
         measured = f"relative change {_threshold_text(value, level, pair, '.2f')}"
-        if predicted == "lazy":
+        if predicted == "bounded":
             reason = (
-                " although the set-up predicts lazy training: the network is far from the "
+                " although the set-up predicts bounded logits: the network is far from the "
                 "wide limit (width, parameterization) or the learning rate is large"
             )
         else:

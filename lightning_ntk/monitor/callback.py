@@ -36,6 +36,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import KW_ONLY, dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Optional, Union, cast
 
+import torch
 from torch import Tensor
 
 from ..exceptions import (
@@ -43,6 +44,7 @@ from ..exceptions import (
     LinearizationBreakdownWarning,
     NTKMeasurementWarning,
 )
+from ._observer import OutputCapture
 from ._probe import check_finite_probe, first_dataloader, raised_by_model
 from ._publish import PROGRESS_BAR_KEYS, publish, rank_zero_info, verbose_line, with_prefix
 from ._setup import find_loss
@@ -54,6 +56,8 @@ from .tracker import NTKReport, NTKTracker
 __all__ = ["NTKMonitor", "NTKMonitorBase", "monitor_class"]  # NTKMonitor: built on first use
 
 ACTIONS = ("warn", "stop", "raise")
+# the autocast dtype of the Trainer's mixed precisions
+_MIXED = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16, "16": torch.float16}
 _SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
 _MODULES = {
     "pytorch_lightning": "lightning_ntk.monitor.callback",
@@ -77,15 +81,19 @@ class NTKMonitorBase(NTKSettings):
     BatchNorm with the probe's own batch statistics, running buffers untouched, dropout
     off) or of the deployed eval-mode function (``normalization="running"``).
 
-    The set-up the verdict is read against (label smoothing, soft or hard targets, weight
-    decay) is taken from the ``weight_decay`` / ``label_smoothing`` settings if given,
-    else inferred from training itself: for the first few batches the monitor keeps the
-    batch's logits (one functional forward at ``on_train_batch_start``) and compares them
-    with the loss ``training_step`` returned, which identifies the label smoothing however
-    the loss is written (``nn.CrossEntropyLoss``, ``F.cross_entropy(...,
-    label_smoothing=ε)``, smoothed soft targets); the weight decay is read from the first
-    optimizer, and an ``nn.CrossEntropyLoss`` found in the module is the fallback. Each
-    report's ``setup`` says what was found and how.
+    The set-up the verdict is read against (task, label smoothing, soft or hard targets,
+    weight decay) is taken from the ``task`` / ``weight_decay`` / ``label_smoothing``
+    settings if given, else inferred from training itself: for the first few batches the
+    monitor keeps the batch's logits — the training step's own, through a forward hook on
+    the module when ``training_step`` calls it once (dropout masks and mixed precision
+    included), else one functional forward at ``on_train_batch_start`` under the
+    Trainer's autocast — and compares them with the loss ``training_step`` returned, which
+    identifies the loss and its label smoothing however it is written
+    (``nn.CrossEntropyLoss``, ``F.cross_entropy(..., label_smoothing=ε)``, smoothed soft
+    targets, ``nn.BCEWithLogitsLoss`` with or without ``pos_weight``); the weight decay
+    is read from the first optimizer, and a loss module found in the module is the
+    fallback, dropped when the training loss contradicts it. Each report's ``setup``
+    says what was found and how.
 
     Args:
         probe_x: probe inputs ``(N, ...)``; ``None`` draws them from the training data.
@@ -140,7 +148,9 @@ class NTKMonitorBase(NTKSettings):
         self._restored = False
         self._failed = False  # an unexpected failure ended this run's reports
         self._last_verdict: Optional[str] = None
-        self._pending: Optional[tuple[Tensor, Any]] = None  # a batch's logits, its targets
+        self._pending: Optional[tuple[Optional[Tensor], Any]] = None  # re-evaluated logits, y
+        self._capture = OutputCapture()  # the training step's own outputs
+        self._evaluation_error = ""
         self._state_key: Optional[tuple[dict[str, Any], str]] = None
         self._other_state_keys: list[str] = []  # other monitors' states in the checkpoint
 
@@ -235,6 +245,7 @@ class NTKMonitorBase(NTKSettings):
         The logits serve to infer the label smoothing (see the class).
         """
         self._pending = None
+        self._capture.release()
         tracker = self.tracker
         if trainer.sanity_checking or self._failed or not tracker.started:
             return
@@ -243,11 +254,20 @@ class NTKMonitorBase(NTKSettings):
             to_xy = cast(Callable[[Any], Any], tracker.batch_to_xy)  # the tracker sets a default
             x, y = to_xy(batch)
             tracker.note_training_batch(x, y)  # NaN data is not divergence: reports say which
-            if observing:
-                self._pending = (tracker.training_logits(pl_module, x), y)
         except Exception as err:  # the monitor never ends training for it
             if observing:
                 tracker.observer.stop(f"the training batches could not be evaluated ({err})")
+            return
+        if not observing:
+            return
+        try:
+            autocast = _MIXED.get(str(getattr(trainer, "precision", "")))
+            self._pending = (tracker.training_logits(pl_module, x, autocast=autocast), y)
+        except Exception as err:  # the training step's own logits may still come
+            self._pending = (None, y)
+            self._evaluation_error = f"{type(err).__name__}: {err}"
+        if tracker.forward_fn is None:  # after the monitor's own forward: the step's calls only
+            self._capture.attach(pl_module)
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
@@ -256,12 +276,9 @@ class NTKMonitorBase(NTKSettings):
         if trainer.sanity_checking:
             return
         pending, self._pending = self._pending, None
+        captured = self._capture.release()
         if pending is not None:
-            loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-            if loss is None:  # manual optimization: training_step returns no loss
-                self.tracker.observer.stop("training_step returned no loss to compare with")
-            else:
-                self.tracker.add_observation(*pending, loss, step=trainer.global_step)
+            self._observe(pending, captured, outputs, trainer.global_step)
         step = trainer.global_step
         if not self._failed and self.tracker.is_due(step):
             self._report(trainer, pl_module, step, epoch_end=False)
@@ -313,6 +330,31 @@ class NTKMonitorBase(NTKSettings):
         self._last_verdict = state_dict.get("last_verdict")
         self._restored = True
         self._probe_given = self.tracker.probe_x is not None
+
+    def _observe(
+        self, pending: tuple[Optional[Tensor], Any], captured: list[Any], outputs: Any, step: int
+    ) -> None:
+        """Hand the batch to the loss observation: the step's own logits when unambiguous."""
+        tracker = self.tracker
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if loss is None:  # manual optimization: training_step returns no loss
+            tracker.observer.stop("training_step returned no loss to compare with")
+            return
+        logits, y = pending
+        if len(captured) == 1:  # the module was called once: its output is the loss's input
+            try:
+                own = tracker.logits_of_output(captured[0])
+                if isinstance(y, Tensor) and own.shape[0] == y.shape[0]:
+                    tracker.add_observation(own, y, loss, step=step, captured=True)
+                    return
+            except Exception:  # fall back on the re-evaluated logits
+                pass
+        if logits is None:
+            tracker.observer.stop(
+                f"the training batches could not be evaluated ({self._evaluation_error})"
+            )
+            return
+        tracker.add_observation(logits, y, loss, step=step)
 
     # ------------------------------------------------------------------ reports
 

@@ -48,7 +48,7 @@ class NTKReport:
         condition_number: ``eig_max / max(eig_min, eps)``.
         verdict: ``"lazy"``, ``"drifting"`` or ``"broken"``.
         causes: short names of the signals that crossed a threshold.
-        predicted_regime: ``"lazy"``, ``"divergent"`` or ``"unknown"`` (the set-up's
+        predicted_regime: ``"bounded"``, ``"diverging"`` or ``"unknown"`` (the set-up's
             prediction from the theory).
         message: one sentence with the reason and the fix.
         logit_gap: mean over the probe of ``‖f_c(x) − f*(x)‖_2``, the distance of the

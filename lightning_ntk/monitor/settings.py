@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..kernel._methods import NTKMethod
+from ..theory._targets import TASKS
 from ._verdict import Thresholds
 
 __all__ = ["METHODS", "OUTPUTS", "NTKSettings", "settings_of"]
@@ -66,6 +67,10 @@ class NTKSettings:
             the optimizer).
         label_smoothing: the loss's label smoothing, if known (overrides what is read
             from the loss).
+        task: ``"multiclass"`` (softmax, cross-entropy), ``"binary"`` (one sigmoid
+            output, binary cross-entropy) or ``"multilabel"`` (several sigmoid outputs),
+            as in torchmetrics; ``None`` (default) infers it from the training loss, a
+            loss module, the model's number of outputs and the targets where unambiguous.
         seed: seed of the probe-drawing generator.
         batch_to_xy: ``batch -> (inputs, labels)`` for batches that are not ``(x, y)``, a
             tensor, or a dict with ``x`` / ``y``-like keys.
@@ -87,6 +92,7 @@ class NTKSettings:
     thresholds: Union[Thresholds, dict[str, Any], None] = None
     weight_decay: Optional[float] = None
     label_smoothing: Optional[float] = None
+    task: Optional[str] = None
     seed: int = 0
     batch_to_xy: Optional[Callable[[Any], Any]] = None
 
@@ -105,6 +111,8 @@ class NTKSettings:
             fn = getattr(self, name)
             if fn is not None and not callable(fn):
                 raise TypeError(f"Expected `{name}` to be callable or None but got {fn!r}.")
+        if self.task is not None and self.task not in TASKS:
+            raise ValueError(f"Expected `task` to be one of {TASKS} or None but got {self.task!r}.")
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(
                 f"Expected `normalization` to be one of {NORMALIZATIONS} but got "

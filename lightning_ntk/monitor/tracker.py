@@ -46,6 +46,7 @@ from ..kernel._forward import ForwardModule, selector_on_wrapper
 from ..kernel._functional import FunctionalModel, check_placement, exact_matmuls, unwrap_module
 from ..kernel.batch_statistics import measured_model
 from ._measure import measure, snapshot
+from ._observer import active_dropout
 from ._probe import (
     all_finite,
     check_finite_probe,
@@ -91,8 +92,8 @@ class NTKTracker(NTKSettings):
             :class:`~lightning_ntk.monitor.settings.NTKSettings` (``n_probe``, ``output``,
             ``method``, ``params``, ``output_fn``, ``forward_fn``, ``per_layer``,
             ``top_layers``, ``dtype``, ``normalization``, ``every_n_steps``, ``every_n_epochs``,
-            ``log_base``, ``thresholds``, ``weight_decay``, ``label_smoothing``, ``seed``,
-            ``batch_to_xy``), as keywords.
+            ``log_base``, ``thresholds``, ``weight_decay``, ``label_smoothing``, ``task``,
+            ``seed``, ``batch_to_xy``), as keywords.
     """
 
     probe_x: Optional[Tensor] = None
@@ -375,9 +376,17 @@ class NTKTracker(NTKSettings):
         return _inputs.map_tensors(self.probe_x, lambda t: t.to(device)), y
 
     def predict_regime(self, num_classes: Optional[int] = None) -> dict[str, str]:
-        """The theory's regime for the set-up as known now (``"unknown"`` if it is not)."""
+        """The theory's bounded / diverging logits for the set-up as known now.
+
+        Args:
+            num_classes: the model's number of outputs ``C`` (one output is a binary
+                classifier); default: the one found by :meth:`start`.
+
+        Returns:
+            ``{"regime": "bounded" | "diverging" | "unknown", "reason": ...}``.
+        """
         try:
-            return self.setup.prediction()
+            return self.resolve_setup(num_classes).prediction()
         except (TypeError, ValueError) as err:
             return {"regime": "unknown", "reason": f"set-up not understood: {err}"}
 
@@ -391,6 +400,10 @@ class NTKTracker(NTKSettings):
             TypeError / ValueError: an optimizer without ``param_groups`` or a negative
                 weight decay.
         """
+        return self.resolve_setup(self.num_classes)
+
+    def resolve_setup(self, num_outputs: Optional[int]) -> Setup:
+        """:attr:`setup` for a model with ``num_outputs`` outputs (one output: binary)."""
         return resolve_setup(
             weight_decay=self.weight_decay,
             label_smoothing=self.label_smoothing,
@@ -398,6 +411,8 @@ class NTKTracker(NTKSettings):
             loss=self.loss,
             probe_y=self.probe_y,
             observer=self.observer,
+            task=self.task,
+            num_outputs=num_outputs,
         )
 
     @property
@@ -409,20 +424,30 @@ class NTKTracker(NTKSettings):
         """
         return self.started and self.label_smoothing is None and self.observer.wants_more
 
-    def training_logits(self, model: nn.Module, x: Any) -> Tensor:
+    def training_logits(
+        self, model: nn.Module, x: Any, autocast: Optional[torch.dtype] = None
+    ) -> Tensor:
         """Logits of a training batch ``x`` as training computes them (batch statistics).
 
         Evaluated functionally at the model's current parameters, without gradients, with
         the RNG streams restored and no buffer read or written: call it before the
-        optimizer step of that batch.
+        optimizer step of that batch. Dropout is off (its masks are not reproduced);
+        ``autocast`` (e.g. ``torch.bfloat16``) evaluates under the mixed precision
+        training runs in.
         """
         wrapper = self._wrap(model)
+        self.observer.dropout = active_dropout(model)
         with preserved_rng(_device_of(wrapper)):
             fm = measured_model(
                 wrapper, "batch", params=self._selector(), output_fn=self.output_fn,
-                dtype=self.dtype,
+                dtype=None if autocast is not None else self.dtype,
             )  # fmt: skip
-            with exact_matmuls(fm.device), torch.no_grad():
+            numerics = (
+                exact_matmuls(fm.device)
+                if autocast is None
+                else torch.autocast(fm.device.type, dtype=autocast)
+            )
+            with numerics, torch.no_grad():
                 return fm(fm.params, fm.cast_input(x)).detach()
 
     def note_training_batch(self, x: Any, y: Any = None) -> None:
@@ -440,33 +465,73 @@ class NTKTracker(NTKSettings):
         """Whether every training batch given to :meth:`note_training_batch` was finite."""
         return self._data_finite is None or bool(self._data_finite)
 
-    def add_observation(self, logits: Tensor, y: Any, loss: Any, step: int) -> None:
+    def add_observation(
+        self, logits: Tensor, y: Any, loss: Any, step: int, captured: bool = False
+    ) -> None:
         """Compare the loss training computed on a batch with that batch's ``logits``.
 
         Args:
-            logits: :meth:`training_logits` of the batch.
-            y: its targets, integer labels ``(N,)`` or soft targets ``(N, C)``.
+            logits: the batch's logits: those the training step computed
+                (``captured=True``), or :meth:`training_logits` of the batch.
+            y: its targets (labels, soft targets, or sigmoid targets in ``[0, 1]``).
             loss: the loss training computed on it (a scalar tensor or number).
             step: the step, for the report's account of the set-up.
+            captured: ``logits`` are the training step's own (dropout masks, mixed
+                precision and all).
         """
-        self.observer.add_batch(logits, y, loss, step)
+        self.observer.add_batch(logits, y, loss, step, captured=captured, task=self.task)
 
-    def observe(self, model: nn.Module, x: Any, y: Any, loss: Any, step: int = 0) -> None:
-        """Let the tracker infer the label smoothing from a training batch (plain loops).
+    def observe(
+        self,
+        model: nn.Module,
+        x: Any,
+        y: Any,
+        loss: Any,
+        step: int = 0,
+        logits: Optional[Tensor] = None,
+    ) -> None:
+        """Let the tracker infer the loss and its smoothing from a training batch (plain loops).
 
         Call it with the batch, its targets and the loss training computed on it, before
         the optimizer step; it notes whether the batch is finite (see
         :meth:`note_training_batch`) and evaluates it only while :attr:`wants_observation`.
+        Pass the ``logits`` the loss was computed from when you have them: with dropout or
+        mixed precision only those reproduce the loss exactly. Without them the batch
+        is re-evaluated, under the autocast in effect at the call.
         """
         self.note_training_batch(x, y)
         if not self.wants_observation:
             return
+        if logits is not None:
+            self.add_observation(self.logits_of_output(logits), y, loss, step, captured=True)
+            return
         try:
-            logits = self.training_logits(model, x)
+            device = _device_of(model)
+            autocast = (
+                torch.get_autocast_dtype(device.type)
+                if torch.is_autocast_enabled(device.type)
+                else None
+            )
+            logits = self.training_logits(model, x, autocast=autocast)
         except Exception as err:  # never ends training: the set-up just stays unknown
             self.observer.stop(f"the training batches could not be evaluated ({err})")
             return
         self.add_observation(logits, y, loss, step)
+
+    def logits_of_output(self, output: Any) -> Tensor:
+        """Detached logits ``(N, C)`` of a model output, through ``output_fn`` if given.
+
+        Raises:
+            TypeError: an output that ``output_fn`` does not turn into a tensor.
+        """
+        logits = self.output_fn(output) if self.output_fn is not None else output
+        if not isinstance(logits, Tensor):
+            raise TypeError(
+                f"Expected the model output to give logits as a tensor but got "
+                f"{type(logits).__name__}; pass `output_fn`."
+            )
+        logits = logits.detach()
+        return logits[:, None] if logits.ndim == 1 else logits
 
 
 def _device_of(module: nn.Module) -> torch.device:
