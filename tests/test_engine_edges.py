@@ -142,7 +142,8 @@ def _entry_points(model, x):
     return {
         "empirical_ntk": lambda: empirical_ntk(model, x),
         "linearize": lambda: linearize(model),
-        "tracker.start": lambda: NTKTracker(x, probe_y).start(model),
+        # the tracker takes its probe on the CPU and moves it to the model itself
+        "tracker.start": lambda: NTKTracker(torch.randn(x.shape), probe_y).start(model),
     }
 
 
