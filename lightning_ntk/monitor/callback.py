@@ -109,9 +109,9 @@ class NTKMonitorBase(NTKSettings):
             diverging (always), or leaving the lazy regime with ``expect="lazy"``. Acted on
             once per transition into the alarm: ``"warn"`` (a
             :class:`~lightning_ntk.LinearizationBreakdownWarning` on rank 0, pointing at
-            the code that called ``trainer.fit``), ``"stop"`` (stop training on every rank), ``"raise"``
-            (:class:`~lightning_ntk.LinearizationBreakdownError`), or a callable receiving
-            the report.
+            the code that called ``trainer.fit``), ``"stop"`` (stop training on every
+            rank), ``"raise"`` (:class:`~lightning_ntk.LinearizationBreakdownError`), or a
+            callable receiving the report.
         prog_bar: show ``<prefix>relative_change`` and ``<prefix>lazy`` in the progress
             bar (on by default, unlike ``self.log``: the verdict is what the monitor is for).
         tensorboard_extras: write the spectrum histogram, kernel image, diagnosis text and
