@@ -92,6 +92,8 @@ from lightning_ntk.theory import optimal_logits
 RESULTS = Path(__file__).resolve().parent / "results" / "verdicts"
 SLOPE_DIVERGING, LAZY_MAX, MOVES_MIN = 0.5, 0.2, 0.5
 HARD_UNREGULARIZED = "hard, no regularization"
+# report fields kept in the results (read with getattr: the report's fields are in flux)
+NUMBERS = ("relative_change", "logit_norm", "logit_gap", "linearization_error")
 
 # The theory's conditions, crossed: targets × regularization × parameterization × width ×
 # architecture × learning rate.
@@ -462,15 +464,12 @@ def _reports(history: list[Any], setup: Any) -> dict[str, Any]:
         "reports": [
             {
                 "step": r.step,
-                "verdict": r.verdict,
+                "verdict": getattr(r, "verdict", ""),
                 "regime": getattr(r, "regime", None),
                 "alarm": is_alarm(r),
-                "causes": list(r.causes),
-                "relative_change": r.relative_change,
-                "logit_norm": r.logit_norm,
-                "logit_gap": getattr(r, "logit_gap", math.nan),
-                "linearization_error": r.linearization_error,
-                "message": r.message,
+                "causes": list(getattr(r, "causes", [])),
+                "message": getattr(r, "message", ""),
+                **{k: getattr(r, k, math.nan) for k in NUMBERS},
             }
             for r in history
         ],
@@ -482,7 +481,7 @@ def is_alarm(report: Any) -> bool:
     alarm = getattr(report, "alarm", None)
     if isinstance(alarm, bool):
         return alarm
-    return report.verdict in ("broken", "alarm")
+    return getattr(report, "verdict", None) in ("broken", "alarm")
 
 
 def _setup_short(setup: Any) -> str:
@@ -510,10 +509,18 @@ def score(sc: Scenario, gt: dict[str, Any], mon: dict[str, Any]) -> dict[str, An
 
     A false alarm is an alarm on a run whose logits stay bounded, or the cause "logits
     diverging" on such a run; a miss is a hard-label, unregularized run whose logits
-    diverge and whose first "logits diverging" comes later than the first report at
-    which the trend is readable (or never).
+    diverge, already by ``T`` (slope ≥ 0.5 per doubling over ``[T/4, T]`` in the ground
+    truth), and whose first "logits diverging" comes later than the first report at which
+    the trend is readable (or never).
     """
     reports = mon["reports"]
+    slope_at_T = _slope(
+        [
+            (math.log2(r["step"]), r["logit_norm"])
+            for r in gt["rows"]
+            if sc.steps / 4 <= r["step"] <= sc.steps
+        ]
+    )
     alarms = [r["step"] for r in reports if r["alarm"]]
     diverging = [r["step"] for r in reports if _says_diverging(r)]
     readable = _first_readable(reports)
@@ -524,7 +531,8 @@ def score(sc: Scenario, gt: dict[str, Any], mon: dict[str, Any]) -> dict[str, An
     if bounded == "bounded" and diverging:
         false_alarm.append(f"'logits diverging' at {diverging[0]}")
     missed = ""
-    if gt["theory"] == HARD_UNREGULARIZED and bounded == "diverging":
+    after_T = slope_at_T < SLOPE_DIVERGING  # the divergence starts after the monitored steps
+    if gt["theory"] == HARD_UNREGULARIZED and bounded == "diverging" and not after_T:
         if readable is None or not diverging or diverging[0] > readable:
             missed = f"not flagged by step {readable}" if readable else "no readable trend"
     if mon.get("error"):
@@ -534,6 +542,7 @@ def score(sc: Scenario, gt: dict[str, Any], mon: dict[str, Any]) -> dict[str, An
         "first_alarm": alarms[0] if alarms else None,
         "first_diverging": diverging[0] if diverging else None,
         "first_readable": readable,
+        "slope_at_T": slope_at_T,
         "false_alarm": "; ".join(false_alarm),
         "missed": missed,
     }
@@ -555,7 +564,7 @@ def _first_readable(reports: list[dict]) -> Optional[int]:
 
 def table(results: list[dict[str, Any]]) -> str:
     head = (
-        "| scenario | theory | ground truth: logits (slope/doubling; rc at horizon) | "
+        "| scenario | theory | ground truth: logits (slope per doubling; rc at horizon) | "
         "set-up found | predicted | reports (step: state [causes]) | alarms at | "
         "trend readable at | false alarm / miss |"
     )
@@ -568,8 +577,8 @@ def table(results: list[dict[str, Any]]) -> str:
         )
         logits = gt.get("logits", "diverging" if gt["label"] == "diverging" else "bounded")
         truth = (
-            f"**{logits}** ({gt['slope_at_horizon']:+.2f}; {_fmt(gt['rc_at_horizon'])}; "
-            f"{sc['horizon']}×T)"
+            f"**{logits}** ({sco['slope_at_T']:+.2f} at T, {gt['slope_at_horizon']:+.2f} at "
+            f"{sc['horizon']}×T; {_fmt(gt['rc_at_horizon'])})"
         )
         alarm = " ".join(x for x in (sco["false_alarm"], sco["missed"]) if x) or "none"
         lines.append(
@@ -583,7 +592,9 @@ def table(results: list[dict[str, Any]]) -> str:
 def _state(report: dict[str, Any]) -> str:
     """The report's regime where the monitor gives one (with its verdict), else the verdict."""
     if report.get("regime"):
-        return f"{report['regime']} ({report['verdict']})"
+        return (
+            f"{report['regime']} ({report['verdict']})" if report["verdict"] else report["regime"]
+        )
     return report["verdict"]
 
 

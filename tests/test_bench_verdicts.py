@@ -52,10 +52,14 @@ def _report(step: int, verdict: str, causes=(), **extra) -> dict:
     return {"step": step, "verdict": verdict, "causes": list(causes), "alarm": False, **extra}
 
 
-def _score(bench, gt_logits: str, reports: list[dict], theory: Optional[str] = None):
-    sc = bench.recipe("x")
+GROWING = {s: 1.0 * math.log2(s) for s in (64, 128, 256, 512, 1024, 2048)}
+
+
+def _score(bench, gt_logits: str, reports: list[dict], theory: Optional[str] = None, norms=None):
+    sc = bench.recipe("x")  # T = 256
     theory = theory or bench.theory_condition(sc)
-    gt = {"logits": gt_logits, "label": "moves", "theory": theory}
+    rows = _rows(norms or GROWING)
+    gt = {"logits": gt_logits, "label": "moves", "theory": theory, "rows": rows}
     return bench.score(sc, gt, {"reports": reports})
 
 
@@ -80,6 +84,9 @@ def test_divergence_flagged_after_the_trend_is_readable_is_a_miss(bench):
         _report(s, "drifting", regime="logits diverging" if s >= 256 else "lazy") for s in steps
     ]
     assert _score(bench, "diverging", regime)["missed"] == ""
+    # logits flat up to T = 256 that diverge later: nothing to flag yet
+    later = {64: 4.0, 128: 4.2, 256: 4.3, 512: 4.6, 1024: 5.3, 2048: 7.7}
+    assert _score(bench, "diverging", late, norms=later)["missed"] == ""
 
 
 def test_settings_the_monitor_does_not_take_are_left_out(bench):
