@@ -27,7 +27,9 @@ def _fit(strategy: str, devices: int, batch_size: int, thresholds=None, on_break
 
     pl.seed_everything(0, verbose=False)
     model = module_class("pytorch_lightning")(batch_size=batch_size, shuffle=False, lr=0.2)
-    monitor = NTKMonitor(n_probe=9, log_base=2, thresholds=thresholds, on_breakdown=on_breakdown)
+    monitor = NTKMonitor(
+        n_probe=9, log_base=2, thresholds=thresholds, expect="lazy", on_breakdown=on_breakdown
+    )
     trainer = pl.Trainer(
         callbacks=monitor, **trainer_kwargs(max_steps=8, strategy=strategy, devices=devices)
     )

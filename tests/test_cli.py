@@ -49,10 +49,10 @@ def test_demo_fast_prints_table_with_the_theorys_predictions(demo_output):
     assert sorted(rows) == list(RUN_NAMES)
     predicted = {name: row[2] for name, row in rows.items()}
     assert predicted == {
-        "1_hard_labels": "divergent",
-        "2_l2_regularization": "lazy",
-        "3_label_smoothing": "lazy",
-        "4_narrow": "lazy",
+        "1_hard_labels": "diverging",
+        "2_l2_regularization": "bounded",
+        "3_label_smoothing": "bounded",
+        "4_narrow": "bounded",
     }
     for row in rows.values():
         assert row[3] in ("lazy", "drifting", "broken")

@@ -128,8 +128,8 @@ def test_kernel_matrix_and_spectrum_of_known_blocks():
 
 def test_logits_and_params_closed_forms():
     logits = torch.tensor([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]], dtype=DT)
-    # row 0 centered: (-1, 0, 1), norm √2; row 1: 0
-    torch.testing.assert_close(logit_norm(logits), torch.tensor(math.sqrt(2) / 2, dtype=DT))
+    # row 0 centered: (-1, 0, 1), norm √2, in margin units ×√(3/2): √3; row 1: 0
+    torch.testing.assert_close(logit_norm(logits), torch.tensor(math.sqrt(3) / 2, dtype=DT))
     torch.testing.assert_close(logit_norm(logits + 100.0), logit_norm(logits))
     p0 = {"w": torch.tensor([3.0, 4.0]), "b": torch.tensor([0.0])}
     pt = {"w": torch.tensor([3.0, 4.0]), "b": torch.tensor([5.0])}

@@ -147,3 +147,36 @@ def test_verbose_prints_one_line_per_report(verbose, caplog):
         assert monitor.history[0].verdict in lines[0]
     else:
         assert lines == []
+
+
+def test_messages_name_only_arguments_of_the_monitor():
+    import dataclasses
+
+    from lightning_ntk import NTKMonitor
+    from lightning_ntk.monitor._setup import Setup
+    from lightning_ntk.monitor._verdict import LogitContext, Thresholds, diagnose
+
+    arguments = {f.name for f in dataclasses.fields(NTKMonitor)}
+    growing = diagnose(
+        relative_change=0.0,
+        linearization_error=0.0,
+        slope=0.7,
+        finite=True,
+        thresholds=Thresholds(),
+        predicted_regime="unknown",
+        context=LogitContext(logit_norm=5.0, step=800),
+    )
+    texts = [Setup().prediction()["reason"], Setup(task="binary").prediction()["reason"]]
+    texts.append(growing.message)
+    named = {name for text in texts for name in re.findall(r"`([a-z_]+)`", text)}
+    assert named and named <= arguments, sorted(named - arguments)
+
+
+def test_task_is_a_setting_stated_in_the_set_up():
+    from lightning_ntk import NTKMonitor
+
+    with pytest.raises(ValueError, match=r"Expected `task` to be one of \('multiclass'"):
+        NTKMonitor(task="softmax")
+    monitor = NTKMonitor(n_probe=6, every_n_steps=2, log_base=None, task="multiclass")
+    _fit([monitor], False, max_steps=4)
+    assert monitor.history[-1].setup.startswith("task multiclass (declared)")

@@ -29,6 +29,7 @@ NON_DEFAULTS = {
     "thresholds": {"relative_change": [0.2, 0.9]},
     "weight_decay": 0.01,
     "label_smoothing": 0.1,
+    "task": "binary",
     "seed": 5,
     "batch_to_xy": lambda batch: batch,
 }

@@ -15,7 +15,7 @@ class _Report:
     step = 8
     verdict = "lazy"
     causes = ()
-    predicted_regime = "lazy"
+    predicted_regime = "bounded"
     message = "fine"
 
 

@@ -277,7 +277,7 @@ def test_regime_from_optimizer_and_loss():
     model, weights, vectors = _params()
     hard = predict_regime(optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
     assert isinstance(hard, RegimePrediction)
-    assert hard.regime == "divergent" and not hard.lazy
+    assert hard.regime == "diverging" and not hard.bounded
     assert "hard one-hot" in hard.reason and "λ = 0" in hard.reason
     assert hard.weight_decay == 0.0 and hard.min_target_prob == 0.0
 
@@ -285,11 +285,11 @@ def test_regime_from_optimizer_and_loss():
         optimizer=torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=1e-3),
         loss=nn.CrossEntropyLoss(),
     )
-    assert decayed.regime == "lazy" and decayed.weight_decay == pytest.approx(1e-3)
+    assert decayed.regime == "bounded" and decayed.weight_decay == pytest.approx(1e-3)
     assert not decayed.decoupled_decay and "L2 regularisation" in decayed.reason
 
     adamw = predict_regime(optimizer=torch.optim.AdamW(model.parameters()))
-    assert adamw.lazy and adamw.decoupled_decay and adamw.weight_decay == pytest.approx(0.01)
+    assert adamw.bounded and adamw.decoupled_decay and adamw.weight_decay == pytest.approx(0.01)
     assert "not an L2 term" in adamw.reason
     adam = torch.optim.Adam(model.parameters(), weight_decay=0.1, decoupled_weight_decay=True)
     assert predict_regime(optimizer=adam).decoupled_decay
@@ -303,7 +303,7 @@ def test_regime_from_optimizer_and_loss():
         [{"params": weights[:1], "weight_decay": 5e-4}, {"params": vectors[:1]}], lr=0.1
     )
     assert "biases / norm" in predict_regime(optimizer=same_length).reason
-    assert excluded.lazy and excluded.weight_decay == pytest.approx(5e-4)
+    assert excluded.bounded and excluded.weight_decay == pytest.approx(5e-4)
     assert "biases / norm parameters without decay" in excluded.reason
     partial = torch.optim.SGD(
         [
@@ -313,27 +313,27 @@ def test_regime_from_optimizer_and_loss():
         lr=0.1,
     )
     undecayed = predict_regime(optimizer=partial)
-    assert undecayed.regime == "divergent" and undecayed.weight_decay == 0.0
+    assert undecayed.regime == "diverging" and undecayed.weight_decay == 0.0
     assert "minimum" in undecayed.reason
 
     smoothed = predict_regime(loss=nn.CrossEntropyLoss(label_smoothing=0.1), num_classes=10)
-    assert smoothed.lazy and smoothed.min_target_prob == pytest.approx(0.01)
+    assert smoothed.bounded and smoothed.min_target_prob == pytest.approx(0.01)
     assert "label smoothing ε=0.1" in smoothed.reason
     unknown_c = predict_regime(label_smoothing=0.1)
-    assert unknown_c.lazy and math.isnan(unknown_c.min_target_prob)
+    assert unknown_c.bounded and math.isnan(unknown_c.min_target_prob)
 
 
 def test_regime_from_targets():
     soft = torch.tensor([[0.7, 0.2, 0.1], [0.05, 0.9, 0.05]])
     assert predict_regime(targets=soft).min_target_prob == pytest.approx(0.05)
-    assert predict_regime(targets=soft).lazy
+    assert predict_regime(targets=soft).bounded
     degenerate = torch.tensor([[1.0, 0.0], [0.3, 0.7]])
-    assert predict_regime(targets=degenerate).regime == "divergent"
+    assert predict_regime(targets=degenerate).regime == "diverging"
     labels = predict_regime(targets=torch.tensor([0, 2, 1]), label_smoothing=0.3, num_classes=3)
     assert labels.min_target_prob == pytest.approx(0.1)
     # smoothing on top of soft targets: (1 − ε) min + ε / C
     both = predict_regime(targets=degenerate, label_smoothing=0.2)
-    assert both.min_target_prob == pytest.approx(0.1) and both.lazy
+    assert both.min_target_prob == pytest.approx(0.1) and both.bounded
 
 
 def test_regime_rejects_invalid_or_conflicting_input():
@@ -349,12 +349,12 @@ def test_regime_rejects_invalid_or_conflicting_input():
     with pytest.raises(ValueError, match=r"contradicts the loss's label_smoothing=0\.1"):
         predict_regime(label_smoothing=0.2, loss=nn.CrossEntropyLoss(label_smoothing=0.1))
     with pytest.raises(ValueError, match="each row of soft `targets` to sum to 1"):
-        predict_regime(targets=torch.tensor([[0.5, 0.6]]))
+        predict_regime(targets=torch.tensor([[0.5, 0.6]]), task="multiclass")
     with pytest.raises(ValueError, match="probabilities >= 0"):
         predict_regime(targets=torch.tensor([[1.5, -0.5]]))
     with pytest.raises(ValueError, match="`num_classes`=3 columns"):
         predict_regime(targets=torch.tensor([[0.5, 0.5]]), num_classes=3)
-    with pytest.raises(TypeError, match=r"nn\.CrossEntropyLoss or nn\.NLLLoss"):
+    with pytest.raises(TypeError, match=r"NLLLoss or nn\.BCEWithLogitsLoss"):
         predict_regime(loss=nn.MSELoss())
     with pytest.raises(TypeError, match="with `param_groups`"):
         predict_regime(optimizer=object())

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_ntk import NTKReport, NTKTracker, reference_ntk
 from lightning_ntk.metrics import kernel_distance, relative_change
 from lightning_ntk.monitor._schedule import Schedule
-from lightning_ntk.monitor._verdict import Thresholds, diagnose, logit_slope
+from lightning_ntk.monitor._verdict import Signals, Thresholds, diagnose, logit_slope
 from tests._lightning_models import DictDataset, blobs, mlp, one_thread  # noqa: F401
 
 DESIGN_FIELDS = [
@@ -41,6 +41,10 @@ DESIGN_FIELDS = [
     "logit_gap",
     "logit_optimum",
     "setup",
+    "kernel_velocity",
+    "local_linearization_error",
+    "logit_slope",
+    "regime",
 ]
 
 
@@ -67,9 +71,9 @@ def test_report_has_exactly_the_design_fields_and_logged_names():
     numeric = [
         n
         for n in DESIGN_FIELDS
-        if n not in ("verdict", "causes", "predicted_regime", "message", "setup")
+        if n not in ("verdict", "causes", "predicted_regime", "message", "setup", "regime")
     ]
-    assert sorted(scalars) == sorted([f"ntk/{n}" for n in numeric] + ["ntk/lazy"])
+    assert sorted(scalars) == sorted([f"ntk/{n}" for n in numeric] + ["ntk/lazy", "ntk/regime"])
     assert scalars["ntk/lazy"] == {"lazy": 1.0, "drifting": 0.5, "broken": 0.0}[report.verdict]
     assert NTKReport.from_dict(report.to_dict()) == report
     layer_tags = [k for k in tracker.scalars() if k.startswith("ntk/layer/")]
@@ -100,7 +104,9 @@ def test_values_match_the_float64_reference_kernel():
     assert report.param_distance == pytest.approx(dist / norm0, rel=1e-9)
     logits = model.eval()(x)
     centered = logits - logits.mean(dim=1, keepdim=True)
-    assert report.logit_norm == pytest.approx(float(centered.norm(dim=1).mean()), rel=1e-9)
+    margin_units = math.sqrt(3 / 2)  # √(C/(C−1)): a one-hot margin m reads m
+    expected = margin_units * float(centered.norm(dim=1).mean())
+    assert report.logit_norm == pytest.approx(expected, rel=1e-9)
     M = K.permute(0, 2, 1, 3).reshape(10 * 3, 10 * 3)
     eig = torch.linalg.eigvalsh(M)
     assert report.eig_max == pytest.approx(float(eig[-1]), rel=1e-9)
@@ -213,7 +219,7 @@ def test_bad_arguments_raise_clear_errors():
         NTKTracker(x, forward_fn=3, log_base=2)
     with pytest.raises(ValueError, match="`thresholds` keys among"):
         NTKTracker(x, thresholds={"kernel": (0.1, 0.2)})
-    with pytest.raises(ValueError, match="0 < drift <= break"):
+    with pytest.raises(ValueError, match="0 < lower <= alarm"):
         NTKTracker(x, thresholds={"relative_change": (0.5, 0.1)})
     with pytest.raises(ValueError, match="`n_probe` to be at most the dataset size 6 but got 7"):
         NTKTracker(n_probe=7, log_base=2).draw_probe(TensorDataset(x, y))
@@ -322,44 +328,29 @@ def test_logit_slope_reads_growth_per_doubling():
 def test_diagnosis_keeps_logit_divergence_and_kernel_movement_apart():
     t = Thresholds()
     diverging = diagnose(
-        relative_change=0.05,
-        linearization_error=0.05,
-        slope=1.5,
-        finite=True,
+        Signals(relative_change=0.05, linearization_error=0.05, slope=1.5),
         thresholds=t,
-        predicted_regime="divergent",
+        predicted_regime="diverging",
     )
-    assert diverging.verdict == "broken"
+    assert (diverging.regime, diverging.verdict) == ("logits diverging", "broken")
     assert diverging.causes == ["logits diverging"]
     assert "hard one-hot targets" in diverging.message and "weight decay" in diverging.message
-    moving = diagnose(
-        relative_change=3.0,
-        linearization_error=0.1,
-        slope=0.0,
-        finite=True,
-        thresholds=t,
-        predicted_regime="lazy",
-    )
-    assert moving.verdict == "broken"
-    assert moving.causes == ["kernel moving"]
-    assert "wide limit" in moving.message and "learning rate" in moving.message
-    assert "hard one-hot" not in moving.message
+    moving = Signals(relative_change=3.0, linearization_error=0.1, kernel_velocity=1.0, slope=0.0)
+    for expect, verdict in ((None, "drifting"), ("lazy", "broken")):
+        d = diagnose(moving, thresholds=t, predicted_regime="bounded", expect=expect)
+        assert (d.regime, d.verdict, d.causes) == ("feature learning", verdict, ["kernel moving"])
+        assert "hard one-hot" not in d.message and "Logits bounded (+0.00" in d.message
+        assert ("widen the layers" in d.message) == (expect == "lazy")
     lazy = diagnose(
-        relative_change=0.02,
-        linearization_error=0.01,
-        slope=math.nan,
-        finite=True,
+        Signals(relative_change=0.02, linearization_error=0.01),
         thresholds=t,
-        predicted_regime="lazy",
+        predicted_regime="bounded",
     )
-    assert (lazy.verdict, lazy.causes) == ("lazy", [])
+    assert (lazy.regime, lazy.verdict, lazy.causes) == ("lazy", "lazy", [])
     drifting = diagnose(
-        relative_change=0.2,
-        linearization_error=0.01,
-        slope=0.1,
-        finite=True,
+        Signals(relative_change=0.2, linearization_error=0.01, slope=0.1),
         thresholds=t,
-        predicted_regime="lazy",
+        predicted_regime="bounded",
     )
     assert drifting.verdict == "drifting"
 
@@ -382,7 +373,7 @@ def test_hard_labels_diverge_and_label_smoothing_does_not():
             if tracker.is_due(step):
                 report = tracker.update(model, step)
         causes[smoothing] = report.causes
-        expected = "divergent" if smoothing == 0 else "lazy"
+        expected = "diverging" if smoothing == 0 else "bounded"
         assert report.predicted_regime == expected
     assert "logits diverging" in causes[0.0]
     assert "logits diverging" not in causes[0.2]
@@ -453,7 +444,7 @@ def test_linear_model_constant_kernel_but_diverging_logits():
     hard, smooth = reports[0.0], reports[0.2]
     assert hard.relative_change == 0.0 and hard.linearization_error < 1e-5
     assert (hard.verdict, hard.causes) == ("broken", ["logits diverging"])
-    assert "hard one-hot targets and no weight decay" in hard.message
+    assert "hard one-hot targets without weight decay" in hard.message
     assert "kernel" not in hard.message.split(":", 1)[1]
     assert (smooth.verdict, smooth.causes) == ("lazy", [])
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+import re
+import warnings
 
 import pytest
 import torch
@@ -10,7 +14,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_ntk.monitor._setup import LossObserver, Setup, logit_optimum, resolve_setup
-from lightning_ntk.monitor._verdict import LogitContext, Thresholds, diagnose
+from lightning_ntk.monitor._verdict import (
+    LogitContext,
+    Signals,
+    Thresholds,
+    diagnose,
+    regime_of,
+    velocity,
+)
 from lightning_ntk.theory import optimal_logits
 from tests._lightning_models import one_thread  # noqa: F401
 
@@ -45,7 +56,7 @@ def test_soft_targets_and_mixup_are_told_apart():
         observer.add(logits, y, float(F.cross_entropy(logits, y)), step)
     setup = resolve_setup(observer=observer)
     assert observer.smoothing == pytest.approx(0.0, abs=1e-5)
-    assert setup.non_degenerate and setup.prediction()["regime"] == "lazy"
+    assert setup.non_degenerate and setup.prediction()["regime"] == "bounded"
     # mixup of one-hot labels: soft rows, but most classes at probability 0 (degenerate)
     observer = LossObserver()
     g = torch.Generator().manual_seed(1)
@@ -58,7 +69,7 @@ def test_soft_targets_and_mixup_are_told_apart():
         observer=observer, optimizer=torch.optim.SGD([nn.Parameter(torch.ones(2, 2))], lr=1)
     )
     assert setup.non_degenerate is False
-    assert setup.prediction()["regime"] == "divergent"
+    assert setup.prediction()["regime"] == "diverging"
 
 
 def test_a_loss_that_is_not_the_cross_entropy_of_the_logits_stays_unknown():
@@ -83,10 +94,16 @@ def test_an_l2_term_in_the_loss_is_not_taken_for_smoothing():
         l2 = 1e-4 * (step - 1) ** 2  # (λ/2)‖θ − θ0‖² grows from 0 as training moves θ
         observer.add(logits, y, float(F.cross_entropy(logits, y)) + l2, step)
     assert observer.smoothing is None and observer.done
+    assert observer.contradicted
     setup = resolve_setup(observer=observer, loss=nn.CrossEntropyLoss(), weight_decay=1e-3)
-    assert setup.label_smoothing == 0.0  # the module's, with the reason it is unconfirmed
-    assert "not confirmed by training" in setup.sources["label_smoothing"]
-    assert setup.prediction()["regime"] == "lazy"  # from the declared L2 term
+    # the module's smoothing 0 is contradicted by training: no reading rests on it
+    assert setup.label_smoothing is None and setup.task == "multiclass"
+    assert (
+        "CrossEntropyLoss says 0, but the training loss is not" in setup.sources["label_smoothing"]
+    )
+    assert setup.prediction()["regime"] == "bounded"  # from the declared L2 term
+    undecayed = resolve_setup(observer=observer, loss=nn.CrossEntropyLoss(), weight_decay=0.0)
+    assert undecayed.prediction()["regime"] == "unknown"
 
 
 def test_declared_beats_observed_beats_read():
@@ -120,10 +137,7 @@ def test_the_optimum_of_smoothed_targets():
 
 def _diagnose(slope, predicted, **context):
     return diagnose(
-        relative_change=0.02,
-        linearization_error=0.05,
-        slope=slope,
-        finite=True,
+        Signals(relative_change=0.02, linearization_error=0.05, slope=slope),
         thresholds=Thresholds(),
         predicted_regime=predicted,
         context=LogitContext(**context),
@@ -131,47 +145,73 @@ def _diagnose(slope, predicted, **context):
 
 
 def test_logits_short_of_the_optimum_are_converging_whatever_their_slope():
-    converging = _diagnose(1.0, "lazy", logit_norm=3.9, optimum_norm=4.28, step=800)
+    converging = _diagnose(1.0, "bounded", logit_norm=3.9, optimum_norm=4.28, step=800)
     assert (converging.verdict, converging.causes) == ("lazy", [])
     assert "converging" in converging.message
-    overshoot = _diagnose(1.0, "lazy", logit_norm=9.0, optimum_norm=4.28, step=800)
+    overshoot = _diagnose(1.0, "bounded", logit_norm=9.0, optimum_norm=4.28, step=800)
     assert (overshoot.verdict, overshoot.causes) == ("broken", ["logits diverging"])
-    assert "past the optimum" in overshoot.message
+    assert overshoot.regime == "logits diverging" and "past the optimum" in overshoot.message
 
 
 def test_hard_targets_diverge_and_an_unknown_set_up_states_the_condition():
-    diverging = _diagnose(1.0, "divergent", logit_norm=8.0, step=800)
+    diverging = _diagnose(1.0, "diverging", logit_norm=8.0, step=800)
     assert (diverging.verdict, diverging.causes) == ("broken", ["logits diverging"])
-    assert "hard one-hot targets and no weight decay" in diverging.message
+    assert "hard one-hot targets without weight decay predict" in diverging.message
+    assert "+1.00 per doubling of steps (alarm at 0.8)" in diverging.message
     unknown = _diagnose(1.0, "unknown", logit_norm=8.0, step=800)
     assert (unknown.verdict, unknown.causes) == ("drifting", ["logits growing"])
-    assert "if the targets are hard one-hot" in unknown.message
-    assert "hard one-hot targets and no" not in unknown.message
+    assert "with hard one-hot targets and no weight decay this is" in unknown.message
+    assert "alarm" not in unknown.message  # an unknown set-up never raises the alarm
     lazy_unknown = _diagnose(math.nan, "unknown", step=800)
-    assert lazy_unknown.verdict == "lazy" and "if the targets are hard" in lazy_unknown.message
+    assert lazy_unknown.verdict == "lazy" and "with hard one-hot" in lazy_unknown.message
+    # hints name only settings both NTKTracker and NTKMonitor take
+    for message in (unknown.message, lazy_unknown.message):
+        assert "`label_smoothing`" in message and "`loss`" not in message
+
+
+def test_the_set_up_s_older_prediction_names_are_read_as_the_new_ones():
+    old = _diagnose(1.0, "divergent", logit_norm=8.0, step=800)
+    assert old == _diagnose(1.0, "diverging", logit_norm=8.0, step=800)
 
 
 def test_l2_only_waits_for_the_equilibrium_time():
-    early = _diagnose(1.0, "lazy", logit_norm=8.0, equilibrium_step=1000, step=800)
+    early = _diagnose(1.0, "bounded", logit_norm=8.0, equilibrium_step=1000, step=800)
     assert (early.verdict, early.causes) == ("drifting", ["logits growing"])
     assert "1000 steps" in early.message
-    late = _diagnose(1.0, "lazy", logit_norm=8.0, equilibrium_step=100, step=800)
+    late = _diagnose(1.0, "bounded", logit_norm=8.0, equilibrium_step=100, step=800)
     assert (late.verdict, late.causes) == ("broken", ["logits diverging"])
 
 
-def test_message_names_the_signal_that_set_the_verdict():
-    d = diagnose(
-        relative_change=0.48,
-        linearization_error=0.52,
-        slope=0.0,
-        finite=True,
-        thresholds=Thresholds(),
-        predicted_regime="lazy",
+def test_feature_learning_is_information_unless_laziness_was_expected():
+    moved = Signals(relative_change=0.48, linearization_error=0.52, kernel_velocity=0.3, slope=0.0)
+    told = diagnose(moved, thresholds=Thresholds(), predicted_regime="bounded")
+    assert (told.regime, told.verdict) == ("feature learning", "drifting")
+    assert told.causes == ["kernel moving", "linearization error"]
+    assert "widen" not in told.message and "alarm" not in told.message
+    expected = diagnose(moved, thresholds=Thresholds(), predicted_regime="bounded", expect="lazy")
+    assert (expected.regime, expected.verdict) == ("feature learning", "broken")
+    # one sentence per finding, each value with the levels that read it
+    assert "linearization error 0.52 (lazy below 0.2, alarm at 0.5)" in expected.message
+    assert "kernel relative change 0.48 (lazy below 0.1, alarm at 0.5)" in expected.message
+    assert "widen the layers" in expected.message and "below break" not in expected.message
+
+
+def test_a_settled_kernel_with_a_good_local_linearization_is_locally_linear():
+    t = Thresholds()
+    settled = Signals(
+        relative_change=5.0, linearization_error=0.9, kernel_velocity=0.02,
+        local_linearization_error=0.05, previous_step=64,
+    )  # fmt: skip
+    d = diagnose(settled, thresholds=t, predicted_regime="bounded")
+    assert (d.regime, d.verdict) == ("locally linear", "drifting")
+    assert "around step 64's parameters" in d.message
+    assert regime_of(dataclasses.replace(settled, kernel_velocity=0.5), t) == "feature learning"
+    assert regime_of(dataclasses.replace(settled, local_linearization_error=0.5), t) == (
+        "feature learning"
     )
-    assert d.verdict == "broken" and d.causes == ["kernel moving", "linearization error"]
-    head = d.message.split(";")[0]
-    assert "linearization error (0.52 ≥ break threshold 0.5)" in head
-    assert "relative change 0.48 ≥ drift threshold 0.1, below break 0.5" in d.message
+    assert regime_of(Signals(relative_change=0.01, linearization_error=0.01), t) == "lazy"
+    assert regime_of(Signals(), t) == "unknown"
+    assert velocity(1.0, 16, 4) == pytest.approx(0.5) and velocity(1.0, 4, 0) == pytest.approx(0.5)
 
 
 # ---------------------------------------------------------------------- through the tracker
@@ -233,7 +273,7 @@ def test_batchnorm_cnn_at_lr_0_is_lazy_with_zero_drift_at_every_report(momentum)
     # the deployed function's kernel (running statistics) does move
     assert trackers["running"].history[-1].relative_change > 1e-3
     assert "inferred from the training loss" in reports[-1].setup
-    assert reports[-1].predicted_regime == "divergent"  # hard labels, λ = 0: both known
+    assert reports[-1].predicted_regime == "diverging"  # hard labels, λ = 0: both known
 
 
 @pytest.mark.slow
@@ -256,20 +296,18 @@ def test_smoothing_given_only_to_f_cross_entropy_in_a_lightning_module():
     monitor = NTKMonitor(n_probe=9, log_base=2)
     pl.Trainer(callbacks=[monitor], **trainer_kwargs(max_steps=16)).fit(model)
     last = monitor.history[-1]
-    assert last.predicted_regime == "lazy", last.setup
+    assert last.predicted_regime == "bounded", last.setup
     assert "label smoothing 0.1 (inferred from the training loss" in last.setup
     assert math.isfinite(last.logit_optimum) and math.isfinite(last.logit_gap)
     for report in monitor.history:
         assert "hard one-hot targets and no" not in report.message
 
 
-def test_one_output_models_and_non_finite_probe_inputs_are_refused_clearly():
+def test_non_finite_probe_inputs_are_refused_clearly():
     from lightning_ntk import NTKTracker
 
     x, y = _images(12)
     x = x.flatten(1)
-    with pytest.raises(ValueError, match=r"one output.*regression is not supported"):
-        NTKTracker(x, y).start(nn.Linear(36, 1))
     x[3, 5] = math.nan
     with pytest.raises(ValueError, match=r"probe inputs hold non-finite values .* rows \[3\]"):
         NTKTracker(x, y).start(nn.Linear(36, 3))
@@ -289,13 +327,14 @@ def test_stop_says_why_in_one_line(caplog):
         every_n_steps=1,
         on_breakdown="stop",
         thresholds={"relative_change": (1e-9, 1e-8)},
+        expect="lazy",
     )
     with caplog.at_level(logging.INFO):
         trainer = pl.Trainer(callbacks=[monitor], **trainer_kwargs(max_steps=20))
         trainer.fit(module_class("pytorch_lightning")())
     assert trainer.global_step == 1
-    lines = [r.getMessage() for r in caplog.records if "NTKMonitor: stopping" in r.getMessage()]
-    assert len(lines) == 1 and "step 1" in lines[0] and "kernel moving" in lines[0]
+    lines = [r.getMessage() for r in caplog.records if "Stopping training" in r.getMessage()]
+    assert len(lines) == 1 and "step 1:" in lines[0] and "kernel relative change" in lines[0]
 
 
 def test_loss_modules_are_found_inside_containers():
@@ -329,3 +368,203 @@ def test_observing_batches_the_model_cannot_take_leaves_the_set_up_unknown():
     assert not tracker.wants_observation
     assert "could not be evaluated" in tracker.setup.sources["label_smoothing"]
     assert tracker.update(model, 1).predicted_regime == "unknown"
+
+
+# ---------------------------------------------------------------------- regimes and alarms
+
+
+def _digits_like(n: int = 320, seed: int = 0):
+    """8×8 single-channel images of 10 classes: a fixed template per class plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    templates = torch.randn(10, 1, 8, 8, generator=g)
+    y = torch.arange(n) % 10
+    return templates[y] + 0.8 * torch.randn(n, 1, 8, 8, generator=g), y
+
+
+def _cnn_module():
+    import pytorch_lightning as pl
+
+    class CNN(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(
+                nn.Conv2d(1, 8, 3, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(8, 16, 3, padding=1),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Flatten(),
+                nn.Linear(16 * 16, 32),
+                nn.ReLU(),
+                nn.Linear(32, 10),
+            )
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=3e-3, weight_decay=0.01)
+
+        def train_dataloader(self):
+            data = torch.utils.data.TensorDataset(*_digits_like())
+            g = torch.Generator().manual_seed(0)
+            return torch.utils.data.DataLoader(data, batch_size=32, shuffle=True, generator=g)
+
+    return CNN()
+
+
+def _fit_recording(monitor, make_module, max_steps, caplog):
+    """Train; return the monitor's breakdown warnings and its verbose lines."""
+    import logging
+
+    import pytorch_lightning as pl
+
+    from lightning_ntk import LinearizationBreakdownWarning
+    from tests._lightning_models import trainer_kwargs
+
+    pl.seed_everything(0, verbose=False)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
+        warnings.simplefilter("always")
+        trainer = pl.Trainer(callbacks=[monitor], **trainer_kwargs(max_steps=max_steps))
+        trainer.fit(make_module())
+    alarms = [str(w.message) for w in caught if w.category is LinearizationBreakdownWarning]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("NTKMonitor")]
+    return alarms, lines
+
+
+def test_an_ordinary_adamw_cnn_is_feature_learning_without_an_alarm(caplog):
+    """A 10k-parameter CNN, AdamW with weight decay: information at every report, no alarm."""
+    from lightning_ntk import NTKMonitor
+
+    monitor = NTKMonitor(n_probe=10, verbose=True)
+    alarms, lines = _fit_recording(monitor, _cnn_module, 256, caplog)
+    reports = monitor.history
+    assert [r.step for r in reports] == [4, 16, 64, 256]
+    assert alarms == [] and all(r.verdict != "broken" for r in reports), alarms
+    assert len(lines) == len(reports)
+    assert all(r.predicted_regime == "bounded" for r in reports)  # weight decay, not "lazy"
+    assert "feature learning" in {r.regime for r in reports}
+    for r in reports:
+        assert "widen the layers" not in r.message and "predicts lazy" not in r.message
+        assert "`loss`" not in r.message and "`optimizer`" not in r.message
+    # the diagnosis strings the regimes together with their steps and figures
+    diagnosis = monitor.diagnosis
+    first, *rest = diagnosis.split("; ")
+    assert first.startswith(f"{reports[0].regime} until step ") or first.startswith(
+        f"{reports[0].regime} throughout (steps 4–256)"
+    ), diagnosis
+    assert re.search(r"feature learning[^;]*kernel velocity \d+\.\d\d", diagnosis), diagnosis
+    assert re.search(r"logit", rest[-1] if rest else first), diagnosis
+
+
+def test_the_previous_report_s_linearization_predicts_the_next_report_s_logits():
+    """Standard parameterization, SGD: the kernel moves early, then settles; from then on
+    the linearization around the previous report's parameters predicts the logits far
+    better than the one around θ0, and its error is the one ``linearize`` gives."""
+    from lightning_ntk import NTKTracker, linearize
+    from lightning_ntk.linearization import linearization_error
+
+    x, y = _digits_like(200)
+    x = x.flatten(1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    tracker = NTKTracker(x[:16], y[:16], optimizer=opt, label_smoothing=0.1, log_base=2)
+    tracker.start(model)
+    previous = {n: p.detach().clone() for n, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(1)
+    for step in range(1, 1025):
+        idx = torch.randint(len(x), (32,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(model(x[idx]), y[idx], label_smoothing=0.1).backward()
+        opt.step()
+        if tracker.is_due(step):
+            report = tracker.update(model, step)
+            local = linearize(model, previous)
+            with torch.no_grad():
+                f = model(x[:16])
+                expected = linearization_error(f, local(x[:16]), local.initial_logits(x[:16]))
+            assert report.local_linearization_error == pytest.approx(float(expected), rel=1e-3)
+            previous = {n: p.detach().clone() for n, p in model.named_parameters()}
+    late = [r for r in tracker.history if r.step >= 256]
+    for r in late:  # measured: local 0.01-0.03 against 0.3-0.6 around θ0
+        assert r.local_linearization_error < 0.2 * r.linearization_error, r
+    early, last = tracker.history[1], tracker.history[-1]
+    assert last.kernel_velocity < 0.5 * max(r.kernel_velocity for r in tracker.history[:6])
+    assert last.regime == "locally linear" and early.regime != "locally linear"
+    assert "locally linear from step" in tracker.diagnosis
+
+
+def test_hard_labels_without_regularization_raise_their_alarm_exactly_once(caplog):
+    from lightning_ntk import NTKMonitor
+    from tests._lightning_models import module_class
+
+    # the trend from step 32 on, so that a short run measures it
+    monitor = NTKMonitor(n_probe=20, log_base=2, thresholds={"min_trend_step": 32}, verbose=True)
+    classifier = module_class("pytorch_lightning")
+    make = functools.partial(classifier, classes=10, width=32, lr=0.2, n=40, batch_size=40)
+    alarms, lines = _fit_recording(monitor, make, 128, caplog)
+    reports = monitor.history
+    assert reports[-1].predicted_regime == "diverging"
+    assert reports[-1].regime == "logits diverging" and reports[-1].verdict == "broken"
+    assert len(alarms) == 1, alarms
+    first = next(r for r in reports if r.verdict == "broken")
+    assert alarms[0].startswith(f"NTKMonitor (ntk/) step {first.step}: ")
+    assert "add weight decay or label smoothing" in alarms[0] and "(alarm at 0.8)" in alarms[0]
+    assert "diverging" in monitor.diagnosis and f"from step {first.step}" in monitor.diagnosis
+    # printed once: the verbose line of the alarm's report leaves its message to the warning
+    assert sum(first.message in line for line in lines) == 0
+    assert len(lines) == len(reports)
+
+
+@pytest.mark.parametrize("expect", [None, "lazy"])
+def test_leaving_the_lazy_regime_warns_once_only_when_laziness_was_expected(expect, caplog):
+    from lightning_ntk import NTKMonitor
+    from tests._lightning_models import module_class
+
+    monitor = NTKMonitor(n_probe=12, log_base=2, expect=expect, label_smoothing=0.1)
+    classifier = module_class("pytorch_lightning")
+    make = functools.partial(classifier, width=64, lr=0.3, label_smoothing=0.1)
+    alarms, _ = _fit_recording(monitor, make, 64, caplog)
+    reports = monitor.history
+    assert reports[0].linearization_error < 0.5 < reports[-1].linearization_error, reports
+    if expect is None:
+        assert alarms == [] and all(r.verdict != "broken" for r in monitor.history)
+        assert not any("widen" in r.message for r in monitor.history)
+    else:
+        assert len(alarms) == 1, alarms
+        assert "Laziness was expected" in alarms[0] and "widen the layers" in alarms[0]
+        first = next(r for r in reports if r.verdict == "broken")
+        assert alarms[0].startswith(f"NTKMonitor (ntk/) step {first.step}: ")
+        assert reports[-1].verdict == "broken"
+
+
+def test_thresholds_travel_as_json_not_in_chart_titles_and_the_summary_names_the_regime(
+    tmp_path,
+):
+    pytest.importorskip("tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_ntk.cli._report import load_run, summarize
+    from lightning_ntk.monitor.loggers import write_layout
+
+    writer = SummaryWriter(str(tmp_path))
+    layout = {}
+    writer_add = writer.add_custom_scalars
+    writer.add_custom_scalars = lambda value: (layout.update(value), writer_add(value))
+    write_layout(writer, Thresholds(logit_slope=(0.4, 0.9)), prefix="ntk/")
+    for step, code in ((4, 0.0), (16, 2.0)):
+        writer.add_scalar("ntk/regime", code, step)
+        writer.add_scalar("ntk/lazy", 0.5, step)
+        writer.add_scalar("ntk/relative_change", 0.3, step)
+    writer.close()
+    titles = [title for charts in layout.values() for title in charts]
+    assert not any("0.4" in t or "0.9" in t or "break" in t for t in titles), titles
+    run = load_run(tmp_path)
+    assert run.thresholds["logit_slope"] == (0.4, 0.9)
+    assert run.thresholds["relative_change"] == Thresholds().relative_change
+    assert f"{run.label}: drifting at step 16 (feature learning)" in summarize([run])

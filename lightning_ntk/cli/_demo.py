@@ -5,11 +5,12 @@ scikit-learn's bundled digits (1,797 8×8 images, 10 classes, standardised; a fi
 test split of 297 images) with :class:`~lightning_ntk.NTKMonitor` and a
 ``TensorBoardLogger`` attached:
 
-1. hard one-hot targets, no regularization — the theory predicts diverging logits;
-2. L2 regularization ``(λ/2)‖θ − θ0‖²`` — predicted lazy;
-3. label smoothing ``ε`` — predicted lazy;
-4. the set-up of (3) at a narrow width — predicted lazy in the wide limit, which a narrow
-   network is far from.
+1. hard one-hot targets, no regularization — the theory predicts diverging logits (the
+   monitor's one alarm);
+2. L2 regularization ``(λ/2)‖θ − θ0‖²`` — bounded logits, lazy at this width;
+3. label smoothing ``ε`` — bounded logits, lazy at this width;
+4. the set-up of (3) at a narrow width — bounded logits, but far from the wide limit: not
+   lazy (feature learning, information rather than an alarm).
 
 The networks are :class:`~lightning_ntk.testing.NTKMLP` (by default one hidden ReLU layer
 of width 4096, or 64 for run 4; NTK parameterization, ``σ_w = √2``, ``σ_b = 0.1``),
@@ -136,6 +137,7 @@ class RunResult:
         test_accuracy: accuracy on the fixed test split.
         logdir: its TensorBoard directory.
         seconds: wall-clock time of the run.
+        diagnosis: the monitor's account of the run (each regime with its steps).
     """
 
     spec: RunSpec
@@ -144,6 +146,7 @@ class RunResult:
     test_accuracy: float
     logdir: Path
     seconds: float
+    diagnosis: str = ""
 
 
 def load_digits_split() -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -220,7 +223,11 @@ def run_demo(
 
 
 def format_table(results: list[RunResult]) -> str:
-    """The results table: set-up, prediction, verdict, drift, accuracy, then each diagnosis."""
+    """The results table, then each run's last message and its regimes over time.
+
+    Columns: set-up, predicted logits, verdict, drift, linearization error, logit growth,
+    test accuracy.
+    """
     header = (
         f"{'run':<21} {'width':>5} {'predicted':>9} {'verdict':>8} {'rel.change':>10} "
         f"{'lin.error':>9} {'logit growth':>12} {'test acc':>8}"
@@ -238,6 +245,7 @@ def format_table(results: list[RunResult]) -> str:
         causes = ", ".join(r.report.causes) or "none"
         lines.append(f"{r.spec.name} (step {r.report.step}; causes: {causes}):")
         lines.append(f"    {r.report.message}")
+        lines.append(f"    The run: {r.diagnosis}.")
     return "\n".join(lines)
 
 
@@ -317,6 +325,7 @@ def _train(
         test_accuracy=accuracy,
         logdir=logdir,
         seconds=time.perf_counter() - start,
+        diagnosis=monitor.diagnosis,
     )
 
 
@@ -326,7 +335,7 @@ def _breakdown_on_one_line(show: Callable[..., None]) -> Callable[..., None]:
 
     def showwarning(message, category, filename, lineno, file=None, line=None) -> None:
         if issubclass(category, LinearizationBreakdownWarning):
-            print(f"NTKMonitor: {message}", file=sys.stderr)
+            print(message, file=sys.stderr)
         else:
             show(message, category, filename, lineno, file, line)
 

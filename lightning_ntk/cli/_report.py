@@ -10,10 +10,11 @@ plots against the step, one line per run:
 * ``linearization_error = ‖f − f_lin‖_F / ‖f − f0‖_F``;
 * the mean centered logit norm ``logit_norm``;
 
-with the verdict thresholds drawn (read from the titles of the custom-scalars layout the
-monitor writes, or the ``ntk/threshold/*`` scalars of logs from earlier versions, else
-the :class:`~lightning_ntk.Thresholds` defaults; for the logits a line rising by the
-break slope per doubling of steps).
+with the verdict thresholds drawn (read from the ``ntk/thresholds`` text the monitor
+writes, or from the layout's chart titles / ``ntk/threshold/*`` scalars of logs from
+earlier versions, else the :class:`~lightning_ntk.Thresholds` defaults; for the logits a
+line rising by the alarm slope per doubling of steps). The summary names each run's last
+verdict and regime (``ntk/regime``).
 
 The text summary needs only the core dependencies; the figure needs matplotlib (the
 ``plot`` extra).
@@ -34,7 +35,7 @@ __all__ = ["NoNTKDataError", "Run", "load_run", "load_runs", "plot_runs", "summa
 EVENT_PREFIX = "events.out.tfevents."
 DIAGNOSIS_TAG = "ntk/diagnosis"
 LAYOUT_TAG = "custom_scalars__config__"
-# chart titles of the layout (lightning_ntk.monitor.loggers.threshold_title)
+# chart titles of the layout in logs of earlier versions
 _TITLE = re.compile(
     r"^(?P<name>kernel relative change|linearization error) "
     r"\(drift (?P<drift>[-+.\de]+), break (?P<brk>[-+.\de]+)\)$"
@@ -44,6 +45,12 @@ _SIGNAL_OF_TITLE = {
     "linearization error": "linearization_error",
 }
 VERDICT_OF_SCORE = {1.0: "lazy", 0.5: "drifting", 0.0: "broken"}
+REGIME_OF_CODE = {  # ntk/regime (lightning_ntk.monitor._verdict.REGIME_CODE)
+    0.0: "lazy",
+    1.0: "locally linear",
+    2.0: "feature learning",
+    3.0: "logits diverging",
+}
 PANELS = (
     ("ntk/relative_change", "kernel drift ‖Θt − Θ0‖ / ‖Θ0‖", "relative_change"),
     (
@@ -87,6 +94,11 @@ class Run:
         """The last verdict, from ``ntk/lazy`` (1 lazy, 0.5 drifting, 0 broken)."""
         score = self.last("ntk/lazy")
         return VERDICT_OF_SCORE.get(score, "unknown")
+
+    @property
+    def regime(self) -> str:
+        """The last regime, from ``ntk/regime`` (``"unknown"`` in logs without it)."""
+        return REGIME_OF_CODE.get(self.last("ntk/regime"), "unknown")
 
 
 def load_runs(logdir: Union[str, Path], *, prefix: str = "ntk/") -> list[Run]:
@@ -157,6 +169,11 @@ def load_run(
         if tag == LAYOUT_TAG:
             for event in accumulator.Tensors(tag):
                 run.thresholds.update(_layout_thresholds(event.tensor_proto, prefix))
+        if tag.startswith(f"{prefix}thresholds"):
+            from ..monitor.loggers import read_thresholds
+
+            for event in accumulator.Tensors(tag):
+                run.thresholds.update(read_thresholds(_text_of(event.tensor_proto)))
         if tag.startswith(f"{prefix}diagnosis"):
             events = accumulator.Tensors(tag)
             if events:
@@ -174,7 +191,7 @@ def summarize(runs: Sequence[Run]) -> str:
         steps = run.scalars.get("ntk/relative_change", ([], []))[0]
         step = steps[-1] if steps else "?"
         lines.append(
-            f"{run.label}: {run.verdict} at step {step} — relative_change "
+            f"{run.label}: {run.verdict} at step {step} ({run.regime}) — relative_change "
             f"{run.last('ntk/relative_change'):.3f}, linearization_error "
             f"{run.last('ntk/linearization_error'):.3f}, logit_norm "
             f"{run.last('ntk/logit_norm'):.2f} (growth {run.last('ntk/logit_growth'):.2f})"
@@ -248,7 +265,7 @@ def _thresholds(runs: Sequence[Run]) -> dict[str, tuple[float, float]]:
         "linearization_error": defaults.linearization_error,
         "logit_slope": defaults.logit_slope,
     }
-    for signal in ("relative_change", "linearization_error"):
+    for signal in ("relative_change", "linearization_error", "logit_slope"):
         logged = [
             run.thresholds.get(signal)
             or (

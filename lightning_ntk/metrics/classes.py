@@ -26,7 +26,7 @@ from ..linearization.distances import (
     _prob_tv_rows,
 )
 from ._alignment import _target_alignment_compute, _target_alignment_update
-from .functional import _logit_norm_rows
+from .functional import TASKS, _logit_norm_rows
 
 __all__ = ["ArgmaxAgreement", "LinearizationError", "LogitNorm", "ProbTV", "TargetAlignment"]
 
@@ -208,10 +208,22 @@ class ArgmaxAgreement(_RowMean):
 
 
 class LogitNorm(_RowMean):
-    """Mean norm of the centered logits ``‖f(x) − mean_a f_a(x)‖_2``."""
+    """Mean size of the logits in margin units (:func:`~lightning_ntk.metrics.logit_norm`).
+
+    Args:
+        task: ``"multiclass"``, ``"binary"``, ``"multilabel"`` or ``None`` (inferred from
+            each batch's shape: one output is binary).
+        **kwargs: passed to ``torchmetrics.Metric``.
+    """
 
     higher_is_better: Optional[bool] = None
 
+    def __init__(self, task: Optional[str] = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if task is not None and task not in TASKS:
+            raise ValueError(f"Expected argument `task` to be one of {TASKS} but got {task!r}.")
+        self.task = task
+
     def update(self, logits: Tensor) -> None:
-        """Add a batch of logits ``(N, C)``."""
-        self._add(_logit_norm_rows(logits))
+        """Add a batch of logits ``(N, C)`` (``(N,)`` or ``(N, 1)`` for one binary output)."""
+        self._add(_logit_norm_rows(logits, self.task))

@@ -18,6 +18,7 @@ The linearization metrics (:func:`linearization_error`, :func:`prob_tv`,
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -42,6 +43,7 @@ __all__ = [
     "param_distance",
     "prob_tv",
     "relative_change",
+    "softmax_form",
     "spectrum",
     "target_alignment",
     "targets_matrix",
@@ -93,19 +95,48 @@ def kernel_distance(K_t: Tensor, K_0: Tensor) -> Tensor:
 # ---------------------------------------------------------------------- logits, parameters
 
 
-def logit_norm(logits: Tensor) -> Tensor:
-    """Mean over rows of ``‖f(x) − mean_a f_a(x)‖_2``, the size of the centered logits.
+def logit_norm(logits: Tensor, task: Optional[str] = None) -> Tensor:
+    """Mean size of the logits in margin units, the part of the logits that can diverge.
 
-    Softmax ignores a per-row constant, so this is the part of the logits that can
-    diverge.
+    Softmax ignores a per-row constant, so a multiclass row is measured by its centered
+    norm, scaled so that a one-hot margin ``m`` (the target logit ``m`` above the others)
+    reads ``m`` whatever ``C``: ``√(C/(C−1))·‖f(x) − mean_a f_a(x)‖_2`` (the centered norm
+    of that margin is ``m·√((C−1)/C)``). A binary logit ``z`` is the two-class logits
+    ``[0, z]`` (sigmoid(z) = softmax([0, z])₁), whose margin is ``|z|``; a multilabel row
+    is ``K`` such binary problems, averaged. Divergence thresholds read the same for every
+    ``C`` and task.
 
     Args:
-        logits: ``(N, C)``.
+        logits: ``(N, C)``; ``(N, 1)`` or ``(N,)`` for one binary output.
+        task: ``"multiclass"``, ``"binary"`` or ``"multilabel"``; ``None`` infers it from the
+            shape: ``"binary"`` for one output, else ``"multiclass"``.
 
     Returns:
-        A 0-dim tensor.
+        A 0-dim tensor: the mean over rows of ``√(C/(C−1))·‖centered f‖`` (multiclass) or
+        the mean of ``|z|`` over rows and outputs (binary, multilabel).
     """
-    return _logit_norm_rows(logits).mean()
+    return _logit_norm_rows(logits, task).mean()
+
+
+def softmax_form(logits: Tensor, task: Optional[str] = None) -> Tensor:
+    """The logits as softmax logits: sigmoid outputs ``z`` become rows ``[0, z]``.
+
+    Binary cross-entropy on ``z`` is cross-entropy on ``[0, z]``, so every softmax metric
+    (``prob_tv``, ``argmax_agreement``) reads a binary or multilabel model through this form.
+
+    Args:
+        logits: ``(N, C)``; ``(N, 1)`` or ``(N,)`` for one binary output.
+        task: as in :func:`logit_norm`.
+
+    Returns:
+        ``(N, C)`` unchanged for ``"multiclass"``; ``(N·K, 2)`` rows ``[0, z_ik]`` for
+        ``"binary"`` (``K = 1``) and ``"multilabel"`` (row-major over examples, outputs).
+    """
+    z, task = _check_task_logits(logits, task)
+    if task == "multiclass":
+        return z
+    flat = z.reshape(-1, 1)
+    return torch.cat([torch.zeros_like(flat), flat], dim=1)
 
 
 def param_distance(params_t: Mapping[str, Tensor], params_0: Mapping[str, Tensor]) -> Tensor:
@@ -154,16 +185,45 @@ def param_distance(params_t: Mapping[str, Tensor], params_0: Mapping[str, Tensor
 # ---------------------------------------------------------------------- helpers
 
 
-def _logit_norm_rows(logits: Tensor) -> Tensor:
-    """``‖f(x_i) − mean_a f_a(x_i)‖_2`` per row, ``(N,)``."""
+TASKS = ("multiclass", "binary", "multilabel")
+
+
+def _check_task_logits(logits: Tensor, task: Optional[str]) -> tuple[Tensor, str]:
+    """``(logits as (N, C), task)`` after checking both; ``(N,)`` is one binary output."""
     if not isinstance(logits, Tensor):
         raise TypeError(f"Expected `logits` to be a torch.Tensor but got {type(logits).__name__}.")
+    if task is not None and task not in TASKS:
+        raise ValueError(f"Expected `task` to be one of {TASKS} or None but got {task!r}.")
+    if logits.ndim == 1 and task == "binary":
+        logits = logits[:, None]
     if logits.ndim != 2:
         raise ValueError(
             f"Expected `logits` to be of shape (N, C) but got shape {tuple(logits.shape)}."
         )
-    centered = logits - logits.mean(dim=1, keepdim=True)
-    return centered.norm(dim=1)
+    C = logits.shape[1]
+    if task is None:
+        task = "binary" if C == 1 else "multiclass"
+    if task == "multiclass" and C < 2:
+        raise ValueError(
+            f"Expected multiclass `logits` with C >= 2 columns but got shape "
+            f"{tuple(logits.shape)}; one output is a binary classifier (task='binary')."
+        )
+    if task == "binary" and C != 1:
+        raise ValueError(
+            f"Expected binary `logits` of shape (N,) or (N, 1) but got shape "
+            f"{tuple(logits.shape)}; several sigmoid outputs are task='multilabel'."
+        )
+    return logits, task
+
+
+def _logit_norm_rows(logits: Tensor, task: Optional[str] = None) -> Tensor:
+    """Margin-unit logit norm per example, ``(N,)`` (see :func:`logit_norm`)."""
+    z, task = _check_task_logits(logits, task)
+    if task != "multiclass":
+        return z.abs().mean(dim=1)
+    C = z.shape[1]
+    centered = z - z.mean(dim=1, keepdim=True)
+    return centered.norm(dim=1) * (C / (C - 1)) ** 0.5
 
 
 # ---------------------------------------------------------------------- streaming statistics

@@ -21,7 +21,8 @@ exactly zero drift.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, NamedTuple, Optional, TypeVar, cast
 
 import torch
@@ -35,14 +36,31 @@ from ..kernel._inputs import batch_size
 from ..kernel._run import rank_and_world
 from ..kernel.batch_statistics import BatchStatisticsModel, batch_ntk_of, linearized_logits
 from ..linearization import LinearizedModel, argmax_agreement, linearization_error, prob_tv
-from ._setup import Setup, logit_optimum
-from ._verdict import LogitContext, Thresholds, diagnose, logit_slope
+from ..metrics.functional import softmax_form
+from ._setup import Setup, alignment_targets, logit_optimum
+from ._verdict import (
+    LogitContext,
+    Signals,
+    Thresholds,
+    diagnose,
+    logit_slope,
+    predicted_name,
+    velocity,
+)
 from .report import NUMERIC_FIELDS, NTKReport, layer_drift, safe_spectrum, safe_value
 
 if TYPE_CHECKING:
     from .tracker import NTKTracker
 
-__all__ = ["Measurement", "attempt", "measure", "probe_kernel", "snapshot"]
+__all__ = [
+    "Measurement",
+    "ReportPoint",
+    "Snapshot",
+    "attempt",
+    "measure",
+    "probe_kernel",
+    "snapshot",
+]
 
 T = TypeVar("T")
 
@@ -55,14 +73,95 @@ _WORKAROUNDS = {
 }
 
 
+@dataclass
+class ReportPoint:
+    """Where a report was made: the reference of the next report's velocity and local error.
+
+    Attributes:
+        step: the report's step (or ``θ0``'s).
+        theta: ``{name: θ}`` there (detached copies).
+        kernel: ``Θ`` there (``None`` when it could not be computed).
+        target_alignment: ``A(Θ, YYᵀ)`` there (``nan`` without probe labels).
+    """
+
+    step: int
+    theta: dict[str, Tensor]
+    kernel: Optional[Tensor]
+    target_alignment: float = math.nan
+
+
+@dataclass
+class Snapshot:
+    """What :meth:`NTKTracker.start` keeps, and the point of the last report.
+
+    Attributes:
+        theta0: ``{name: θ0}``, detached copies of the selected parameters.
+        logits0: ``f(X; θ0)``, ``(N, C)``.
+        num_classes: ``C``.
+        method: the kernel method.
+        per_layer: whether the kernel is kept per module.
+        start_step: the step of ``θ0``.
+        K0: ``Θ0`` in the tracker's layout (``None`` when it could not be computed).
+        K0_layers: ``{module: its part of Θ0}`` (empty unless ``per_layer``).
+        logit_norm0: mean centered logit norm at ``θ0``.
+        predicted: the set-up's ``{"regime": ..., "reason": ...}``.
+        alignment0: ``A(Θ0, YYᵀ)`` (``nan`` without probe labels).
+        previous: the last report's point; ``None`` before the first report (``θ0``).
+    """
+
+    theta0: dict[str, Tensor]
+    logits0: Tensor
+    num_classes: int
+    method: str
+    per_layer: bool
+    start_step: int
+    K0: Optional[Tensor]
+    K0_layers: dict[str, Tensor]
+    logit_norm0: float
+    predicted: dict[str, str]
+    alignment0: float = math.nan
+    previous: Optional[ReportPoint] = None
+
+    @property
+    def reference(self) -> ReportPoint:
+        """The previous report's point, or ``θ0``'s before the first report."""
+        if self.previous is not None:
+            return self.previous
+        return ReportPoint(self.start_step, self.theta0, self.K0, self.alignment0)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict (tensors as they are) for checkpoints."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "previous"}
+        prev = self.previous
+        out["previous"] = (
+            None if prev is None else {f.name: getattr(prev, f.name) for f in fields(prev)}
+        )
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Snapshot:
+        """Inverse of :meth:`to_dict`; a checkpoint without the newer keys gets defaults."""
+        names = {f.name for f in fields(cls)} - {"previous"}
+        snap = cls(**{k: v for k, v in data.items() if k in names})
+        prev = data.get("previous")
+        snap.previous = None if prev is None else ReportPoint(**prev)
+        return snap
+
+
 class Measurement(NamedTuple):
-    """What one report measured: the report, per-layer drift, ``Θ_t`` and its spectrum."""
+    """What one report measured: the report, per-layer drift, ``Θ_t`` and its spectrum.
+
+    ``point`` is the report's :class:`ReportPoint`, ``predicted`` the set-up's prediction
+    as known at the report; the tracker keeps both.
+    """
 
     report: NTKReport
     layers: dict[str, dict[str, float]]
     kernel: Optional[Tensor]
     eigenvalues: Optional[Tensor]
     failures: dict[str, str]
+    point: ReportPoint
+    predicted: dict[str, str]
 
 
 def attempt(failures: dict[str, str], what: str, fn: Callable[[], T]) -> Optional[T]:
@@ -86,103 +185,217 @@ def attempt(failures: dict[str, str], what: str, fn: Callable[[], T]) -> Optiona
 def measure(tracker: NTKTracker, fm: FunctionalModel, step: int) -> Measurement:
     """One report of ``tracker`` at ``step``, every evaluation through the one view ``fm``.
 
-    Metrics that cannot be computed are ``nan`` (see :func:`safe_value`; a kernel or a
-    linearization PyTorch cannot compute for this model is recorded in ``failures``, see
+    Four parts, each returning its values: the kernel (:func:`_kernel_part`), the
+    linearizations around ``θ0`` and the previous report (:func:`_linearization_part`),
+    the logits against the set-up (:func:`_logit_part`) and the diagnosis. Metrics that
+    cannot be computed are ``nan`` (see :func:`safe_value`; a kernel or a linearization
+    PyTorch cannot compute for this model is recorded in ``failures``, see
     :func:`attempt`); the tracker is not modified.
     """
-    state = tracker.started_state
-    assert state is not None
+    snap = tracker.started_state
     x, y = tracker.probe_on(fm.module)
     x = fm.cast_input(x)
-    theta0 = {n: t.to(fm.device) for n, t in state["theta0"].items()}
     with exact_matmuls(fm.device), torch.no_grad():
         logits = fm(fm.params, x)
     finite = bool(torch.isfinite(logits).all())
-    nan = math.nan
-    values: dict[str, float] = dict.fromkeys(NUMERIC_FIELDS, nan)
-    layers: dict[str, dict[str, float]] = {}
-    kernel: Optional[Tensor] = None
-    eigenvalues: Optional[Tensor] = None
+    setup = _setup_of(tracker)
+    task = setup.metric_task(snap.num_classes)  # how the logit metrics read the outputs
+    values: dict[str, float] = dict.fromkeys(NUMERIC_FIELDS, math.nan)
+    theta0 = {n: t.to(fm.device) for n, t in snap.theta0.items()}
     values["param_distance"] = safe_value(lambda: metrics.param_distance(fm.params, theta0))
     failures: dict[str, str] = {}
-    computed = None
-    if finite and state["K0"] is not None:
-        computed = attempt(
-            failures,
-            "kernel",
-            lambda: probe_kernel(tracker, fm, state["method"], state["per_layer"]),
-        )
-    if computed is not None:
-        K, K_layers = computed
-        K0 = state["K0"].to(K.device)
-        values["relative_change"] = safe_value(lambda: metrics.relative_change(K, K0))
-        values["kernel_distance"] = safe_value(lambda: metrics.kernel_distance(K, K0))
-        if y is not None:
-            values["target_alignment"] = safe_value(
-                lambda: metrics.target_alignment(K, y, num_classes=state["num_classes"])
-            )
-        spec = safe_spectrum(metrics, K)
-        if spec is not None:
-            values.update(
-                eig_max=spec.eig_max,
-                eig_min=spec.eig_min,
-                effective_rank=spec.effective_rank,
-                condition_number=spec.condition_number,
-            )
-        kernel, eigenvalues = K, None if spec is None else spec.eigenvalues
-        layers = layer_drift(metrics, K, K_layers, state["K0_layers"])
+    reference = snap.reference
+    kernel = KernelPart()
     if finite:
-        # f, f0 and f_lin through the same forward: unmoved parameters, exactly zero drift
-        linearized = attempt(failures, "linearized model", lambda: _linearized(fm, theta0, x))
-        if linearized is not None:
-            logits_lin, logits0 = linearized
-            values["linearization_error"] = safe_value(
-                lambda: linearization_error(logits, logits_lin, logits0)
-            )
-            values["prob_tv"] = safe_value(lambda: prob_tv(logits, logits_lin))
-            values["argmax_agreement"] = safe_value(lambda: argmax_agreement(logits, logits_lin))
-        values["logit_norm"] = safe_value(lambda: metrics.logit_norm(logits))
-        norm0 = state["logit_norm0"]
-        values["logit_growth"] = values["logit_norm"] / norm0 if norm0 > 0 else nan
-    steps = [r.step for r in tracker.history] + [step]
-    norms = [r.logit_norm for r in tracker.history] + [values["logit_norm"]]
-    thresholds = cast(Thresholds, tracker.thresholds)  # a Thresholds after NTKSettings' checks
-    slope = logit_slope(steps, norms, thresholds.trend_octaves, thresholds.min_trend_step)
-    try:
-        setup = tracker.setup
-    except (TypeError, ValueError) as err:  # a report never raises for the set-up
-        setup = Setup(sources={"weight_decay": f"unknown: not understood ({err})"})
-    predicted = state["predicted"] = setup.prediction()  # observations may have added
-    f_star = logit_optimum(setup, y, state["num_classes"])
-    if f_star is not None and finite:
-        centered = logits.double() - logits.double().mean(dim=1, keepdim=True)
-        f_star = f_star.to(centered.device)
-        values["logit_gap"] = float((centered - f_star).norm(dim=1).mean())
-        values["logit_optimum"] = float(f_star.norm(dim=1).mean())
-    diagnosis = diagnose(
+        kernel = _kernel_part(tracker, fm, snap, y, task, step, failures)
+        values.update(kernel.values)
+        values.update(_linearization_part(fm, theta0, snap.previous, x, logits, task, failures))
+    predicted, logit_values, context = _logit_part(setup, snap, logits, y, task, finite, step)
+    values.update(logit_values)
+    values["logit_slope"] = _slope(tracker, step, values["logit_norm"])
+    signals = Signals(
         relative_change=values["relative_change"],
         linearization_error=values["linearization_error"],
-        slope=slope,
+        kernel_velocity=values["kernel_velocity"],
+        local_linearization_error=values["local_linearization_error"],
+        slope=values["logit_slope"],
         finite=finite,
-        thresholds=thresholds,
+        target_alignment=values["target_alignment"],
+        previous_alignment=reference.target_alignment,
+        previous_step=reference.step,
+    )
+    diagnosis = diagnose(
+        signals,
+        thresholds=cast(Thresholds, tracker.thresholds),  # a Thresholds after the settings' checks
         predicted_regime=predicted["regime"],
-        context=LogitContext(
-            logit_norm=values["logit_norm"],
-            optimum_norm=values["logit_optimum"],
-            equilibrium_step=setup.equilibrium_step,
-            step=step,
-        ),
+        expect=tracker.expect,
+        context=context,
     )
     report = NTKReport(
         step=step,
         **values,
         verdict=diagnosis.verdict,
         causes=list(diagnosis.causes),
-        predicted_regime=predicted["regime"],
+        predicted_regime=predicted_name(predicted["regime"]),
         message=diagnosis.message,
         setup=setup.describe(),
+        regime=diagnosis.regime,
     )
-    return Measurement(report, layers, kernel, eigenvalues, failures)
+    point = ReportPoint(
+        step,
+        {n: p.detach().clone() for n, p in fm.params.items()},
+        kernel.kernel,
+        values["target_alignment"],
+    )
+    return Measurement(
+        report, kernel.layers, kernel.kernel, kernel.eigenvalues, failures, point, predicted
+    )
+
+
+@dataclass
+class KernelPart:
+    """The kernel's part of a report: its values, per-layer drift, ``Θ_t``, its spectrum."""
+
+    values: dict[str, float] = field(default_factory=dict)
+    layers: dict[str, dict[str, float]] = field(default_factory=dict)
+    kernel: Optional[Tensor] = None
+    eigenvalues: Optional[Tensor] = None
+
+
+def _kernel_part(
+    tracker: NTKTracker,
+    fm: FunctionalModel,
+    snap: Snapshot,
+    y: Optional[Tensor],
+    task: str,
+    step: int,
+    failures: dict[str, str],
+) -> KernelPart:
+    """``Θ_t``: its drift from ``Θ0``, its velocity since the last report, alignment, spectrum."""
+    if snap.K0 is None:
+        return KernelPart()
+    computed = attempt(
+        failures, "kernel", lambda: probe_kernel(tracker, fm, snap.method, snap.per_layer)
+    )
+    if computed is None:
+        return KernelPart()
+    K, K_layers = computed
+    K0 = snap.K0.to(K.device)
+    values = {
+        "relative_change": safe_value(lambda: metrics.relative_change(K, K0)),
+        "kernel_distance": safe_value(lambda: metrics.kernel_distance(K, K0)),
+    }
+    reference = snap.reference
+    if reference.kernel is not None:
+        K_prev = reference.kernel.to(K.device)
+        change = safe_value(lambda: metrics.relative_change(K, K_prev))
+        values["kernel_velocity"] = velocity(change, step, reference.step)
+    if y is not None:
+        targets = alignment_targets(y, task)
+        values["target_alignment"] = safe_value(
+            lambda: metrics.target_alignment(K, targets, num_classes=snap.num_classes)
+        )
+    spec = safe_spectrum(metrics, K)
+    if spec is not None:
+        values.update(
+            eig_max=spec.eig_max,
+            eig_min=spec.eig_min,
+            effective_rank=spec.effective_rank,
+            condition_number=spec.condition_number,
+        )
+    layers = layer_drift(metrics, K, K_layers, snap.K0_layers)
+    return KernelPart(values, layers, K, None if spec is None else spec.eigenvalues)
+
+
+def _linearization_part(
+    fm: FunctionalModel,
+    theta0: dict[str, Tensor],
+    previous: Optional[ReportPoint],
+    x: Any,
+    logits: Tensor,
+    task: str,
+    failures: dict[str, str],
+) -> dict[str, float]:
+    """The network against its linearization around ``θ0`` and around the last report.
+
+    ``linearization_error``, ``prob_tv``, ``argmax_agreement`` against
+    ``f_lin(θ_t) = f(θ0) + J0 (θ_t − θ0)``; ``local_linearization_error`` against
+    ``f(θ_prev) + J_prev (θ_t − θ_prev)``, one more ``jvp`` (none before the first report,
+    where the two coincide). ``f``, ``f0`` and the constant part of ``f_lin`` go through
+    the same forward: unmoved parameters give exactly zero.
+    """
+    values: dict[str, float] = {}
+    linearized = attempt(failures, "linearized model", lambda: _linearized(fm, theta0, x))
+    if linearized is None:
+        return values
+    logits_lin, logits0 = linearized
+    values["linearization_error"] = safe_value(
+        lambda: linearization_error(logits, logits_lin, logits0)
+    )
+    # sigmoid outputs z through their softmax form [0, z]: Bernoulli TV, sign agreement
+    probs, probs_lin = softmax_form(logits, task), softmax_form(logits_lin, task)
+    values["prob_tv"] = safe_value(lambda: prob_tv(probs, probs_lin))
+    values["argmax_agreement"] = safe_value(lambda: argmax_agreement(probs, probs_lin))
+    if previous is None:
+        values["local_linearization_error"] = values["linearization_error"]
+        return values
+    theta_prev = {n: t.to(fm.device) for n, t in previous.theta.items()}
+    local = attempt(failures, "linearized model", lambda: _linearized(fm, theta_prev, x))
+    if local is not None:
+        values["local_linearization_error"] = safe_value(
+            lambda: linearization_error(logits, local[0], local[1])
+        )
+    return values
+
+
+def _setup_of(tracker: NTKTracker) -> Setup:
+    """The set-up as known now; a report never raises for it."""
+    try:
+        return tracker.setup
+    except (TypeError, ValueError) as err:
+        return Setup(sources={"weight_decay": f"unknown: not understood ({err})"})
+
+
+def _logit_part(
+    setup: Setup,
+    snap: Snapshot,
+    logits: Tensor,
+    y: Optional[Tensor],
+    task: str,
+    finite: bool,
+    step: int,
+) -> tuple[dict[str, str], dict[str, float], LogitContext]:
+    """The logits against what the set-up allows: their norm, growth, optimum and gap.
+
+    Returns the set-up's prediction, the logit values (in the logit norm's margin units
+    for the task) and the context the diagnosis reads the logit trend against.
+    """
+    values: dict[str, float] = {}
+    if finite:
+        values["logit_norm"] = safe_value(lambda: metrics.logit_norm(logits, task))
+        norm0 = float(metrics.logit_norm(snap.logits0.to(logits.device), task))
+        values["logit_growth"] = values["logit_norm"] / norm0 if norm0 > 0 else math.nan
+    predicted = setup.prediction()  # observations may have added to what start knew
+    f_star = logit_optimum(setup, y, snap.num_classes)
+    if f_star is not None and finite:  # in the logit norm's margin units
+        f_star = f_star.to(logits.device)
+        values["logit_gap"] = float(metrics.logit_norm(logits.double() - f_star, task))
+        values["logit_optimum"] = float(metrics.logit_norm(f_star, task))
+    context = LogitContext(
+        logit_norm=values.get("logit_norm", math.nan),
+        optimum_norm=values.get("logit_optimum", math.nan),
+        equilibrium_step=setup.equilibrium_step,
+        step=step,
+    )
+    return predicted, values, context
+
+
+def _slope(tracker: NTKTracker, step: int, logit_norm: float) -> float:
+    """The logit norm's growth per doubling of steps, this report included."""
+    thresholds = cast(Thresholds, tracker.thresholds)
+    steps = [r.step for r in tracker.history] + [step]
+    norms = [r.logit_norm for r in tracker.history] + [logit_norm]
+    return logit_slope(steps, norms, thresholds.trend_octaves, thresholds.min_trend_step)
 
 
 def _linearized(fm: FunctionalModel, theta0: dict, x: Any) -> tuple[Tensor, Tensor]:
@@ -200,7 +413,7 @@ def _linearized(fm: FunctionalModel, theta0: dict, x: Any) -> tuple[Tensor, Tens
             return LinearizedModel.of(fm, theta0, buffers="current").logits_and_initial(x)
 
 
-def snapshot(tracker: NTKTracker, fm: FunctionalModel, step: int) -> tuple[dict[str, Any], dict]:
+def snapshot(tracker: NTKTracker, fm: FunctionalModel, step: int) -> tuple[Snapshot, dict]:
     """What :meth:`NTKTracker.start` keeps: ``θ0``, ``Θ0``, the initial logits and set-up.
 
     The probe's logits are validated first (a set-up error raises here, before any
@@ -222,30 +435,30 @@ def snapshot(tracker: NTKTracker, fm: FunctionalModel, step: int) -> tuple[dict[
         ) from err
     method = tracker.method
     per_layer = tracker.per_layer if tracker.per_layer is not None else method != "ntk_vp"
-    num_classes = int(logits0.shape[1])
-    if num_classes < 2:
-        raise ValueError(
-            f"The model maps the probe to logits of shape {tuple(logits0.shape)}: one "
-            "output. The monitor's theory and verdicts are about classifiers "
-            "(cross-entropy over C >= 2 logits); for a binary classifier with one "
-            "logit z, pass `output_fn=lambda z: torch.cat([torch.zeros_like(z), z], 1)` "
-            "(the same softmax); regression is not supported."
-        )
+    num_classes = int(logits0.shape[1])  # one output: a binary classifier (sigmoid)
     failures: dict[str, str] = {}
     computed = attempt(failures, "kernel", lambda: probe_kernel(tracker, fm, method, per_layer))
     total, layers = computed if computed is not None else (None, {})
-    state = {
-        "theta0": {n: p.detach().clone() for n, p in fm.params.items()},
-        "logits0": logits0.clone(),
-        "num_classes": num_classes,
-        "method": method,
-        "per_layer": per_layer,
-        "start_step": int(step),
-        "K0": total,
-        "K0_layers": layers,
-        "logit_norm0": float(metrics.logit_norm(logits0)),
-        "predicted": tracker.predict_regime(num_classes),
-    }
+    alignment0 = math.nan
+    if total is not None and tracker.probe_y is not None:
+        task = _setup_of(tracker).metric_task(num_classes)
+        targets = alignment_targets(tracker.probe_y.to(total.device), task)
+        alignment0 = safe_value(
+            lambda: metrics.target_alignment(total, targets, num_classes=num_classes)
+        )
+    state = Snapshot(
+        theta0={n: p.detach().clone() for n, p in fm.params.items()},
+        logits0=logits0.clone(),
+        num_classes=num_classes,
+        method=method,
+        per_layer=per_layer,
+        start_step=int(step),
+        K0=total,
+        K0_layers=layers,
+        logit_norm0=float(metrics.logit_norm(logits0, "binary" if num_classes == 1 else None)),
+        predicted=tracker.predict_regime(num_classes),
+        alignment0=alignment0,
+    )
     return state, failures
 
 

@@ -74,7 +74,8 @@ def draw_probe(
     """Draw ``n_probe`` examples of a map-style dataset, stratified by class.
 
     A random pool of ``min(len, 20·n_probe)`` indices is read (in the generator's order)
-    and, when labels exist, the probe takes classes in turn (round-robin over the classes
+    and, when labels exist (integer labels, or binary 0/1 targets stored as floats), the
+    probe takes classes in turn (round-robin over the classes
     present, each class's examples in pool order), so every class is represented as
     evenly as the pool allows.
 
@@ -111,11 +112,18 @@ def draw_probe(
     with preserved_rng():
         items = [dataset[int(i)] for i in pool]
     x, y = split(collate(items))
-    if y is None or not isinstance(y, Tensor) or y.ndim != 1 or y.is_floating_point():
-        chosen = torch.arange(n_probe)
-    else:
+    if isinstance(y, Tensor) and _class_labels(y):
         chosen = _stratified(y, n_probe)
+    else:
+        chosen = torch.arange(n_probe)
     return _take(x, chosen), (None if y is None else _take(y, chosen))
+
+
+def _class_labels(y: Tensor) -> bool:
+    """Labels to stratify by: integer labels ``(N,)``, or binary 0/1 targets as floats."""
+    if y.ndim != 1:
+        return False
+    return not y.is_floating_point() or bool(((y == 0) | (y == 1)).all())
 
 
 def _stratified(labels: Tensor, n: int) -> Tensor:

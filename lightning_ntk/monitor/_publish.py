@@ -9,6 +9,7 @@ Lightning's own callbacks do.
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Collection, Mapping
 from typing import Any
 
@@ -16,7 +17,14 @@ import torch
 
 from .report import NTKReport
 
-__all__ = ["PROGRESS_BAR_KEYS", "publish", "rank_zero_info", "verbose_line", "with_prefix"]
+__all__ = [
+    "PROGRESS_BAR_KEYS",
+    "publish",
+    "rank_zero_info",
+    "rank_zero_warn",
+    "verbose_line",
+    "with_prefix",
+]
 
 PROGRESS_BAR_KEYS = ("ntk/relative_change", "ntk/lazy")
 
@@ -60,13 +68,15 @@ def with_prefix(name: str, prefix: str) -> str:
     return prefix + name.removeprefix("ntk/")
 
 
-def verbose_line(report: NTKReport, prefix: str) -> str:
-    """One line per report for ``verbose=True``."""
-    return (
-        f"NTKMonitor ({prefix}) step {report.step}: {report.verdict} (relative_change "
-        f"{report.relative_change:.3g}, linearization_error {report.linearization_error:.3g}, "
-        f"logit_growth {report.logit_growth:.3g}). {report.message}"
+def verbose_line(report: NTKReport, prefix: str, message: bool = True) -> str:
+    """One line per report for ``verbose=True``; ``message=False`` leaves the message out."""
+    line = (
+        f"NTKMonitor ({prefix}) step {report.step}: {report.regime or 'unknown'}, verdict "
+        f"{report.verdict} (relative_change {report.relative_change:.3g}, kernel_velocity "
+        f"{report.kernel_velocity:.3g}, linearization_error {report.linearization_error:.3g}, "
+        f"logit_growth {report.logit_growth:.3g})."
     )
+    return f"{line} {report.message}" if message else line
 
 
 def rank_zero_info(namespace: str, message: str) -> None:
@@ -76,3 +86,15 @@ def rank_zero_info(namespace: str, message: str) -> None:
         rank_zero.rank_zero_info(message)
     except (ImportError, AttributeError):
         print(message)
+
+
+def rank_zero_warn(namespace: str, message: str, category: type[Warning]) -> None:
+    """One warning on rank 0 through the namespace's ``rank_zero_warn``, as its callbacks do.
+
+    Lightning attributes it to the user's code; without Lightning it points at the caller.
+    """
+    try:
+        rank_zero = importlib.import_module(f"{namespace}.utilities.rank_zero")
+        rank_zero.rank_zero_warn(message, category=category)
+    except (ImportError, AttributeError):
+        warnings.warn(message, category, stacklevel=3)

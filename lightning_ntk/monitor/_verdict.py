@@ -1,36 +1,40 @@
-"""From measured drift to a verdict, its causes and one sentence with the reason and the fix.
+"""From the measured signals of one report to its regime, its verdict and its message.
 
-Two findings are kept apart because they have different causes and remedies:
+**The regime** says what the network is doing at a report, from measurements only:
 
-* **logits diverging** — the mean centered logit norm keeps growing linearly in
-  ``log(step)`` where the theory allows no finite optimum. Cross-entropy with hard one-hot
-  targets and no regularization has no finite minimiser: the margin grows like
-  ``log t``, i.e. by a constant amount per doubling of steps. The signal is the
-  least-squares slope of ``logit_norm`` against ``log2(step)`` over the reports in the
-  last ``trend_octaves`` doublings of steps. How the slope is read depends on what the
-  set-up allows (:func:`diagnose`):
+* ``"lazy"`` — the linearization around ``θ0`` holds: ``relative_change`` and
+  ``linearization_error`` are below their first thresholds;
+* ``"feature learning"`` — the kernel moves: its velocity
+  ``‖Θ_t − Θ_prev‖_F / ‖Θ_prev‖_F / log2(t / t_prev)`` since the previous report is at
+  least ``settled_velocity`` per doubling of steps, or the network is neither lazy nor
+  locally linear;
+* ``"locally linear"`` — the kernel has settled (velocity below ``settled_velocity``) and
+  the linearization around the previous report's parameters predicts the logits
+  (``local_linearization_error`` below its threshold): a kernel describes the run from
+  there on (Fort et al. 2020: the NTK moves fast early, then settles);
+* ``"logits diverging"`` — the paper's pathology, the one alarm that always fires (see
+  below); also non-finite logits;
+* ``"unknown"`` — neither the kernel nor the linearization could be measured.
 
-  - non-degenerate targets ``t`` (label smoothing, soft labels): the optimum is finite,
-    ``softmax(f*) = t``, centered ``f* = log t − mean(log t)``. Logits still short of
-    ``optimum_overshoot · ‖f*‖`` are converging, whatever their slope; only logits past
-    it and still growing are diverging;
-  - hard targets and no regularization: a steady slope is the predicted divergence;
-  - L2 regularization only: the logits may grow until the regularization's equilibrium,
-    ``~1/(lr·λ)`` steps; before ``equilibrium_factor`` of those the slope only says
-    "logits growing" (at most ``drifting``);
-  - set-up unknown: the slope only says "logits growing" (at most ``drifting``), and the
-    message states the condition under which that growth would be divergence.
-* **kernel moving** — ``relative_change = ‖Θ_t − Θ_0‖_F / ‖Θ_0‖_F`` is large although the
-  logits may well converge: finite-width feature learning (standard parameterization,
-  narrow layers) or a large learning rate.
+**The logit trend** is the least-squares slope of ``logit_norm`` against ``log2(step)``
+over the reports in the last ``trend_octaves`` doublings of steps. Cross-entropy with hard
+one-hot targets and no regularization has no finite minimiser: the margin grows like
+``log t``, a constant amount per doubling. How the slope is read depends on the set-up:
 
-A third signal, ``linearization_error``, says directly how far the model is from its
-linearization ``f_lin``; it is large whenever either finding has gone far.
+* non-degenerate targets ``t`` (label smoothing, soft labels): the optimum is finite,
+  centered ``f* = log t − mean(log t)``. Logits short of ``optimum_overshoot · ‖f*‖``
+  are converging whatever their slope; only logits past it and still growing diverge;
+* hard targets and no regularization: a steady slope is the predicted divergence;
+* L2 regularization only: before ``equilibrium_factor · 1/(lr·λ)`` steps the slope only
+  says "logits growing";
+* set-up unknown: the slope only says "logits growing", and the message says how to
+  declare the set-up.
 
-Each signal has a *drift* and a *break* threshold; the verdict is the worst level:
-``"lazy"`` (below every drift threshold), ``"drifting"``, ``"broken"``, and the message
-names first the signal(s) that set it. Defaults and the measurements behind them:
-``docs/verdicts.md``.
+**The verdict** keeps its three values but names alarm states: ``"broken"`` is an alarm
+(logits diverging or not finite, always; leaving the lazy regime, only with
+``expect="lazy"``), ``"lazy"`` the lazy regime, ``"drifting"`` everything else
+(feature learning, locally linear, logits growing). Thresholds and the measurements
+behind them: ``docs/verdicts.md``.
 """
 
 from __future__ import annotations
@@ -42,6 +46,15 @@ from typing import Optional
 
 VERDICTS = ("lazy", "drifting", "broken")
 LAZY_SCORE = {"lazy": 1.0, "drifting": 0.5, "broken": 0.0}
+EXPECTATIONS = (None, "lazy")
+
+LAZY = "lazy"
+LOCALLY_LINEAR = "locally linear"
+FEATURE_LEARNING = "feature learning"
+DIVERGING = "logits diverging"
+UNKNOWN = "unknown"
+# ``ntk/regime``: its code as a logged scalar (``nan`` when unknown)
+REGIME_CODE = {LAZY: 0.0, LOCALLY_LINEAR: 1.0, FEATURE_LEARNING: 2.0, DIVERGING: 3.0}
 
 CAUSE_LOGITS = "logits diverging"
 CAUSE_GROWING = "logits growing"
@@ -49,16 +62,25 @@ CAUSE_KERNEL = "kernel moving"
 CAUSE_LINEARIZATION = "linearization error"
 CAUSE_NONFINITE = "non-finite logits"
 
+# the set-up's prediction, older names first (the theory's predicted regime was renamed)
+PREDICTED_NAMES = {"lazy": "bounded", "divergent": "diverging"}
+
 
 @dataclass(frozen=True)
 class Thresholds:
-    """Drift / break thresholds of the three signals (see ``docs/verdicts.md``).
+    """Thresholds of the regimes, the alarms and the logit trend (see ``docs/verdicts.md``).
 
     Args:
-        relative_change: ``(drift, break)`` for ``‖Θ_t − Θ_0‖_F / ‖Θ_0‖_F``.
-        linearization_error: ``(drift, break)`` for ``‖f − f_lin‖_F / ‖f − f_0‖_F``.
-        logit_slope: ``(drift, break)`` for the growth of the mean centered logit norm
+        relative_change: ``(lazy, alarm)`` for ``‖Θ_t − Θ_0‖_F / ‖Θ_0‖_F``: below the first
+            the kernel counts as unmoved; the second is an alarm only with ``expect="lazy"``.
+        linearization_error: ``(lazy, alarm)`` for ``‖f − f_lin‖_F / ‖f − f_0‖_F``, read
+            the same way.
+        logit_slope: ``(growing, alarm)`` for the growth of the mean centered logit norm
             per doubling of steps.
+        settled_velocity: kernel velocity (relative change per doubling of steps since
+            the previous report) below which the kernel counts as settled.
+        local_linearization_error: ``‖f − f_lin,prev‖_F / ‖f − f_prev‖_F`` below which the
+            linearization around the previous report's parameters predicts the logits.
         trend_octaves: doublings of steps the slope is fitted over.
         min_trend_step: no slope before this step (the first, fast fitting phase moves
             the logits in every regime).
@@ -71,6 +93,8 @@ class Thresholds:
     relative_change: tuple[float, float] = (0.1, 0.5)
     linearization_error: tuple[float, float] = (0.2, 0.5)
     logit_slope: tuple[float, float] = (0.5, 0.8)
+    settled_velocity: float = 0.1
+    local_linearization_error: float = 0.2
     trend_octaves: float = 2.0
     min_trend_step: int = 100
     optimum_overshoot: float = 1.5
@@ -86,22 +110,79 @@ class Thresholds:
                 or pair[0] > pair[1]
             ):
                 raise ValueError(
-                    f"Expected `{name}` thresholds to be (drift, break) with "
-                    f"0 < drift <= break but got {pair!r}."
+                    f"Expected `{name}` thresholds to be (lower, alarm) with "
+                    f"0 < lower <= alarm but got {pair!r}."
                 )
-        for name in ("trend_octaves", "optimum_overshoot", "equilibrium_factor"):
+        for name in (
+            "settled_velocity",
+            "local_linearization_error",
+            "trend_octaves",
+            "optimum_overshoot",
+            "equilibrium_factor",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"Expected `{name}` to be positive but got {value!r}.")
 
 
 @dataclass(frozen=True)
+class Signals:
+    """What one report measured that the regime and the verdict are read from.
+
+    Attributes:
+        relative_change: ``‖Θ_t − Θ_0‖_F / ‖Θ_0‖_F``.
+        linearization_error: ``‖f − f_lin‖_F / ‖f − f_0‖_F`` (around ``θ0``).
+        kernel_velocity: ``‖Θ_t − Θ_prev‖_F / ‖Θ_prev‖_F / log2(t / t_prev)``.
+        local_linearization_error: ``‖f − f_lin,prev‖_F / ‖f − f_prev‖_F``.
+        slope: logit-norm growth per doubling of steps (``nan`` when not yet known).
+        finite: whether the logits on the probe were finite.
+        target_alignment: ``A(Θ_t, YYᵀ)`` now, and ``previous_alignment`` at the
+            previous report (or ``θ0``).
+        previous_step: the step of the previous report (or of ``θ0``).
+    """
+
+    relative_change: float = math.nan
+    linearization_error: float = math.nan
+    kernel_velocity: float = math.nan
+    local_linearization_error: float = math.nan
+    slope: float = math.nan
+    finite: bool = True
+    target_alignment: float = math.nan
+    previous_alignment: float = math.nan
+    previous_step: int = 0
+
+
+@dataclass(frozen=True)
+class LogitContext:
+    """What the set-up says about the logits' destination (all optional).
+
+    Attributes:
+        logit_norm: the mean centered logit norm now.
+        optimum_norm: mean centered norm of the optimum ``f*`` the targets allow on the
+            probe (finite for non-degenerate targets, ``nan`` when none / unknown).
+        equilibrium_step: ``1/(lr·λ)`` for L2 regularization (``nan`` when none / unknown).
+        step: the report's step.
+    """
+
+    logit_norm: float = math.nan
+    optimum_norm: float = math.nan
+    equilibrium_step: float = math.nan
+    step: int = 0
+
+
+@dataclass(frozen=True)
 class Diagnosis:
-    """The verdict on one report."""
+    """The regime, the verdict, its causes and the message of one report."""
 
     verdict: str
     causes: list[str]
     message: str
+    regime: str = UNKNOWN
+
+
+def predicted_name(regime: str) -> str:
+    """The set-up's prediction as ``"bounded" | "diverging" | "unknown"``."""
+    return PREDICTED_NAMES.get(regime, regime)
 
 
 def logit_slope(
@@ -130,85 +211,82 @@ def logit_slope(
     return sum((t - mean_t) * (v - mean_v) for t, v in pts) / var
 
 
-@dataclass(frozen=True)
-class LogitContext:
-    """What the set-up says about the logits' destination (all optional).
+def velocity(change: float, step: int, previous_step: int) -> float:
+    """``change / log2(step / previous_step)``, step 0 counted as step 1 (``nan`` if no time).
 
-    Attributes:
-        logit_norm: the mean centered logit norm now.
-        optimum_norm: mean centered norm of the optimum ``f*`` the targets allow on the
-            probe (finite for non-degenerate targets, ``nan`` when none / unknown).
-        equilibrium_step: ``1/(lr·λ)`` for L2 regularization (``nan`` when none / unknown).
-        step: the report's step.
+    Args:
+        change: ``‖Θ_t − Θ_prev‖_F / ‖Θ_prev‖_F``.
+        step: the report's step ``t``.
+        previous_step: the step ``t_prev`` of the previous report (or of ``θ0``).
     """
+    doublings = math.log2(max(step, 1) / max(previous_step, 1))
+    return change / doublings if doublings > 0 else math.nan
 
-    logit_norm: float = math.nan
-    optimum_norm: float = math.nan
-    equilibrium_step: float = math.nan
-    step: int = 0
+
+def regime_of(signals: Signals, thresholds: Thresholds) -> str:
+    """The regime of one report from its kernel and linearization signals (not the logits)."""
+    rc, lin = signals.relative_change, signals.linearization_error
+    if not (math.isfinite(rc) or math.isfinite(lin)):
+        return UNKNOWN
+    if (
+        _level(rc, thresholds.relative_change) == 0
+        and _level(lin, thresholds.linearization_error) == 0
+    ):
+        return LAZY
+    v, local = signals.kernel_velocity, signals.local_linearization_error
+    settled = not (v >= thresholds.settled_velocity)  # nan: not measured, not moving
+    if settled and local < thresholds.local_linearization_error:
+        return LOCALLY_LINEAR
+    return FEATURE_LEARNING
 
 
 def diagnose(
+    signals: Signals,
     *,
-    relative_change: float,
-    linearization_error: float,
-    slope: float,
-    finite: bool,
     thresholds: Thresholds,
     predicted_regime: str,
+    expect: Optional[str] = None,
     context: Optional[LogitContext] = None,
 ) -> Diagnosis:
-    """Verdict, causes and message from the signals of one report.
+    """Regime, verdict, causes and message from the signals of one report.
 
     Args:
-        relative_change: kernel drift ``‖Θ_t − Θ_0‖_F / ‖Θ_0‖_F``.
-        linearization_error: ``‖f − f_lin‖_F / ‖f − f_0‖_F``.
-        slope: logit-norm growth per doubling of steps (``nan`` when not yet known).
-        finite: whether the logits on the probe were finite.
-        thresholds: the drift / break thresholds.
-        predicted_regime: ``"lazy"``, ``"divergent"`` or ``"unknown"`` from the set-up.
+        signals: the report's measured signals.
+        thresholds: the thresholds.
+        predicted_regime: ``"bounded"``, ``"diverging"`` or ``"unknown"`` from the set-up.
+        expect: ``"lazy"`` when the user expects lazy training (leaving it is an alarm);
+            ``None`` (default): feature learning is information, not an alarm.
         context: the logits' optimum and the regularization's time scale, when known.
+
+    Returns:
+        The :class:`Diagnosis`; its message has one sentence per finding.
     """
     ctx = context or LogitContext()
-    if not finite:
+    predicted = predicted_name(predicted_regime)
+    if not signals.finite:
         return Diagnosis(
             "broken",
             [CAUSE_NONFINITE],
-            "The logits on the probe set are not finite: training has diverged — lower the "
-            "learning rate.",
+            "Logits not finite on the probe set: training has diverged — lower the learning rate.",
+            DIVERGING,
         )
-    logit_cause, logit_level, logit_note = _logit_finding(slope, thresholds, predicted_regime, ctx)
-    levels = {
-        logit_cause: logit_level,
-        CAUSE_KERNEL: _level(relative_change, thresholds.relative_change),
-        CAUSE_LINEARIZATION: _level(linearization_error, thresholds.linearization_error),
-    }
-    worst = max(levels.values())
-    verdict = VERDICTS[worst]
+    logit_cause, logit_level, logit_note = _logit_finding(signals.slope, thresholds, predicted, ctx)
+    kernel_level = _level(signals.relative_change, thresholds.relative_change)
+    lin_level = _level(signals.linearization_error, thresholds.linearization_error)
+    if expect != "lazy":  # leaving the lazy regime is information, not an alarm
+        kernel_level, lin_level = min(kernel_level, 1), min(lin_level, 1)
+    regime = regime_of(signals, thresholds)
+    if logit_level == 2:
+        regime = DIVERGING
+    levels = {logit_cause: logit_level, CAUSE_KERNEL: kernel_level, CAUSE_LINEARIZATION: lin_level}
+    verdict = VERDICTS[max(levels.values())]
     causes = [cause for cause, level in levels.items() if level > 0]
-    if not causes:
-        return Diagnosis(verdict, [], _lazy_message(predicted_regime, logit_note))
-    values = {
-        logit_cause: slope,
-        CAUSE_KERNEL: relative_change,
-        CAUSE_LINEARIZATION: linearization_error,
-    }
-    pairs = {
-        logit_cause: thresholds.logit_slope,
-        CAUSE_KERNEL: thresholds.relative_change,
-        CAUSE_LINEARIZATION: thresholds.linearization_error,
-    }
-    # the signals that set the verdict first, then the others over their drift threshold
-    order = sorted(causes, key=lambda c: -levels[c])
-    parts = [
-        _part(cause, levels[cause], values[cause], pairs[cause], predicted_regime, ctx)
-        for cause in order
+    sentences = [
+        _regime_sentence(regime, signals, thresholds),
+        _expectation_sentence(signals, thresholds) if expect == "lazy" else "",
+        _logit_sentence(logit_cause, logit_level, logit_note, signals, thresholds, predicted, ctx),
     ]
-    state = "has left" if verdict == "broken" else "is drifting from"
-    message = f"Training {state} the kernel regime: " + "; ".join(parts) + "."
-    if logit_note and logit_level == 0:
-        message += f" ({logit_note}.)"
-    return Diagnosis(verdict, causes, message)
+    return Diagnosis(verdict, causes, " ".join(s for s in sentences if s), regime)
 
 
 def _logit_finding(
@@ -221,18 +299,17 @@ def _logit_finding(
         if not ctx.logit_norm >= thresholds.optimum_overshoot * optimum:
             where = "towards" if ctx.logit_norm < optimum else "near"
             note = (
-                f"logits converging: mean centered norm {ctx.logit_norm:.2f} {where} the "
-                f"{optimum:.2f} of the optimum the targets allow"
+                f"Logits converging: mean centered norm {ctx.logit_norm:.2f} {where} the "
+                f"{optimum:.2f} of the optimum the targets allow."
             )
             return CAUSE_LOGITS, 0, note
         return CAUSE_LOGITS, level, ""
-    if predicted == "divergent":
+    if predicted == "diverging":
         return CAUSE_LOGITS, level, ""
     equilibrium = ctx.equilibrium_step
     if math.isfinite(equilibrium) and equilibrium > 0:
         if ctx.step >= thresholds.equilibrium_factor * equilibrium:
             return CAUSE_LOGITS, level, ""
-        return CAUSE_GROWING, min(level, 1), ""
     return CAUSE_GROWING, min(level, 1), ""
 
 
@@ -242,86 +319,133 @@ def _level(value: Optional[float], pair: tuple[float, float]) -> int:
     return 2 if value >= pair[1] else 1 if value >= pair[0] else 0
 
 
-def _lazy_message(predicted: str, note: str) -> str:
-    tail = f" ({note})." if note else "."
-    if predicted == "divergent":
+def _regime_sentence(regime: str, s: Signals, t: Thresholds) -> str:
+    """One sentence on what the network is doing, with the figures that say so."""
+    if regime == LAZY:
         return (
-            "Training is in the kernel regime so far, but hard one-hot targets without weight "
-            "decay predict diverging logits later — add weight decay or label smoothing to "
-            "stay there" + tail
+            f"Lazy: the linearization around θ0 holds (kernel relative change "
+            f"{s.relative_change:.2f}, linearization error {s.linearization_error:.2f})."
         )
-    if predicted == "unknown":
+    if regime == LOCALLY_LINEAR:
+        moving = (
+            f"moves {s.kernel_velocity:.3f} per doubling of steps"
+            if math.isfinite(s.kernel_velocity)
+            else "is not measured"
+        )
         return (
-            "Training is in the kernel (lazy) regime so far. The set-up (targets, "
-            "regularization) is not known: if the targets are hard one-hot and there is no "
-            "weight decay, the theory predicts diverging logits later" + tail
+            f"Locally linear: the kernel {moving} (settled below {t.settled_velocity:g}) and "
+            f"the linearization around step {s.previous_step}'s parameters predicts the "
+            f"logits (local linearization error {s.local_linearization_error:.2f})."
         )
-    return "Training is in the kernel (lazy) regime: the NTK and the logits are stable" + tail
+    if regime == FEATURE_LEARNING:
+        if math.isfinite(s.kernel_velocity):
+            return (
+                f"Feature learning: the kernel moves {s.kernel_velocity:.2f} per doubling of "
+                f"steps since step {s.previous_step} (relative change "
+                f"{s.relative_change:.2f} since θ0){_alignment_clause(s)}."
+            )
+        return (
+            f"Feature learning: the linearization around θ0 no longer holds (linearization "
+            f"error {s.linearization_error:.2f})."
+        )
+    if regime == UNKNOWN:
+        return "Regime unknown: neither the kernel nor the linearization could be measured."
+    return ""  # logits diverging: the logit sentence says it
 
 
-def _threshold_text(value: float, level: int, pair: tuple[float, float], fmt: str) -> str:
-    if level == 2:
-        return f"{value:{fmt}} ≥ break threshold {pair[1]:g}"
-    return f"{value:{fmt}} ≥ drift threshold {pair[0]:g}, below break {pair[1]:g}"
+def _alignment_clause(s: Signals) -> str:
+    before, now = s.previous_alignment, s.target_alignment
+    if not (math.isfinite(before) and math.isfinite(now)):
+        return ""
+    figures = f"(target alignment {before:.2f} → {now:.2f})"
+    if now > before + 0.01:
+        return f", towards the labels {figures}"
+    if now < before - 0.01:
+        return f", away from the labels {figures}"
+    return f", at a steady alignment with the labels ({now:.2f})"
 
 
-def _part(
+def _expectation_sentence(s: Signals, t: Thresholds) -> str:
+    """With ``expect="lazy"``: the signals past their lazy threshold, with the alarm level."""
+    parts = []
+    if _level(s.relative_change, t.relative_change) > 0:
+        parts.append(
+            f"kernel relative change {s.relative_change:.2f} (lazy below "
+            f"{t.relative_change[0]:g}, alarm at {t.relative_change[1]:g})"
+        )
+    if _level(s.linearization_error, t.linearization_error) > 0:
+        parts.append(
+            f"linearization error {s.linearization_error:.2f} (lazy below "
+            f"{t.linearization_error[0]:g}, alarm at {t.linearization_error[1]:g})"
+        )
+    if not parts:
+        return ""
+    return (
+        "Laziness was expected but training is leaving it: "
+        + " and ".join(parts)
+        + " — widen the layers or lower the learning rate."
+    )
+
+
+def _logit_sentence(
     cause: str,
     level: int,
-    value: float,
-    pair: tuple[float, float],
+    note: str,
+    s: Signals,
+    t: Thresholds,
     predicted: str,
     ctx: LogitContext,
 ) -> str:
-    """One clause naming the signal, its value against its threshold, the reason and the fix."""
-    if cause in (CAUSE_LOGITS, CAUSE_GROWING):
-        measured = (
-            f"centered logit norm +{_threshold_text(value, level, pair, '.2f')} per doubling "
-            "of steps"
-        )
-        if cause == CAUSE_GROWING:
-            if math.isfinite(ctx.equilibrium_step):
-                return (
-                    f"logits growing ({measured}) before the L2 regularization's equilibrium "
-                    f"(~1/(lr·λ) = {ctx.equilibrium_step:.0f} steps): not yet a divergence — "
-                    "watch whether they level off after it"
-                )
-            return (
-                f"logits growing ({measured}); the set-up is not known: if the targets are "
-                "hard one-hot and there is no weight decay, this is the divergence the theory "
-                "predicts (add weight decay or label smoothing); with smoothing or soft targets "
-                "the logits may still be approaching a finite optimum — pass `label_smoothing` "
-                "/ `weight_decay` (or `loss` / `optimizer`) to decide"
-            )
+    """One sentence on the logits: the finding with the level that set it, or the outlook."""
+    alarm = t.logit_slope[1]
+    rising = f"the centered logit norm rises {s.slope:+.2f} per doubling of steps"
+    if level == 2:
         if math.isfinite(ctx.optimum_norm):
             return (
-                f"logits diverging ({measured}) past the optimum the targets allow (mean "
-                f"centered norm {ctx.logit_norm:.2f} against {ctx.optimum_norm:.2f}) — lower "
-                "the learning rate or add weight decay"
+                f"Logits diverging: {rising} (alarm at {alarm:g}), past the optimum the "
+                f"targets allow (mean centered norm {ctx.logit_norm:.2f} against "
+                f"{ctx.optimum_norm:.2f}) — lower the learning rate or add weight decay."
             )
-        if predicted == "divergent":
+        if predicted == "diverging":
             return (
-                f"logits diverging ({measured}): hard one-hot targets and no weight decay, so "
-                "the logits must diverge — add weight decay or label smoothing"
+                f"Logits diverging: {rising} (alarm at {alarm:g}), as hard one-hot targets "
+                "without weight decay predict — add weight decay or label smoothing."
+            )
+        within = t.equilibrium_factor * ctx.equilibrium_step
+        return (
+            f"Logits diverging: {rising} (alarm at {alarm:g}) although the set-up predicts "
+            f"bounded logits: the regularization does not bound them within "
+            f"{t.equilibrium_factor:g} × 1/(lr·λ) = {within:.0f} steps — increase weight "
+            "decay or add label smoothing."
+        )
+    if level == 1:
+        if cause == CAUSE_LOGITS:
+            return f"Logits growing: {rising} (alarm at {alarm:g})."
+        if math.isfinite(ctx.equilibrium_step):
+            return (
+                f"Logits growing: {rising} before the L2 regularization's equilibrium "
+                f"(~1/(lr·λ) = {ctx.equilibrium_step:.0f} steps), not yet a divergence."
             )
         return (
-            f"logits diverging ({measured}) although the set-up predicts bounded logits: the "
-            "regularization is too weak to bound them (its equilibrium takes ~1/(lr·λ) steps) "
-            "— increase weight decay or add label smoothing"
+            f"Logits growing: {rising}; the set-up is not known — with hard one-hot targets "
+            "and no weight decay this is the divergence the theory predicts (declare "
+            "`label_smoothing` and `weight_decay` to tell)."
         )
-    if cause == CAUSE_KERNEL:
-        measured = f"relative change {_threshold_text(value, level, pair, '.2f')}"
-        if predicted == "lazy":
-            reason = (
-                " although the set-up predicts lazy training: the network is far from the "
-                "wide limit (width, parameterization) or the learning rate is large"
-            )
-        else:
-            reason = ": finite-width feature learning or a large learning rate"
-        return f"kernel moving ({measured}){reason} — widen the layers or lower the learning rate"
-    measured = _threshold_text(value, level, pair, ".2f")
+    if note:
+        return note
+    if predicted == "diverging":
+        return (
+            "Logits bounded so far, but hard one-hot targets without weight decay predict "
+            "their divergence — add weight decay or label smoothing."
+        )
+    if predicted == "unknown":
+        return (
+            "Set-up unknown: with hard one-hot targets and no weight decay the theory "
+            "predicts diverging logits (declare `label_smoothing` and `weight_decay` to tell)."
+        )
+    if math.isfinite(s.slope):
+        return f"Logits bounded ({s.slope:+.2f} per doubling of steps)."
     return (
-        f"linearization error ({measured}): the model's outputs no longer match its "
-        "linearization around θ0 (large learning rate or narrow layers) — lower the learning "
-        "rate or widen the layers"
+        f"Logit trend not measured yet (it needs two reports from step {t.min_trend_step}); "
+        "the set-up predicts bounded logits."
     )

@@ -36,6 +36,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import KW_ONLY, dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Optional, Union, cast
 
+import torch
 from torch import Tensor
 
 from ..exceptions import (
@@ -43,8 +44,16 @@ from ..exceptions import (
     LinearizationBreakdownWarning,
     NTKMeasurementWarning,
 )
+from ._observer import OutputCapture
 from ._probe import first_dataloader
-from ._publish import PROGRESS_BAR_KEYS, publish, rank_zero_info, verbose_line, with_prefix
+from ._publish import (
+    PROGRESS_BAR_KEYS,
+    publish,
+    rank_zero_info,
+    rank_zero_warn,
+    verbose_line,
+    with_prefix,
+)
 from ._setup import find_loss
 from ._verdict import Thresholds
 from .loggers import tensorboard_writers, write_extras, write_layout
@@ -54,6 +63,8 @@ from .tracker import NTKReport, NTKTracker
 __all__ = ["NTKMonitor", "NTKMonitorBase", "monitor_class"]  # NTKMonitor: built on first use
 
 ACTIONS = ("warn", "stop", "raise")
+# the autocast dtype of the Trainer's mixed precisions
+_MIXED = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16, "16": torch.float16}
 _SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
 _MODULES = {
     "pytorch_lightning": "lightning_ntk.monitor.callback",
@@ -77,35 +88,42 @@ class NTKMonitorBase(NTKSettings):
     BatchNorm with the probe's own batch statistics, running buffers untouched, dropout
     off) or of the deployed eval-mode function (``normalization="running"``).
 
-    The set-up the verdict is read against (label smoothing, soft or hard targets, weight
-    decay) is taken from the ``weight_decay`` / ``label_smoothing`` settings if given,
-    else inferred from training itself: for the first few batches the monitor keeps the
-    batch's logits (one functional forward at ``on_train_batch_start``) and compares them
-    with the loss ``training_step`` returned, which identifies the label smoothing however
-    the loss is written (``nn.CrossEntropyLoss``, ``F.cross_entropy(...,
-    label_smoothing=ε)``, smoothed soft targets); the weight decay is read from the first
-    optimizer, and an ``nn.CrossEntropyLoss`` found in the module is the fallback. Each
-    report's ``setup`` says what was found and how.
+    The set-up the verdict is read against (task, label smoothing, soft or hard targets,
+    weight decay) is taken from the ``task`` / ``weight_decay`` / ``label_smoothing``
+    settings if given, else inferred from training itself: for the first few batches the
+    monitor keeps the batch's logits — the training step's own, through a forward hook on
+    the module when ``training_step`` calls it once (dropout masks and mixed precision
+    included), else one functional forward at ``on_train_batch_start`` under the
+    Trainer's autocast — and compares them with the loss ``training_step`` returned, which
+    identifies the loss and its label smoothing however it is written
+    (``nn.CrossEntropyLoss``, ``F.cross_entropy(..., label_smoothing=ε)``, smoothed soft
+    targets, ``nn.BCEWithLogitsLoss`` with or without ``pos_weight``); the weight decay
+    is read from the first optimizer, and a loss module found in the module is the
+    fallback, dropped when the training loss contradicts it. Each report's ``setup``
+    says what was found and how.
 
     Args:
         probe_x: probe inputs ``(N, ...)``; ``None`` draws them from the training data.
         probe_y: probe labels ``(N,)`` or soft targets ``(N, C)``.
-        on_breakdown: what to do when the verdict turns ``"broken"``: ``"warn"`` (a
-            :class:`~lightning_ntk.LinearizationBreakdownWarning`, once per transition),
-            ``"stop"`` (stop training on every rank), ``"raise"``
+        on_breakdown: what to do when the verdict turns ``"broken"`` — an alarm: logits
+            diverging (always), or leaving the lazy regime with ``expect="lazy"``. Acted on
+            once per transition into the alarm: ``"warn"`` (a
+            :class:`~lightning_ntk.LinearizationBreakdownWarning` through Lightning's
+            rank-zero warnings), ``"stop"`` (stop training on every rank), ``"raise"``
             (:class:`~lightning_ntk.LinearizationBreakdownError`), or a callable receiving
-            the report (called once per transition).
+            the report.
         prog_bar: show ``<prefix>relative_change`` and ``<prefix>lazy`` in the progress
             bar (on by default, unlike ``self.log``: the verdict is what the monitor is for).
         tensorboard_extras: write the spectrum histogram, kernel image, diagnosis text and
             custom-scalars layout to attached TensorBoard loggers.
         prefix: the start of every logged key (``"ntk/"``: ``ntk/relative_change``, …);
             monitors with different prefixes log side by side on one ``Trainer``.
-        verbose: print each report's verdict and message (on rank 0), like Lightning's
-            ``EarlyStopping(verbose=True)``.
+        verbose: print each report's regime, verdict and message (on rank 0), like
+            Lightning's ``EarlyStopping(verbose=True)``; a message the alarm's warning
+            carries is not printed twice.
         **settings: what is measured and when: every field of
             :class:`~lightning_ntk.monitor.settings.NTKSettings` (``n_probe``, ``output``,
-            ``method``, ``params``, ``every_n_steps``, ``log_base``, ``thresholds``,
+            ``method``, ``params``, ``every_n_steps``, ``log_base``, ``thresholds``, ``expect``,
             ``weight_decay``, ``label_smoothing``, ``forward_fn``, ``output_fn``, …), as
             keywords. ``weight_decay`` and ``label_smoothing`` override what is read from
             the first optimizer and the module's loss; ``forward_fn(pl_module, x)``
@@ -140,7 +158,9 @@ class NTKMonitorBase(NTKSettings):
         self._restored = False
         self._failed = False  # an unexpected failure ended this run's reports
         self._last_verdict: Optional[str] = None
-        self._pending: Optional[tuple[Tensor, Any]] = None  # a batch's logits, its targets
+        self._pending: Optional[tuple[Optional[Tensor], Any]] = None  # re-evaluated logits, y
+        self._capture = OutputCapture()  # the training step's own outputs
+        self._evaluation_error = ""
         self._state_key: Optional[tuple[dict[str, Any], str]] = None
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -214,15 +234,24 @@ class NTKMonitorBase(NTKSettings):
     ) -> None:
         """While the set-up is not established, keep this batch's logits (see the class)."""
         self._pending = None
+        self._capture.release()
         tracker = self.tracker
         if trainer.sanity_checking or self._failed or not tracker.wants_observation:
             return
         try:
             to_xy = cast(Callable[[Any], Any], tracker.batch_to_xy)  # the tracker sets a default
             x, y = to_xy(batch)
-            self._pending = (tracker.training_logits(pl_module, x), y)
         except Exception as err:  # the monitor never ends training for it
-            tracker.observer.stop(f"the training batches could not be evaluated ({err})")
+            tracker.observer.stop(f"the training batches could not be split ({err})")
+            return
+        try:
+            autocast = _MIXED.get(str(getattr(trainer, "precision", "")))
+            self._pending = (tracker.training_logits(pl_module, x, autocast=autocast), y)
+        except Exception as err:  # the training step's own logits may still come
+            self._pending = (None, y)
+            self._evaluation_error = f"{type(err).__name__}: {err}"
+        if tracker.forward_fn is None:  # after the monitor's own forward: the step's calls only
+            self._capture.attach(pl_module)
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
@@ -231,12 +260,9 @@ class NTKMonitorBase(NTKSettings):
         if trainer.sanity_checking:
             return
         pending, self._pending = self._pending, None
+        captured = self._capture.release()
         if pending is not None:
-            loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-            if loss is None:  # manual optimization: training_step returns no loss
-                self.tracker.observer.stop("training_step returned no loss to compare with")
-            else:
-                self.tracker.add_observation(*pending, loss, step=trainer.global_step)
+            self._observe(pending, captured, outputs, trainer.global_step)
         step = trainer.global_step
         if not self._failed and self.tracker.is_due(step):
             self._report(trainer, pl_module, step, epoch_end=False)
@@ -257,6 +283,31 @@ class NTKMonitorBase(NTKSettings):
         self._last_verdict = state_dict.get("last_verdict")
         self._restored = True
         self._probe_given = self.tracker.probe_x is not None
+
+    def _observe(
+        self, pending: tuple[Optional[Tensor], Any], captured: list[Any], outputs: Any, step: int
+    ) -> None:
+        """Hand the batch to the loss observation: the step's own logits when unambiguous."""
+        tracker = self.tracker
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if loss is None:  # manual optimization: training_step returns no loss
+            tracker.observer.stop("training_step returned no loss to compare with")
+            return
+        logits, y = pending
+        if len(captured) == 1:  # the module was called once: its output is the loss's input
+            try:
+                own = tracker.logits_of_output(captured[0])
+                if isinstance(y, Tensor) and own.shape[0] == y.shape[0]:
+                    tracker.add_observation(own, y, loss, step=step, captured=True)
+                    return
+            except Exception:  # fall back on the re-evaluated logits
+                pass
+        if logits is None:
+            tracker.observer.stop(
+                f"the training batches could not be evaluated ({self._evaluation_error})"
+            )
+            return
+        tracker.add_observation(logits, y, loss, step=step)
 
     # ------------------------------------------------------------------ reports
 
@@ -302,31 +353,40 @@ class NTKMonitorBase(NTKSettings):
                     kernel=tracker.kernel_matrix() if tracker.kernel is not None else None,
                     labels=tracker.probe_y,
                     prefix=self.prefix,
+                    diagnosis=tracker.diagnosis,
                 )
+        alarm = self._is_alarm(report)
         if self.verbose and trainer.is_global_zero:
-            rank_zero_info(self._namespace, verbose_line(report, self.prefix))
+            # an alarm's message goes out once, in the warning / the stop line
+            told = alarm and self.on_breakdown in ("warn", "stop")
+            rank_zero_info(self._namespace, verbose_line(report, self.prefix, message=not told))
         self._act(trainer, report)
 
+    @property
+    def diagnosis(self) -> str:
+        """The run so far in one line: each regime with its steps and figures, then the logits."""
+        return self.tracker.diagnosis
+
+    def _is_alarm(self, report: NTKReport) -> bool:
+        """Whether ``report`` enters an alarm state (``"broken"`` after a report that was not)."""
+        return report.verdict == "broken" and self._last_verdict != "broken"
+
     def _act(self, trainer: Any, report: NTKReport) -> None:
-        transition = report.verdict == "broken" and self._last_verdict != "broken"
+        """Act once per transition into an alarm (verdict ``"broken"``)."""
+        transition = self._is_alarm(report)
         self._last_verdict = report.verdict
-        if report.verdict != "broken":
+        if not transition:
             return
         action = self.on_breakdown
+        text = f"NTKMonitor ({self.prefix}) step {report.step}: {report.message}"
         if action == "stop":
-            if not trainer.should_stop:
-                rank_zero_info(
-                    self._namespace, f"NTKMonitor: stopping training at step {report.step}: "
-                    f"{report.message}"
-                )  # fmt: skip
+            rank_zero_info(self._namespace, f"{text} Stopping training.")
             trainer.should_stop = True
         elif action == "raise":
-            raise LinearizationBreakdownError(f"Step {report.step}: {report.message}")
-        elif transition and action == "warn":
-            warnings.warn(
-                f"Step {report.step}: {report.message}", LinearizationBreakdownWarning, stacklevel=2
-            )
-        elif transition and callable(action):
+            raise LinearizationBreakdownError(text)
+        elif action == "warn":
+            rank_zero_warn(self._namespace, text, LinearizationBreakdownWarning)
+        elif callable(action):
             action(report)
 
 

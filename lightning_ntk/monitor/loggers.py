@@ -8,14 +8,17 @@ the default ``prefix="ntk/"``:
 * ``ntk/kernel``: heat map of the ``(N, N)`` kernel (mean over classes), probe sorted by
   class, class blocks outlined, on a diverging colour map centred at 0 with a colour bar
   (:func:`kernel_image`);
-* ``ntk/diagnosis``: the report's verdict, causes and message as text;
-* a custom-scalars layout (:func:`write_layout`) grouping the curves; the verdict
-  thresholds are written into its chart titles, not as scalar series.
+* ``ntk/diagnosis``: the report's regime, verdict, causes and message, and the run's
+  diagnosis so far, as text;
+* a custom-scalars layout (:func:`write_layout`) grouping the curves, and the thresholds
+  as one JSON text (``ntk/thresholds``, read back by ``lightning-ntk report``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import dataclasses
+import json
+from collections.abc import Iterable, Mapping
 from typing import Any, Optional
 
 import torch
@@ -27,8 +30,8 @@ from ._verdict import Thresholds
 __all__ = [
     "is_tensorboard_logger",
     "kernel_image",
+    "read_thresholds",
     "tensorboard_writers",
-    "threshold_title",
     "write_extras",
     "write_layout",
 ]
@@ -50,20 +53,14 @@ def tensorboard_writers(loggers: Iterable[Any]) -> list[Any]:
     return writers
 
 
-def threshold_title(name: str, thresholds: tuple[float, float]) -> str:
-    """A chart title with the thresholds: ``kernel relative change (drift 0.1, break 0.5)``."""
-    drift, brk = thresholds
-    return f"{name} (drift {drift:g}, break {brk:g})"
-
-
 def write_layout(
     writer: Any, thresholds: Optional[Thresholds] = None, *, prefix: str = "ntk/"
 ) -> None:
-    """Add a custom-scalars layout grouping the ``<prefix>*`` curves.
+    """Add a custom-scalars layout grouping the ``<prefix>*`` curves, and the thresholds.
 
-    The drift and break thresholds of the kernel drift and the linearization error
-    (:class:`~lightning_ntk.Thresholds`, default values if ``None``) are part of their
-    chart titles; no constant threshold series are logged.
+    The thresholds (:class:`~lightning_ntk.Thresholds`, default values if ``None``) go
+    into one text summary ``<prefix>thresholds`` holding their JSON (see
+    :func:`read_thresholds`); no constant threshold series are logged.
 
     Args:
         writer: a ``SummaryWriter``-like object.
@@ -76,22 +73,25 @@ def write_layout(
     name = prefix.rstrip("/") or "ntk"
     layout = {
         f"{name}: drift": {
-            threshold_title("kernel relative change", t.relative_change): [
+            "kernel relative change": ["Multiline", [f"{p}relative_change"]],
+            "kernel velocity (relative change per doubling of steps)": [
                 "Multiline",
-                [f"{p}relative_change"],
+                [f"{p}kernel_velocity"],
             ],
-            threshold_title("linearization error", t.linearization_error): [
+            "linearization error (around θ0, around the previous report)": [
                 "Multiline",
-                [f"{p}linearization_error"],
+                [f"{p}linearization_error", f"{p}local_linearization_error"],
             ],
             "kernel distance": ["Multiline", [f"{p}kernel_distance"]],
-            "laziness (1 lazy, 0.5 drifting, 0 broken)": ["Multiline", [f"{p}lazy"]],
+            "regime (0 lazy, 1 locally linear, 2 feature learning, 3 logits diverging)": [
+                "Multiline",
+                [f"{p}regime"],
+            ],
+            "verdict (1 lazy, 0.5 drifting, 0 alarm)": ["Multiline", [f"{p}lazy"]],
         },
         f"{name}: logits": {
-            threshold_title("centered logit norm, slope per doubling of steps", t.logit_slope): [
-                "Multiline",
-                [f"{p}logit_norm", f"{p}logit_growth"],
-            ],
+            "centered logit norm": ["Multiline", [f"{p}logit_norm", f"{p}logit_growth"]],
+            "logit norm slope per doubling of steps": ["Multiline", [f"{p}logit_slope"]],
             "linearized model": ["Multiline", [f"{p}prob_tv", f"{p}argmax_agreement"]],
             "parameter distance": ["Multiline", [f"{p}param_distance"]],
         },
@@ -107,6 +107,27 @@ def write_layout(
         },
     }
     writer.add_custom_scalars(layout)
+    writer.add_text(f"{prefix}thresholds", json.dumps(dataclasses.asdict(t)), 0)
+
+
+def read_thresholds(text: str) -> dict[str, tuple[float, float]]:
+    """``{signal: (lower, alarm)}`` from the JSON text :func:`write_layout` wrote.
+
+    Returns the pairs ``relative_change``, ``linearization_error`` and ``logit_slope``
+    found in it; empty when the text is not such JSON.
+    """
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return {}
+    if not isinstance(data, Mapping):
+        return {}
+    out = {}
+    for signal in ("relative_change", "linearization_error", "logit_slope"):
+        pair = data.get(signal)
+        if isinstance(pair, (list, tuple)) and len(pair) == 2:
+            out[signal] = (float(pair[0]), float(pair[1]))
+    return out
 
 
 def write_extras(
@@ -117,6 +138,7 @@ def write_extras(
     kernel: Optional[Tensor] = None,
     labels: Optional[Tensor] = None,
     prefix: str = "ntk/",
+    diagnosis: Optional[str] = None,
 ) -> None:
     """Write the histogram, kernel figure and diagnosis text of a report.
 
@@ -128,6 +150,8 @@ def write_extras(
         labels: probe labels ``(N,)`` (or soft targets ``(N, C)``) to sort the heat map
             by class and outline the class blocks.
         prefix: the prefix of the tags.
+        diagnosis: the run so far (:attr:`NTKTracker.diagnosis
+            <lightning_ntk.NTKTracker.diagnosis>`), appended to the report's text.
     """
     step = int(report.step)
     if eigenvalues is not None and eigenvalues.numel() and torch.isfinite(eigenvalues).all():
@@ -135,12 +159,14 @@ def write_extras(
     if kernel is not None and torch.isfinite(kernel).all():
         writer.add_image(f"{prefix}kernel", kernel_image(kernel, labels), step, dataformats="CHW")
     causes = ", ".join(report.causes) or "none"
-    writer.add_text(
-        f"{prefix}diagnosis",
-        f"**{report.verdict}** at step {step} (causes: {causes}; predicted regime: "
-        f"{report.predicted_regime}). {report.message}",
-        step,
+    regime = getattr(report, "regime", "") or "unknown"
+    text = (
+        f"**{regime}**, verdict **{report.verdict}** at step {step} (causes: {causes}; "
+        f"predicted logits: {report.predicted_regime}). {report.message}"
     )
+    if diagnosis:
+        text += f"\n\nRun so far: {diagnosis}."
+    writer.add_text(f"{prefix}diagnosis", text, step)
 
 
 def kernel_image(kernel: Tensor, labels: Optional[Tensor] = None) -> Tensor:

@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._verdict import LAZY_SCORE
+from ._verdict import LAZY_SCORE, REGIME_CODE
 
 __all__ = ["NTKReport"]
 
-TEXT_FIELDS = ("verdict", "causes", "predicted_regime", "message", "setup")
+TEXT_FIELDS = ("verdict", "causes", "predicted_regime", "message", "setup", "regime")
 
 
 @dataclass
@@ -45,11 +45,13 @@ class NTKReport:
         eig_min: smallest eigenvalue of the kernel matrix.
         effective_rank: ``exp`` of the entropy of the normalised positive eigenvalues.
         condition_number: ``eig_max / max(eig_min, eps)``.
-        verdict: ``"lazy"``, ``"drifting"`` or ``"broken"``.
+        verdict: ``"lazy"`` (the lazy regime), ``"drifting"`` (not lazy, no alarm: feature
+            learning, locally linear, logits growing) or ``"broken"`` (an alarm: logits
+            diverging, or leaving the lazy regime with ``expect="lazy"``).
         causes: short names of the signals that crossed a threshold.
-        predicted_regime: ``"lazy"``, ``"divergent"`` or ``"unknown"`` (the set-up's
-            prediction from the theory).
-        message: one sentence with the reason and the fix.
+        predicted_regime: ``"bounded"``, ``"diverging"`` or ``"unknown"``: the logits the
+            theory predicts for the set-up (the paper's dichotomy; laziness is measured).
+        message: one sentence per finding, with the figures and the level that set it.
         logit_gap: mean over the probe of ``‖f_c(x) − f*(x)‖_2``, the distance of the
             centered logits from the optimum ``f* = log t − mean(log t)`` their targets
             allow (``nan`` when the targets have no finite optimum or are unknown).
@@ -57,6 +59,17 @@ class NTKReport:
             below it are still converging, not diverging.
         setup: what is known of the set-up (label smoothing, targets, weight decay) and
             where each fact comes from: declared, inferred from the training loss, read.
+        kernel_velocity: ``‖Θ_t − Θ_prev‖_F / ‖Θ_prev‖_F / log2(t / t_prev)``, the kernel's
+            relative change since the previous report (or ``θ0``, step 0 counted as 1) per
+            doubling of steps.
+        local_linearization_error: ``‖f − f_lin,prev‖_F / max(‖f − f_prev‖_F, eps)``: how
+            well the linearization around the previous report's parameters predicts the
+            logits now.
+        logit_slope: growth of ``logit_norm`` per doubling of steps over the last
+            ``trend_octaves`` doublings (``nan`` until two reports from ``min_trend_step``).
+        regime: ``"lazy"``, ``"feature learning"``, ``"locally linear"``,
+            ``"logits diverging"`` or ``"unknown"`` (logged as ``ntk/regime`` 0, 2, 1, 3,
+            ``nan``).
     """
 
     step: int
@@ -80,11 +93,17 @@ class NTKReport:
     logit_gap: float = math.nan
     logit_optimum: float = math.nan
     setup: str = ""
+    kernel_velocity: float = math.nan
+    local_linearization_error: float = math.nan
+    logit_slope: float = math.nan
+    regime: str = ""
 
     def scalars(self) -> dict[str, float]:
-        """``{"ntk/<field>": value}`` for every numeric field, plus ``"ntk/lazy"``.
+        """``{"ntk/<field>": value}`` for every numeric field, ``ntk/lazy`` and ``ntk/regime``.
 
-        ``ntk/lazy`` is 1.0 for ``"lazy"``, 0.5 for ``"drifting"``, 0.0 for ``"broken"``.
+        ``ntk/lazy`` is 1.0 for ``"lazy"``, 0.5 for ``"drifting"``, 0.0 for ``"broken"``
+        (an alarm); ``ntk/regime`` is 0 lazy, 1 locally linear, 2 feature learning, 3 logits
+        diverging (``nan`` unknown).
         """
         out = {
             f"ntk/{f.name}": float(getattr(self, f.name))
@@ -92,6 +111,7 @@ class NTKReport:
             if f.name not in TEXT_FIELDS
         }
         out["ntk/lazy"] = LAZY_SCORE[self.verdict]
+        out["ntk/regime"] = REGIME_CODE.get(self.regime, math.nan)
         return out
 
     def to_dict(self) -> dict[str, Any]:

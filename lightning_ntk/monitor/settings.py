@@ -17,7 +17,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
-from ._verdict import Thresholds
+from ..theory._targets import TASKS
+from ._verdict import EXPECTATIONS, Thresholds
 
 __all__ = ["METHODS", "OUTPUTS", "NTKSettings", "settings_of"]
 
@@ -60,10 +61,18 @@ class NTKSettings:
             disables.
         thresholds: verdict thresholds, a :class:`~lightning_ntk.Thresholds` or a dict of
             its fields (e.g. ``{"relative_change": [0.1, 0.5]}``).
+        expect: ``"lazy"`` when training is meant to stay in the kernel regime (NTK
+            experiments, wide-limit tests): leaving it is then an alarm (verdict
+            ``"broken"``). ``None`` (default): no expectation — feature learning is
+            reported as information and only diverging logits raise an alarm.
         weight_decay: the optimizer's weight decay, if known (overrides what is read from
             the optimizer).
         label_smoothing: the loss's label smoothing, if known (overrides what is read
             from the loss).
+        task: ``"multiclass"`` (softmax, cross-entropy), ``"binary"`` (one sigmoid
+            output, binary cross-entropy) or ``"multilabel"`` (several sigmoid outputs),
+            as in torchmetrics; ``None`` (default) infers it from the training loss, a
+            loss module, the model's number of outputs and the targets where unambiguous.
         seed: seed of the probe-drawing generator.
         batch_to_xy: ``batch -> (inputs, labels)`` for batches that are not ``(x, y)``, a
             tensor, or a dict with ``x`` / ``y``-like keys.
@@ -83,8 +92,10 @@ class NTKSettings:
     every_n_epochs: Optional[int] = None
     log_base: Optional[float] = 4.0
     thresholds: Union[Thresholds, dict[str, Any], None] = None
+    expect: Optional[str] = None
     weight_decay: Optional[float] = None
     label_smoothing: Optional[float] = None
+    task: Optional[str] = None
     seed: int = 0
     batch_to_xy: Optional[Callable[[Any], Any]] = None
 
@@ -99,6 +110,8 @@ class NTKSettings:
             fn = getattr(self, name)
             if fn is not None and not callable(fn):
                 raise TypeError(f"Expected `{name}` to be callable or None but got {fn!r}.")
+        if self.task is not None and self.task not in TASKS:
+            raise ValueError(f"Expected `task` to be one of {TASKS} or None but got {self.task!r}.")
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(
                 f"Expected `normalization` to be one of {NORMALIZATIONS} but got "
@@ -118,6 +131,10 @@ class NTKSettings:
                 raise ValueError(
                     f"Expected `{name}` to be a non-negative number or None but got {value!r}."
                 )
+        if self.expect not in EXPECTATIONS:
+            raise ValueError(
+                f"Expected `expect` to be one of {EXPECTATIONS} but got {self.expect!r}."
+            )
         self.thresholds = _as_thresholds(self.thresholds)
 
 

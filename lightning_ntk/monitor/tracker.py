@@ -16,15 +16,16 @@ measures the eval-mode function.
 Nothing here imports Lightning; the callback is a thin adapter over this class.
 
 Cost and defaults. One report costs one kernel on the probe (``N²·C²`` entries in the
-``"full"`` layout, computed exactly by :func:`lightning_ntk.empirical_ntk`), one ``jvp``
-and an ``(N·C)²`` eigen-decomposition. The defaults — ``n_probe=16`` and log-spaced
+``"full"`` layout, computed exactly by :func:`lightning_ntk.empirical_ntk`), two ``jvp``
+(the linearizations around ``θ0`` and around the previous report) and an ``(N·C)²``
+eigen-decomposition. The defaults — ``n_probe=16`` and log-spaced
 steps 4, 16, 64, 256, … — keep a run of ``T`` steps at ``⌊log4(T)⌋`` reports and the
 monitor's share of a 512-step run of the demo's network under 5 %
 (``benchmarks/bench_overhead.py``, ``docs/verdicts.md``); the logit trend then needs
 two reports at steps ≥ 100 within a factor 4 (from step 1024 on), so short runs that
-want it set ``log_base=2`` or ``every_n_steps``. Memory: one
-copy of the selected parameters (``θ0``) and ``N²·C²`` numbers per kernel snapshot
-(per layer when ``per_layer`` is on).
+want it set ``log_base=2`` or ``every_n_steps``. Memory: two
+copies of the selected parameters (``θ0`` and the previous report's) and ``N²·C²``
+numbers per kernel snapshot (per layer when ``per_layer`` is on).
 
 Verdict thresholds and the measurements behind them: :mod:`lightning_ntk.monitor._verdict`
 and ``docs/verdicts.md``.
@@ -45,7 +46,8 @@ from ..kernel import _inputs
 from ..kernel._forward import ForwardModule, selector_on_wrapper
 from ..kernel._functional import FunctionalModel, exact_matmuls
 from ..kernel.batch_statistics import measured_model
-from ._measure import measure, snapshot
+from ._measure import Snapshot, measure, snapshot
+from ._observer import active_dropout
 from ._probe import (
     check_finite_probe,
     checked_probe,
@@ -55,6 +57,7 @@ from ._probe import (
 )
 from ._schedule import Schedule
 from ._setup import LossObserver, Setup, resolve_setup
+from ._timeline import timeline
 from ._verdict import Thresholds
 from .report import NTKReport, finite_or
 from .settings import NTKSettings
@@ -90,8 +93,8 @@ class NTKTracker(NTKSettings):
             :class:`~lightning_ntk.monitor.settings.NTKSettings` (``n_probe``, ``output``,
             ``method``, ``params``, ``output_fn``, ``forward_fn``, ``per_layer``,
             ``top_layers``, ``dtype``, ``normalization``, ``every_n_steps``, ``every_n_epochs``,
-            ``log_base``, ``thresholds``, ``weight_decay``, ``label_smoothing``, ``seed``,
-            ``batch_to_xy``), as keywords.
+            ``log_base``, ``thresholds``, ``expect``, ``weight_decay``, ``label_smoothing``,
+            ``task``, ``seed``, ``batch_to_xy``), as keywords.
     """
 
     probe_x: Optional[Tensor] = None
@@ -115,7 +118,7 @@ class NTKTracker(NTKSettings):
         elif probe_y is not None:
             raise ValueError("`probe_y` was given without `probe_x`.")
 
-        self._state: Optional[dict[str, Any]] = None  # filled by start / load_state_dict
+        self._state: Optional[Snapshot] = None  # filled by start / load_state_dict
         self.history: list[NTKReport] = []
         # what could not be measured for this model ("kernel", "linearized model") -> why
         self.failures: dict[str, str] = {}
@@ -167,8 +170,8 @@ class NTKTracker(NTKSettings):
         return self._state is not None
 
     @property
-    def started_state(self) -> dict[str, Any]:
-        """The snapshot taken by :meth:`start`: ``θ0``, ``Θ0``, initial logits, set-up."""
+    def started_state(self) -> Snapshot:
+        """The snapshot of :meth:`start` (``θ0``, ``Θ0``, logits, set-up) and the last report."""
         if self._state is None:
             raise RuntimeError("Call `start(model)` (or `load_state_dict`) first.")
         return self._state
@@ -212,7 +215,7 @@ class NTKTracker(NTKSettings):
         self._warn_failures(failures)
         self.history = []
         self.layer_history = []
-        self.kernel = state["K0"]
+        self.kernel = state.K0
         self.eigenvalues = None
 
     def update(self, model: nn.Module, step: int) -> NTKReport:
@@ -228,6 +231,9 @@ class NTKTracker(NTKSettings):
             measured = measure(self, self._functional(wrapper), int(step))
         report, layers = measured.report, measured.layers
         self._warn_failures(measured.failures)
+        assert self._state is not None
+        self._state.previous = measured.point  # the next report's velocity and local error
+        self._state.predicted = measured.predicted
         if measured.kernel is not None:
             self.kernel, self.eigenvalues = measured.kernel, measured.eigenvalues
         self.history.append(report)
@@ -257,16 +263,27 @@ class NTKTracker(NTKSettings):
         return out
 
     @property
+    def diagnosis(self) -> str:
+        """The run so far in one line: each regime with its steps and figures, then the logits.
+
+        E.g. ``"lazy until step 16; feature learning 16–256, kernel velocity 0.90 → 0.12
+        per doubling of steps, kernel aligning with the labels (target alignment 0.21 →
+        0.48); locally linear from step 256; logits bounded (+0.05 per doubling of steps)"``.
+        """
+        alignment0 = self._state.alignment0 if self._state is not None else float("nan")
+        return timeline(self.history, self.thresholds, alignment0)  # type: ignore[arg-type]
+
+    @property
     def predicted(self) -> dict[str, str]:
         """``{"regime": ..., "reason": ...}``: the paper's prediction for the set-up."""
         if self._state is None:
             return self.predict_regime(None)
-        return dict(self._state["predicted"])
+        return dict(self._state.predicted)
 
     @property
     def num_classes(self) -> Optional[int]:
         """Number of classes ``C`` (known after :meth:`start`)."""
-        return None if self._state is None else self._state["num_classes"]
+        return None if self._state is None else self._state.num_classes
 
     def kernel_matrix(self) -> Tensor:
         """The last kernel as an ``(N, N)`` matrix (mean over classes), for heat maps."""
@@ -286,7 +303,7 @@ class NTKTracker(NTKSettings):
         """
         state = None
         if self._state is not None:
-            state = {k: _to_cpu(v) for k, v in self._state.items()}
+            state = _to_cpu(self._state.to_dict())
         return {
             "probe_x": _to_cpu(self.probe_x),
             "probe_y": _to_cpu(self.probe_y),
@@ -311,7 +328,8 @@ class NTKTracker(NTKSettings):
         self.probe_y = state_dict["probe_y"]
         if "generator" in state_dict:
             self.generator.set_state(state_dict["generator"])
-        self._state = None if state_dict["state"] is None else dict(state_dict["state"])
+        state = state_dict["state"]
+        self._state = None if state is None else Snapshot.from_dict(state)
         self.history = [NTKReport.from_dict(r) for r in state_dict["history"]]
         self.layer_history = [dict(x) for x in state_dict.get("layer_history", [])]
         self.kernel = state_dict.get("kernel")
@@ -356,9 +374,17 @@ class NTKTracker(NTKSettings):
         return _inputs.map_tensors(self.probe_x, lambda t: t.to(device)), y
 
     def predict_regime(self, num_classes: Optional[int] = None) -> dict[str, str]:
-        """The theory's regime for the set-up as known now (``"unknown"`` if it is not)."""
+        """The theory's bounded / diverging logits for the set-up as known now.
+
+        Args:
+            num_classes: the model's number of outputs ``C`` (one output is a binary
+                classifier); default: the one found by :meth:`start`.
+
+        Returns:
+            ``{"regime": "bounded" | "diverging" | "unknown", "reason": ...}``.
+        """
         try:
-            return self.setup.prediction()
+            return self.resolve_setup(num_classes).prediction()
         except (TypeError, ValueError) as err:
             return {"regime": "unknown", "reason": f"set-up not understood: {err}"}
 
@@ -372,6 +398,10 @@ class NTKTracker(NTKSettings):
             TypeError / ValueError: an optimizer without ``param_groups`` or a negative
                 weight decay.
         """
+        return self.resolve_setup(self.num_classes)
+
+    def resolve_setup(self, num_outputs: Optional[int]) -> Setup:
+        """:attr:`setup` for a model with ``num_outputs`` outputs (one output: binary)."""
         return resolve_setup(
             weight_decay=self.weight_decay,
             label_smoothing=self.label_smoothing,
@@ -379,6 +409,8 @@ class NTKTracker(NTKSettings):
             loss=self.loss,
             probe_y=self.probe_y,
             observer=self.observer,
+            task=self.task,
+            num_outputs=num_outputs,
         )
 
     @property
@@ -390,47 +422,97 @@ class NTKTracker(NTKSettings):
         """
         return self.started and self.label_smoothing is None and self.observer.wants_more
 
-    def training_logits(self, model: nn.Module, x: Any) -> Tensor:
+    def training_logits(
+        self, model: nn.Module, x: Any, autocast: Optional[torch.dtype] = None
+    ) -> Tensor:
         """Logits of a training batch ``x`` as training computes them (batch statistics).
 
         Evaluated functionally at the model's current parameters, without gradients, with
         the RNG streams restored and no buffer read or written: call it before the
-        optimizer step of that batch.
+        optimizer step of that batch. Dropout is off (its masks are not reproduced);
+        ``autocast`` (e.g. ``torch.bfloat16``) evaluates under the mixed precision
+        training runs in.
         """
         wrapper = self._wrap(model)
+        self.observer.dropout = active_dropout(model)
         with preserved_rng(_device_of(wrapper)):
             fm = measured_model(
                 wrapper, "batch", params=self._selector(), output_fn=self.output_fn,
-                dtype=self.dtype,
+                dtype=None if autocast is not None else self.dtype,
             )  # fmt: skip
-            with exact_matmuls(fm.device), torch.no_grad():
+            numerics = (
+                exact_matmuls(fm.device)
+                if autocast is None
+                else torch.autocast(fm.device.type, dtype=autocast)
+            )
+            with numerics, torch.no_grad():
                 return fm(fm.params, fm.cast_input(x)).detach()
 
-    def add_observation(self, logits: Tensor, y: Any, loss: Any, step: int) -> None:
+    def add_observation(
+        self, logits: Tensor, y: Any, loss: Any, step: int, captured: bool = False
+    ) -> None:
         """Compare the loss training computed on a batch with that batch's ``logits``.
 
         Args:
-            logits: :meth:`training_logits` of the batch.
-            y: its targets, integer labels ``(N,)`` or soft targets ``(N, C)``.
+            logits: the batch's logits: those the training step computed
+                (``captured=True``), or :meth:`training_logits` of the batch.
+            y: its targets (labels, soft targets, or sigmoid targets in ``[0, 1]``).
             loss: the loss training computed on it (a scalar tensor or number).
             step: the step, for the report's account of the set-up.
+            captured: ``logits`` are the training step's own (dropout masks, mixed
+                precision and all).
         """
-        self.observer.add_batch(logits, y, loss, step)
+        self.observer.add_batch(logits, y, loss, step, captured=captured, task=self.task)
 
-    def observe(self, model: nn.Module, x: Any, y: Any, loss: Any, step: int = 0) -> None:
-        """Let the tracker infer the label smoothing from a training batch (plain loops).
+    def observe(
+        self,
+        model: nn.Module,
+        x: Any,
+        y: Any,
+        loss: Any,
+        step: int = 0,
+        logits: Optional[Tensor] = None,
+    ) -> None:
+        """Let the tracker infer the loss and its smoothing from a training batch (plain loops).
 
         Call it with the batch, its targets and the loss training computed on it, before
-        the optimizer step; it does something only while :attr:`wants_observation`.
+        the optimizer step; it does something only while :attr:`wants_observation`. Pass
+        the ``logits`` the loss was computed from when you have them: with dropout or
+        mixed precision only those reproduce the loss exactly. Without them the batch
+        is re-evaluated, under the autocast in effect at the call.
         """
         if not self.wants_observation:
             return
+        if logits is not None:
+            self.add_observation(self.logits_of_output(logits), y, loss, step, captured=True)
+            return
         try:
-            logits = self.training_logits(model, x)
+            device = _device_of(model)
+            autocast = (
+                torch.get_autocast_dtype(device.type)
+                if torch.is_autocast_enabled(device.type)
+                else None
+            )
+            logits = self.training_logits(model, x, autocast=autocast)
         except Exception as err:  # never ends training: the set-up just stays unknown
             self.observer.stop(f"the training batches could not be evaluated ({err})")
             return
         self.add_observation(logits, y, loss, step)
+
+    def logits_of_output(self, output: Any) -> Tensor:
+        """Detached logits ``(N, C)`` of a model output, through ``output_fn`` if given.
+
+        Raises:
+            TypeError: an output that ``output_fn`` does not turn into a tensor.
+        """
+        logits = self.output_fn(output) if self.output_fn is not None else output
+        if not isinstance(logits, Tensor):
+            raise TypeError(
+                f"Expected the model output to give logits as a tensor but got "
+                f"{type(logits).__name__}; pass `output_fn`."
+            )
+        logits = logits.detach()
+        return logits[:, None] if logits.ndim == 1 else logits
 
 
 def _device_of(module: nn.Module) -> torch.device:

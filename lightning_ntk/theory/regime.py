@@ -1,10 +1,14 @@
-"""The regime a training set-up predicts, and where its logits are headed.
+"""The logits a training set-up predicts, bounded or diverging, and where they are headed.
 
 :func:`predict_regime` reads the paper's conditions (L2 strength, target smoothing) off an
-optimizer, a loss and targets. :func:`optimal_logits` gives the finite cross-entropy
-optimum of non-degenerate targets, ``softmax(f*) = t``, centered ``f* = log t − mean(log t)``:
-where unregularized training on those targets converges, and what "the logits are still
-approaching their optimum" is measured against.
+optimizer, a loss and targets. :func:`optimal_logits` gives the finite optimum of
+non-degenerate targets, ``softmax(f*) = t``, centered ``f* = log t − mean(log t)`` (for
+sigmoid outputs ``z* = log(t / (1 − t))``): where unregularized training on those targets
+converges, and what "the logits are still approaching their optimum" is measured against.
+
+Tasks follow torchmetrics' convention (:mod:`._targets`): ``"multiclass"`` (softmax,
+cross-entropy), ``"binary"`` (one sigmoid output, binary cross-entropy: BCE on ``z`` is CE
+on ``[0, z]``) and ``"multilabel"`` (each sigmoid output its own binary problem).
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_nonnegative, check_smoothing, check_soft_targets, check_tensor
+from . import _targets
+from ._checks import check_nonnegative, check_smoothing, check_tensor
 
 __all__ = [
     "OptimizerDecay",
@@ -35,14 +40,20 @@ class RegimePrediction:
     """The regime the paper's conditions predict for a training setup.
 
     Attributes:
-        regime: ``"lazy"`` (the NTK stays about constant, the linearized model explains
-            training) or ``"divergent"`` (logits diverge, the linearization breaks down).
+        regime: ``"bounded"`` (the cross-entropy objective has a finite optimum, so the
+            logits stay bounded) or ``"diverging"`` (zero loss needs infinite logits, so
+            they grow without bound). The prediction is about the logits, the paper's
+            dichotomy; whether the kernel stays constant (laziness) is measured, not
+            predicted.
         reason: one sentence naming the condition that decided it.
         weight_decay: the effective L2 strength ``λ`` found (0.0 if none).
-        min_target_prob: the smallest target probability of any class (0.0 for hard
+        min_target_prob: the smallest target probability of any outcome (0.0 for hard
             labels; NaN when label smoothing is on but the number of classes is unknown).
+            For sigmoid outputs, ``min(t, 1 − t)``.
         decoupled_decay: ``λ`` is decoupled (AdamW-style) weight decay, which is not an
             L2 term in the loss; it is counted as regularisation, with a note in ``reason``.
+        task: ``"multiclass"``, ``"binary"`` or ``"multilabel"`` (``"multiclass"`` unless
+            declared or read from the loss and targets).
     """
 
     regime: str
@@ -50,11 +61,12 @@ class RegimePrediction:
     weight_decay: float
     min_target_prob: float
     decoupled_decay: bool
+    task: str = "multiclass"
 
     @property
-    def lazy(self) -> bool:
-        """``regime == "lazy"``."""
-        return self.regime == "lazy"
+    def bounded(self) -> bool:
+        """``regime == "bounded"``."""
+        return self.regime == "bounded"
 
 
 def predict_regime(
@@ -66,12 +78,13 @@ def predict_regime(
     targets: Optional[Tensor] = None,
     num_classes: Optional[int] = None,
     decoupled_decay: Optional[bool] = None,
+    task: Optional[str] = None,
 ) -> RegimePrediction:
-    """Predict the lazy / divergent regime of cross-entropy training.
+    """Predict bounded / diverging logits of (binary) cross-entropy training.
 
-    Lazy when ``λ > 0`` (L2 regularisation) or when every class has a positive target
-    probability (label smoothing ``ε > 0``: minimum ``ε / C``; soft targets: their
-    minimum); divergent otherwise (hard one-hot targets, ``λ = 0``).
+    Bounded when ``λ > 0`` (L2 regularisation) or when every outcome has a positive target
+    probability (label smoothing ``ε > 0``: minimum ``ε / C``, ``ε / 2`` for sigmoid
+    outputs; soft targets: their minimum); diverging otherwise (hard targets, ``λ = 0``).
 
     Args:
         weight_decay: declared ``λ ≥ 0``.
@@ -81,12 +94,18 @@ def predict_regime(
             them; groups of biases and norm parameters only may have 0 (reported in the
             reason). ``AdamW`` and ``decoupled_weight_decay=True`` groups are decoupled.
         label_smoothing: declared ``ε ∈ [0, 1)``.
-        loss: an ``nn.CrossEntropyLoss`` (its ``label_smoothing`` is read) or
-            ``nn.NLLLoss`` (no smoothing).
-        targets: integer labels ``(N,)`` (hard) or soft targets ``(N, C)`` (rows sum to 1).
+        loss: an ``nn.CrossEntropyLoss`` (its ``label_smoothing`` is read),
+            ``nn.NLLLoss`` (no smoothing) or ``nn.BCEWithLogitsLoss`` (sigmoid outputs, no
+            smoothing: smoothed BCE targets are soft ``targets``).
+        targets: multiclass integer labels ``(N,)`` or soft targets ``(N, C)`` (rows sum
+            to 1); binary 0/1 or soft targets ``(N,)`` / ``(N, 1)``; multilabel multi-hot
+            or soft targets ``(N, K)``.
         num_classes: ``C``, for ``ε / C`` when no soft targets give it.
         decoupled_decay: declare whether ``weight_decay`` is decoupled (default: read from
             the optimizer, else ``False``).
+        task: ``"multiclass"``, ``"binary"`` or ``"multilabel"``; ``None`` reads it from
+            the loss (``BCEWithLogitsLoss``: sigmoid outputs), ``num_classes == 1`` and
+            the targets, else multiclass.
 
     Returns:
         A :class:`RegimePrediction`.
@@ -99,41 +118,43 @@ def predict_regime(
     """
     lam, decoupled, decay_note = _resolve_weight_decay(weight_decay, optimizer, decoupled_decay)
     eps = _resolve_smoothing(label_smoothing, loss)
-    base_min, C = _resolve_targets(targets, num_classes)
+    task = _resolve_task(task, loss, targets, num_classes)
+    base_min, C = _resolve_targets(targets, num_classes, task)
+    outcomes = C if task == "multiclass" else 2
     if eps > 0:
-        min_prob = (1 - eps) * base_min + eps / C if C is not None else math.nan
+        min_prob = (1 - eps) * base_min + eps / outcomes if outcomes is not None else math.nan
     else:
         min_prob = base_min
     positive_targets = eps > 0 or min_prob > 0
     if lam > 0:
-        regime = "lazy"
+        regime = "bounded"
         if decoupled:
             reason = (
-                f"Lazy: decoupled (AdamW-style) weight decay λ={lam:g} is not an L2 term in "
+                f"Bounded: decoupled (AdamW-style) weight decay λ={lam:g} is not an L2 term in "
                 "the loss, but it keeps the parameters bounded like the paper's "
                 "parameter-space regularisation and is treated as such"
             )
         else:
             reason = (
-                f"Lazy: L2 regularisation λ={lam:g} gives the cross-entropy objective a "
-                "finite optimum near initialisation, the paper's first condition for a "
-                "constant NTK"
+                f"Bounded: L2 regularisation λ={lam:g} gives the cross-entropy objective a "
+                "finite optimum, so the logits stay bounded (the paper's first condition)"
             )
     elif positive_targets:
-        regime = "lazy"
+        regime = "bounded"
         source = f"label smoothing ε={eps:g}" if eps > 0 else "soft targets"
         prob = "ε/C" if math.isnan(min_prob) else f"{min_prob:.3g}"
         reason = (
-            f"Lazy: with {source} every class has target probability ≥ {prob}, so zero "
+            f"Bounded: with {source} every outcome has target probability ≥ {prob}, so zero "
             "loss needs only finite logits (the paper's non-degenerate-target condition), "
             "even without regularisation"
         )
     else:
-        regime = "divergent"
+        regime = "diverging"
+        hard = "hard one-hot targets" if task == "multiclass" else "hard 0/1 targets"
         reason = (
-            "Divergent: hard one-hot targets with no L2 regularisation (λ = 0) need infinite "
-            "logits for zero loss, so the logits grow without bound and training leaves the "
-            "kernel regime at any width; add weight decay or label smoothing"
+            f"Diverging: {hard} with no L2 regularisation (λ = 0) need infinite logits for "
+            "zero loss, so the logits grow without bound and training leaves the kernel "
+            "regime at any width; add weight decay or label smoothing"
         )
     return RegimePrediction(
         regime=regime,
@@ -141,6 +162,7 @@ def predict_regime(
         weight_decay=lam,
         min_target_prob=float(min_prob),
         decoupled_decay=decoupled,
+        task=task,
     )
 
 
@@ -148,49 +170,45 @@ def predict_regime(
 
 
 def optimal_logits(
-    targets: Tensor, *, label_smoothing: float = 0.0, num_classes: Optional[int] = None
+    targets: Tensor,
+    *,
+    label_smoothing: float = 0.0,
+    num_classes: Optional[int] = None,
+    task: Optional[str] = None,
+    pos_weight: float = 1.0,
 ) -> Optional[Tensor]:
-    """Centered cross-entropy optimum ``f* = log t − mean_c(log t)`` per example, or ``None``.
+    """The finite optimum of the loss on each example, or ``None`` when there is none.
 
-    The targets the loss sees are ``t = (1 − ε) y + ε / C`` (``y`` one-hot for integer
-    labels, or the soft targets). When every ``t`` is positive the cross-entropy of a
-    point is minimised exactly at ``softmax(f*) = t``, finite; when some ``t`` is 0 (hard
-    labels and ``ε = 0``, or mixup of one-hot labels) there is no finite optimum and
-    ``None`` is returned.
+    Multiclass: the targets the loss sees are ``t = (1 − ε) y + ε / C`` (``y`` one-hot
+    for integer labels, or the soft targets); when every ``t`` is positive the
+    cross-entropy of a point is minimised exactly at ``softmax(f*) = t``, centered
+    ``f* = log t − mean_c(log t)``. Binary / multilabel: ``t = (1 − ε) y + ε / 2`` per
+    sigmoid output, and binary cross-entropy is minimised at ``z* = log(p·t / (1 − t))``
+    (``p`` the ``pos_weight``). When some ``t`` is 0 (or 1 for a sigmoid) — hard labels
+    and ``ε = 0``, mixup of one-hot labels — there is no finite optimum.
 
     Args:
-        targets: integer labels ``(N,)`` or soft targets ``(N, C)`` (rows sum to 1).
+        targets: multiclass integer labels ``(N,)`` or soft targets ``(N, C)``; binary
+            targets ``(N,)`` / ``(N, 1)``; multilabel targets ``(N, K)``.
         label_smoothing: ``ε ∈ [0, 1)``.
-        num_classes: ``C`` (required for integer labels).
+        num_classes: ``C`` (required for integer multiclass labels).
+        task: ``"multiclass"`` (default), ``"binary"`` or ``"multilabel"``.
+        pos_weight: BCE's weight of the positive term (sigmoid tasks), ``> 0``.
 
     Returns:
-        ``(N, C)`` float64 centered logits, or ``None`` for degenerate targets.
+        ``(N, C)`` float64 centered logits (multiclass), ``(N, K)`` float64 logits ``z*``
+        (binary ``K = 1``, multilabel), or ``None`` for degenerate targets.
 
-    Example: ``ε = 0.1``, ``C = 10``: ``t = (0.91, 0.01, …)``, ``‖f*‖ ≈ 4.28`` per point.
+    Example: ``ε = 0.1``, ``C = 10``: ``t = (0.91, 0.01, …)``, ``‖f*‖ ≈ 4.28`` per point;
+    binary ``ε = 0.1``, ``y = 1``: ``t = 0.95``, ``z* = log 19 ≈ 2.94``.
     """
     eps = check_smoothing(label_smoothing)
     check_tensor(targets, "targets")
-    if targets.ndim == 2 and targets.is_floating_point():
-        Y = targets.double()
-        check_soft_targets(Y)
-        C = Y.shape[1]
-    elif targets.ndim == 1 and not targets.is_floating_point():
-        if num_classes is None or isinstance(num_classes, bool) or num_classes < 2:
-            raise ValueError(
-                f"Expected `num_classes` >= 2 with integer labels but got {num_classes!r}."
-            )
-        C = int(num_classes)
-        Y = torch.nn.functional.one_hot(targets.long(), C).double()
-    else:
-        raise ValueError(
-            "Expected `targets` to be integer labels of shape (N,) or soft targets of shape "
-            f"(N, C) but got shape {tuple(targets.shape)} with dtype {targets.dtype}."
-        )
-    t = (1.0 - eps) * Y + eps / C
-    if not bool((t > 0).all()):
-        return None
-    log_t = t.log()
-    return log_t - log_t.mean(dim=1, keepdim=True)
+    task = _targets.check_task(task) or "multiclass"
+    if not (isinstance(pos_weight, (int, float)) and pos_weight > 0):
+        raise ValueError(f"Expected `pos_weight` to be a positive float but got {pos_weight!r}.")
+    Y = _targets.probabilities(targets, task, num_classes)
+    return _targets.optimum(_targets.smoothed(Y, eps, task), task, float(pos_weight))
 
 
 # ---------------------------------------------------------------------- helpers
@@ -283,13 +301,13 @@ def _resolve_smoothing(declared: Optional[float], loss: Optional[nn.Module]) -> 
     if loss is not None:
         if isinstance(loss, nn.CrossEntropyLoss):
             from_loss = float(loss.label_smoothing)
-        elif isinstance(loss, nn.NLLLoss):
+        elif isinstance(loss, (nn.NLLLoss, nn.BCEWithLogitsLoss)):
             from_loss = 0.0
         else:
             raise TypeError(
-                "Expected `loss` to be an nn.CrossEntropyLoss or nn.NLLLoss (the theory is "
-                f"about cross-entropy) but got {type(loss).__name__}; declare "
-                "`label_smoothing` instead."
+                "Expected `loss` to be an nn.CrossEntropyLoss, nn.NLLLoss or "
+                "nn.BCEWithLogitsLoss (the theory is about (binary) cross-entropy) but got "
+                f"{type(loss).__name__}; declare `label_smoothing` instead."
             )
         if eps is not None and not math.isclose(eps, from_loss, abs_tol=1e-12):
             raise ValueError(
@@ -300,30 +318,48 @@ def _resolve_smoothing(declared: Optional[float], loss: Optional[nn.Module]) -> 
     return eps or 0.0
 
 
+def _resolve_task(
+    declared: Optional[str],
+    loss: Optional[nn.Module],
+    targets: Optional[Tensor],
+    num_classes: Optional[int],
+) -> str:
+    """The task: declared, else sigmoid outputs for a BCE loss, else read from the targets."""
+    task = _targets.check_task(declared)
+    if task is not None:
+        return task
+    found, _ = _targets.infer_task(targets, num_classes)
+    if isinstance(loss, nn.BCEWithLogitsLoss):
+        return (
+            found
+            if found in ("binary", "multilabel")
+            else ("binary" if targets is None or targets.ndim == 1 else "multilabel")
+        )
+    return found or "multiclass"
+
+
 def _resolve_targets(
-    targets: Optional[Tensor], num_classes: Optional[int]
+    targets: Optional[Tensor], num_classes: Optional[int], task: str
 ) -> tuple[float, Optional[int]]:
     """``(min target probability before smoothing, C or None)``; hard labels give 0."""
     if num_classes is not None and (
-        isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2
+        isinstance(num_classes, bool)
+        or not isinstance(num_classes, int)
+        or num_classes < (2 if task == "multiclass" else 1)
     ):
-        raise ValueError(f"Expected `num_classes` to be an int >= 2 but got {num_classes!r}.")
+        raise ValueError(
+            f"Expected `num_classes` to be an int >= 2 (>= 1 for sigmoid outputs) but got "
+            f"{num_classes!r}."
+        )
     if targets is None:
         return 0.0, num_classes
     check_tensor(targets, "targets")
-    if targets.ndim == 2 and targets.is_floating_point():
-        C = targets.shape[1]
-        if num_classes is not None and num_classes != C:
-            raise ValueError(
-                f"Expected soft `targets` with `num_classes`={num_classes} columns but got "
-                f"shape {tuple(targets.shape)}."
-            )
-        Y = targets.double()
-        check_soft_targets(Y)
-        return float(Y.min()), C
-    if targets.ndim == 1 and not targets.is_floating_point():
-        return 0.0, num_classes
-    raise ValueError(
-        "Expected `targets` to be integer labels of shape (N,) or soft targets of shape "
-        f"(N, C) but got shape {tuple(targets.shape)} with dtype {targets.dtype}."
-    )
+    if task == "multiclass" and targets.ndim == 1 and not targets.is_floating_point():
+        return 0.0, num_classes  # integer labels: hard, whatever C
+    Y = _targets.probabilities(targets, task, num_classes)
+    if task == "multiclass" and num_classes is not None and num_classes != Y.shape[1]:
+        raise ValueError(
+            f"Expected soft `targets` with `num_classes`={num_classes} columns but got "
+            f"shape {tuple(targets.shape)}."
+        )
+    return _targets.min_probability(Y, task), Y.shape[1]
