@@ -86,7 +86,7 @@ from _verdict_training import (
 from lightning_ntk import NTKTracker, empirical_ntk
 from lightning_ntk.kernel._functional import FunctionalModel
 from lightning_ntk.kernel.batch_statistics import BatchStatisticsModel, batch_ntk
-from lightning_ntk.metrics import logit_norm, relative_change
+from lightning_ntk.metrics import relative_change
 from lightning_ntk.theory import optimal_logits
 
 RESULTS = Path(__file__).resolve().parent / "results" / "verdicts"
@@ -200,10 +200,18 @@ def probe_kernel(model: nn.Module, probe_x: Tensor) -> Tensor:
 
 def logit_size(sc: Scenario, f: Tensor) -> float:
     """Mean over the probe of the logits' norm: centered for softmax outputs ``(N, C)``;
-    as they are for sigmoid outputs (binary, multi-label), whose margins are the logits."""
+    as they are for sigmoid outputs (binary, multi-label), whose margins are the logits.
+
+    Defined here, not by the package's metrics, so that cached ground truths keep their
+    meaning whatever units the monitor reports in."""
     if sc.task == "multiclass":
-        return float(logit_norm(f))
+        return centered_norm(f)
     return float(f.norm(dim=1).mean())
+
+
+def centered_norm(f: Tensor) -> float:
+    """``mean_i ‖f_i − mean_a f_ia‖_2`` of logits ``(N, C)``."""
+    return float((f - f.mean(dim=1, keepdim=True)).norm(dim=1).mean())
 
 
 def ground_truth(sc: Scenario, data: dict[str, Any]) -> dict[str, Any]:
@@ -309,7 +317,7 @@ def _optimum_norm(sc: Scenario, data: dict[str, Any]) -> float:
     probe = probe_indices(sc, data)
     if sc.loss == "kd":  # softmax(f/τ) = softmax(t/τ): the teacher's logits
         with torch.no_grad():
-            return float(logit_norm(teacher_model(data)(data["x"][probe])))
+            return centered_norm(teacher_model(data)(data["x"][probe]))
     if sc.targets == "hard" or sc.loss != "ce":
         return math.nan
     if sc.targets == "soft":

@@ -114,7 +114,7 @@ def test_an_alarm_is_what_the_monitor_acts_on(bench):
     assert bench.is_alarm(SimpleNamespace(verdict="lazy", alarm=True))
 
 
-@pytest.mark.parametrize("name", ["binary-bce", "bf16-mixed", "grad-accumulation", "distill-kl-ce"])
+@pytest.mark.parametrize("name", ["binary-bce", "bf16-mixed", "grad-accumulation"])
 def test_a_recipe_runs_through_the_trainer_with_the_monitor(bench, name):
     sc = replace(next(s for s in bench.RECIPES if s.name == name), steps=8)
     out = bench.monitored(sc, bench.load_data())
