@@ -14,8 +14,7 @@ It plots against the step, one line per run:
 * the mean centered logit norm ``logit_norm``;
 
 with the verdict thresholds drawn (read from the ``ntk/thresholds`` text the monitor
-writes to TensorBoard, or from the layout's chart titles in logs of earlier versions,
-else the :class:`~lightning_ntk.Thresholds` defaults; for the logits a line rising by the
+writes, else the :class:`~lightning_ntk.Thresholds` defaults; for the logits a line rising by the
 alarm slope per doubling of steps). The summary names each run's last verdict and regime
 (``ntk/regime``).
 
@@ -48,16 +47,6 @@ EVENT_PREFIX = "events.out.tfevents."
 CSV_METRICS = "metrics.csv"  # CSVLogger's file
 _VERSION = re.compile(r"^version_(?P<number>\d+)$")  # Lightning's logger versions
 DIAGNOSIS_TAG = "ntk/diagnosis"
-LAYOUT_TAG = "custom_scalars__config__"
-# chart titles of the layout in logs of earlier versions
-_TITLE = re.compile(
-    r"^(?P<name>kernel relative change|linearization error) "
-    r"\(drift (?P<drift>[-+.\de]+), break (?P<brk>[-+.\de]+)\)$"
-)
-_SIGNAL_OF_TITLE = {
-    "kernel relative change": "relative_change",
-    "linearization error": "linearization_error",
-}
 VERDICT_OF_SCORE = {1.0: "lazy", 0.5: "drifting", 0.0: "broken"}
 REGIME_OF_CODE = {  # ntk/regime (lightning_ntk.monitor._verdict.REGIME_CODE)
     0.0: "lazy",
@@ -299,7 +288,7 @@ def plot_runs(runs: Sequence[Run], out: Union[str, Path], *, title: Optional[str
 def _thresholds(runs: Sequence[Run]) -> dict[str, tuple[float, float]]:
     """``{signal: (drift, break)}`` shared by all runs, from their logs, else the defaults.
 
-    TensorBoard logs hold them in the titles of the custom-scalars layout's charts.
+    TensorBoard logs hold them as the ``thresholds`` text the monitor writes.
     """
     from ..monitor._verdict import Thresholds
 
@@ -375,9 +364,6 @@ def _read_events(run: Run, path: Path, prefix: str) -> None:
             steps = sorted(by_step)
             run.scalars["ntk/" + tag[len(prefix) :]] = (steps, [by_step[s] for s in steps])
     for tag in tags.get("tensors", []):
-        if tag == LAYOUT_TAG:
-            for event in accumulator.Tensors(tag):
-                run.thresholds.update(_layout_thresholds(event.tensor_proto, prefix))
         if tag.startswith(f"{prefix}thresholds"):
             from ..monitor.loggers import read_thresholds
 
@@ -437,37 +423,6 @@ def _append(run: Run, later: Run) -> None:
     run.thresholds.update(later.thresholds)
     run.segments.extend(later.segments)
     run.label = f"{run.label}+{later.path.name}"
-
-
-def _layout_thresholds(tensor_proto: object, prefix: str) -> dict[str, tuple[float, float]]:
-    """``{signal: (drift, break)}`` from the chart titles of a custom-scalars layout."""
-    from tensorboard.plugins.custom_scalar import layout_pb2
-
-    layout = layout_pb2.Layout()
-    try:
-        layout.ParseFromString(_bytes_of(tensor_proto))
-    except Exception:  # not a layout this version can read: fall back to the defaults
-        return {}
-    found = {}
-    name = prefix.rstrip("/") or "ntk"
-    for category in layout.category:
-        if not category.title.startswith(f"{name}:"):
-            continue
-        for chart in category.chart:
-            match = _TITLE.match(chart.title)
-            if match:
-                signal = _SIGNAL_OF_TITLE[match["name"]]
-                found[signal] = (float(match["drift"]), float(match["brk"]))
-    return found
-
-
-def _bytes_of(tensor_proto: object) -> bytes:
-    """The bytes held by a string tensor's first element."""
-    from tensorboard.util import tensor_util
-
-    value = tensor_util.make_ndarray(tensor_proto)
-    item = value.reshape(-1)[0] if value.size else b""
-    return item if isinstance(item, bytes) else str(item).encode()
 
 
 def _text_of(tensor_proto: object) -> str:

@@ -45,7 +45,6 @@ from ._verdict import (
     Thresholds,
     diagnose,
     logit_slope,
-    predicted_name,
     velocity,
 )
 from .report import NUMERIC_FIELDS, NTKReport, layer_drift, safe_spectrum, safe_value
@@ -240,7 +239,7 @@ def measure(tracker: NTKTracker, fm: FunctionalModel, step: int) -> Measurement:
         **cast(dict[str, Any], values),  # floats, for the float fields only
         verdict=diagnosis.verdict,
         causes=list(diagnosis.causes),
-        predicted_regime=predicted_name(predicted["regime"]),
+        predicted_regime=predicted["regime"],
         message=diagnosis.message,
         setup=setup.describe(),
         regime=diagnosis.regime,

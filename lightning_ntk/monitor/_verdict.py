@@ -63,9 +63,6 @@ CAUSE_LINEARIZATION = "linearization error"
 CAUSE_NONFINITE = "non-finite logits"
 CAUSE_NONFINITE_DATA = "non-finite training data"
 
-# the set-up's prediction, older names first (the theory's predicted regime was renamed)
-PREDICTED_NAMES = {"lazy": "bounded", "divergent": "diverging"}
-
 
 @dataclass(frozen=True)
 class Thresholds:
@@ -183,11 +180,6 @@ class Diagnosis:
     regime: str = UNKNOWN
 
 
-def predicted_name(regime: str) -> str:
-    """The set-up's prediction as ``"bounded" | "diverging" | "unknown"``."""
-    return PREDICTED_NAMES.get(regime, regime)
-
-
 def logit_slope(
     steps: Sequence[int], logit_norms: Sequence[float], octaves: float, min_step: int
 ) -> float:
@@ -265,7 +257,7 @@ def diagnose(
         The :class:`Diagnosis`; its message has one sentence per finding.
     """
     ctx = context or LogitContext()
-    predicted = predicted_name(predicted_regime)
+    predicted = predicted_regime
     if not signals.finite and not signals.data_finite:
         return Diagnosis(
             "broken",
