@@ -421,7 +421,7 @@ class NTKMonitorBase(NTKSettings):
 
     @property
     def diagnosis(self) -> str:
-        """The run so far in one line: each regime with its steps and figures, then the logits."""
+        """The run so far in one line (each regime with its steps and figures, then the logits)."""
         return self.tracker.diagnosis
 
     def _is_alarm(self, report: NTKReport) -> bool:

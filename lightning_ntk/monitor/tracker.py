@@ -282,7 +282,7 @@ class NTKTracker(NTKSettings):
 
     @property
     def diagnosis(self) -> str:
-        """The run so far in one line: each regime with its steps and figures, then the logits.
+        """The run so far in one line (each regime with its steps and figures, then the logits).
 
         E.g. ``"lazy until step 16; feature learning 16–256, kernel velocity 0.90 → 0.12
         per doubling of steps, kernel aligning with the labels (target alignment 0.21 →
