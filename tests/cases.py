@@ -329,6 +329,22 @@ class _LearnedGain(nn.Module):
         return F.linear(x, self.w * self.gain, self.b)
 
 
+class _MatmulLayers(nn.Module):
+    """Layers as products: ``x @ (w1 / √K).T + b1``, ``torch.matmul(h, w2.t())``, ``h @ w3``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(6, 5))
+        self.b1 = nn.Parameter(torch.randn(6))
+        self.w2 = nn.Parameter(torch.randn(6, 6))
+        self.w3 = nn.Parameter(torch.randn(6, 3))  # stored (K, D)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(x @ (self.w1 / 5**0.5).T + self.b1)  # (N, T, 6)
+        h = torch.relu(torch.matmul(h, self.w2.t()))
+        return (h @ self.w3).mean(dim=1)
+
+
 def _compiled_mlp() -> nn.Module:
     """A ``torch.compile``d MLP (the eager backend: compiling for real is slow on CPU)."""
     mlp = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
@@ -709,6 +725,13 @@ CASES = [
         _randn(4),
         structured={"w", "b"},
         fallback={"gain"},
+    ),
+    ModelCase(  # the bias added after the product is not part of the call: Jacobians
+        "matmul_layers",
+        _MatmulLayers,
+        _randn(2, 5),
+        structured={"w1", "w2", "w3"},
+        fallback={"b1"},
     ),
     ModelCase(
         "compiled",

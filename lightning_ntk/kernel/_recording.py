@@ -328,7 +328,10 @@ def summed_gradients(
         H, G = weight_factors(layer, inp, grad, fm)
         groups = layer.groups
         if groups == 1:
-            summed[layer.weight] = H.summed_outer(G[0]).reshape(-1)
+            outer = H.summed_outer(G[0])  # (D, K)
+            if layer.spec is not None and layer.spec.transposed:
+                outer = outer.T  # θ stored (K, D)
+            summed[layer.weight] = outer.reshape(-1)
         else:
             summed[layer.weight] = per_example_outer(H, G, groups).sum(0).reshape(-1)
     return summed
@@ -340,7 +343,7 @@ def _call_factors(spec: CallSpec, inp: Tensor, grad: Tensor) -> tuple[LayerInput
     ``∂f/∂θ = c · Σ_t G[t] ⊗ H[t]``, so ``c · H`` is the input of the unscaled weight.
     """
     R, N = grad.shape[:2]
-    if spec.op == "linear":
+    if spec.op in ("linear", "matmul"):
         K = inp.shape[-1]
         H = inp.reshape(N, -1, K)
         G = grad.reshape(R, N, -1, grad.shape[-1])
