@@ -92,11 +92,13 @@ class _NTKMLP(nn.Module):
         self.w1, self.b1 = nn.Parameter(torch.randn(6, 4)), nn.Parameter(torch.randn(6))
         self.b1_other = nn.Parameter(torch.randn(6))
         self.w2, self.b2 = nn.Parameter(torch.randn(3, 6)), nn.Parameter(torch.randn(3))
-        self.options = {"c": 0.5, "bias": "b1"}
+        self.options = {"c": 0.5, "bias": "b1", "product": False}
 
     def forward(self, x):
         bias = getattr(self, self.options["bias"])
         h = torch.tanh(F.linear(x, self.w1 * self.options["c"], 0.3 * bias))
+        if self.options["product"]:
+            return h @ (self.w2 / 6**0.5).T + self.b2
         return F.linear(h, self.w2 / 6**0.5, self.b2)
 
 
@@ -126,6 +128,19 @@ def test_a_call_on_another_bias_falls_back_for_that_call():
     assert any("structured/F.linear(w1):" in f and "another bias" in f for f in info.fallbacks), (
         info.fallbacks
     )
+
+
+def test_a_weight_used_by_another_operation_falls_back_for_that_call():
+    torch.manual_seed(0)
+    model = _NTKMLP().double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    empirical_ntk(model, x, method="structured")  # plans w2 as F.linear with b2
+    model.options["product"] = True
+    K = empirical_ntk(model, x, method="structured")
+    assert_kernel_close(K, reference_ntk(model, x), 1e-10, "a product")
+    info = last_call_info()
+    assert {"w2", "b2"} <= set(info.per_example)
+    assert any("was called as matmul where it was verified as linear" in f for f in info.fallbacks)
 
 
 def test_per_layer_parts_of_scaled_biases():

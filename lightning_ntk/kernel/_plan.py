@@ -181,7 +181,7 @@ def _candidate_layers(fm: FunctionalModel) -> list[Layer]:
 
 
 def _call_candidates(fm: FunctionalModel, modules: list[Layer], x: Any) -> list[Layer]:
-    """Layer calls (``F.linear`` / ``F.conv*``) on selected weights no module layer holds.
+    """Layer calls (``F.linear``, ``F.conv*``, ``@``) on selected weights no module layer holds.
 
     One forward pass on ``x`` lists the calls (:func:`._calls.discover`); a weight called
     once becomes a candidate, with its call's bias if that bias is a selected parameter
@@ -208,10 +208,16 @@ def _call_candidates(fm: FunctionalModel, modules: list[Layer], x: Any) -> list[
     return layers
 
 
-def _operands_differ(layer: Layer) -> bool:
-    """Whether a layer call was made, in the latest recording, on other operands than planned."""
+def _operands_differ(layer: Layer) -> Optional[str]:
+    """How a layer call, in the latest recording, differs from its plan (``None``: it does not)."""
     spec: Optional[CallSpec] = layer.spec
-    return layer.op is not None and (spec is None or spec.op != layer.op or spec.bias != layer.bias)
+    if layer.op is None or spec is None:
+        return None  # a module layer, or a call not made (its call count says so)
+    if spec.op != layer.op:
+        return f"was called as {spec.op} where it was verified as {layer.op}"
+    if spec.bias != layer.bias:
+        return "was called with another bias than when it was verified"
+    return None
 
 
 def _supported(module: nn.Module) -> bool:
@@ -277,7 +283,7 @@ def _verified(fm: FunctionalModel, layers: list[Layer], x: Any) -> list[Layer]:
     off_diagonal = ~torch.eye(n, dtype=torch.bool, device=fm.device)
     kept = []
     for layer in layers:
-        if rec.calls.get(layer.name, 0) != 1 or _operands_differ(layer):
+        if rec.calls.get(layer.name, 0) != 1 or _operands_differ(layer) is not None:
             continue  # reused module (or never called): its inputs are not one H
         inp, grad = rec.inputs[layer.name], rec.cotangents[layer.name]  # grad (n, *out)
         if inp.ndim == 0 or inp.shape[0] != n or grad.ndim < 2 or grad.shape[1] != n:
@@ -350,8 +356,9 @@ def check_call(fm: FunctionalModel, layers: list[Layer], rec: Recording, n: int)
         if calls != 1:
             reasons[layer.name] = f"was called {calls} times in one forward pass"
             continue
-        if _operands_differ(layer):
-            reasons[layer.name] = "was called with another bias than when it was verified"
+        differs = _operands_differ(layer)
+        if differs is not None:
+            reasons[layer.name] = differs
             continue
         inp, G = rec.inputs[layer.name], rec.cotangents[layer.name]  # G (C, N, *out)
         if inp.ndim == 0 or inp.shape[0] != n or G.ndim < 2 or G.shape[1] != n:

@@ -1,10 +1,11 @@
 """What the structured method records of a layer, and the factors it builds from that.
 
-One forward pass with hooks records each supported layer's input (a module's, or a
-``F.linear`` / ``F.conv*`` call's on a selected weight, seen by :mod:`._calls`); one
-batched backward gives the cotangents of its output. From those, :func:`weight_factors` gives the
-``(H, G)`` factors of a weight's per-example gradient and :func:`small_per_example` the
-per-example gradients of small parameters (biases, norm affines).
+One forward pass with hooks records each supported layer's input (a module's, or that
+of a ``F.linear`` / ``F.conv*`` / ``@`` call on a selected weight, seen by
+:mod:`._calls`); one batched backward gives the cotangents of its output. From those,
+:func:`weight_factors` gives the ``(H, G)`` factors of a weight's per-example gradient
+and :func:`small_per_example` the per-example gradients of small parameters (biases,
+norm affines).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class Layer:
     what the latest recording saw of it (:func:`record` sets it).
     """
 
-    name: str  # module name, or "F.<op>(<weight name>)" for a layer call
+    name: str  # module name, or "F.<op>(<weight name>)" / "torch.matmul(...)" for a call
     module: Optional[nn.Module]
     weight: Optional[str] = None  # full parameter names, if selected
     bias: Optional[str] = None
@@ -75,8 +76,9 @@ class Layer:
 
 
 def call_layer(op: str, weight: str, bias: Optional[str]) -> Layer:
-    """The :class:`Layer` of the ``F.<op>`` call on the weight ``weight``."""
-    return Layer(f"F.{op}({weight})", None, weight, bias, op=op)
+    """The :class:`Layer` of the ``F.<op>`` (``torch.matmul``) call on the weight ``weight``."""
+    function = "torch.matmul" if op == "matmul" else f"F.{op}"
+    return Layer(f"{function}({weight})", None, weight, bias, op=op)
 
 
 # ------------------------------------------------------------------ recording
