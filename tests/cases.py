@@ -233,6 +233,118 @@ class _SparseEmbeddings(nn.Module):
         return self.head(torch.tanh(h))
 
 
+class _NTKLinear(nn.Module):
+    """An NTK-parameterized layer: ``F.linear(x, w · σ_w/√K, b · σ_b)``."""
+
+    def __init__(self, features: int, out: int, sigma_w: float = 1.4, sigma_b: float = 0.1):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out, features))
+        self.bias = nn.Parameter(torch.randn(out))
+        self.sigma_w, self.sigma_b = sigma_w / features**0.5, sigma_b
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight * self.sigma_w, self.sigma_b * self.bias)
+
+
+def _ntk_functional_mlp() -> nn.Module:
+    return nn.Sequential(
+        _NTKLinear(5, 16), nn.Tanh(), _NTKLinear(16, 16), nn.ReLU(), _NTKLinear(16, 4)
+    )
+
+
+class _FunctionalCNN(nn.Module):
+    """Convolutions and a head written as calls: ``F.conv2d`` (scaled, strided, grouped),
+    ``F.conv1d`` with ``padding="same"`` and dilation, ``F.linear`` with ``w / c``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(4, 3, 3, 3))
+        self.b1 = nn.Parameter(0.1 * torch.randn(4))
+        self.w2 = nn.Parameter(torch.randn(6, 2, 3, 3))
+        self.w3 = nn.Parameter(torch.randn(3, 6, 3))
+        self.b3 = nn.Parameter(0.1 * torch.randn(3))
+        self.head = nn.Parameter(torch.randn(5, 3 * 9))
+        self.register_buffer("gain", torch.tensor(0.5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(F.conv2d(x, self.w1 * self.gain, self.b1, padding=1))  # (N, 4, 8, 8)
+        h = torch.relu(F.conv2d(h, self.w2 / 6.0, stride=2, groups=2))  # (N, 6, 3, 3)
+        h = F.conv1d(h.flatten(2), self.w3, self.b3, padding="same", dilation=2)  # (N, 3, 9)
+        return F.linear(torch.tanh(h).flatten(1), self.head / 27**0.5)
+
+
+class _LinearAndCallTied(nn.Module):
+    """An ``nn.Linear`` whose weight ``F.linear`` uses again, elsewhere in the forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.fc(x))
+        return self.head(torch.tanh(F.linear(h, self.fc.weight * 0.5)))
+
+
+class _CallTwice(nn.Module):
+    """One weight used by two ``F.linear`` calls (one of them scaled)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 4))
+        self.b = nn.Parameter(torch.randn(4))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(F.linear(x, self.w, self.b))
+        return self.head(torch.tanh(F.linear(h, 0.5 * self.w, self.b)))
+
+
+class _CallDataDependentDepth(nn.Module):
+    """``F.linear`` on one weight run a second time on the examples with a positive feature."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 4))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(F.linear(x, self.w / 2.0))
+        deeper = x[:, 0] > 0
+        if bool(deeper.any()):
+            h = torch.where(deeper[:, None], torch.tanh(F.linear(h, self.w / 2.0)), h)
+        return self.head(h)
+
+
+class _LearnedGain(nn.Module):
+    """``F.linear(x, w * g)`` with ``g`` a learned scalar: ``w``'s factors scale by ``g``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 4))
+        self.b = nn.Parameter(torch.randn(3))
+        self.gain = nn.Parameter(torch.tensor(0.7))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.w * self.gain, self.b)
+
+
+class _MatmulLayers(nn.Module):
+    """Layers as products: ``x @ (w1 / √K).T + b1``, ``torch.matmul(h, w2.t())``, ``h @ w3``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(6, 5))
+        self.b1 = nn.Parameter(torch.randn(6))
+        self.w2 = nn.Parameter(torch.randn(6, 6))
+        self.w3 = nn.Parameter(torch.randn(6, 3))  # stored (K, D)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(x @ (self.w1 / 5**0.5).T + self.b1)  # (N, T, 6)
+        h = torch.relu(torch.matmul(h, self.w2.t()))
+        return (h @ self.w3).mean(dim=1)
+
+
 def _compiled_mlp() -> nn.Module:
     """A ``torch.compile``d MLP (the eager backend: compiling for real is slow on CPU)."""
     mlp = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
@@ -574,6 +686,52 @@ CASES = [
         _tokens(12, 4),
         structured={"embed.weight", "head.weight", "head.bias"},
         fallback={"bag.weight"},
+    ),
+    ModelCase(
+        "ntk_functional_mlp",
+        _ntk_functional_mlp,
+        _randn(5),
+        structured={"*"},
+    ),
+    ModelCase(
+        "functional_cnn",
+        _FunctionalCNN,
+        _randn(3, 8, 8),
+        structured={"*"},
+    ),
+    ModelCase(  # fc.weight also used by F.linear outside fc: Jacobians
+        "linear_and_call_tied",
+        _LinearAndCallTied,
+        _randn(4),
+        structured={"fc.bias", "head.weight", "head.bias"},
+        fallback={"fc.weight"},
+    ),
+    ModelCase(
+        "call_twice",
+        _CallTwice,
+        _randn(4),
+        structured={"head.weight", "head.bias"},
+        fallback={"w", "b"},
+    ),
+    ModelCase(  # the plan (first four examples) sees one call; later probes run it twice
+        "call_data_dependent_depth",
+        _CallDataDependentDepth,
+        _shallow_then_deep,
+        structured={"*"},
+    ),
+    ModelCase(
+        "call_learned_gain",
+        _LearnedGain,
+        _randn(4),
+        structured={"w", "b"},
+        fallback={"gain"},
+    ),
+    ModelCase(  # the bias added after the product is not part of the call: Jacobians
+        "matmul_layers",
+        _MatmulLayers,
+        _randn(2, 5),
+        structured={"w1", "w2", "w3"},
+        fallback={"b1"},
     ),
     ModelCase(
         "compiled",

@@ -16,8 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from . import _inputs
+from ._calls import CallSpec, discover
 from ._functional import FunctionalModel
-from ._recording import CONVS, NORMS, Layer, Recording, record, summed_gradients
+from ._recording import CONVS, NORMS, Layer, Recording, call_layer, record, summed_gradients
 
 __all__ = ["PlanMismatch", "StructurePlan", "check_call", "fingerprint", "plan_structure"]
 
@@ -83,14 +84,18 @@ def plan_structure(fm: FunctionalModel, x: Tensor) -> StructurePlan:
     roles = _PLANS.pop(key, None)
     if roles is None:
         candidates = _candidate_layers(fm)
+        candidates += _call_candidates(fm, candidates, _inputs.take(x, slice(0, _VERIFY_EXAMPLES)))
         if candidates:
             candidates = _verified(fm, candidates, _verification_batch(fm, candidates, x))
-        roles = [(layer.name, layer.weight, layer.bias) for layer in candidates]
+        roles = [(layer.name, layer.weight, layer.bias, layer.op) for layer in candidates]
     _PLANS[key] = roles  # (re)inserted last: most recently used
     while len(_PLANS) > _MAX_PLANS:
         del _PLANS[next(iter(_PLANS))]
     modules = dict(fm.module.named_modules())
-    layers = [Layer(name, modules[name], weight, bias) for name, weight, bias in roles]
+    layers = [
+        Layer(name, modules[name], weight, bias) if op is None else call_layer(op, weight, bias)
+        for name, weight, bias, op in roles
+    ]
     structured = {n for layer in layers for n in layer.param_names}
     return StructurePlan(layers, [n for n in fm.names if n not in structured])
 
@@ -98,7 +103,7 @@ def plan_structure(fm: FunctionalModel, x: Tensor) -> StructurePlan:
 _MAX_PLANS = 32
 
 
-_PLANS: dict[tuple, list[tuple[str, Optional[str], Optional[str]]]] = {}
+_PLANS: dict[tuple, list[tuple[str, Optional[str], Optional[str], Optional[str]]]] = {}
 
 
 def fingerprint(fm: FunctionalModel, x: Any, settings: bool = True) -> tuple:
@@ -175,6 +180,46 @@ def _candidate_layers(fm: FunctionalModel) -> list[Layer]:
     return layers
 
 
+def _call_candidates(fm: FunctionalModel, modules: list[Layer], x: Any) -> list[Layer]:
+    """Layer calls (``F.linear``, ``F.conv*``, ``@``) on selected weights no module layer holds.
+
+    One forward pass on ``x`` lists the calls (:func:`._calls.discover`); a weight called
+    once becomes a candidate, with its call's bias if that bias is a selected parameter
+    no other layer uses.
+    """
+    claimed = {n for layer in modules for n in layer.param_names}
+    params = {n: t for n, t in fm.params.items() if n not in claimed}
+    if not params:
+        return []
+    calls = discover(lambda p: fm({**fm.params, **p}, x), params)
+    bias_users: dict[str, int] = {}
+    for specs in calls.values():
+        for spec in specs:
+            if spec.bias is not None:
+                bias_users[spec.bias] = bias_users.get(spec.bias, 0) + 1
+    layers = []
+    for weight, specs in calls.items():
+        if len(specs) != 1:
+            continue  # called twice: not one H (the per-call check would refuse it too)
+        bias = specs[0].bias
+        if bias is not None and (bias_users[bias] != 1 or bias in calls):
+            bias = None
+        layers.append(call_layer(specs[0].op, weight, bias))
+    return layers
+
+
+def _operands_differ(layer: Layer) -> Optional[str]:
+    """How a layer call, in the latest recording, differs from its plan (``None``: it does not)."""
+    spec: Optional[CallSpec] = layer.spec
+    if layer.op is None or spec is None:
+        return None  # a module layer, or a call not made (its call count says so)
+    if spec.op != layer.op:
+        return f"was called as {spec.op} where it was verified as {layer.op}"
+    if spec.bias != layer.bias:
+        return "was called with another bias than when it was verified"
+    return None
+
+
 def _supported(module: nn.Module) -> bool:
     """Whether the module is of a type with a structured kernel and its stock forward."""
     for base in (nn.Linear, *CONVS, nn.Embedding, *NORMS):
@@ -238,7 +283,7 @@ def _verified(fm: FunctionalModel, layers: list[Layer], x: Any) -> list[Layer]:
     off_diagonal = ~torch.eye(n, dtype=torch.bool, device=fm.device)
     kept = []
     for layer in layers:
-        if rec.calls.get(layer.name, 0) != 1:
+        if rec.calls.get(layer.name, 0) != 1 or _operands_differ(layer) is not None:
             continue  # reused module (or never called): its inputs are not one H
         inp, grad = rec.inputs[layer.name], rec.cotangents[layer.name]  # grad (n, *out)
         if inp.ndim == 0 or inp.shape[0] != n or grad.ndim < 2 or grad.shape[1] != n:
@@ -310,6 +355,10 @@ def check_call(fm: FunctionalModel, layers: list[Layer], rec: Recording, n: int)
         calls = rec.calls.get(layer.name, 0)
         if calls != 1:
             reasons[layer.name] = f"was called {calls} times in one forward pass"
+            continue
+        differs = _operands_differ(layer)
+        if differs is not None:
+            reasons[layer.name] = differs
             continue
         inp, G = rec.inputs[layer.name], rec.cotangents[layer.name]  # G (C, N, *out)
         if inp.ndim == 0 or inp.shape[0] != n or G.ndim < 2 or G.shape[1] != n:

@@ -1,9 +1,11 @@
 """What the structured method records of a layer, and the factors it builds from that.
 
-One forward pass with hooks records each supported layer's input; one batched backward
-gives the cotangents of its output. From those, :func:`weight_factors` gives the
-``(H, G)`` factors of a weight's per-example gradient and :func:`small_per_example` the
-per-example gradients of small parameters (biases, norm affines).
+One forward pass with hooks records each supported layer's input (a module's, or that
+of a ``F.linear`` / ``F.conv*`` / ``@`` call on a selected weight, seen by
+:mod:`._calls`); one batched backward gives the cotangents of its output. From those,
+:func:`weight_factors` gives the ``(H, G)`` factors of a weight's per-example gradient
+and :func:`small_per_example` the per-example gradients of small parameters (biases,
+norm affines).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._calls import CallRecorder, CallSpec
 from ._factors import LayerInput, per_example_outer
 from ._functional import FunctionalModel
 
@@ -26,6 +29,7 @@ __all__ = [
     "Layer",
     "Probe",
     "Recording",
+    "call_layer",
     "hooks",
     "record",
     "small_per_example",
@@ -43,18 +47,38 @@ NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 
 @dataclass
 class Layer:
-    """A supported module whose selected parameters get a structured kernel."""
+    """A supported module, or a layer call, whose selected parameters get a structured kernel.
 
-    name: str  # module name
-    module: nn.Module
+    A layer call (``op`` set: ``"linear"``, ``"conv1d"``, ...) is a ``F.linear`` /
+    ``F.conv*`` call on the selected weight, wherever the forward makes it; ``spec`` is
+    what the latest recording saw of it (:func:`record` sets it).
+    """
+
+    name: str  # module name, or "F.<op>(<weight name>)" / "torch.matmul(...)" for a call
+    module: Optional[nn.Module]
     weight: Optional[str] = None  # full parameter names, if selected
     bias: Optional[str] = None
     use_gram: bool = False  # decided per block size in StructuredMethod
+    op: Optional[str] = None
+    spec: Optional[CallSpec] = None
 
     @property
     def param_names(self) -> list[str]:
         """The layer's selected parameter names."""
         return [n for n in (self.weight, self.bias) if n is not None]
+
+    @property
+    def groups(self) -> int:
+        """Convolution groups (1 for every other layer)."""
+        if self.op is not None:
+            return self.spec.groups if self.spec is not None else 1
+        return getattr(self.module, "groups", 1)
+
+
+def call_layer(op: str, weight: str, bias: Optional[str]) -> Layer:
+    """The :class:`Layer` of the ``F.<op>`` (``torch.matmul``) call on the weight ``weight``."""
+    function = "torch.matmul" if op == "matmul" else f"F.{op}"
+    return Layer(f"{function}({weight})", None, weight, bias, op=op)
 
 
 # ------------------------------------------------------------------ recording
@@ -63,6 +87,7 @@ def hooks(layers: list[Layer], hook: Callable[[Layer, Any, Any], Any]) -> Iterat
     handles = [
         layer.module.register_forward_hook(lambda m, i, o, layer=layer: hook(layer, i, o))
         for layer in layers
+        if layer.module is not None
     ]
     try:
         yield
@@ -138,8 +163,9 @@ def record(
     if probe:  # the layers' own parameters, to compare their factors with autograd
         names = [n for layer in layers for n in layer.param_names if n not in wrt]
         probe_wrt = {n: fm.params[n].detach().requires_grad_() for n in names}
-    with torch.enable_grad(), hooks(layers, hook):
-        logits = fm({**fm.params, **probe_wrt, **wrt}, x)  # (N, C)
+    params = {**fm.params, **probe_wrt, **wrt}
+    with torch.enable_grad(), hooks(layers, hook), _layer_calls(layers, params, hook):
+        logits = fm(params, x)  # (N, C)
     N, C = logits.shape
     if cotangents is None:
         eye = torch.eye(C, dtype=logits.dtype, device=logits.device)
@@ -175,6 +201,30 @@ def record(
     return recording
 
 
+@contextlib.contextmanager
+def _layer_calls(
+    layers: list[Layer], params: dict[str, Tensor], hook: Callable[[Layer, Any, Any], Any]
+) -> Iterator[None]:
+    """Record the layer calls among ``layers`` (:mod:`._calls`); nothing if there are none.
+
+    Each layer's ``spec`` becomes that of its latest call in this forward pass.
+    """
+    calls = {layer.weight: layer for layer in layers if layer.op is not None}
+    if not calls:
+        yield
+        return
+    for layer in calls.values():
+        layer.spec = None
+
+    def on_call(spec: CallSpec, inp: Tensor, out: Tensor) -> Tensor:
+        layer = calls[spec.weight]
+        layer.spec = spec
+        return hook(layer, (inp,), out)
+
+    with CallRecorder(params, on_call, weights=set(calls)):
+        yield
+
+
 def _probe(logits: Tensor, zeros: dict[str, Tensor], wrt: dict[str, Tensor]) -> Probe:
     """Push a random ``u (N, C)`` back to the layers' outputs and their parameters.
 
@@ -197,6 +247,8 @@ def weight_factors(
     layer: Layer, inp: Tensor, grad: Tensor, fm: FunctionalModel
 ) -> tuple[Optional[LayerInput], Tensor]:
     """``H`` and ``G (R, N, T, D)`` of the layer's weight (``(None, grad)`` for norms)."""
+    if layer.op is not None:
+        return _call_factors(layer.spec, inp, grad)
     module = layer.module
     R, N = grad.shape[:2]
     if isinstance(module, nn.Linear):
@@ -222,6 +274,15 @@ def small_per_example(
     module = layer.module
     R, N = grad.shape[:2]
     out: dict[str, Tensor] = {}
+    if layer.op is not None:  # a layer call: c_b · Σ_t G
+        if layer.bias is not None:
+            summed = (
+                grad.reshape(R, N, -1, grad.shape[-1]).sum(2)
+                if layer.op == "linear"
+                else grad.flatten(start_dim=3).sum(3)
+            )
+            out[layer.bias] = layer.spec.bias_scale * summed.transpose(0, 1)
+        return out
     if isinstance(module, (nn.Linear, nn.Embedding)):
         if layer.bias is not None:
             out[layer.bias] = grad.reshape(R, N, -1, grad.shape[-1]).sum(2).transpose(0, 1)
@@ -267,16 +328,40 @@ def summed_gradients(
     }
     if layer.weight is not None and not isinstance(layer.module, NORMS):
         H, G = weight_factors(layer, inp, grad, fm)
-        groups = getattr(layer.module, "groups", 1)
+        groups = layer.groups
         if groups == 1:
-            summed[layer.weight] = H.summed_outer(G[0]).reshape(-1)
+            outer = H.summed_outer(G[0])  # (D, K)
+            if layer.spec is not None and layer.spec.transposed:
+                outer = outer.T  # θ stored (K, D)
+            summed[layer.weight] = outer.reshape(-1)
         else:
             summed[layer.weight] = per_example_outer(H, G, groups).sum(0).reshape(-1)
     return summed
 
 
-def unfold(x: Tensor, conv: nn.Module) -> Tensor:
-    """Input patches of an N-d convolution: ``(N, T, C_in·Π k)``, weight-flatten order."""
+def _call_factors(spec: CallSpec, inp: Tensor, grad: Tensor) -> tuple[LayerInput, Tensor]:
+    """``H`` and ``G`` of a layer call's weight ``c · θ``: its input scaled by ``c``.
+
+    ``∂f/∂θ = c · Σ_t G[t] ⊗ H[t]``, so ``c · H`` is the input of the unscaled weight.
+    """
+    R, N = grad.shape[:2]
+    if spec.op in ("linear", "matmul"):
+        K = inp.shape[-1]
+        H = inp.reshape(N, -1, K)
+        G = grad.reshape(R, N, -1, grad.shape[-1])
+    else:
+        H = unfold(inp, spec)  # (N, T, Cin·k)
+        G = grad.flatten(start_dim=3).transpose(2, 3)  # (R, N, T, Cout)
+    if spec.weight_scale != 1.0:
+        H = H * spec.weight_scale
+    return LayerInput(dense=H), G
+
+
+def unfold(x: Tensor, conv: Any) -> Tensor:
+    """Input patches of an N-d convolution: ``(N, T, C_in·Π k)``, weight-flatten order.
+
+    ``conv`` is an ``nn.Conv*`` module or a :class:`._calls.CallSpec` of a convolution.
+    """
     dims = x.ndim - 2
     kernel, stride, dilation = conv.kernel_size, conv.stride, conv.dilation
     if isinstance(conv.padding, str):

@@ -14,10 +14,15 @@ every class ``a``. No parameter gradient is ever taken by autograd. Then, per la
   over the matching token positions only.
 * affine parameters of ``nn.LayerNorm``, ``nn.BatchNorm1d/2d/3d`` (running statistics)
   and ``nn.GroupNorm``: small per-example gradients ``Σ G ⊙ x̂`` and ``Σ G``.
+* layers written as calls, ``F.linear`` / ``F.conv1d/2d/3d`` on a selected weight or on
+  a constant multiple of it (``F.linear(h, w * c, b * c_b)``, the NTK parameterization),
+  wherever the forward makes them (:mod:`._calls`): the ``Linear`` / convolution factors
+  with the input scaled by ``c`` and the bias gradient by ``c_b``.
 
 Everything else falls back to exact Jacobian contraction (:mod:`.jacobian`) for that
-parameter: parameters of other modules (custom layers, attention's packed projections),
-tied or reused weights (a parameter held by two modules, a module called twice),
+parameter: parameters used otherwise (custom operations, attention's packed
+projections, ``w * c`` with a learned or per-row ``c``), tied or reused weights (a
+parameter held by two modules, a module or weight called twice),
 convolutions with non-zero padding modes, embeddings with ``max_norm``, BatchNorm without
 running statistics, subclasses that override ``forward``.
 
@@ -103,7 +108,7 @@ class StructuredMethod:
                 to per-example Jacobians.
         """
         per_example: dict[str, Tensor] = {}
-        grams: dict[str, tuple[LayerInput, Tensor, Optional[str]]] = {}
+        grams: dict[str, tuple[LayerInput, Tensor, Optional[str], float]] = {}
         if self.plan.layers:
             rec = record(self.fm, self.plan.layers, x, probe=True)
             inputs, cotangents = rec.inputs, rec.cotangents
@@ -117,14 +122,14 @@ class StructuredMethod:
                 if layer.weight is None or isinstance(layer.module, NORMS):
                     continue  # norm weights are among the small per-example gradients
                 if self._use_gram(layer, H, G):
-                    # the bias kernel Σ G·G reuses the weight's cotangent Gram
+                    # the bias kernel c_b c_b' Σ G·G' reuses the weight's cotangent Gram
                     bias = layer.bias if layer.bias in per_example else None
                     if bias is not None:
                         del per_example[bias]
-                    grams[layer.weight] = (H, G, bias)
+                    scale = layer.spec.bias_scale if layer.spec is not None else 1.0
+                    grams[layer.weight] = (H, G, bias, scale)
                 else:
-                    groups = getattr(layer.module, "groups", 1)
-                    per_example[layer.weight] = per_example_outer(H, G, groups)
+                    per_example[layer.weight] = per_example_outer(H, G, layer.groups)
         if self.plan.fallback_names:
             per_example.update(self._fallback_jacobians(x))
         return {"per_example": per_example, "grams": grams}
@@ -142,7 +147,7 @@ class StructuredMethod:
         return loop_jacobians(self.fm, x, names)
 
     def _use_gram(self, layer: Layer, H: LayerInput, G: Tensor) -> bool:
-        if getattr(layer.module, "groups", 1) != 1:
+        if layer.groups != 1:
             return False
         C, _, T, D = G.shape
         matches = None
@@ -155,8 +160,8 @@ class StructuredMethod:
         """Kernel block: one entry per parameter, or the total under ``""``."""
         J1, J2 = f1["per_example"], f2["per_example"]
         parts: dict[str, Tensor] = {}
-        for name, (H1, G1, bias) in f1["grams"].items():
-            H2, G2, _ = f2["grams"][name]
+        for name, (H1, G1, bias, bias_scale1) in f1["grams"].items():
+            H2, G2, _, bias_scale2 = f2["grams"][name]
             if H1.tokens is not None:  # an embedding (no bias): matching tokens only
                 parts[name] = contract_token_pairs(H1, H2, G1, G2, self.output)
                 continue
@@ -164,9 +169,10 @@ class StructuredMethod:
             if bias is None:
                 parts[name] = contract_gram(A, G1, G2, self.output)
             elif self.per_layer:
-                parts[name], parts[bias] = contract_gram(A, G1, G2, self.output, with_bias=True)
-            else:  # bias gradient Σ_t G: the same product with H·H' + 1
-                parts[name] = contract_gram(A + 1.0, G1, G2, self.output)
+                parts[name], bias_part = contract_gram(A, G1, G2, self.output, with_bias=True)
+                parts[bias] = bias_part * (bias_scale1 * bias_scale2)
+            else:  # bias gradient c_b Σ_t G: the same product with H·H' + c_b c_b'
+                parts[name] = contract_gram(A + bias_scale1 * bias_scale2, G1, G2, self.output)
         if self.per_layer:
             for name in J1:
                 parts[name] = contract_jacobians(J1[name], J2[name], self.output)
