@@ -56,7 +56,7 @@ from ._recording import CONVS, NORMS, Layer, Recording, record, small_per_exampl
 __all__ = ["BatchPlan", "batch_kernel_matrix", "plan_batch"]
 
 # Numbers in one chunk of recorded cotangents plus the features built from them.
-_CHUNK_BUDGET = 2**26
+_CHUNK_BUDGET = 2**24
 # Numbers of the features of all K cotangents kept at once (beyond: recomputed per pair).
 _KEEP_BUDGET = 2**27
 # A weight with more parameters than this never forms per-cotangent gradients.
