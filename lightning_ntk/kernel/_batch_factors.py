@@ -76,7 +76,8 @@ class BatchPlan:
     layers: list[Layer] = field(default_factory=list)
     gram_weights: set[str] = field(default_factory=set)  # weights on the Gram route
     fallback_names: list[str] = field(default_factory=list)
-    num_classes: int = 0  # C of the logits (N, C)
+    num_examples: int = 0  # N of the logits (N, C)
+    num_classes: int = 0  # C
     chunk: int = 1  # cotangents per backward pass
     keep_all: bool = True  # keep every chunk's features (else recompute per pair)
 
@@ -94,7 +95,7 @@ def plan_batch(fm: FunctionalModel, x: Tensor) -> BatchPlan:
     structured = {n for layer in layers for n in layer.param_names}
     plan = BatchPlan(layers, fallback_names=[n for n in fm.names if n not in structured])
     N, C = logits_shape
-    plan.num_classes = C
+    plan.num_examples, plan.num_classes = N, C
     K = N * C
     recorded = 0  # numbers recorded per cotangent
     features = sum(fm.params[n].numel() for n in plan.fallback_names)
@@ -327,7 +328,7 @@ def batch_kernel_matrix(
     Returns ``{parameter name: its M}`` with ``per_layer``, else ``{"": M}``; the rows are
     sample-major (``k = i·C + a``). ``M`` is exactly symmetric.
     """
-    N, C = x.shape[0], plan.num_classes
+    N, C = plan.num_examples, plan.num_classes
     K = N * C
     eye = torch.eye(K, dtype=fm.dtype, device=fm.device).reshape(K, N, C)
     starts = list(range(0, K, plan.chunk))

@@ -221,7 +221,7 @@ def batch_ntk_of(
 def _factored(fm: FunctionalModel, x: Tensor, output: str, per_layer: bool) -> dict[str, Tensor]:
     """The kernel (per parameter with ``per_layer``) from layer factors of the whole batch."""
     plan = plan_batch(fm, x)
-    N, C = x.shape[0], plan.num_classes
+    N, C = plan.num_examples, plan.num_classes
     matrices = batch_kernel_matrix(fm, x, plan, per_layer)
     parts = {
         name: reduce_full(M.reshape(N, C, N, C).permute(0, 2, 1, 3), output)
