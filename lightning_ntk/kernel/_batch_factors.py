@@ -109,7 +109,7 @@ def plan_batch(fm: FunctionalModel, x: Tensor) -> BatchPlan:
                 width_in = size // width_out  # per output feature
                 if not _prefers_gradients(K, rows, width_in, width_out, size):
                     plan.gram_weights.add(name)
-                    features += rows * width_out
+                    features += 2 * rows * width_out  # G and (H Hᵀ) G
                     continue
             if name == layer.weight and isinstance(layer.module, nn.Embedding):
                 size = min(size, rows * width_out)  # rows of the tokens that occur
@@ -285,7 +285,7 @@ class _Features:
     """What one chunk of cotangents contributes: per-cotangent rows and Gram factors."""
 
     rows: dict[str, Tensor]  # name (or "" for the concatenated ones) -> (k, P')
-    grams: dict[str, tuple[Tensor, Tensor]]  # weight -> (H (R, D_in), G (R, k, D_out))
+    grams: dict[str, tuple[Tensor, Tensor]]  # weight -> (G, (H Hᵀ) G), each (R, k, D_out)
 
 
 def _features(
@@ -311,7 +311,7 @@ def _features(
             assert H is not None and H.dense is not None
             D_in, D_out = H.dense.shape[-1], G.shape[-1]
             G_rows = G.reshape(k, -1, D_out).transpose(0, 1).contiguous()  # (R, k, D_out)
-            grams[layer.weight] = (H.dense.reshape(-1, D_in), G_rows)
+            grams[layer.weight] = (G_rows, _gram_times(H.dense.reshape(-1, D_in), G_rows))
         gram = layer.weight in plan.gram_weights
         rows.update(_gradient_rows(layer, inp, grad, fm, compact=True, with_weight=not gram))
     if not per_layer and rows:
@@ -369,25 +369,19 @@ def _block(fa: _Features, fb: _Features) -> Iterator[tuple[str, Tensor]]:
     """``M[k, l]`` for ``k`` in chunk ``a`` and ``l`` in chunk ``b``, per feature."""
     for name, Ja in fa.rows.items():
         yield name, Ja @ fb.rows[name].T
-    for name, (H, Ga) in fa.grams.items():
-        yield name, _gram_block(H, Ga, fb.grams[name][1])
+    for name, (Ga, _) in fa.grams.items():
+        # M[k, l] = Σ_{r,s} (H Hᵀ)[r, s] Ga[r, k]·Gb[s, l] = ⟨Ga[:, k], ((H Hᵀ) Gb)[:, l]⟩
+        Zb = fb.grams[name][1]
+        R, ka, D = Ga.shape
+        yield name, Ga.transpose(0, 1).reshape(ka, R * D) @ Zb.transpose(0, 1).reshape(-1, R * D).T
 
 
-def _gram_block(H: Tensor, Ga: Tensor, Gb: Tensor) -> Tensor:
-    """``M[k, l] = Σ_{r,s} (H Hᵀ)[r, s] (Ga[r, k]·Gb[s, l])`` over tiles of rows ``r``.
-
-    Args:
-        H: the layer's input rows ``(R, D_in)``.
-        Ga: output cotangents ``(R, k_a, D_out)``.
-        Gb: output cotangents ``(R, k_b, D_out)``.
-    """
-    R, ka, D = Ga.shape
-    kb = Gb.shape[1]
-    tile = max(1, min(R, _TILE_BUDGET // max(1, R + ka * D)))
-    flat_b = Gb.reshape(R, kb * D)
-    M = Ga.new_zeros(ka, kb)
+def _gram_times(H: Tensor, G: Tensor) -> Tensor:
+    """``(H Hᵀ) G`` for ``H (R, D_in)`` and ``G (R, k, D_out)``, over tiles of rows of ``H Hᵀ``."""
+    R, k, D = G.shape
+    tile = max(1, min(R, _TILE_BUDGET // max(1, R + k * D)))
+    flat = G.reshape(R, k * D)
+    Z = torch.empty_like(flat)
     for r0 in range(0, R, tile):
-        A = H[r0 : r0 + tile] @ H.T  # (t, R)
-        Z = (A @ flat_b).reshape(-1, kb, D)  # (t, k_b, D): (H Hᵀ) Gb on these rows
-        M += torch.einsum("rkd,rld->kl", Ga[r0 : r0 + tile], Z)
-    return M
+        Z[r0 : r0 + tile] = (H[r0 : r0 + tile] @ H.T) @ flat  # (t, R) @ (R, k·D)
+    return Z.reshape(R, k, D)
