@@ -13,12 +13,18 @@ kernel is
 
     ``Θ[(i, a), (j, b)] = ⟨∂F_{i,a}/∂θ, ∂F_{j,b}/∂θ⟩``,
 
-computed here from the Jacobian ``J = ∂F/∂θ ∈ R^{(N·C)×P}`` by reverse mode: one ``vjp``
-of the whole batch, then the ``N·C`` basis cotangents pulled back through it (batched
-with ``vmap`` on accelerators, a loop on the CPU, where it is faster), contracted as
-``J Jᵀ`` in the requested layout. The running buffers are never read or written: while a measurement
-runs, each normalisation layer's ``forward`` is replaced by a batch-statistics
-normalisation without buffers (``F.batch_norm(x, None, None, γ, β, training=True)``), and
+computed here without the Jacobian ``J = ∂F/∂θ ∈ R^{(N·C)×P}``: one forward pass records
+each layer's input, batched backward passes of the ``N·C`` basis cotangents (in chunks)
+record the cotangents of its output, and each layer's part of ``J Jᵀ`` is contracted from
+those factors (:mod:`._batch_factors`, verified on every call; parameters of other layers
+get their Jacobian rows from the same backward pass). Memory does not grow with
+``N·C·P``. Where the recording itself fails, the kernel falls back to the whole Jacobian
+(:func:`batch_jacobian`: one ``vjp`` of the whole batch, the basis cotangents pulled back
+through it, contracted as ``J Jᵀ``).
+
+The running buffers are never read or written: while a measurement runs, each
+normalisation layer's ``forward`` is replaced by a batch-statistics normalisation without
+buffers (``F.batch_norm(x, None, None, γ, β, training=True)``), and
 every other sub-module is in eval mode; every flag and ``forward`` is restored afterwards.
 Frozen parameters therefore mean *exactly* zero kernel drift, whatever the buffers do.
 
@@ -38,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vjp, vmap
 
+from ._batch_factors import batch_kernel_matrix, plan_batch
 from ._functional import (
     FunctionalModel,
     OutputFn,
@@ -47,7 +54,7 @@ from ._functional import (
     exact_matmuls,
     unwrap_module,
 )
-from ._layout import check_output
+from ._layout import check_output, reduce_full
 
 __all__ = [
     "BatchStatisticsModel",
@@ -202,11 +209,28 @@ def batch_ntk_of(
     """:func:`batch_ntk` of a functional view the caller already built (arguments checked)."""
     x = fm.cast_input(x)
     with exact_matmuls(fm.device):
-        J = batch_jacobian(fm, x)
-        parts = {name: _contract(J[name], output) for name in fm.names}
+        try:
+            parts = _factored(fm, x, output, per_layer)
+        except (RuntimeError, NotImplementedError):  # the recording failed: whole Jacobian
+            J = batch_jacobian(fm, x)
+            parts = {name: _contract(J[name], output) for name in fm.names}
     if per_layer:
         return parts
     return sum(parts.values())
+
+
+def _factored(fm: FunctionalModel, x: Tensor, output: str, per_layer: bool) -> dict[str, Tensor]:
+    """The kernel (per parameter with ``per_layer``) from layer factors of the whole batch."""
+    plan = plan_batch(fm, x)
+    N, C = plan.num_examples, plan.num_classes
+    matrices = batch_kernel_matrix(fm, x, plan, per_layer)
+    parts = {
+        name: reduce_full(M.reshape(N, C, N, C).permute(0, 2, 1, 3), output)
+        for name, M in matrices.items()
+    }
+    if not per_layer:
+        return parts
+    return {name: parts[name] for name in fm.names}
 
 
 def _contract(J: Tensor, output: str) -> Tensor:
