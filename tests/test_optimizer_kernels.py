@@ -230,3 +230,32 @@ def test_the_docs_page_snippet_runs():
     blocks = re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), re.S)
     assert len(blocks) == 1
     exec(compile(blocks[0], str(page), "exec"), {})
+
+
+class _KeyBiasAttention(nn.Module):
+    """Softmax attention: ``k.bias`` adds ``q_i·b`` to every score of row ``i``, so the
+    logits do not depend on it and its Jacobian is zero in exact arithmetic."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(3, 2)
+
+    def forward(self, x):  # (N, T, 3) -> (N, 2)
+        scores = self.q(x) @ self.k(x).transpose(1, 2)  # (N, T, T)
+        return (scores.softmax(-1) @ self.v(x)).mean(1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_round_off_entries_have_no_sign(dtype):
+    torch.manual_seed(0)
+    model = _KeyBiasAttention().to(dtype)
+    x1, x2 = torch.randn(4, 5, 3, dtype=dtype), torch.randn(3, 5, 3, dtype=dtype)
+    sgd = empirical_ntk(model, x1, x2, params=["k.bias"])
+    assert sgd.abs().max() < 1e3 * torch.finfo(dtype).eps * empirical_ntk(model, x1, x2).max()
+    for method in ("jacobian", "ntk_vp", "loop"):
+        for kernel in ("signgd", "asymmetric_signgd"):
+            parts = empirical_ntk(model, x1, x2, method=method, kernel=kernel, per_layer=True)
+            assert torch.equal(parts["k.bias"], torch.zeros_like(parts["k.bias"])), method
+        R = reference_ntk(model, x1, x2, kernel="signgd")
+        K = empirical_ntk(model, x1, x2, method=method, kernel="signgd")
+        assert torch.equal(K.double(), R), method  # integer counts: equal, not close

@@ -1,7 +1,8 @@
 """The kernels of the optimizers: SGD, SignGD, asymmetric SignGD and Adam.
 
 With ``J(x) ∈ R^{C×P}`` the Jacobian of the logits and ``sign`` taken entrywise (per
-example ``x`` and logit ``a``, of the row ``J_a(x) ∈ R^P``; ``sign(0) = 0``):
+example ``x`` and logit ``a``, of the row ``J_a(x) ∈ R^P``; ``sign(0) = 0``, and an entry
+within round-off of zero counts as zero, see :func:`row_signs`):
 
 =======================  ==========================================  =====================
 ``kernel``               ``Θ(x1, x2)``                               symmetric
@@ -99,10 +100,10 @@ class KernelSpec:
         if kind is OptimizerKernel.SGD:
             return J, J
         if kind is OptimizerKernel.SIGNGD:
-            signs = {name: torch.sign(j) for name, j in J.items()}
+            signs = row_signs(J, sample_dims=2)
             return signs, signs
         if kind is OptimizerKernel.ASYMMETRIC_SIGNGD:
-            return J, {name: torch.sign(j) for name, j in J.items()}
+            return J, row_signs(J, sample_dims=2)
         assert self.scale is not None
         scaled = {name: j * self.scale[name].sqrt() for name, j in J.items()}  # (N, C, P_l)
         return scaled, scaled
@@ -116,11 +117,45 @@ class KernelSpec:
         if kind is OptimizerKernel.SGD:
             return tangents
         if kind is OptimizerKernel.ASYMMETRIC_SIGNGD:
-            return {name: torch.sign(t) for name, t in tangents.items()}
+            return row_signs(tangents, sample_dims=1)
         if kind is OptimizerKernel.ADAM:
             assert self.scale is not None
             return {name: t * self.scale[name].reshape(t.shape[1:]) for name, t in tangents.items()}
         raise NotImplementedError(f"kernel={kind.value!r} has no NTK-vector product form.")
+
+
+# An entry ``|J_a,p(x)| ≤ ROUND_OFF · eps · max_p |J_a,p(x)|`` counts as zero in a sign
+# kernel: entries that are zero in exact arithmetic (e.g. the gradient of an attention
+# key bias, which softmax removes) come out of autodiff as round-off, up to about
+# ``eps · max`` in float32 and far below in float64, with a sign that depends on the
+# route; genuine entries this small do not survive the float32 computation either.
+ROUND_OFF = 8
+
+
+def row_signs(J: Mapping[str, Tensor], sample_dims: int) -> dict[str, Tensor]:
+    """``sign`` of each Jacobian row's entries, with round-off counted as zero.
+
+    A row is ``J_a(x) ∈ R^P`` over all parameters of ``J`` together; an entry counts as
+    zero when ``|J_a,p(x)| ≤ 8 · eps · max_p |J_a,p(x)|`` (``eps`` of the dtype).
+
+    Args:
+        J: ``{name: (*rows, *shape_l)}`` with ``sample_dims`` leading row dimensions, e.g.
+            Jacobians ``(N, C, P_l)`` (``sample_dims=2``) or tangents ``(k, *shape_l)``
+            (``sample_dims=1``).
+        sample_dims: the number of leading dimensions that index rows.
+
+    Returns:
+        ``{name: sign}`` of ``J``'s shapes, entries in ``{-1, 0, 1}``.
+    """
+    tensors = list(J.values())
+    rows = tensors[0].shape[:sample_dims]
+    scale = torch.stack([t.reshape(*rows, -1).abs().amax(-1) for t in tensors]).amax(0)
+    threshold = ROUND_OFF * torch.finfo(tensors[0].dtype).eps * scale  # (*rows)
+    out = {}
+    for name, t in J.items():
+        bound = threshold.reshape(*rows, *([1] * (t.dim() - sample_dims)))
+        out[name] = torch.where(t.abs() > bound, torch.sign(t), torch.zeros_like(t))
+    return out
 
 
 def check_kernel(kernel: Union[str, OptimizerKernel]) -> OptimizerKernel:

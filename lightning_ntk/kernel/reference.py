@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ._functional import FunctionalModel, OutputFn, ParamSelector, check_inputs, exact_matmuls
 from ._layout import check_output
-from ._optimizer import OptimizerKernel, check_kernel, kernel_spec
+from ._optimizer import OptimizerKernel, check_kernel, kernel_spec, row_signs
 from .loop import loop_jacobians
 
 
@@ -71,9 +71,9 @@ def reference_ntk(
         J1 = flat_jacobian(x1)  # (N1, C, P)
         J2 = flat_jacobian(x2)  # (N2, C, P)
     if kind in (OptimizerKernel.SIGNGD, OptimizerKernel.ASYMMETRIC_SIGNGD):
-        J2 = torch.sign(J2)
+        J2 = row_signs({"": J2}, sample_dims=2)[""]  # sign, round-off counted as zero
     if kind is OptimizerKernel.SIGNGD:
-        J1 = torch.sign(J1)
+        J1 = row_signs({"": J1}, sample_dims=2)[""]
     if kind is OptimizerKernel.ADAM:
         assert spec.scale is not None
         J1 = J1 * torch.cat([spec.scale[name] for name in fm.names])  # J1 diag(d)
