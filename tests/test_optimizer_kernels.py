@@ -75,7 +75,8 @@ def references():
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_matches_reference_float64(case, method, kernel, references):
-    if case in ARCHITECTURES and method != "auto":
+    if case in ARCHITECTURES and (method, kernel) != ("auto", "signgd"):
+        # signgd is the kernel round-off can break (e.g. attention key biases)
         pytest.skip("each method's optimizer kernels are covered by the basic cases")
     model, optimizer = model_of(case)
     x1, x2 = case.inputs(4, seed=1), case.inputs(3, seed=2)
