@@ -11,6 +11,10 @@ Methods (all exact; they differ only in cost), in the order of the fall-back cha
   ``vmap`` and no forward mode: runs on any model that can be trained.
 * ``"auto"``: the cheapest of the above (see :func:`choose_method`).
 
+**Kernels of optimizers** (``kernel=``, :class:`OptimizerKernel`): ``"sgd"`` (the NTK),
+``"signgd"``, ``"asymmetric_signgd"`` and ``"adam"`` (with Adam's current
+preconditioner); a method that cannot compute the requested kernel is not tried.
+
 **Fall-back.** When PyTorch cannot run a method on a model (an op without a batching or
 forward-mode rule, data-dependent control flow such as ``.item()``, a fused kernel), the
 call moves on to the next method of the chain; every method is exact, so the kernel is
@@ -38,9 +42,17 @@ from ._functional import (
 )
 from ._layout import check_output
 from ._methods import NTKCallInfo, NTKMethod, choose_method
+from ._optimizer import KernelSpec, OptimizerKernel, check_kernel, kernel_spec
 from ._run import Run
 
-__all__ = ["NTKCallInfo", "NTKMethod", "choose_method", "empirical_ntk", "last_call_info"]
+__all__ = [
+    "NTKCallInfo",
+    "NTKMethod",
+    "OptimizerKernel",
+    "choose_method",
+    "empirical_ntk",
+    "last_call_info",
+]
 
 _log = logging.getLogger("lightning_ntk.kernel")
 
@@ -76,11 +88,15 @@ def empirical_ntk(
     store_on: Union[str, torch.device, None] = None,
     distributed: bool = False,
     fallback: bool = True,
+    kernel: Union[str, OptimizerKernel] = "sgd",
+    optimizer: Optional[torch.optim.Optimizer] = None,
 ) -> Union[Tensor, dict[str, Tensor]]:
     """Empirical Neural Tangent Kernel ``Θ(X1, X2) = J(X1) J(X2)ᵀ`` of a classifier.
 
     With ``J(x) = ∂f(x; θ)/∂θ ∈ R^{C×P}`` the Jacobian of the logits with respect to the
-    selected parameters, ``Θ(x, x')[a, b] = Σ_p J(x)[a, p] J(x')[b, p]``.
+    selected parameters, ``Θ(x, x')[a, b] = Σ_p J(x)[a, p] J(x')[b, p]``. Other
+    optimizers' kernels (``kernel=``) replace ``J(x)`` or ``J(x')`` by ``sign(J)``
+    entrywise, or insert Adam's preconditioner ``diag(1/(√v̂+ε))`` between them.
 
     Args:
         model: the network (a ``torch.compile`` wrapper is fine). Evaluated functionally
@@ -115,6 +131,16 @@ def empirical_ntk(
         fallback: when the method cannot run on the model, move on to the next exact
             method of the chain structured → jacobian → ntk_vp → loop (default); with
             ``False`` its error is raised. See :func:`last_call_info`.
+        kernel: which optimizer's kernel (see :class:`OptimizerKernel`):
+            ``"sgd"`` ``J(x1) J(x2)ᵀ`` (default); ``"signgd"`` ``sign(J(x1)) sign(J(x2))ᵀ``;
+            ``"asymmetric_signgd"`` ``J(x1) sign(J(x2))ᵀ`` (Malladi et al. 2023: the sign
+            is on the second argument, whose gradient the SignGD step takes; with
+            ``x2=None`` it is ``J(x1) sign(J(x1))ᵀ``, not symmetrised); ``"adam"``
+            ``J(x1) diag(1/(√v̂+ε)) J(x2)ᵀ``. ``"structured"`` computes only ``"sgd"``
+            and ``"ntk_vp"`` not ``"signgd"``: the chain and ``"auto"`` skip them.
+        optimizer: for ``kernel="adam"``, the ``torch.optim.Adam`` / ``AdamW`` training
+            the model, after its first step: ``v̂`` is its bias-corrected ``exp_avg_sq``
+            and ``ε`` its ``eps``; parameters are matched by identity. ``None`` otherwise.
 
     Returns:
         The kernel in the requested layout, on the model's device, in the compute dtype;
@@ -124,8 +150,10 @@ def empirical_ntk(
         ValueError / TypeError: bad arguments or inputs, naming the argument, what came
             and what was expected; non-finite logits; inputs on another device than the
             model, a model spread over several devices or on the ``meta`` device, or
-            sharded parameters (FSDP2 ``DTensor``, not supported yet). Raised before any
-            heavy work.
+            sharded parameters (FSDP2 ``DTensor``, not supported yet); ``optimizer``
+            missing for ``kernel="adam"`` or given for another kernel, not an Adam, without
+            state yet or without a selected parameter; ``fallback=False`` with a method
+            that does not compute ``kernel``. Raised before any heavy work.
         RuntimeError: no method of the chain could run on the model (the last error,
             with every method's error in the message).
     """
@@ -143,13 +171,16 @@ def empirical_ntk(
             f"Expected `chunk_size` to be a positive int or None but got {chunk_size!r}."
         )
 
+    check_kernel(kernel)
+
     fm = FunctionalModel(model, params=params, output_fn=output_fn, dtype=dtype)
+    spec = kernel_spec(kernel, optimizer, fm.module, fm.names, fm.dtype, fm.device)
     check_input_device(x1, "x1", fm.device)
     if x2 is not None:
         check_input_device(x2, "x2", fm.device)
     return ntk_of(
         fm, x1, x2, output=output, method=method, per_layer=per_layer, chunk_size=chunk_size,
-        store_on=store_on, distributed=distributed, fallback=fallback,
+        store_on=store_on, distributed=distributed, fallback=fallback, spec=spec,
     )  # fmt: skip
 
 
@@ -165,12 +196,14 @@ def ntk_of(
     store_on: Union[str, torch.device, None] = None,
     distributed: bool = False,
     fallback: bool = True,
+    spec: Optional[KernelSpec] = None,
 ) -> Union[Tensor, dict[str, Tensor]]:
     """:func:`empirical_ntk` of a functional view the caller already built.
 
     For callers that evaluate one model several ways in one measurement (the monitor's
     report builds one :class:`FunctionalModel` and hands it to the kernel and the
-    linearization). The arguments are those of :func:`empirical_ntk`, already validated.
+    linearization). The arguments are those of :func:`empirical_ntk`, already validated;
+    ``spec`` is the optimizer's kernel (``None``: ``"sgd"``).
     """
     method = _check_method(method)
     symmetric = x2 is None
@@ -185,6 +218,7 @@ def ntk_of(
         run = Run(
             fm, x1, x2, output, per_layer, chunk_size or max(n1, n2), symmetric,
             None if store_on is None else torch.device(store_on), distributed, num_classes,
+            spec,
         )  # fmt: skip
         blocks, info = run.execute(method, fallback)
     _LAST.info = info

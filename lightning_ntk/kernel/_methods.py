@@ -83,9 +83,17 @@ class NTKCallInfo:
 
 
 def choose_method(
-    fm: FunctionalModel, plan: Optional[StructurePlan], num_classes: int, chunk: int
+    fm: FunctionalModel,
+    plan: Optional[StructurePlan],
+    num_classes: int,
+    chunk: int,
+    kernel: str = "sgd",
 ) -> NTKMethod:
     """The cost model behind ``method="auto"``.
+
+    For optimizer kernels other than ``"sgd"`` there is no plan (structured methods do not
+    compute them); ``"signgd"`` needs the sign of both Jacobians, so always ``"jacobian"``
+    (bound its memory with ``chunk_size``).
 
     * If any supported layer holds a selected parameter, ``"structured"``: its kernel
       for a Linear layer costs ``N²·(d_in + C²·d_out)`` against the ``N²·C²·d_in·d_out``
@@ -102,7 +110,7 @@ def choose_method(
     """
     if plan is not None and plan.structured_names:
         return NTKMethod.STRUCTURED
-    if chunk * num_classes * fm.num_params <= JACOBIAN_BUDGET:
+    if kernel == "signgd" or chunk * num_classes * fm.num_params <= JACOBIAN_BUDGET:
         return NTKMethod.JACOBIAN
     return NTKMethod.NTK_VP
 

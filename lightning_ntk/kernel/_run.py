@@ -19,6 +19,7 @@ from . import _inputs
 from ._functional import FunctionalModel
 from ._layout import symmetrize, transpose_kernel
 from ._methods import CHAIN, JACOBIAN_BUDGET, NTKCallInfo, NTKMethod, choose_method, model_is_sure
+from ._optimizer import KernelSpec
 from ._plan import PlanMismatch, StructurePlan, fingerprint, plan_structure
 from .jacobian import JacobianMethod
 from .loop import LoopMethod
@@ -96,10 +97,12 @@ class Run:
         store_on: Optional[torch.device],
         distributed: bool,
         num_classes: int,
+        spec: Optional[KernelSpec] = None,
     ) -> None:
         self.fm, self.x1, self.x2, self.output, self.per_layer = fm, x1, x2, output, per_layer
         self.chunk, self.symmetric, self.store_on = chunk, symmetric, store_on
         self.distributed, self.num_classes = distributed, num_classes
+        self.spec = spec or KernelSpec()
         self.failures: list[str] = []
         self._model_key = (fingerprint(fm, x1), str(fm.device))
         self._plan: Optional[StructurePlan] = None
@@ -118,6 +121,13 @@ class Run:
             order, choice = [method], "requested"
         if fallback:
             order = order + [m for m in CHAIN[CHAIN.index(order[-1]) + 1 :] if m not in order]
+        if method is not NTKMethod.AUTO and not self.spec.supports(method):
+            why = f"method={method.value!r} does not compute kernel={self.spec.kind.value!r}"
+            if not fallback:
+                supported = [m.value for m in CHAIN if self.spec.supports(m)]
+                raise ValueError(f"{why}; use one of {supported} or method='auto'.")
+            self.failures.append(f"{method.value}: does not compute this kernel (not tried)")
+        order = [m for m in order if self.spec.supports(m)]  # the rest: never tried
         last_error: Optional[BaseException] = None
         for position, candidate in enumerate(order):
             try:
@@ -170,12 +180,13 @@ class Run:
         self, timings: dict[str, float]
     ) -> tuple[list[NTKMethod], str, Optional[tuple[dict[str, Tensor], NTKMethod, tuple]]]:
         """Auto's order of methods, how it chose, and a kernel if it measured one."""
-        try:
-            plan: Optional[StructurePlan] = self.plan()
-        except Exception as err:
-            self._fail(NTKMethod.STRUCTURED, err)
-            plan = None
-        picked = choose_method(self.fm, plan, self.num_classes, self.chunk)
+        plan: Optional[StructurePlan] = None
+        if self.spec.supports(NTKMethod.STRUCTURED):  # never planned for other kernels
+            try:
+                plan = self.plan()
+            except Exception as err:
+                self._fail(NTKMethod.STRUCTURED, err)
+        picked = choose_method(self.fm, plan, self.num_classes, self.chunk, self.spec.kind)
         if model_is_sure(plan) or rank_and_world(self.distributed)[1] > 1:
             # (ranks never time: their timings, hence their collectives, could differ)
             return [picked], "cost model", None
@@ -208,7 +219,7 @@ class Run:
                 break
         timings.update({m.value: t for m, t in seconds.items()})
         if best is None:  # every candidate failed: the rest of the chain
-            rest = [m for m in CHAIN if m not in candidates]
+            rest = [m for m in CHAIN if m not in candidates and self.spec.supports(m)]
             return rest or [NTKMethod.LOOP], "measured", None
         MEASURED[key] = _Measured(dict(seconds), _RECHECKS)
         while len(MEASURED) > _MAX_MEASURED:
@@ -280,7 +291,8 @@ class Run:
             out.append(NTKMethod.NTK_VP)
         if (n1 + (0 if self.symmetric else n2)) * C <= _LOOP_MEASURE_LIMIT:
             out.append(NTKMethod.LOOP)
-        return out
+        supported = [m for m in out if self.spec.supports(m)]
+        return supported or [NTKMethod.JACOBIAN]
 
     def _key(self) -> tuple:
         x2_sig = None if self.symmetric else (_inputs.batch_size(self.x2),)
@@ -292,6 +304,7 @@ class Run:
             self.per_layer,
             self.chunk,
             str(self.fm.device),
+            self.spec.kind,
         )
 
     # ------------------------------------------------------------------ compute
@@ -328,11 +341,11 @@ class Run:
         if method is NTKMethod.STRUCTURED:
             return self._structured()
         elif method is NTKMethod.JACOBIAN:
-            engine = JacobianMethod(fm, self.output, self.per_layer)
+            engine = JacobianMethod(fm, self.output, self.per_layer, self.spec)
         elif method is NTKMethod.NTK_VP:
-            engine = NTKVPMethod(fm, self.output, self.per_layer)
+            engine = NTKVPMethod(fm, self.output, self.per_layer, spec=self.spec)
         else:
-            engine = LoopMethod(fm, self.output, self.per_layer)
+            engine = LoopMethod(fm, self.output, self.per_layer, self.spec)
         return self._assemble(engine), per_example
 
     def _structured(self) -> tuple[dict[str, Tensor], tuple[str, ...]]:
@@ -378,7 +391,7 @@ class Run:
         shape = (n1, n2, *layout[self.output])
         return _blockwise(
             engine, self.x1, self.x2, self.chunk, self.symmetric, self.output, keys, shape,
-            self.store_on, self.distributed,
+            self.store_on, self.distributed, mirror=self.spec.symmetric,
         )  # fmt: skip
 
 
@@ -397,8 +410,14 @@ def _blockwise(
     shape: tuple[int, ...],
     store_on: Optional[torch.device],
     distributed: bool,
+    mirror: bool = True,
 ) -> dict[str, Tensor]:
     """Assemble kernel blocks of ``chunk`` examples each; for ``x2 = x1`` only ``j ≥ i``.
+
+    ``symmetric`` means ``x2`` is ``x1``: a chunk's features are reused for both sides,
+    and, when the kernel is symmetric (``mirror``), only the blocks ``j ≥ i`` are
+    computed, mirrored, and the result is symmetrised exactly. An asymmetric kernel
+    (``mirror=False``) computes every block and is returned as computed.
 
     When ``distributed``, the ranks of the default process group take contiguous, equal
     shares of the blocks (each block is computed by exactly one rank, so a sum all-reduce
@@ -412,7 +431,7 @@ def _blockwise(
         (s1, s2)
         for bi, s1 in enumerate(range(0, _inputs.batch_size(x1), chunk))
         for bj, s2 in enumerate(range(0, _inputs.batch_size(x2), chunk))
-        if not (symmetric and bj < bi)
+        if not (symmetric and mirror and bj < bi)
     ]
     share = pairs[rank * len(pairs) // world : (rank + 1) * len(pairs) // world]
     cached_start, f1 = None, None
@@ -424,7 +443,7 @@ def _blockwise(
         for key, block in engine.block(f1, f2).items():
             block = block.to(device)
             result[key][rows, cols] = block
-            if symmetric and s1 != s2:
+            if symmetric and mirror and s1 != s2:
                 result[key][cols, rows] = transpose_kernel(block, output)
     if world > 1:
         import torch.distributed as dist
@@ -433,7 +452,7 @@ def _blockwise(
             dist.all_reduce(result[key])
             if store_on is not None:
                 result[key] = result[key].to(store_on)
-    if symmetric:
+    if symmetric and mirror:
         result = {key: symmetrize(K, output) for key, K in result.items()}
     return result
 

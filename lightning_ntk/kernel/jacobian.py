@@ -12,7 +12,7 @@ differentiable model: it is the fallback of every other method.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -20,6 +20,7 @@ from torch.func import jacrev, vmap
 
 from ._functional import FunctionalModel
 from ._layout import contract_jacobians
+from ._optimizer import KernelSpec
 
 
 def jacobians(fm: FunctionalModel, x: Any, names: Sequence[str]) -> dict[str, Tensor]:
@@ -50,13 +51,19 @@ class JacobianMethod:
 
     name = "jacobian"
 
-    def __init__(self, fm: FunctionalModel, output: str, per_layer: bool) -> None:
+    def __init__(
+        self, fm: FunctionalModel, output: str, per_layer: bool, spec: Optional[KernelSpec] = None
+    ) -> None:
         self.fm, self.output, self.per_layer = fm, output, per_layer
+        self.spec = spec or KernelSpec()
 
-    def features(self, x: Any) -> dict[str, Tensor]:
-        """Per-example Jacobians ``{name: (N, C, P_l)}`` of a chunk."""
-        return jacobians(self.fm, x, self.fm.names)
+    def features(self, x: Any) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The kernel's left and right factors ``{name: (N, C, P_l)}`` of a chunk.
 
-    def block(self, f1: dict[str, Tensor], f2: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Kernel block: one entry per parameter, or the total under ``""``."""
-        return contract(f1, f2, self.output, self.per_layer)
+        Per-example Jacobians, mapped by :meth:`.KernelSpec.sides` (e.g. ``sign J``).
+        """
+        return self.spec.sides(jacobians(self.fm, x, self.fm.names))
+
+    def block(self, f1: tuple, f2: tuple) -> dict[str, Tensor]:
+        """Kernel block ``L(x1) R(x2)ᵀ``: one entry per parameter, or the total under ``""``."""
+        return contract(f1[0], f2[1], self.output, self.per_layer)

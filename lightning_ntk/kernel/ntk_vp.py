@@ -11,6 +11,10 @@ Cost: ``N2·C`` vjps and jvps, each over a batch of ``N1``: about ``3·N1·N2·C
 passes. It wins when ``P`` is so large that even one Jacobian block does not fit, and it
 needs no knowledge of the layers. The full kernel is always computed; ``"diagonal"`` and
 ``"trace"`` are read from it. ``per_layer=True`` costs one jvp per parameter group.
+
+Optimizer kernels ``J(X1) T(J(x_j)[b])``: the tangent is mapped before the jvp
+(``sign`` for ``"asymmetric_signgd"``, ``d ⊙`` for ``"adam"``); ``"signgd"`` needs the
+sign of ``J(X1)`` too, which no jvp gives, so it is not computed here.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from torch.func import jvp, vjp, vmap
 from . import _inputs
 from ._functional import FunctionalModel
 from ._layout import reduce_full
+from ._optimizer import KernelSpec
 
 # Tangent memory budget per group of cotangents (numbers, not bytes).
 _TANGENT_BUDGET = 2**24
@@ -40,9 +45,11 @@ class NTKVPMethod:
         output: str,
         per_layer: bool,
         group_size: Optional[int] = None,
+        spec: Optional[KernelSpec] = None,
     ) -> None:
         self.fm, self.output, self.per_layer = fm, output, per_layer
         self.group_size = group_size
+        self.spec = spec or KernelSpec()
 
     def features(self, x: Any) -> Any:
         """The chunk itself: every block runs its own vjp / jvp."""
@@ -59,7 +66,8 @@ class NTKVPMethod:
         eye = torch.eye(N2 * C, dtype=logits2.dtype, device=logits2.device)
         for start in range(0, N2 * C, group):
             cotangents = eye[start : start + group].reshape(-1, N2, C)  # (k, N2, C)
-            (tangents,) = vmap(vjp_fn)(cotangents)  # {name: (k, *shape)}
+            (rows,) = vmap(vjp_fn)(cotangents)  # J(x2)[b]: {name: (k, *shape)}
+            tangents = self.spec.tangents(rows)  # e.g. sign(J(x2)[b]), or d ⊙ J(x2)[b]
             for key in groups:
                 groups[key].append(self._push_forward(x1, tangents, key))  # (k, N1, C)
         blocks = {}

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ._functional import FunctionalModel, OutputFn, ParamSelector, check_inputs, exact_matmuls
 from ._layout import check_output
+from ._optimizer import OptimizerKernel, check_kernel, kernel_spec, row_signs
 from .loop import loop_jacobians
 
 
@@ -28,8 +29,14 @@ def reference_ntk(
     output: str = "full",
     params: ParamSelector = None,
     output_fn: OutputFn = None,
+    kernel: str = "sgd",
+    optimizer: Optional[torch.optim.Optimizer] = None,
 ) -> Tensor:
     """Empirical NTK ``Θ(X1, X2) = J(X1) J(X2)ᵀ`` computed densely in float64.
+
+    Optimizer kernels from the same dense Jacobians, by their definitions:
+    ``"signgd"`` ``sign(J1) sign(J2)ᵀ``, ``"asymmetric_signgd"`` ``J1 sign(J2)ᵀ``,
+    ``"adam"`` ``J1 diag(d) J2ᵀ`` with ``d = 1/(√v̂+ε)`` read from ``optimizer``.
 
     Args:
         model: the network; evaluated functionally in eval mode, never mutated.
@@ -40,13 +47,17 @@ def reference_ntk(
             ``"trace" (N1, N2)`` (mean over classes).
         params: parameter selection, as in :func:`lightning_ntk.empirical_ntk`.
         output_fn: maps the model's raw output to ``(N, C)`` logits.
+        kernel: ``"sgd"``, ``"signgd"``, ``"asymmetric_signgd"`` or ``"adam"``.
+        optimizer: the Adam / AdamW whose state ``kernel="adam"`` reads.
 
     Returns:
         The kernel in float64, in the requested layout.
     """
     check_output(output)
     check_inputs(x1, x2)
+    kind = check_kernel(kernel)
     fm = FunctionalModel(model, params=params, output_fn=output_fn, dtype=torch.float64)
+    spec = kernel_spec(kind, optimizer, fm.module, fm.names, torch.float64, fm.device)
     x1 = fm.cast_input(x1)
     x2 = x1 if x2 is None else fm.cast_input(x2)
     with exact_matmuls(fm.device):
@@ -57,8 +68,15 @@ def reference_ntk(
             jac = loop_jacobians(fm, x, fm.names)  # {name: (N, C, P_l)}
             return torch.cat(list(jac.values()), dim=2)  # (N, C, P)
 
-        J1 = flat_jacobian(x1)
-        J2 = flat_jacobian(x2)
+        J1 = flat_jacobian(x1)  # (N1, C, P)
+        J2 = flat_jacobian(x2)  # (N2, C, P)
+    if kind in (OptimizerKernel.SIGNGD, OptimizerKernel.ASYMMETRIC_SIGNGD):
+        J2 = row_signs({"": J2}, sample_dims=2)[""]  # sign, round-off counted as zero
+    if kind is OptimizerKernel.SIGNGD:
+        J1 = row_signs({"": J1}, sample_dims=2)[""]
+    if kind is OptimizerKernel.ADAM:
+        assert spec.scale is not None
+        J1 = J1 * torch.cat([spec.scale[name] for name in fm.names])  # J1 diag(d)
     K = torch.einsum("iap,jbp->ijab", J1, J2)  # (N1, N2, C, C)
     if output == "full":
         return K
