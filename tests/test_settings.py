@@ -30,6 +30,7 @@ NON_DEFAULTS = {
     "weight_decay": 0.01,
     "label_smoothing": 0.1,
     "task": "binary",
+    "expect": "lazy",
     "seed": 5,
     "batch_to_xy": lambda batch: batch,
 }

@@ -169,11 +169,6 @@ def test_hard_targets_diverge_and_an_unknown_set_up_states_the_condition():
         assert "`label_smoothing`" in message and "`loss`" not in message
 
 
-def test_the_set_up_s_older_prediction_names_are_read_as_the_new_ones():
-    old = _diagnose(1.0, "divergent", logit_norm=8.0, step=800)
-    assert old == _diagnose(1.0, "diverging", logit_norm=8.0, step=800)
-
-
 def test_l2_only_waits_for_the_equilibrium_time():
     early = _diagnose(1.0, "bounded", logit_norm=8.0, equilibrium_step=1000, step=800)
     assert (early.verdict, early.causes) == ("drifting", ["logits growing"])
@@ -301,6 +296,7 @@ def test_smoothing_given_only_to_f_cross_entropy_in_a_lightning_module():
     assert math.isfinite(last.logit_optimum) and math.isfinite(last.logit_gap)
     for report in monitor.history:
         assert "hard one-hot targets and no" not in report.message
+    assert "Set-up still being read from the training loss." in monitor.history[0].message
 
 
 def test_non_finite_probe_inputs_are_refused_clearly():

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, NamedTuple, Optional, TypeVar, cast
 
 import torch
@@ -213,6 +213,8 @@ def measure(tracker: NTKTracker, fm: FunctionalModel, step: int) -> Measurement:
         values.update(kernel.values)
         values.update(_linearization_part(fm, theta0, snap.previous, x, logits, task, failures))
     predicted, logit_values, context = _logit_part(setup, snap, logits, y, task, finite, step)
+    observer = tracker.observer
+    context = replace(context, reading=bool(observer.steps) and observer.wants_more)
     values.update(logit_values)
     values["logit_slope"] = _slope(tracker, step, values["logit_norm"])
     signals = Signals(

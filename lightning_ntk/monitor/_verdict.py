@@ -162,12 +162,15 @@ class LogitContext:
             probe (finite for non-degenerate targets, ``nan`` when none / unknown).
         equilibrium_step: ``1/(lr·λ)`` for L2 regularization (``nan`` when none / unknown).
         step: the report's step.
+        reading: the set-up is still being read from the training loss (batches were
+            observed, not enough to decide yet): an unknown set-up is then not yet news.
     """
 
     logit_norm: float = math.nan
     optimum_norm: float = math.nan
     equilibrium_step: float = math.nan
     step: int = 0
+    reading: bool = False
 
 
 @dataclass(frozen=True)
@@ -429,6 +432,10 @@ def _logit_sentence(
                 f"Logits growing: {rising} before the L2 regularization's equilibrium "
                 f"(~1/(lr·λ) = {ctx.equilibrium_step:.0f} steps), not yet a divergence."
             )
+        if ctx.reading:
+            return (
+                f"Logits growing: {rising}; the set-up is still being read from the training loss."
+            )
         return (
             f"Logits growing: {rising}; the set-up is not known — with hard one-hot targets "
             "and no weight decay this is the divergence the theory predicts (declare "
@@ -441,6 +448,8 @@ def _logit_sentence(
             "Logits bounded so far, but hard one-hot targets without weight decay predict "
             "their divergence — add weight decay or label smoothing."
         )
+    if predicted == "unknown" and ctx.reading:
+        return "Set-up still being read from the training loss."
     if predicted == "unknown":
         return (
             "Set-up unknown: with hard one-hot targets and no weight decay the theory "
