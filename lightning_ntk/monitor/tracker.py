@@ -47,7 +47,7 @@ from ..kernel._forward import ForwardModule, selector_on_wrapper
 from ..kernel._functional import FunctionalModel, check_placement, exact_matmuls, unwrap_module
 from ..kernel.batch_statistics import measured_model
 from ._measure import Snapshot, measure, snapshot
-from ._observer import active_dropout
+from ._observer import active_dropout, class_weights
 from ._probe import (
     all_finite,
     check_finite_probe,
@@ -495,7 +495,10 @@ class NTKTracker(NTKSettings):
             captured: ``logits`` are the training step's own (dropout masks, mixed
                 precision and all).
         """
-        self.observer.add_batch(logits, y, loss, step, captured=captured, task=self.task)
+        self.observer.add_batch(
+            logits, y, loss, step, captured=captured, task=self.task,
+            class_weight=class_weights(self.loss),
+        )  # fmt: skip
 
     def observe(
         self,
