@@ -390,3 +390,23 @@ def test_class_weights_the_training_step_does_not_use_decide_nothing(step_loss):
         observer=observer, loss=loss_module, optimizer=SGD0, probe_y=torch.arange(5)
     )
     assert setup.prediction()["regime"] == "unknown", setup.describe()
+
+
+def test_the_tracker_fits_the_class_weights_of_its_loss_module():
+    from lightning_ntk import NTKTracker
+
+    net = _net()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
+    loss_module = nn.CrossEntropyLoss(weight=WEIGHTS)
+    g = torch.Generator().manual_seed(0)
+    probe_x = torch.randn(10, 12, generator=g)
+    tracker = NTKTracker(probe_x, torch.arange(10) % 5, optimizer=optimizer, loss=loss_module)
+    tracker.start(net)
+    for step in range(1, 9):
+        x, y = torch.randn(24, 12, generator=g), torch.randint(5, (24,), generator=g)
+        logits = net(x)
+        tracker.observe(net, x, y, loss_module(logits, y), step, logits=logits)
+    assert tracker.observer.smoothing == 0.0, tracker.observer.detail
+    setup = tracker.resolve_setup(5)
+    assert "class weights" in setup.sources["label_smoothing"], setup.describe()
+    assert setup.prediction()["regime"] == "diverging", setup.describe()

@@ -84,7 +84,8 @@ class NTKTracker(NTKSettings):
             :meth:`draw_probe`.
         probe_y: probe labels ``(N,)`` (int) or soft targets ``(N, C)``; optional.
         optimizer: the optimizer (its weight decay and decoupling are read from it).
-        loss: the loss module (its label smoothing is read from it).
+        loss: the loss module (its label smoothing, and the class weights the observation
+            of the training loss fits with, are read from it).
         distributed: share the probe kernel's blocks among the ranks of the initialised
             ``torch.distributed`` process group (each rank computes its share, one
             all-reduce assembles the kernel). Every rank must then call :meth:`start` and
