@@ -410,3 +410,19 @@ def test_the_tracker_fits_the_class_weights_of_its_loss_module():
     setup = tracker.resolve_setup(5)
     assert "class weights" in setup.sources["label_smoothing"], setup.describe()
     assert setup.prediction()["regime"] == "diverging", setup.describe()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("soft", [False, True])
+def test_weighted_features_are_the_weighted_cross_entropy_pytorch_computes(reduction, soft):
+    from lightning_ntk.monitor._observer import _features
+
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    y = torch.softmax(torch.randn(6, 5, generator=g), 1).double() if soft else torch.arange(6) % 5
+    w = WEIGHTS.double()
+    (H, U), _, _ = _features(z, y, None, (w, reduction))["cross_entropy"]
+    for eps in (0.0, 0.3):
+        module = nn.CrossEntropyLoss(weight=w, label_smoothing=eps, reduction=reduction)
+        scale = 6 if reduction == "sum" else 1  # the features are per example (N = 6)
+        assert float(module(z, y)) == pytest.approx(scale * ((1 - eps) * H + eps * U), rel=1e-12)
