@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_ntk.metrics import logit_norm
+from lightning_ntk.monitor._observer import class_weights
 from lightning_ntk.monitor._setup import LossObserver, resolve_setup
 from lightning_ntk.theory import optimal_logits, predict_regime
 from tests._lightning_models import one_thread  # noqa: F401
@@ -27,7 +28,7 @@ def _net(d: int = 12, outputs: int = 5, seed: int = 0) -> nn.Module:
     return nn.Sequential(nn.Linear(d, 32), nn.Tanh(), nn.Linear(32, outputs))
 
 
-def _observe(step_loss, *, outputs=5, n=8, labels="int", task=None, seed=0):
+def _observe(step_loss, *, outputs=5, n=8, labels="int", task=None, seed=0, class_weight=None):
     """Observe ``n`` batches; ``step_loss(logits, y, x, g) -> (loss, logits training saw)``."""
     net = _net(outputs=outputs, seed=seed)
     g = torch.Generator().manual_seed(seed)
@@ -41,7 +42,10 @@ def _observe(step_loss, *, outputs=5, n=8, labels="int", task=None, seed=0):
         else:  # multi-hot
             y = (torch.rand(24, outputs, generator=g) < 0.3).float()
         loss, seen = step_loss(net, x, y, g)
-        observer.add_batch(seen.detach(), y, loss.detach(), step, captured=True, task=task)
+        observer.add_batch(
+            seen.detach(), y, loss.detach(), step, captured=True, task=task,
+            class_weight=class_weight,
+        )  # fmt: skip
     return observer
 
 
@@ -333,3 +337,92 @@ def test_the_probe_of_float_binary_labels_holds_both_classes():
     y[::20] = 1.0  # 5 % positives, stored as floats for BCE
     _, probe_y = draw_probe(TensorDataset(torch.randn(200, 3), y), 8, torch.Generator())
     assert probe_y is not None and int(probe_y.sum()) == 4
+
+
+# ---------------------------------------------------------------- class-weighted cross-entropy
+
+WEIGHTS = torch.tensor([1.0, 2.0, 0.5, 3.0, 1.0])
+
+
+@pytest.mark.parametrize(
+    ("eps", "reduction", "module"),
+    [(0.0, "mean", nn.CrossEntropyLoss), (0.1, "mean", nn.CrossEntropyLoss),
+     (0.0, "sum", nn.CrossEntropyLoss), (0.0, "mean", nn.NLLLoss)],
+)  # fmt: skip
+def test_a_class_weighted_loss_module_is_fitted_with_its_weights(eps, reduction, module):
+    if module is nn.NLLLoss:
+        loss_module: nn.Module = nn.NLLLoss(weight=WEIGHTS, reduction=reduction)
+
+        def step(net, x, y, g):
+            logits = net(x)
+            return loss_module(F.log_softmax(logits, dim=1), y), logits
+    else:
+        loss_module = nn.CrossEntropyLoss(weight=WEIGHTS, label_smoothing=eps, reduction=reduction)
+
+        def step(net, x, y, g):
+            logits = net(x)
+            return loss_module(logits, y), logits
+
+    observer = _observe(step, class_weight=class_weights(loss_module))
+    assert observer.smoothing == pytest.approx(eps, abs=1e-4), observer.detail
+    assert "class weights" in observer.detail
+    setup = resolve_setup(
+        observer=observer, loss=loss_module, optimizer=SGD0, probe_y=torch.arange(5)
+    )
+    expected = "diverging" if eps == 0 else "bounded"
+    assert setup.prediction()["regime"] == expected, setup.describe()
+
+
+def test_class_weights_are_read_only_from_a_reducing_cross_entropy_module():
+    assert class_weights(nn.CrossEntropyLoss()) is None
+    assert class_weights(nn.CrossEntropyLoss(weight=WEIGHTS, reduction="none")) is None
+    assert class_weights(nn.MSELoss()) is None
+    weight, reduction = class_weights(nn.NLLLoss(weight=WEIGHTS))
+    assert torch.equal(weight, WEIGHTS) and reduction == "mean"
+
+
+@pytest.mark.parametrize("step_loss", [_l2_in_the_loss, _ce])
+def test_class_weights_the_training_step_does_not_use_decide_nothing(step_loss):
+    loss_module = nn.CrossEntropyLoss(weight=WEIGHTS)
+    observer = _observe(step_loss, class_weight=class_weights(loss_module))
+    assert observer.smoothing is None and observer.contradicted, observer.detail
+    setup = resolve_setup(
+        observer=observer, loss=loss_module, optimizer=SGD0, probe_y=torch.arange(5)
+    )
+    assert setup.prediction()["regime"] == "unknown", setup.describe()
+
+
+def test_the_tracker_fits_the_class_weights_of_its_loss_module():
+    from lightning_ntk import NTKTracker
+
+    net = _net()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
+    loss_module = nn.CrossEntropyLoss(weight=WEIGHTS)
+    g = torch.Generator().manual_seed(0)
+    probe_x = torch.randn(10, 12, generator=g)
+    tracker = NTKTracker(probe_x, torch.arange(10) % 5, optimizer=optimizer, loss=loss_module)
+    tracker.start(net)
+    for step in range(1, 9):
+        x, y = torch.randn(24, 12, generator=g), torch.randint(5, (24,), generator=g)
+        logits = net(x)
+        tracker.observe(net, x, y, loss_module(logits, y), step, logits=logits)
+    assert tracker.observer.smoothing == 0.0, tracker.observer.detail
+    setup = tracker.resolve_setup(5)
+    assert "class weights" in setup.sources["label_smoothing"], setup.describe()
+    assert setup.prediction()["regime"] == "diverging", setup.describe()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("soft", [False, True])
+def test_weighted_features_are_the_weighted_cross_entropy_pytorch_computes(reduction, soft):
+    from lightning_ntk.monitor._observer import _features
+
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    y = torch.softmax(torch.randn(6, 5, generator=g), 1).double() if soft else torch.arange(6) % 5
+    w = WEIGHTS.double()
+    (H, U), _, _ = _features(z, y, None, (w, reduction))["cross_entropy"]
+    for eps in (0.0, 0.3):
+        module = nn.CrossEntropyLoss(weight=w, label_smoothing=eps, reduction=reduction)
+        scale = 6 if reduction == "sum" else 1  # the features are per example (N = 6)
+        assert float(module(z, y)) == pytest.approx(scale * ((1 - eps) * H + eps * U), rel=1e-12)

@@ -31,7 +31,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LossObserver", "OutputCapture", "active_dropout"]
+__all__ = ["LossObserver", "OutputCapture", "active_dropout", "class_weights"]
 
 # the fit of a float32 training loss must close to this relative residual (float32
 # round-off gives ~1e-8; an L2 term of 0.003·‖θ − θ0‖²/2 in the loss gave 5e-5 after two
@@ -53,7 +53,7 @@ LOSS_NAMES = {"cross_entropy": "cross-entropy", "binary_cross_entropy": "binary 
 
 _OBSERVER_STATE = (
     "rows", "steps", "min_target", "soft", "smoothing", "pos_weight", "family", "detail",
-    "done", "calls", "contradicted", "tolerance", "captured", "dropout",
+    "done", "calls", "contradicted", "tolerance", "captured", "dropout", "weighted",
 )  # fmt: skip
 
 
@@ -70,6 +70,20 @@ def tolerance_of(loss_dtype: Optional[torch.dtype], logits: Tensor, captured: bo
     if not captured and logits.dtype in (torch.bfloat16, torch.float16):
         tol = max(tol, _ROUNDOFF_UNITS * torch.finfo(logits.dtype).eps)
     return tol
+
+
+def class_weights(loss: Optional[nn.Module]) -> Optional[tuple[Tensor, str]]:
+    """``(w (C,), reduction)`` of a class-weighted ``nn.CrossEntropyLoss`` / ``nn.NLLLoss``.
+
+    ``None`` for any other loss, for no ``weight`` and for ``reduction="none"`` (the
+    training step then reduces the losses in a way the module does not say).
+    """
+    if not isinstance(loss, (nn.CrossEntropyLoss, nn.NLLLoss)):
+        return None
+    weight = getattr(loss, "weight", None)
+    if not isinstance(weight, Tensor) or loss.reduction not in ("mean", "sum"):
+        return None
+    return weight.detach(), loss.reduction
 
 
 def active_dropout(module: nn.Module) -> list[str]:
@@ -135,6 +149,7 @@ class LossObserver:
         self.tolerance = _RESIDUAL
         self.captured = True  # every batch's logits were those of the training step
         self.dropout: list[str] = []  # active dropout modules while logits were re-evaluated
+        self.weighted = False  # the cross-entropy features carry a module's class weights
 
     @property
     def wants_more(self) -> bool:
@@ -151,6 +166,7 @@ class LossObserver:
         loss_dtype: Optional[torch.dtype] = None,
         captured: bool = True,
         task: Optional[str] = None,
+        class_weight: Optional[tuple[Tensor, str]] = None,
     ) -> None:
         """One batch: its logits ``(N, C)``, targets and the loss training computed on them.
 
@@ -164,6 +180,8 @@ class LossObserver:
             captured: the logits are those training computed (not re-evaluated).
             task: ``"multiclass"``, ``"binary"`` or ``"multilabel"`` narrows the losses
                 tried; ``None`` tries every loss the targets fit.
+            class_weight: ``(w (C,), reduction)`` of a class-weighted cross-entropy module
+                (:func:`class_weights`): the cross-entropy features are then weighted.
         """
         if self.done:
             return
@@ -177,7 +195,11 @@ class LossObserver:
         self.captured = self.captured and captured
         z = logits.detach().double()
         z = z[:, None] if z.ndim == 1 else z
-        features = _features(z, targets.detach().to(z.device), task)
+        weighted = None
+        if class_weight is not None and class_weight[0].numel() == z.shape[1] > 1:
+            weighted = (class_weight[0].detach().to(z.device, torch.float64), class_weight[1])
+            self.weighted = True
+        features = _features(z, targets.detach().to(z.device), task, weighted)
         if isinstance(features, str):
             self._give_up(features)
             return
@@ -198,7 +220,7 @@ class LossObserver:
             loss: the loss training computed on it (a scalar tensor or number); a tensor's
                 dtype sets the residual the fit may leave.
             step: the step, for the report's account of the set-up.
-            **options: ``captured`` and ``task`` of :meth:`add`.
+            **options: ``captured``, ``task`` and ``class_weight`` of :meth:`add`.
         """
         if not isinstance(y, Tensor) or y.shape[:1] != logits.shape[:1]:
             self.stop("the training batches carry no targets matching the logits")
@@ -261,7 +283,10 @@ class LossObserver:
                 self.detail = best.why + f" at {steps}"
                 return
             self.smoothing, self.pos_weight = best.smoothing, best.pos_weight
-            self.detail = f"inferred from the training loss at {steps} ({best.why})"
+            why = best.why
+            if self.weighted and best.family == "cross_entropy":
+                why += "; CE and mean(−log p) weighted by the loss module's class weights"
+            self.detail = f"inferred from the training loss at {steps} ({why})"
             return
         fitted = [fit for fit in ready if math.isfinite(fit.residual)]
         if not fitted:  # not a contradiction: these batches cannot decide
@@ -369,25 +394,41 @@ def _form(family: str, scale: float, pos_weight: float) -> str:
 
 
 def _features(
-    z: Tensor, y: Tensor, task: Optional[str]
+    z: Tensor,
+    y: Tensor,
+    task: Optional[str],
+    weighted: Optional[tuple[Tensor, str]] = None,
 ) -> dict[str, tuple[list[float], float, bool]] | str:
-    """``{family: (features, min outcome probability, soft)}`` of one batch, or why none."""
+    """``{family: (features, min outcome probability, soft)}`` of one batch, or why none.
+
+    With class weights ``w (C,)`` (``weighted``, as ``nn.CrossEntropyLoss(weight=w)``
+    computes them) the cross-entropy features are
+    ``H = Σ_i w[y_i]·(−log p_i,y_i) / D`` and ``U = Σ_i Σ_c w_c·(−log p_ic) / (C·D)``
+    with ``D = Σ_i w[y_i]`` for labels and reduction ``"mean"``, ``D = N`` otherwise
+    (soft targets: ``H = −Σ_i Σ_c w_c·Y_ic·log p_ic / D``).
+    """
     N, C = z.shape
     out: dict[str, tuple[list[float], float, bool]] = {}
     if task in (None, "multiclass") and C >= 2:
         logp = torch.log_softmax(z, dim=1)  # (N, C)
-        U = float(-logp.mean())
+        w = weighted[0] if weighted is not None else torch.ones(C, dtype=z.dtype, device=z.device)
+        per_mean = weighted is None or weighted[1] == "mean"
+        U_sum = float(-(logp * w).sum() / C)
         if y.ndim == 1 and not y.is_floating_point():
             labels = y.long()
             if int(labels.min()) < 0 or int(labels.max()) >= C:  # ignore_index or another loss
                 return "the batch labels are outside [0, C) (ignore_index?)"
-            H = float(-logp.gather(1, labels[:, None]).mean())
-            out["cross_entropy"] = ([H, U], 0.0, False)
+            w_i = w[labels]  # (N,)
+            D = float(w_i.sum()) if per_mean else float(N)
+            if not D > 0:
+                return "the batch's class weights sum to zero"
+            H = float(-(w_i * logp.gather(1, labels[:, None])[:, 0]).sum()) / D
+            out["cross_entropy"] = ([H, U_sum / D], 0.0, False)
         elif y.ndim == 2 and y.is_floating_point() and y.shape == z.shape:
             Y = y.double()
             if float(Y.min()) >= 0 and float((Y.sum(dim=1) - 1).abs().max()) <= 1e-4:
-                H = float(-(Y * logp).sum(dim=1).mean())
-                out["cross_entropy"] = ([H, U], float(Y.min()), True)
+                H = float(-(Y * logp * w).sum()) / N
+                out["cross_entropy"] = ([H, U_sum / N], float(Y.min()), True)
     if task in (None, "binary", "multilabel"):
         shaped = (y.ndim == 1 and C == 1) or (y.ndim == 2 and tuple(y.shape) == (N, C))
         if shaped:

@@ -47,7 +47,7 @@ from ..kernel._forward import ForwardModule, selector_on_wrapper
 from ..kernel._functional import FunctionalModel, check_placement, exact_matmuls, unwrap_module
 from ..kernel.batch_statistics import measured_model
 from ._measure import Snapshot, measure, snapshot
-from ._observer import active_dropout
+from ._observer import active_dropout, class_weights
 from ._probe import (
     all_finite,
     check_finite_probe,
@@ -84,7 +84,8 @@ class NTKTracker(NTKSettings):
             :meth:`draw_probe`.
         probe_y: probe labels ``(N,)`` (int) or soft targets ``(N, C)``; optional.
         optimizer: the optimizer (its weight decay and decoupling are read from it).
-        loss: the loss module (its label smoothing is read from it).
+        loss: the loss module (its label smoothing, and the class weights the observation
+            of the training loss fits with, are read from it).
         distributed: share the probe kernel's blocks among the ranks of the initialised
             ``torch.distributed`` process group (each rank computes its share, one
             all-reduce assembles the kernel). Every rank must then call :meth:`start` and
@@ -495,7 +496,10 @@ class NTKTracker(NTKSettings):
             captured: ``logits`` are the training step's own (dropout masks, mixed
                 precision and all).
         """
-        self.observer.add_batch(logits, y, loss, step, captured=captured, task=self.task)
+        self.observer.add_batch(
+            logits, y, loss, step, captured=captured, task=self.task,
+            class_weight=class_weights(self.loss),
+        )  # fmt: skip
 
     def observe(
         self,
