@@ -65,8 +65,6 @@ __all__ = [
 
 T = TypeVar("T")
 
-_LAYOUT_OF_NDIM = {4: "full", 3: "diagonal", 2: "trace"}
-
 # what failed -> how a user may work around it
 _WORKAROUNDS = {
     "kernel": 'pass `method="ntk_vp"`, or `params=` to restrict the kernel to layers '
@@ -152,8 +150,6 @@ class Snapshot:
         """Inverse of :meth:`to_dict`; a checkpoint without the newer keys gets defaults."""
         names = {f.name for f in fields(cls)} - {"previous"}
         snap = cls(**{k: v for k, v in data.items() if k in names})
-        if "output" not in data and isinstance(snap.K0, Tensor):  # saved before the field
-            snap.output = _LAYOUT_OF_NDIM.get(snap.K0.ndim, "full")
         prev = data.get("previous")
         snap.previous = None if prev is None else ReportPoint(**prev)
         return snap
