@@ -48,6 +48,7 @@ from ._verdict import (
     velocity,
 )
 from .report import NUMERIC_FIELDS, NTKReport, layer_drift, safe_spectrum, safe_value
+from .settings import default_output
 
 if TYPE_CHECKING:
     from .tracker import NTKTracker
@@ -108,6 +109,9 @@ class Snapshot:
         alignment0: ``A(Θ0, YYᵀ)`` (``nan`` without probe labels).
         previous: the last report's point; ``None`` before the first report (``θ0``).
         restarted: ``θ0`` was taken mid-run because the run's own reference was lost.
+        output: the kernel layout every kernel of the run is kept in (``"full"``,
+            ``"diagonal"`` or ``"trace"``): the setting, or for ``output=None`` the one
+            :func:`~lightning_ntk.monitor.settings.default_output` chose at the start.
     """
 
     theta0: dict[str, Tensor]
@@ -123,6 +127,7 @@ class Snapshot:
     alignment0: float = math.nan
     previous: Optional[ReportPoint] = None
     restarted: bool = False
+    output: str = "full"
 
     @property
     def reference(self) -> ReportPoint:
@@ -280,7 +285,9 @@ def _kernel_part(
     if snap.K0 is None:
         return KernelPart()
     computed = attempt(
-        failures, "kernel", lambda: probe_kernel(tracker, fm, snap.method, snap.per_layer)
+        failures,
+        "kernel",
+        lambda: probe_kernel(tracker, fm, snap.method, snap.per_layer, snap.output),
     )
     if computed is None:
         return KernelPart()
@@ -433,8 +440,11 @@ def snapshot(tracker: NTKTracker, fm: FunctionalModel, step: int) -> tuple[Snaps
     method = tracker.method
     per_layer = tracker.per_layer if tracker.per_layer is not None else method != "ntk_vp"
     num_classes = int(logits0.shape[1])  # one output: a binary classifier (sigmoid)
+    output = tracker.output or default_output(int(logits0.shape[0]), num_classes)
     failures: dict[str, str] = {}
-    computed = attempt(failures, "kernel", lambda: probe_kernel(tracker, fm, method, per_layer))
+    computed = attempt(
+        failures, "kernel", lambda: probe_kernel(tracker, fm, method, per_layer, output)
+    )
     total, layers = computed if computed is not None else (None, {})
     alignment0 = math.nan
     if total is not None and tracker.probe_y is not None:
@@ -455,23 +465,24 @@ def snapshot(tracker: NTKTracker, fm: FunctionalModel, step: int) -> tuple[Snaps
         logit_norm0=float(metrics.logit_norm(logits0)),  # one output reads as binary
         predicted=tracker.predict_regime(num_classes),
         alignment0=alignment0,
+        output=output,
     )
     return state, failures
 
 
 def probe_kernel(
-    tracker: NTKTracker, fm: FunctionalModel, method: str, per_layer: bool
+    tracker: NTKTracker, fm: FunctionalModel, method: str, per_layer: bool, output: str
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """``Θ(X, X)`` in the chosen layout, and per module when ``per_layer`` is on."""
+    """``Θ(X, X)`` in layout ``output``, and per module when ``per_layer`` is on."""
     probe = fm.cast_input(tracker.probe_on(fm.module)[0])
     world = rank_and_world(tracker.distributed)[1]
     if isinstance(fm, BatchStatisticsModel):  # rows coupled: the whole-batch Jacobian
-        result = batch_ntk_of(fm, probe, output=tracker.output, per_layer=per_layer)
+        result = batch_ntk_of(fm, probe, output=output, per_layer=per_layer)
     else:
         result = ntk_of(
             fm,
             probe,
-            output=tracker.output,
+            output=output,
             method=method,
             per_layer=per_layer,
             # two blocks of probe rows per rank: each rank gets its share of the pairs

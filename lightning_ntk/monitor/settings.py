@@ -21,9 +21,18 @@ from ..kernel._methods import NTKMethod
 from ..theory._targets import TASKS
 from ._verdict import EXPECTATIONS, Thresholds
 
-__all__ = ["METHODS", "OUTPUTS", "NTKSettings", "settings_of"]
+__all__ = [
+    "FULL_LAYOUT_LIMIT",
+    "METHODS",
+    "OUTPUTS",
+    "NTKSettings",
+    "default_output",
+    "settings_of",
+]
 
 OUTPUTS = ("full", "diagonal", "trace")
+# the default layout is "full" while the kernel matrix has at most this many rows (N·C)
+FULL_LAYOUT_LIMIT = 1024
 METHODS = tuple(method.value for method in NTKMethod)  # the engine's list, not a copy
 NORMALIZATIONS = ("batch", "running")
 
@@ -35,8 +44,11 @@ class NTKSettings:
     Args:
         n_probe: examples drawn for the probe set (stratified by class) when no probe is
             given.
-        output: kernel layout ``"full"`` (default; ``(N, N, C, C)``), ``"diagonal"`` or
-            ``"trace"``.
+        output: kernel layout ``"full"`` (``(N, N, C, C)``), ``"diagonal"`` or ``"trace"``
+            (``(N, N)``, the mean over classes). ``None`` (default): ``"full"`` while
+            ``N·C ≤ 1024`` (at most a ``1024 × 1024`` kernel matrix), else the exact
+            ``"trace"`` layout, whose cost grows linearly in ``C``, with one warning
+            (see :func:`default_output`); an explicit ``"full"`` is always kept.
         method: kernel method, one of :class:`~lightning_ntk.kernel.NTKMethod`:
             ``"auto"``, ``"structured"``, ``"jacobian"``, ``"ntk_vp"`` or ``"loop"``.
         params: parameters spanning the kernel (``None``: all trainable; a name, names or
@@ -81,7 +93,7 @@ class NTKSettings:
     """
 
     n_probe: int = 16
-    output: str = "full"
+    output: Optional[str] = None
     method: str = "auto"
     params: Optional[Union[str, list[str], Callable[..., bool]]] = None
     output_fn: Optional[Callable[[Any], Tensor]] = None
@@ -104,8 +116,10 @@ class NTKSettings:
     def __post_init__(self) -> None:
         _check_positive_int("n_probe", self.n_probe)
         _check_positive_int("top_layers", self.top_layers)
-        if self.output not in OUTPUTS:
-            raise ValueError(f"Expected `output` to be one of {OUTPUTS} but got {self.output!r}.")
+        if self.output is not None and self.output not in OUTPUTS:
+            raise ValueError(
+                f"Expected `output` to be one of {OUTPUTS} or None but got {self.output!r}."
+            )
         try:
             self.method = NTKMethod(self.method).value
         except ValueError:
@@ -142,6 +156,17 @@ class NTKSettings:
                 f"Expected `expect` to be one of {EXPECTATIONS} but got {self.expect!r}."
             )
         self.thresholds = _as_thresholds(self.thresholds)
+
+
+def default_output(num_examples: int, num_classes: int) -> str:
+    """The layout of ``output=None`` for ``N`` probe examples and ``C`` classes.
+
+    ``"full"`` while the ``(N·C, N·C)`` kernel matrix has ``N·C ≤ FULL_LAYOUT_LIMIT``
+    (1024) rows, else ``"trace"``: the full layout's ``N²·C²`` entries and ``(N·C)³``
+    eigen-decomposition grow with ``C²`` and ``C³``; the trace ``(N, N)`` layout's cost
+    grows linearly in ``C`` (one Jacobian row per logit).
+    """
+    return "full" if num_examples * num_classes <= FULL_LAYOUT_LIMIT else "trace"
 
 
 def settings_of(obj: NTKSettings) -> dict[str, Any]:

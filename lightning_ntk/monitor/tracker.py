@@ -18,14 +18,16 @@ Nothing here imports Lightning; the callback is a thin adapter over this class.
 Cost and defaults. One report costs one kernel on the probe (``N²·C²`` entries in the
 ``"full"`` layout, computed exactly by :func:`lightning_ntk.empirical_ntk`), two ``jvp``
 (the linearizations around ``θ0`` and around the previous report) and an ``(N·C)²``
-eigen-decomposition. The defaults — ``n_probe=16`` and log-spaced
-steps 4, 16, 64, 256, … — keep a run of ``T`` steps at ``⌊log4(T)⌋`` reports and the
-monitor's share of a 512-step run of the demo's network under 5 %
-(``benchmarks/bench_overhead.py``, ``docs/verdicts.md``); the logit trend then needs
-two reports at steps ≥ 100 within a factor 4 (from step 1024 on), so short runs that
-want it set ``log_base=2`` or ``every_n_steps``. Memory: two
-copies of the selected parameters (``θ0`` and the previous report's) and ``N²·C²``
-numbers per kernel snapshot (per layer when ``per_layer`` is on).
+eigen-decomposition. Above ``N·C = 1024`` the default layout is the exact ``"trace"``
+``(N, N)`` (:func:`~lightning_ntk.monitor.settings.default_output`, one warning), whose
+kernel, spectrum and saved state grow at most linearly in ``C``. The defaults —
+``n_probe=16`` and log-spaced steps 4, 16, 64, 256, … — keep a run of ``T`` steps at
+``⌊log4(T)⌋`` reports and the monitor's share of a 512-step run of the demo's network
+under 5 % (``benchmarks/bench_overhead.py``, ``docs/verdicts.md``); the logit trend then
+needs two reports at steps ≥ 100 within a factor 4 (from step 1024 on), so short runs
+that want it set ``log_base=2`` or ``every_n_steps``. Memory: two copies of the selected
+parameters (``θ0`` and the previous report's) and ``N²·C²`` numbers per kernel snapshot
+in the full layout, ``N²`` in the trace layout (per layer when ``per_layer`` is on).
 
 Verdict thresholds and the measurements behind them: :mod:`lightning_ntk.monitor._verdict`
 and ``docs/verdicts.md``.
@@ -61,7 +63,7 @@ from ._setup import LossObserver, Setup, resolve_setup
 from ._timeline import timeline
 from ._verdict import Thresholds
 from .report import NTKReport, finite_or
-from .settings import NTKSettings
+from .settings import FULL_LAYOUT_LIMIT, NTKSettings
 
 __all__ = ["NTKReport", "NTKTracker", "Thresholds"]
 
@@ -131,6 +133,7 @@ class NTKTracker(NTKSettings):
         self.eigenvalues: Optional[Tensor] = None  # its spectrum, descending
         self.observer = LossObserver()  # infers the label smoothing from the training loss
         self._data_finite: Optional[Tensor] = None  # every training batch seen was finite
+        self._layout_noted = False  # the default's switch to the trace layout was announced
 
     # ------------------------------------------------------------------ probe set
 
@@ -230,6 +233,7 @@ class NTKTracker(NTKSettings):
         state.restarted = bool(restarted)
         self._state = state  # only a complete snapshot marks the tracker as started
         self._warn_failures(failures)
+        self._note_layout(state)
         self.history = []
         self.layer_history = []
         self.kernel = state.K0
@@ -298,6 +302,14 @@ class NTKTracker(NTKSettings):
         if self._state is None:
             return self.predict_regime(None)
         return dict(self._state.predicted)
+
+    @property
+    def layout(self) -> Optional[str]:
+        """The kernel layout in use: ``output``, or the one its default chose at :meth:`start`.
+
+        ``None`` before :meth:`start` when ``output`` was left at its default.
+        """
+        return self.output if self._state is None else self._state.output
 
     @property
     def num_classes(self) -> Optional[int]:
@@ -377,6 +389,22 @@ class NTKTracker(NTKSettings):
             output_fn=self.output_fn,
             dtype=self.dtype,
         )
+
+    def _note_layout(self, state: Snapshot) -> None:
+        """One warning when ``output=None`` chose the trace layout for many outputs."""
+        if self.output is not None or state.output == "full" or self._layout_noted:
+            return
+        assert self.probe_x is not None
+        rows = _inputs.batch_size(self.probe_x) * state.num_classes
+        warnings.warn(
+            f"lightning_ntk keeps the probe kernel in the exact trace layout (N, N), the "
+            f"mean over classes, because N·C = {rows} is above {FULL_LAYOUT_LIMIT} and the "
+            f"full (N, N, C, C) layout would hold {rows}² entries; pass `output='full'` to "
+            f"keep the full layout.",
+            UserWarning,
+            stacklevel=3,
+        )
+        self._layout_noted = True
 
     def _warn_failures(self, failures: Mapping[str, str]) -> None:
         """One :class:`~lightning_ntk.NTKMeasurementWarning` per measurement that failed."""
