@@ -305,7 +305,7 @@ class NTKTracker(NTKSettings):
 
     @property
     def layout(self) -> Optional[str]:
-        """The kernel layout in use: ``output``, or the one its default chose at :meth:`start`.
+        """The kernel layout in use, ``output`` or the one its default chose at :meth:`start`.
 
         ``None`` before :meth:`start` when ``output`` was left at its default.
         """
