@@ -51,7 +51,16 @@ from torch import Tensor, nn
 
 from ._factors import LayerInput, per_example_outer
 from ._functional import FunctionalModel
-from ._recording import CONVS, NORMS, Layer, Recording, record, small_per_example, weight_factors
+from ._recording import (
+    CONVS,
+    NORMS,
+    Layer,
+    Recording,
+    candidate_layers,
+    record,
+    small_per_example,
+    weight_factors,
+)
 
 __all__ = ["BatchPlan", "batch_kernel_matrix", "plan_batch"]
 
@@ -89,7 +98,7 @@ def plan_batch(fm: FunctionalModel, x: Tensor) -> BatchPlan:
     Raises:
         RuntimeError: the recording fails (the caller then uses the whole Jacobian).
     """
-    layers = _candidate_layers(fm)
+    layers = candidate_layers(fm, _supported)
     rec, logits_shape = _verification_recording(fm, layers, x)
     layers = [layer for layer in layers if _verified(fm, layer, rec)]
     structured = {n for layer in layers for n in layer.param_names}
@@ -118,29 +127,6 @@ def plan_batch(fm: FunctionalModel, x: Tensor) -> BatchPlan:
     plan.chunk = max(1, min(K, _CHUNK_BUDGET // per_cotangent))
     plan.keep_all = K * features <= _KEEP_BUDGET
     return plan
-
-
-def _candidate_layers(fm: FunctionalModel) -> list[Layer]:
-    """Supported modules with their stock forward, holding selected parameters alone."""
-    owners: dict[int, int] = {}
-    for module in fm.module.modules():
-        for p in module._parameters.values():
-            if p is not None:
-                owners[id(p)] = owners.get(id(p), 0) + 1
-    selected = set(fm.names)
-    layers = []
-    for mod_name, module in fm.module.named_modules():
-        if not _supported(module):
-            continue
-        prefix = f"{mod_name}." if mod_name else ""
-        layer = Layer(mod_name, module)
-        for role in ("weight", "bias"):
-            p = module._parameters.get(role)
-            if p is not None and prefix + role in selected and owners[id(p)] == 1:
-                setattr(layer, role, prefix + role)
-        if layer.param_names:
-            layers.append(layer)
-    return layers
 
 
 def _supported(module: nn.Module) -> bool:

@@ -18,7 +18,16 @@ from torch import Tensor, nn
 from . import _inputs
 from ._calls import CallSpec, discover
 from ._functional import FunctionalModel
-from ._recording import CONVS, NORMS, Layer, Recording, call_layer, record, summed_gradients
+from ._recording import (
+    CONVS,
+    NORMS,
+    Layer,
+    Recording,
+    call_layer,
+    candidate_layers,
+    record,
+    summed_gradients,
+)
 
 __all__ = ["PlanMismatch", "StructurePlan", "check_call", "fingerprint", "plan_structure"]
 
@@ -83,7 +92,7 @@ def plan_structure(fm: FunctionalModel, x: Tensor) -> StructurePlan:
     key = fingerprint(fm, x)
     roles = _PLANS.pop(key, None)
     if roles is None:
-        candidates = _candidate_layers(fm)
+        candidates = candidate_layers(fm, _supported)
         candidates += _call_candidates(fm, candidates, _inputs.take(x, slice(0, _VERIFY_EXAMPLES)))
         if candidates:
             candidates = _verified(fm, candidates, _verification_batch(fm, candidates, x))
@@ -156,28 +165,6 @@ def _verification_batch(fm: FunctionalModel, layers: list[Layer], x: Any) -> Any
 
 
 # --------------------------------------------------------------------------- plan
-def _candidate_layers(fm: FunctionalModel) -> list[Layer]:
-    """Supported modules whose selected parameters they alone hold."""
-    owners: dict[int, int] = {}
-    for module in fm.module.modules():
-        for p in module._parameters.values():
-            if p is not None:
-                owners[id(p)] = owners.get(id(p), 0) + 1
-    selected = set(fm.names)
-    layers = []
-    for mod_name, module in fm.module.named_modules():
-        if not _supported(module):
-            continue
-        prefix = f"{mod_name}." if mod_name else ""
-        layer = Layer(mod_name, module)
-        for role in ("weight", "bias"):
-            p = module._parameters.get(role)
-            full = prefix + role
-            if p is not None and full in selected and owners[id(p)] == 1:
-                setattr(layer, role, full)
-        if layer.param_names:
-            layers.append(layer)
-    return layers
 
 
 def _call_candidates(fm: FunctionalModel, modules: list[Layer], x: Any) -> list[Layer]:

@@ -30,6 +30,7 @@ __all__ = [
     "Probe",
     "Recording",
     "call_layer",
+    "candidate_layers",
     "hooks",
     "record",
     "small_per_example",
@@ -82,6 +83,33 @@ def call_layer(op: str, weight: str, bias: Optional[str]) -> Layer:
 
 
 # ------------------------------------------------------------------ recording
+def candidate_layers(fm: FunctionalModel, supported: Callable[[nn.Module], bool]) -> list[Layer]:
+    """Modules ``supported`` accepts, each with the selected parameters it alone holds.
+
+    A parameter shared with another module (tied weights) is left to the generic route:
+    its kernel is not one layer's.
+    """
+    owners: dict[int, int] = {}
+    for module in fm.module.modules():
+        for p in module._parameters.values():
+            if p is not None:
+                owners[id(p)] = owners.get(id(p), 0) + 1
+    selected = set(fm.names)
+    layers = []
+    for mod_name, module in fm.module.named_modules():
+        if not supported(module):
+            continue
+        prefix = f"{mod_name}." if mod_name else ""
+        layer = Layer(mod_name, module)
+        for role in ("weight", "bias"):
+            p = module._parameters.get(role)
+            if p is not None and prefix + role in selected and owners[id(p)] == 1:
+                setattr(layer, role, prefix + role)
+        if layer.param_names:
+            layers.append(layer)
+    return layers
+
+
 @contextlib.contextmanager
 def hooks(layers: list[Layer], hook: Callable[[Layer, Any, Any], Any]) -> Iterator[None]:
     handles = [
