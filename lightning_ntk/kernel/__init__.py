@@ -25,7 +25,6 @@ failed and why; the same is logged at DEBUG level on the ``"lightning_ntk"`` log
 from __future__ import annotations
 
 import logging
-import math
 import threading
 from typing import Any, Optional, Union
 
@@ -44,7 +43,7 @@ from ._functional import (
 from ._layout import check_output
 from ._methods import NTKCallInfo, NTKMethod, choose_method
 from ._optimizer import KernelSpec, OptimizerKernel, check_kernel, kernel_spec
-from ._run import Run, rank_and_world
+from ._run import Run
 
 __all__ = [
     "NTKCallInfo",
@@ -149,9 +148,10 @@ def empirical_ntk(
     Every rank of the mesh must call, with the same inputs and arguments. Each
     sharded parameter is all-gathered (``full_tensor()``), the model is evaluated
     functionally on the whole parameters with FSDP's forward hooks set aside, the blocks
-    of example pairs are shared among the ranks (two blocks of rows per rank when
-    ``chunk_size`` is ``None``) and one all-reduce sums them: every rank returns the
-    kernel of the unsharded model. Memory: during the call each rank holds the whole
+    of example pairs are shared among the ranks as with ``distributed=True`` (one block,
+    hence one rank's work, when ``chunk_size`` is ``None``: pass ``chunk_size`` to split
+    the work) and one all-reduce sums them: every rank returns the same kernel, that of
+    the unsharded model. Memory: during the call each rank holds the whole
     parameter set (all layers at once, in the compute dtype) besides its shards, plus
     its share of the blocks' work and the whole kernel; the model is left sharded as
     found (parameters, hooks and FSDP's state untouched).
@@ -231,11 +231,8 @@ def ntk_of(
             if not symmetric:
                 fm.checked_logits(x2, "x2")
         n1, n2 = _inputs.batch_size(x1), _inputs.batch_size(x2)
-        if fm.sharded:  # every rank of the mesh is here: they share the blocks
-            distributed = True
-            world = rank_and_world()[1]
-            if chunk_size is None and world > 1:  # two blocks of rows per rank
-                chunk_size = max(1, math.ceil(max(n1, n2) / (2 * world)))
+        if fm.sharded:  # every rank is here: they share the blocks, one sum assembles
+            distributed = True  # the same kernel, bit for bit, on every rank
         run = Run(
             fm, x1, x2, output, per_layer, chunk_size or max(n1, n2), symmetric,
             None if store_on is None else torch.device(store_on), distributed, num_classes,
