@@ -84,6 +84,11 @@ def linearize(
             ``"current"`` reads them from the module at call time.
         dtype: compute dtype (default: the parameters'; float32 for half / bf16).
 
+    A model sharded with FSDP2's ``fully_shard`` is linearized whole: ``θ0`` is kept as
+    whole tensors (all-gathered: one full copy of the selected parameters per rank), and
+    each call all-gathers the current parameters (``params=None``, a sharded module or
+    ``DTensor`` values), so every rank calls together.
+
     Returns:
         A :class:`LinearizedModel`.
     """

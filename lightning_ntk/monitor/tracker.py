@@ -29,6 +29,12 @@ that want it set ``log_base=2`` or ``every_n_steps``. Memory: two copies of the 
 parameters (``θ0`` and the previous report's) and ``N²·C²`` numbers per kernel snapshot
 in the full layout, ``N²`` in the trace layout (per layer when ``per_layer`` is on).
 
+Sharded models (FSDP2's ``fully_shard``) are measured whole: every rank calls
+:meth:`NTKTracker.start` and :meth:`NTKTracker.update` together (the parameters are
+all-gathered, the kernel's blocks shared and summed), every rank gets the same report,
+and ``θ0`` and the previous report's parameters are kept, and saved by
+:meth:`NTKTracker.state_dict`, as whole tensors on every rank (``docs/distributed.md``).
+
 Verdict thresholds and the measurements behind them: :mod:`lightning_ntk.monitor._verdict`
 and ``docs/verdicts.md``.
 """
@@ -92,7 +98,8 @@ class NTKTracker(NTKSettings):
             ``torch.distributed`` process group (each rank computes its share, one
             all-reduce assembles the kernel). Every rank must then call :meth:`start` and
             :meth:`update` together; ``NTKMonitor`` turns this on under multi-process
-            strategies.
+            strategies. A sharded (FSDP2) model's kernel is shared among the ranks in
+            any case (one block per call when this is off).
         **settings: what is measured and when: every field of
             :class:`~lightning_ntk.monitor.settings.NTKSettings` (``n_probe``, ``output``,
             ``method``, ``params``, ``output_fn``, ``forward_fn``, ``per_layer``,
@@ -212,8 +219,10 @@ class NTKTracker(NTKSettings):
 
         Raises:
             ValueError / TypeError: no probe set, probe inputs holding NaN / inf, a model
-                on the ``meta`` device or on several devices, or a model whose output on
-                the probe is not ``(N, C)`` logits (pass ``forward_fn`` or ``output_fn``).
+                on the ``meta`` device or on several devices, a sharding the engine does
+                not compute (see :func:`lightning_ntk.empirical_ntk`), or a model whose
+                output on the probe is not ``(N, C)`` logits (pass ``forward_fn`` or
+                ``output_fn``).
             Exception: whatever the model's forward raises on the probe, unchanged, with
                 a note saying so.
         """
@@ -221,7 +230,8 @@ class NTKTracker(NTKSettings):
             raise ValueError(
                 "No probe set: pass `probe_x` (and `probe_y`) or call `draw_probe` first."
             )
-        device = check_placement(unwrap_module(model))  # one device, not meta, not sharded
+        device = check_placement(unwrap_module(model))  # one device, not meta; a sharding
+        # the engine computes exactly (FSDP2 `DTensor`s on one 1-D mesh), else refused
         wrapper = self._wrap(model)
         self.probe_x = _inputs.map_tensors(self.probe_x, lambda t: t.to(device))  # kept there
         if self.probe_y is not None:
