@@ -76,19 +76,35 @@ def _whole(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
 
 
+def _report(report) -> dict:
+    return {"verdict": report.verdict, **{field: getattr(report, field) for field in REPORT_FIELDS}}
+
+
 def _tracker_reports(model, reference, x, y, probe_x, probe_y, distributed: bool) -> dict:
-    """Start a tracker on both models, one identical SGD step on both, one report each."""
-    out = {}
+    """Start a tracker on both models, one identical SGD step on both, two reports each.
+
+    The sharded model's tracker is also resumed from its state dict (taken after the
+    first report) in a new tracker, whose second report must be the original's.
+    """
+    out: dict = {}
     for name, m in (("sharded", model), ("reference", reference)):
         tracker = NTKTracker(probe_x, probe_y, distributed=distributed and name == "sharded")
         tracker.start(m)
         _sgd_step(m, x, y)
-        report = tracker.update(m, step=1)
-        out[name] = {field: getattr(report, field) for field in REPORT_FIELDS}
-        out[name]["verdict"] = report.verdict
-        out[name]["theta0"] = {
-            k: v.clone() for k, v in tracker.state_dict()["state"]["theta0"].items()
-        }
+        out[name] = _report(tracker.update(m, step=1))
+        saved = copy.deepcopy(tracker.state_dict())
+        _sgd_step(m, x, y)
+        out[name + "_2"] = _report(tracker.update(m, step=2))
+        if name == "sharded":
+            resumed = NTKTracker(probe_x, probe_y, distributed=distributed)
+            resumed.load_state_dict(saved)
+            out["resumed_2"] = _report(resumed.update(m, step=2))
+            kept = saved["state"]["theta0"]
+            live = {f"model.{n}": p for n, p in m.named_parameters()}
+            out["kept_shapes"] = {
+                n: (tuple(kept[n].shape), tuple(p.to_local().shape)) for n, p in live.items()
+            }
+            out["kept_sharded"] = saved["state"]["sharded"]
     return out
 
 
@@ -248,5 +264,19 @@ def test_tracker_on_the_sharded_model_reports_what_it_reports_unsharded(ranks, c
         assert got["verdict"] == rank0["verdict"]
         for field in REPORT_FIELDS:
             assert got[field] == pytest.approx(rank0[field], rel=1e-6, abs=1e-9), field
-        for name, theta0 in expected["theta0"].items():  # whole tensors on every rank
-            torch.testing.assert_close(got["theta0"][name], theta0)
+        got, expected = result[case]["sharded_2"], result[case]["reference_2"]
+        for field in REPORT_FIELDS:  # the second report reads θ0 and the first's point
+            assert got[field] == pytest.approx(expected[field], rel=1e-4, abs=1e-7), field
+
+
+@pytest.mark.parametrize("case", ["tracker_False", "tracker_True"])
+def test_tracker_keeps_this_ranks_shards_and_resumes_from_them(ranks, case):
+    for result in ranks:
+        shapes = result[case]["kept_shapes"]
+        assert sorted(result[case]["kept_sharded"]) == sorted(shapes)
+        for name, (kept, local) in shapes.items():
+            assert kept == local, name  # this rank's shard, not the whole tensor
+        resumed, original = result[case]["resumed_2"], result[case]["sharded_2"]
+        assert resumed["verdict"] == original["verdict"]
+        for field in REPORT_FIELDS:
+            assert resumed[field] == pytest.approx(original[field], rel=1e-6, abs=1e-9), field

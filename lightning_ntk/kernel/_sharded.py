@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-__all__ = ["call_module", "full", "is_dtensor", "sharding_mesh"]
+__all__ = ["call_module", "full", "is_dtensor", "sharding_mesh", "to_shards", "whole"]
 
 
 def is_dtensor(t: Any) -> bool:
@@ -49,6 +49,66 @@ def full(t: Tensor) -> Tensor:
     if not is_dtensor(t):
         return t
     return t.full_tensor()  # type: ignore[attr-defined]
+
+
+def to_shards(tensors: Mapping[str, Tensor], module: nn.Module) -> dict[str, Tensor]:
+    """This rank's shards of whole tensors named like ``module``'s ``DTensor`` parameters.
+
+    ``tensors[name]`` is the whole value of the parameter ``name`` (e.g. a copy of ``θ0``);
+    where that parameter is a ``DTensor``, the result holds only this rank's slice of it,
+    placed as the parameter is (no communication); other entries are kept as they are.
+    :func:`whole` is the inverse.
+    """
+    live = dict(module.named_parameters())
+    out: dict[str, Tensor] = {}
+    for name, t in tensors.items():
+        p = live.get(name)
+        if p is None or not is_dtensor(p) or is_dtensor(t):
+            out[name] = t
+            continue
+        from torch.distributed.tensor import distribute_tensor
+
+        shard = distribute_tensor(t, p.device_mesh, p.placements, src_data_rank=None)  # type: ignore[attr-defined]
+        out[name] = shard.to_local().clone()
+    return out
+
+
+def whole(tensors: Mapping[str, Tensor], names: Any, module: nn.Module) -> dict[str, Tensor]:
+    """The whole tensors of :func:`to_shards`'s shards ``names`` (an all-gather each).
+
+    The shards are placed as ``module``'s parameters of the same names are now, so the
+    model must be sharded as when the shards were taken.
+
+    Raises:
+        ValueError: a named parameter is no longer a ``DTensor``, or its shard on this
+            rank has another shape than the one kept (sharded otherwise, or on another
+            number of ranks).
+    """
+    from torch.distributed.tensor import DTensor
+
+    live = dict(module.named_parameters())
+    out = dict(tensors)
+    for name in names:
+        p, shard = live.get(name), tensors[name]
+        local_shape = p.to_local().shape if p is not None and is_dtensor(p) else None  # type: ignore[attr-defined]
+        if local_shape != shard.shape:
+            raise ValueError(
+                f"The tracker kept this rank's shard of {name!r} with shape "
+                f"{tuple(shard.shape)}, but the model's parameter is now "
+                + ("not sharded" if local_shape is None else f"sharded to {tuple(local_shape)}")
+                + "; resume with the model sharded as when the state was saved (the same "
+                "mesh and number of ranks)."
+            )
+        assert p is not None
+        gathered = DTensor.from_local(
+            shard.to(p.device),
+            p.device_mesh,  # type: ignore[attr-defined]
+            p.placements,  # type: ignore[attr-defined]
+            shape=p.shape,
+            stride=p.stride(),
+        )
+        out[name] = gathered.full_tensor()
+    return out
 
 
 def sharding_mesh(module: nn.Module) -> Optional[Any]:

@@ -33,7 +33,8 @@ Sharded models (FSDP2's ``fully_shard``) are measured whole: every rank calls
 :meth:`NTKTracker.start` and :meth:`NTKTracker.update` together (the parameters are
 all-gathered, the kernel's blocks shared and summed), every rank gets the same report,
 and ``θ0`` and the previous report's parameters are kept, and saved by
-:meth:`NTKTracker.state_dict`, as whole tensors on every rank (``docs/distributed.md``).
+:meth:`NTKTracker.state_dict`, as this rank's shards, gathered whole for each report
+(``docs/distributed.md``).
 
 Verdict thresholds and the measurements behind them: :mod:`lightning_ntk.monitor._verdict`
 and ``docs/verdicts.md``.
@@ -41,6 +42,7 @@ and ``docs/verdicts.md``.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Mapping
 from dataclasses import KW_ONLY, dataclass
@@ -53,6 +55,7 @@ from ..exceptions import NTKMeasurementWarning
 from ..kernel import _inputs
 from ..kernel._forward import ForwardModule, selector_on_wrapper
 from ..kernel._functional import FunctionalModel, check_placement, exact_matmuls, unwrap_module
+from ..kernel._sharded import is_dtensor, to_shards, whole
 from ..kernel.batch_statistics import measured_model
 from ._measure import Snapshot, measure, snapshot
 from ._observer import active_dropout, class_weights
@@ -240,6 +243,9 @@ class NTKTracker(NTKSettings):
         with preserved_rng(device):
             fm = self._functional(wrapper)
             state, failures = snapshot(self, fm, step)
+        if fm.sharded:  # keep this rank's shards of θ0 only
+            state.theta0 = to_shards(state.theta0, wrapper)
+            state.sharded = [n for n in fm.names if n in state.theta0 and _is_sharded(wrapper, n)]
         state.restarted = bool(restarted)
         self._state = state  # only a complete snapshot marks the tracker as started
         self._warn_failures(failures)
@@ -258,14 +264,22 @@ class NTKTracker(NTKSettings):
         if not self.started:
             raise RuntimeError("Call `start(model)` (or `load_state_dict`) before `update`.")
         wrapper = self._wrap(model)
-        with preserved_rng(_device_of(wrapper)):
-            measured = measure(self, self._functional(wrapper), int(step))
-        report, layers = measured.report, measured.layers
         state = self.started_state
+        with preserved_rng(_device_of(wrapper)):
+            fm = self._functional(wrapper)
+            self._state = _whole(state, wrapper)  # a sharded model's θ0 etc. gathered
+            try:
+                measured = measure(self, fm, int(step))
+            finally:
+                self._state = state
+        report, layers = measured.report, measured.layers
         report.reference_step = int(state.start_step)
         report.restarted = state.restarted
         self._warn_failures(measured.failures)
-        state.previous = measured.point  # the next report's velocity and local error
+        point = measured.point
+        if state.sharded:
+            point = dataclasses.replace(point, theta=to_shards(point.theta, wrapper))
+        state.previous = point  # the next report's velocity and local error
         state.predicted = measured.predicted
         if measured.kernel is not None:
             self.kernel, self.eigenvalues = measured.kernel, measured.eigenvalues
@@ -590,6 +604,25 @@ class NTKTracker(NTKSettings):
             )
         logits = logits.detach()
         return logits[:, None] if logits.ndim == 1 else logits
+
+
+def _is_sharded(module: nn.Module, name: str) -> bool:
+    """Whether ``module``'s parameter ``name`` is a ``DTensor``."""
+    return is_dtensor(dict(module.named_parameters()).get(name))
+
+
+def _whole(state: Snapshot, wrapper: nn.Module) -> Snapshot:
+    """``state`` with the shards it keeps of a sharded model gathered whole (collective)."""
+    if not state.sharded:
+        return state
+    previous = state.previous
+    if previous is not None:
+        previous = dataclasses.replace(
+            previous, theta=whole(previous.theta, state.sharded, wrapper)
+        )
+    return dataclasses.replace(
+        state, theta0=whole(state.theta0, state.sharded, wrapper), previous=previous
+    )
 
 
 def _device_of(module: nn.Module) -> torch.device:
