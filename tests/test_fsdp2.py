@@ -149,8 +149,23 @@ def _checks(rank: int, world: int) -> dict:
     y = torch.tensor([0, 1, 2, 3, 4, 0, 1])
     _sgd_step(model, x, y)
     _sgd_step(reference, x, y)
-    results["mlp_trained"] = (_whole(model), dict(reference.named_parameters()))
+    results["mlp_trained"] = (
+        _whole(model),
+        {n: p.detach().clone() for n, p in reference.named_parameters()},
+    )
     results["mlp_linearize_after_step"] = (lin(x2), linearize(reference, lin.params0)(x2))
+
+    # Adam's kernel reads the optimizer's (sharded) second moments
+    adams = []
+    for m in (model, reference):
+        adam = torch.optim.Adam(m.parameters(), lr=1e-2)
+        nn.functional.cross_entropy(m(x), y).backward()
+        adam.step()
+        adams.append(adam)
+    results["mlp_adam"] = tuple(
+        empirical_ntk(m, x, kernel="adam", optimizer=adam, output="trace")
+        for m, adam in zip((model, reference), adams)
+    )
 
     # ------------------------------------------------------------------ encoder
     reference = _Encoder()
@@ -224,6 +239,7 @@ def test_kernel_of_the_sharded_mlp_is_the_unsharded_kernel_on_every_rank(ranks):
             assert got.shape == (7, 7, 5, 5)
             _close(got, expected, f"rank {rank}, method {method}")
         _close(*result["mlp_x2"], f"rank {rank}, x2 diagonal in blocks")
+        _close(*result["mlp_adam"], f"rank {rank}, Adam's kernel")
         got, expected = result["mlp_per_layer"]
         assert list(got) == list(expected) == ["2.weight", "2.bias", "4.bias"]
         for name in got:
