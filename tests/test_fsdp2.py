@@ -55,6 +55,19 @@ class _Encoder(nn.Module):
         return self.head(self.layer(self.embed(ids)).mean(dim=1))
 
 
+class _RootOwned(nn.Module):
+    """A layer owned by the root FSDP module itself, and one sharded on its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.inp = nn.Linear(6, 9)
+        self.out = nn.Linear(9, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.inp(x)))
+
+
 def _shard(model: nn.Module, mesh) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
@@ -65,8 +78,9 @@ def _shard(model: nn.Module, mesh) -> nn.Module:
     return model
 
 
-def _sgd_step(model: nn.Module, x, y) -> None:
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+def _sgd_step(model: nn.Module, x, y, optimizer=None) -> None:
+    # (an optimizer of an FSDP2 model is made while its parameters are sharded)
+    optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=0.5)
     nn.functional.cross_entropy(model(x), y).backward()
     optimizer.step()
     optimizer.zero_grad()
@@ -80,36 +94,48 @@ def _report(report) -> dict:
     return {"verdict": report.verdict, **{field: getattr(report, field) for field in REPORT_FIELDS}}
 
 
-def _tracker_reports(model, reference, x, y, probe_x, probe_y, distributed: bool) -> dict:
+def _tracker_reports(
+    model, reference, x, y, probe_x, probe_y, distributed: bool, peek: bool = False
+) -> dict:
     """Start a tracker on both models, one identical SGD step on both, two reports each.
 
     The sharded model's tracker is also resumed from its state dict (taken after the
-    first report) in a new tracker, whose second report must be the original's.
+    first report) in a new tracker, whose second report must be the original's. With
+    ``peek``, a forward pass without backward precedes the start and the first report
+    (after which FSDP2 leaves the root's own parameters unsharded).
     """
     out: dict = {}
     for name, m in (("sharded", model), ("reference", reference)):
         tracker = NTKTracker(probe_x, probe_y, distributed=distributed and name == "sharded")
+        sgd = torch.optim.SGD(m.parameters(), lr=0.5)
+        if peek:
+            with torch.no_grad():
+                m(x)
         tracker.start(m)
-        _sgd_step(m, x, y)
+        _sgd_step(m, x, y, sgd)
+        if peek:
+            with torch.no_grad():
+                m(x)
         out[name] = _report(tracker.update(m, step=1))
         saved = copy.deepcopy(tracker.state_dict())
-        _sgd_step(m, x, y)
+        _sgd_step(m, x, y, sgd)
         out[name + "_2"] = _report(tracker.update(m, step=2))
         if name == "sharded":
             resumed = NTKTracker(probe_x, probe_y, distributed=distributed)
             resumed.load_state_dict(saved)
             out["resumed_2"] = _report(resumed.update(m, step=2))
             kept = saved["state"]["theta0"]
-            live = {f"model.{n}": p for n, p in m.named_parameters()}
-            out["kept_shapes"] = {
-                n: (tuple(kept[n].shape), tuple(p.to_local().shape)) for n, p in live.items()
+            out["kept_shapes"] = {  # θ0 as kept, and the whole parameter's shape
+                n: (tuple(kept[f"model.{n}"].shape), tuple(p.shape))
+                for n, p in m.named_parameters()
             }
-            out["kept_sharded"] = saved["state"]["sharded"]
+            out["kept_sharded"] = [n[len("model.") :] for n in saved["state"]["sharded"]]
     return out
 
 
 def _checks(rank: int, world: int) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (world,))
     gen = torch.Generator().manual_seed(3)
@@ -184,6 +210,13 @@ def _checks(rank: int, world: int) -> dict:
         results[f"tracker_{distributed}"] = _tracker_reports(
             model, reference, x, y, x, probe_y % 5, distributed
         )
+    reference = _RootOwned()  # the root's own layer: unsharded between forward and backward
+    model = copy.deepcopy(reference)
+    fully_shard(model.out, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    results["tracker_root"] = _tracker_reports(
+        model, reference, x, y, x, probe_y % 5, True, peek=True
+    )
     reference = _Encoder()
     model = _shard(copy.deepcopy(reference), mesh)
     labels = torch.tensor([0, 1, 2, 0, 1])
@@ -269,7 +302,9 @@ def test_linearization_of_the_sharded_model(ranks):
         _close(*result["mlp_linearize_after_step"], f"rank {rank}, f_lin after a step")
 
 
-@pytest.mark.parametrize("case", ["tracker_False", "tracker_True", "tracker_encoder"])
+@pytest.mark.parametrize(
+    "case", ["tracker_False", "tracker_True", "tracker_root", "tracker_encoder"]
+)
 def test_tracker_on_the_sharded_model_reports_what_it_reports_unsharded(ranks, case):
     for result in ranks:
         got, expected = result[case]["sharded"], result[case]["reference"]
@@ -285,13 +320,20 @@ def test_tracker_on_the_sharded_model_reports_what_it_reports_unsharded(ranks, c
             assert got[field] == pytest.approx(expected[field], rel=1e-4, abs=1e-7), field
 
 
-@pytest.mark.parametrize("case", ["tracker_False", "tracker_True"])
+@pytest.mark.parametrize("case", ["tracker_False", "tracker_True", "tracker_root"])
 def test_tracker_keeps_this_ranks_shards_and_resumes_from_them(ranks, case):
-    for result in ranks:
-        shapes = result[case]["kept_shapes"]
-        assert sorted(result[case]["kept_sharded"]) == sorted(shapes)
-        for name, (kept, local) in shapes.items():
-            assert kept == local, name  # this rank's shard, not the whole tensor
+    # the root's own layer was unsharded when the tracker started: kept whole
+    expected = ["out.weight", "out.bias"] if case == "tracker_root" else None
+    for rank, result in enumerate(ranks):
+        shapes, sharded = result[case]["kept_shapes"], result[case]["kept_sharded"]
+        assert sharded == (expected or list(shapes))
+        for name, (kept, whole) in shapes.items():
+            if name not in sharded:
+                assert kept == whole, name
+                continue
+            # this rank's rows (chunks of ceil(rows / 2): rank 0 the larger), not all of them
+            rows = -(-whole[0] // 2) if rank == 0 else whole[0] // 2
+            assert kept == (rows, *whole[1:]), name
         resumed, original = result[case]["resumed_2"], result[case]["sharded_2"]
         assert resumed["verdict"] == original["verdict"]
         for field in REPORT_FIELDS:

@@ -23,14 +23,17 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
-from typing import Any, Optional
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-__all__ = ["call_module", "full", "is_dtensor", "sharding_mesh", "to_shards", "whole"]
+__all__ = [
+    "Layout", "call_module", "full", "is_dtensor", "layouts_of", "sharding_mesh", "to_shards",
+    "whole",
+]  # fmt: skip
 
 
 def is_dtensor(t: Any) -> bool:
@@ -51,61 +54,83 @@ def full(t: Tensor) -> Tensor:
     return t.full_tensor()  # type: ignore[attr-defined]
 
 
-def to_shards(tensors: Mapping[str, Tensor], module: nn.Module) -> dict[str, Tensor]:
-    """This rank's shards of whole tensors named like ``module``'s ``DTensor`` parameters.
+class Layout(NamedTuple):
+    """How a parameter is sharded: its mesh, placements, global shape and stride."""
 
-    ``tensors[name]`` is the whole value of the parameter ``name`` (e.g. a copy of ``θ0``);
-    where that parameter is a ``DTensor``, the result holds only this rank's slice of it,
-    placed as the parameter is (no communication); other entries are kept as they are.
-    :func:`whole` is the inverse.
-    """
-    live = dict(module.named_parameters())
-    out: dict[str, Tensor] = {}
-    for name, t in tensors.items():
-        p = live.get(name)
-        if p is None or not is_dtensor(p) or is_dtensor(t):
-            out[name] = t
-            continue
+    mesh: Any
+    placements: tuple[Any, ...]
+    shape: torch.Size
+    stride: tuple[int, ...]
+
+    def local_shape(self) -> torch.Size:
+        """The shape of this rank's shard (no data, no communication)."""
         from torch.distributed.tensor import distribute_tensor
 
-        shard = distribute_tensor(t, p.device_mesh, p.placements, src_data_rank=None)  # type: ignore[attr-defined]
-        out[name] = shard.to_local().clone()
+        empty = torch.empty(self.shape, device="meta")
+        return distribute_tensor(
+            empty, self.mesh, self.placements, src_data_rank=None
+        )._local_tensor.shape
+
+
+def layouts_of(module: nn.Module) -> dict[str, Layout]:
+    """``{name: Layout}`` of the module's parameters that are ``DTensor``s now.
+
+    (FSDP2 leaves the root's parameters unsharded after a forward without backward: they
+    are plain tensors then and have no layout here.)
+    """
+    return {
+        name: Layout(p.device_mesh, tuple(p.placements), p.shape, p.stride())  # type: ignore[attr-defined]
+        for name, p in module.named_parameters()
+        if is_dtensor(p)
+    }
+
+
+def to_shards(tensors: Mapping[str, Tensor], layouts: Mapping[str, Layout]) -> dict[str, Tensor]:
+    """This rank's shards of the whole tensors named in ``layouts``; others kept as they are.
+
+    ``tensors[name]`` is the whole value of a parameter sharded as ``layouts[name]``
+    (e.g. a copy of ``θ0``); the result holds only this rank's slice of it (no
+    communication). :func:`whole` is the inverse.
+    """
+    from torch.distributed.tensor import distribute_tensor
+
+    out = dict(tensors)
+    for name, layout in layouts.items():
+        if name in out:
+            t = out[name]
+            shard = distribute_tensor(t, layout.mesh, layout.placements, src_data_rank=None)
+            out[name] = shard.to_local().clone()
     return out
 
 
-def whole(tensors: Mapping[str, Tensor], names: Any, module: nn.Module) -> dict[str, Tensor]:
+def whole(
+    tensors: Mapping[str, Tensor], names: Sequence[str], layouts: Mapping[str, Layout]
+) -> dict[str, Tensor]:
     """The whole tensors of :func:`to_shards`'s shards ``names`` (an all-gather each).
 
-    The shards are placed as ``module``'s parameters of the same names are now, so the
-    model must be sharded as when the shards were taken.
-
     Raises:
-        ValueError: a named parameter is no longer a ``DTensor``, or its shard on this
-            rank has another shape than the one kept (sharded otherwise, or on another
-            number of ranks).
+        ValueError: a name without a layout (the model is no longer sharded that way), or
+            a shard whose shape is not this rank's share of the layout (the model is
+            sharded otherwise, or over another number of ranks, than when it was taken).
     """
     from torch.distributed.tensor import DTensor
 
-    live = dict(module.named_parameters())
     out = dict(tensors)
     for name in names:
-        p, shard = live.get(name), tensors[name]
-        local_shape = p.to_local().shape if p is not None and is_dtensor(p) else None  # type: ignore[attr-defined]
-        if local_shape != shard.shape:
+        shard, layout = tensors[name], layouts.get(name)
+        local = None if layout is None else layout.local_shape()
+        if local != shard.shape:
+            now = "not sharded" if local is None else f"sharded to {tuple(local)} on this rank"
             raise ValueError(
-                f"The tracker kept this rank's shard of {name!r} with shape "
-                f"{tuple(shard.shape)}, but the model's parameter is now "
-                + ("not sharded" if local_shape is None else f"sharded to {tuple(local_shape)}")
-                + "; resume with the model sharded as when the state was saved (the same "
-                "mesh and number of ranks)."
+                f"This rank's shard of {name!r} was kept with shape {tuple(shard.shape)}, "
+                f"but the model's parameter is now {now}; resume with the model sharded as "
+                "when the state was saved (the same mesh and number of ranks), after a "
+                "training step (FSDP2 leaves the root's parameters unsharded after a "
+                "forward without backward)."
             )
-        assert p is not None
+        assert layout is not None
         gathered = DTensor.from_local(
-            shard.to(p.device),
-            p.device_mesh,  # type: ignore[attr-defined]
-            p.placements,  # type: ignore[attr-defined]
-            shape=p.shape,
-            stride=p.stride(),
+            shard, layout.mesh, layout.placements, shape=layout.shape, stride=layout.stride
         )
         out[name] = gathered.full_tensor()
     return out

@@ -55,7 +55,7 @@ from ..exceptions import NTKMeasurementWarning
 from ..kernel import _inputs
 from ..kernel._forward import ForwardModule, selector_on_wrapper
 from ..kernel._functional import FunctionalModel, check_placement, exact_matmuls, unwrap_module
-from ..kernel._sharded import is_dtensor, to_shards, whole
+from ..kernel._sharded import Layout, layouts_of, to_shards, whole
 from ..kernel.batch_statistics import measured_model
 from ._measure import Snapshot, measure, snapshot
 from ._observer import active_dropout, class_weights
@@ -144,6 +144,8 @@ class NTKTracker(NTKSettings):
         self.observer = LossObserver()  # infers the label smoothing from the training loss
         self._data_finite: Optional[Tensor] = None  # every training batch seen was finite
         self._layout_noted = False  # the default's switch to the trace layout was announced
+        # how the parameters of a sharded model whose shards the state keeps are placed
+        self._layouts: dict[str, Layout] = {}
 
     # ------------------------------------------------------------------ probe set
 
@@ -243,9 +245,10 @@ class NTKTracker(NTKSettings):
         with preserved_rng(device):
             fm = self._functional(wrapper)
             state, failures = snapshot(self, fm, step)
-        if fm.sharded:  # keep this rank's shards of θ0 only
-            state.theta0 = to_shards(state.theta0, wrapper)
-            state.sharded = [n for n in fm.names if n in state.theta0 and _is_sharded(wrapper, n)]
+        # a sharded model: keep this rank's shards of θ0 only, as the parameters are now
+        self._layouts = {n: v for n, v in layouts_of(wrapper).items() if n in state.theta0}
+        state.theta0 = to_shards(state.theta0, self._layouts)
+        state.sharded = list(self._layouts)
         state.restarted = bool(restarted)
         self._state = state  # only a complete snapshot marks the tracker as started
         self._warn_failures(failures)
@@ -267,7 +270,8 @@ class NTKTracker(NTKSettings):
         state = self.started_state
         with preserved_rng(_device_of(wrapper)):
             fm = self._functional(wrapper)
-            self._state = _whole(state, wrapper)  # a sharded model's θ0 etc. gathered
+            layouts = self._layouts_now(wrapper, state)
+            self._state = _whole(state, layouts)  # a sharded model's θ0 etc. gathered
             try:
                 measured = measure(self, fm, int(step))
             finally:
@@ -278,7 +282,7 @@ class NTKTracker(NTKSettings):
         self._warn_failures(measured.failures)
         point = measured.point
         if state.sharded:
-            point = dataclasses.replace(point, theta=to_shards(point.theta, wrapper))
+            point = dataclasses.replace(point, theta=to_shards(point.theta, layouts))
         state.previous = point  # the next report's velocity and local error
         state.predicted = measured.predicted
         if measured.kernel is not None:
@@ -385,6 +389,7 @@ class NTKTracker(NTKSettings):
             self.generator.set_state(state_dict["generator"])
         state = state_dict["state"]
         self._state = None if state is None else Snapshot.from_dict(state)
+        self._layouts = {}  # a sharded model's: read from the model at the next report
         self.history = [NTKReport.from_dict(r) for r in state_dict["history"]]
         self.layer_history = [dict(x) for x in state_dict.get("layer_history", [])]
         self.kernel = state_dict.get("kernel")
@@ -400,6 +405,20 @@ class NTKTracker(NTKSettings):
                 f"Expected `model` to be a torch.nn.Module but got {type(model).__name__}."
             )
         return ForwardModule(model, self.forward_fn)
+
+    def _layouts_now(self, wrapper: nn.Module, state: Snapshot) -> dict[str, Layout]:
+        """How the kept shards are placed: as at :meth:`start`, else as the model is now.
+
+        A tracker restored from a state dict reads the layouts from the model's
+        parameters (FSDP2 may leave some unsharded between a forward and its backward).
+        """
+        if not state.sharded:
+            return {}
+        live = layouts_of(wrapper)
+        known = {n: self._layouts.get(n) or live.get(n) for n in state.sharded}
+        layouts = {n: layout for n, layout in known.items() if layout is not None}
+        self._layouts.update(layouts)
+        return layouts
 
     def _selector(self) -> Any:
         return selector_on_wrapper(self.params)
@@ -606,23 +625,16 @@ class NTKTracker(NTKSettings):
         return logits[:, None] if logits.ndim == 1 else logits
 
 
-def _is_sharded(module: nn.Module, name: str) -> bool:
-    """Whether ``module``'s parameter ``name`` is a ``DTensor``."""
-    return is_dtensor(dict(module.named_parameters()).get(name))
-
-
-def _whole(state: Snapshot, wrapper: nn.Module) -> Snapshot:
+def _whole(state: Snapshot, layouts: Mapping[str, Layout]) -> Snapshot:
     """``state`` with the shards it keeps of a sharded model gathered whole (collective)."""
     if not state.sharded:
         return state
     previous = state.previous
     if previous is not None:
-        previous = dataclasses.replace(
-            previous, theta=whole(previous.theta, state.sharded, wrapper)
-        )
-    return dataclasses.replace(
-        state, theta0=whole(state.theta0, state.sharded, wrapper), previous=previous
-    )
+        theta = whole(previous.theta, state.sharded, layouts)
+        previous = dataclasses.replace(previous, theta=theta)
+    theta0 = whole(state.theta0, state.sharded, layouts)
+    return dataclasses.replace(state, theta0=theta0, previous=previous)
 
 
 def _device_of(module: nn.Module) -> torch.device:
