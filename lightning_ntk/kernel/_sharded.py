@@ -55,21 +55,21 @@ def full(t: Tensor) -> Tensor:
 
 
 class Layout(NamedTuple):
-    """How a parameter is sharded: its mesh, placements, global shape and stride."""
+    """How a parameter is sharded: its mesh, placements, global shape and stride, device."""
 
     mesh: Any
     placements: tuple[Any, ...]
     shape: torch.Size
     stride: tuple[int, ...]
+    device: torch.device
 
     def local_shape(self) -> torch.Size:
         """The shape of this rank's shard (no data, no communication)."""
         from torch.distributed.tensor import distribute_tensor
 
         empty = torch.empty(self.shape, device="meta")
-        return distribute_tensor(
-            empty, self.mesh, self.placements, src_data_rank=None
-        )._local_tensor.shape
+        shard = distribute_tensor(empty, self.mesh, self.placements, src_data_rank=None)
+        return shard.to_local().shape
 
 
 def layouts_of(module: nn.Module) -> dict[str, Layout]:
@@ -79,7 +79,7 @@ def layouts_of(module: nn.Module) -> dict[str, Layout]:
     are plain tensors then and have no layout here.)
     """
     return {
-        name: Layout(p.device_mesh, tuple(p.placements), p.shape, p.stride())  # type: ignore[attr-defined]
+        name: Layout(p.device_mesh, tuple(p.placements), p.shape, p.stride(), p.device)  # type: ignore[attr-defined]
         for name, p in module.named_parameters()
         if is_dtensor(p)
     }
@@ -130,7 +130,11 @@ def whole(
             )
         assert layout is not None
         gathered = DTensor.from_local(
-            shard, layout.mesh, layout.placements, shape=layout.shape, stride=layout.stride
+            shard.to(layout.device),  # (a loaded state dict's shards are on the CPU)
+            layout.mesh,
+            layout.placements,
+            shape=layout.shape,
+            stride=layout.stride,
         )
         out[name] = gathered.full_tensor()
     return out
