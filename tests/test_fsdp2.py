@@ -202,6 +202,22 @@ def _checks(rank: int, world: int) -> dict:
         for m in ("auto", "jacobian")
     }
 
+    # ------------------------------------------------------------------ refused
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    hybrid = nn.Linear(
+        6, 4
+    )  # HSDP-like: replicated over one mesh dimension, sharded over the other
+    mesh_2d = init_device_mesh("cpu", (1, world))
+    hybrid.weight = nn.Parameter(
+        distribute_tensor(hybrid.weight.detach(), mesh_2d, [Replicate(), Shard(0)])
+    )
+    try:
+        empirical_ntk(hybrid, x)
+        results["refused_2d"] = "no error"
+    except ValueError as err:
+        results["refused_2d"] = str(err)
+
     # ------------------------------------------------------------------ tracker
     probe_y = torch.tensor([0, 1, 2, 0, 1, 2, 0])
     for distributed in (False, True):
@@ -338,3 +354,10 @@ def test_tracker_keeps_this_ranks_shards_and_resumes_from_them(ranks, case):
         assert resumed["verdict"] == original["verdict"]
         for field in REPORT_FIELDS:
             assert resumed[field] == pytest.approx(original[field], rel=1e-6, abs=1e-9), field
+
+
+def test_a_hybrid_sharding_is_refused_on_every_rank(ranks):
+    for result in ranks:
+        message = result["refused_2d"]
+        assert "'weight' is sharded on a 2-D device mesh" in message, message
+        assert "only 1-D meshes" in message
