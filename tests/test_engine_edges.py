@@ -1,9 +1,10 @@
 """What the engine meets outside plain dense models on one device.
 
 Sparse gradients, autograd switched off by the caller, the per-backend precision API,
-models on the wrong device(s) and sharded (DTensor) parameters, and the list of methods
-the monitor accepts. Every kernel method on the registry's sparse, ``EmbeddingBag`` and
-data-dependent models is checked in ``test_kernel.py``.
+models on the wrong device(s), sharded (DTensor) parameters in one process (two
+processes: ``test_fsdp2.py``), and the list of methods the monitor accepts. Every
+kernel method on the registry's sparse, ``EmbeddingBag`` and data-dependent models is
+checked in ``test_kernel.py``.
 """
 
 from __future__ import annotations
@@ -191,16 +192,64 @@ def one_process_group():
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("entry", ["empirical_ntk", "linearize", "tracker.start"])
-def test_sharded_parameters_are_refused(one_process_group, entry):
+@pytest.mark.parametrize("dim", [0, 1])
+def test_sharded_parameters_give_the_unsharded_kernel(one_process_group, dim):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    model = nn.Linear(3, 2)
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    model.load_state_dict(reference.state_dict())
     mesh = init_device_mesh("cpu", (1,))
-    model.weight = nn.Parameter(distribute_tensor(model.weight.detach(), mesh, [Shard(0)]))
-    with pytest.raises(ValueError, match=r"'weight' is sharded .* not supported yet.*full_tensor"):
+    model[0].weight = nn.Parameter(distribute_tensor(model[0].weight.detach(), mesh, [Shard(dim)]))
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(empirical_ntk(model, x), empirical_ntk(reference, x))
+    torch.testing.assert_close(linearize(model)(x), reference(x).detach())
+    assert type(model[0].weight).__name__ == "DTensor"  # left sharded
+
+
+def _unsupported_sharding(kind):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+    model = nn.Linear(3, 2)
+    weight = model.weight.detach()
+    if kind == "2-D mesh":
+        mesh = init_device_mesh("cpu", (1, 1))
+        model.weight = nn.Parameter(distribute_tensor(weight, mesh, [Replicate(), Shard(0)]))
+    elif kind == "partial":
+        mesh = init_device_mesh("cpu", (1,))
+        model.weight = nn.Parameter(DTensor.from_local(weight, mesh, [Partial()]))
+    else:
+        mesh = init_device_mesh("cpu", (1,))
+        model.register_buffer("scale", distribute_tensor(torch.ones(2), mesh, [Shard(0)]))
+    return model
+
+
+@pytest.mark.parametrize("entry", ["empirical_ntk", "linearize", "tracker.start"])
+@pytest.mark.parametrize(
+    "kind, match",
+    [
+        ("2-D mesh", r"'weight' is sharded on a 2-D device mesh .*only 1-D meshes"),
+        ("partial", r"'weight' has placement P\(sum\) .*a Partial one is a pending sum"),
+        ("buffer", r"buffer 'scale' is a DTensor: sharded buffers are not supported"),
+    ],
+)
+def test_unsupported_shardings_are_refused(one_process_group, entry, kind, match):
+    model = _unsupported_sharding(kind)
+    with pytest.raises(ValueError, match=match):
         _entry_points(model, torch.randn(4, 3))[entry]()
+
+
+def test_dtensor_inputs_are_refused(one_process_group):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (1,))
+    x = distribute_tensor(torch.randn(4, 3), mesh, [Replicate()])
+    with pytest.raises(ValueError, match="`x1` holds a DTensor: inputs must be plain tensors"):
+        empirical_ntk(nn.Linear(3, 2), x)
 
 
 # ------------------------------------------------------------------ methods

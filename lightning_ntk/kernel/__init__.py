@@ -127,7 +127,8 @@ def empirical_ntk(
         distributed: share the blocks among the ranks of the initialised default
             ``torch.distributed`` process group (every rank must call, with the same
             inputs); each rank computes its share and one all-reduce assembles the kernel
-            on all ranks. Ignored when no process group is initialised.
+            on all ranks. Ignored when no process group is initialised. Always on for a
+            sharded model (below).
         fallback: when the method cannot run on the model, move on to the next exact
             method of the chain structured → jacobian → ntk_vp → loop (default); with
             ``False`` its error is raised. See :func:`last_call_info`.
@@ -142,6 +143,19 @@ def empirical_ntk(
             the model, after its first step: ``v̂`` is its bias-corrected ``exp_avg_sq``
             and ``ε`` its ``eps``; parameters are matched by identity. ``None`` otherwise.
 
+    **Sharded models** (FSDP2's ``fully_shard``: ``DTensor`` parameters on one 1-D device
+    mesh spanning the default process group, placed ``Shard(dim)`` or ``Replicate()``).
+    Every rank of the mesh must call, with the same inputs and arguments. Each
+    sharded parameter is all-gathered (``full_tensor()``), the model is evaluated
+    functionally on the whole parameters with FSDP's forward hooks set aside, the blocks
+    of example pairs are shared among the ranks as with ``distributed=True`` (one block,
+    hence one rank's work, when ``chunk_size`` is ``None``: pass ``chunk_size`` to split
+    the work) and one all-reduce sums them: every rank returns the same kernel, that of
+    the unsharded model. Memory: during the call each rank holds the whole
+    parameter set (all layers at once, in the compute dtype) besides its shards, plus
+    its share of the blocks' work and the whole kernel; the model is left sharded as
+    found (parameters, hooks and FSDP's state untouched).
+
     Returns:
         The kernel in the requested layout, on the model's device, in the compute dtype;
         or a dict of such kernels when ``per_layer=True``.
@@ -149,8 +163,10 @@ def empirical_ntk(
     Raises:
         ValueError / TypeError: bad arguments or inputs, naming the argument, what came
             and what was expected; non-finite logits; inputs on another device than the
-            model, a model spread over several devices or on the ``meta`` device, or
-            sharded parameters (FSDP2 ``DTensor``, not supported yet); ``optimizer``
+            model, a model spread over several devices or on the ``meta`` device, a
+            sharding other than the one above (a 2-D mesh, several meshes, a mesh
+            smaller than the process group, ``Partial`` placements, sharded buffers) or
+            ``DTensor`` inputs; ``optimizer``
             missing for ``kernel="adam"`` or given for another kernel, not an Adam, without
             state yet or without a selected parameter; ``fallback=False`` with a method
             that does not compute ``kernel``. Raised before any heavy work.
@@ -215,6 +231,8 @@ def ntk_of(
             if not symmetric:
                 fm.checked_logits(x2, "x2")
         n1, n2 = _inputs.batch_size(x1), _inputs.batch_size(x2)
+        if fm.sharded:  # every rank is here: they share the blocks, one sum assembles
+            distributed = True  # the same kernel, bit for bit, on every rank
         run = Run(
             fm, x1, x2, output, per_layer, chunk_size or max(n1, n2), symmetric,
             None if store_on is None else torch.device(store_on), distributed, num_classes,

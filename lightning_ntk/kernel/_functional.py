@@ -10,7 +10,10 @@ linearized model, the tracker) goes through :class:`FunctionalModel`, so that th
   of sparse embeddings (``nn.Embedding(sparse=True)``, ``nn.EmbeddingBag(sparse=True)``),
 * turn tuple / dict outputs into ``(N, C)`` logits through ``output_fn``,
 * take inputs that are a tensor, or a mapping / tuple of tensors sharing the batch
-  dimension (:mod:`._inputs`): ``model(x)``, ``model(**x)`` or ``model(*x)``.
+  dimension (:mod:`._inputs`): ``model(x)``, ``model(**x)`` or ``model(*x)``,
+* see a model sharded with FSDP2's ``fully_shard`` whole: its ``DTensor`` parameters
+  are all-gathered once (:mod:`._sharded`), and FSDP's forward hooks are set aside
+  while the engine evaluates it.
 """
 
 from __future__ import annotations
@@ -21,10 +24,10 @@ from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from . import _inputs
 from ._compat import math_kernels
+from ._sharded import call_module, full, is_dtensor, sharding_mesh
 
 ParamSelector = Union[None, str, Sequence[str], Callable[[str, nn.Parameter], bool]]
 OutputFn = Optional[Callable[[Any], Tensor]]
@@ -231,6 +234,10 @@ class FunctionalModel:
         constants: frozen / unselected parameters and buffers, floats cast to ``dtype``.
         dtype: the compute dtype.
         device: where the parameters live.
+        sharded: whether the module has ``DTensor`` (FSDP2) parameters. Building the view
+            then all-gathers them (a collective: every rank of the mesh builds it, in the
+            same order), and ``params`` / ``constants`` hold the whole tensors: each rank
+            holds a full copy of the model's parameters while the view lives.
     """
 
     def __init__(
@@ -245,6 +252,7 @@ class FunctionalModel:
             raise TypeError(f"Expected `output_fn` to be callable but got {output_fn!r}.")
         self.module = unwrap_module(model)
         check_placement(self.module)
+        self.sharded = sharding_mesh(self.module) is not None
         self.names = select_parameters(self.module, params)
         self.dtype = compute_dtype(self.module, self.names, dtype)
         self.output_fn = output_fn
@@ -253,7 +261,8 @@ class FunctionalModel:
         self.constants: dict[str, Tensor] = {}
         for name, p in self.module.named_parameters():
             target = self.params if name in selected else self.constants
-            target[name] = self._cast(p.detach())
+            with torch.no_grad():
+                target[name] = self._cast(full(p.detach()))  # whole, if sharded
         for name, b in self.module.named_buffers():
             self.constants[name] = self._cast(b.detach())
         self.device = self.params[self.names[0]].device
@@ -274,7 +283,7 @@ class FunctionalModel:
         """The model's raw output at ``params`` (eval mode, buffers as they are)."""
         args, kwargs = _inputs.call_args(x)
         with eval_mode(self.module):
-            return functional_call(self.module, (dict(params), self.constants), args, kwargs)
+            return call_module(self.module, (params, self.constants), args, kwargs)
 
     def __call__(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
         """Logits ``(N, C)`` of the batch ``x`` at parameters ``params``."""
@@ -391,22 +400,17 @@ class FunctionalModel:
 def check_placement(module: nn.Module) -> torch.device:
     """The one device holding the module's parameters and buffers, checked before any work.
 
+    Parameters sharded with FSDP2 (``DTensor``) are accepted in the layouts
+    :func:`._sharded.sharding_mesh` supports; their device is the local shard's.
+
     Raises:
-        ValueError: a parameter is sharded (a ``DTensor``, e.g. from FSDP2's
-            ``fully_shard``), which is not supported yet; the module spans several devices;
-            or it is on the ``meta`` device, which holds no values.
+        ValueError: a sharding the engine does not support (see
+            :func:`._sharded.sharding_mesh`); the module spans several devices; or it is
+            on the ``meta`` device, which holds no values.
     """
     parameters = list(module.named_parameters())
     tensors = [*parameters, *module.named_buffers()]
-    sharded = [name for name, t in tensors if _is_dtensor(t)]
-    if sharded:
-        kind = "parameter" if sharded[0] in dict(parameters) else "buffer"
-        raise ValueError(
-            f"The model's {kind} {sharded[0]!r} is sharded (a DTensor, as made by FSDP2's "
-            "`fully_shard`): kernels of sharded models are not supported yet. Compute them "
-            "on an unsharded copy, e.g. the same model built without sharding, loaded with "
-            "`{name: t.full_tensor() for name, t in model.state_dict().items()}`."
-        )
+    sharding_mesh(module)
     devices: dict[torch.device, str] = {}
     for name, t in tensors:
         devices.setdefault(t.device, name)
@@ -432,21 +436,17 @@ def check_input_device(x: Any, argname: str, device: torch.device) -> None:
         ValueError: naming the argument, the input's device and the model's.
     """
     for t in _inputs.tensors_of(x):
+        if is_dtensor(t):
+            raise ValueError(
+                f"`{argname}` holds a DTensor: inputs must be plain tensors, the same batch "
+                "on every rank (a sharded model is evaluated whole on each rank's inputs)."
+            )
         if t.device != device:
             how = f"`{argname}.to({str(device)!r})`" if isinstance(x, Tensor) else "`.to` each"
             raise ValueError(
                 f"`{argname}` is on {t.device} but the model is on {device}; move the inputs "
                 f"to the model's device ({how})."
             )
-
-
-def _is_dtensor(t: Tensor) -> bool:
-    """Whether ``t`` is a ``torch.distributed`` DTensor (a sharded or replicated parameter)."""
-    if type(t) in (Tensor, nn.Parameter) or not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
 
 
 def _describe_failure(name: str, module: nn.Module, shapes: list[tuple[int, ...]]) -> str:

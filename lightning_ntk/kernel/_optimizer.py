@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ._methods import NTKMethod
+from ._sharded import full
 
 __all__ = ["KernelSpec", "OptimizerKernel", "kernel_spec", "preconditioner"]
 
@@ -261,6 +262,7 @@ def preconditioner(optimizer: Any, module: torch.nn.Module, names: list[str]) ->
                 f"`optimizer` state of parameter {name!r} has step={step:g} and "
                 f"beta2={beta2:g}: the bias correction 1 - beta2**step is not positive."
             )
-        v_hat_sqrt = state[second].detach().double().sqrt() / bias_correction2**0.5
+        # (a sharded parameter's state is sharded too: all-gathered whole)
+        v_hat_sqrt = full(state[second].detach()).double().sqrt() / bias_correction2**0.5
         d[name] = 1.0 / (v_hat_sqrt + float(group["eps"]))
     return d

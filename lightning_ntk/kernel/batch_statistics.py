@@ -42,7 +42,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, jvp, vjp, vmap
+from torch.func import jvp, vjp, vmap
 
 from ._batch_factors import batch_kernel_matrix, plan_batch
 from ._functional import (
@@ -55,6 +55,7 @@ from ._functional import (
     unwrap_module,
 )
 from ._layout import check_output, reduce_full
+from ._sharded import call_module
 
 __all__ = [
     "BatchStatisticsModel",
@@ -126,7 +127,7 @@ class BatchStatisticsModel(FunctionalModel):
     def raw(self, params: Mapping[str, Tensor], x: Tensor) -> Any:
         """The model's raw output at ``params`` on the batch ``x``, with batch statistics."""
         with batch_statistics_mode(self.module), dense_gradients(self.module):
-            return functional_call(self.module, (dict(params), self.constants), (x,))
+            return call_module(self.module, (params, self.constants), (x,))
 
     def single(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
         """Not defined: the rows of a batch-statistics model are coupled."""

@@ -30,7 +30,6 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from ..kernel import _inputs
 from ..kernel._directional import BackwardMismatch, checked, double_vjp, forward_mode, loop_jvp
@@ -42,6 +41,7 @@ from ..kernel._functional import (
     exact_matmuls,
     unwrap_module,
 )
+from ..kernel._sharded import call_module, full
 
 __all__ = ["LinearizedModel", "linearize"]
 
@@ -83,6 +83,11 @@ def linearize(
             are now (copied), so the linear model is one fixed function of ``θ``;
             ``"current"`` reads them from the module at call time.
         dtype: compute dtype (default: the parameters'; float32 for half / bf16).
+
+    A model sharded with FSDP2's ``fully_shard`` is linearized whole: ``θ0`` is kept as
+    whole tensors (all-gathered: one full copy of the selected parameters per rank), and
+    each call all-gathers the current parameters (``params=None``, a sharded module or
+    ``DTensor`` values), so every rank calls together.
 
     Returns:
         A :class:`LinearizedModel`.
@@ -166,12 +171,13 @@ class LinearizedModel:
         device = self._store_on or self._fm.device
         # clone: the module's parameters are updated in place while it trains
         self.params0: dict[str, Tensor] = {
-            name: t.detach().to(device=device, dtype=self._fm.dtype).clone()
+            name: full(t.detach()).to(device=device, dtype=self._fm.dtype).clone()
             for name, t in snapshot.items()
-        }
+        }  # whole tensors, also for a sharded model (`full` all-gathers a DTensor)
         self._constants0: dict[str, Tensor] = {}
         if buffers == "initial":  # "current" reads the module at call time: no copy
             self._constants0 = {name: t.clone() for name, t in self._fm.constants.items()}
+        self._live: Optional[dict[str, Tensor]] = None  # "current" constants of this call
         self.mode: Optional[str] = None
         """How the last ``J v`` was computed: ``"jvp"``, ``"jvp_composite"``,
         ``"double_vjp"`` or ``"loop"`` (see the module docstring); ``None`` before a call."""
@@ -209,6 +215,7 @@ class LinearizedModel:
     def initial_logits(self, x: Tensor) -> Tensor:
         """``f(x; θ0)``, shape ``(N, C)``."""
         x = self._fm.cast_input(x)
+        self._live = None
         with exact_matmuls(self._fm.device), torch.no_grad():
             return self._evaluate(self._params0_on_device(), x)
 
@@ -231,6 +238,7 @@ class LinearizedModel:
         """``(f(x; θ0), J0(x) v)`` by the first route of the chain that runs (and checks)."""
         x = self._fm.cast_input(x)
         self.fallbacks = []
+        self._live = None  # "current" constants: read from the module anew for this call
         evaluate = self._evaluate
         routes: list[tuple[str, Callable[[], tuple[Tensor, Tensor]]]] = [
             ("jvp", lambda: forward_mode(evaluate, x, theta0, tangent)),
@@ -287,30 +295,38 @@ class LinearizedModel:
     def _evaluate64(self, x: Any) -> Callable[[Mapping[str, Tensor]], Tensor]:
         """``θ ↦ f(x; θ)`` in float64 with this model's constants, for finite differences."""
         x64 = _inputs.map_tensors(x, lambda t: t.double() if t.is_floating_point() else t)
-        constants = self._constants0 if self._buffers == "initial" else self._live_constants()
+        constants = self._constants()
         constants = {n: t.double() if t.is_floating_point() else t for n, t in constants.items()}
 
         def f(theta: Mapping[str, Tensor]) -> Tensor:
             args, kwargs = _inputs.call_args(x64)
             with eval_mode(self.model), torch.no_grad():
-                out = functional_call(self.model, (dict(theta), constants), args, kwargs)
+                out = call_module(self.model, (theta, constants), args, kwargs)
             return self._fm.to_logits(out).double()
 
         return f
 
     def _evaluate(self, theta: Mapping[str, Tensor], x: Any) -> Tensor:
-        constants = self._constants0 if self._buffers == "initial" else self._live_constants()
+        constants = self._constants()
         args, kwargs = _inputs.call_args(x)
         with eval_mode(self.model):
-            out = functional_call(self.model, (dict(theta), constants), args, kwargs)
+            out = call_module(self.model, (theta, constants), args, kwargs)
         return self._fm.to_logits(out)
+
+    def _constants(self) -> dict[str, Tensor]:
+        """The fixed tensors of this call: the copies, or the module's read once per call."""
+        if self._buffers == "initial":
+            return self._constants0
+        if self._live is None:  # once per call: reading a sharded model all-gathers
+            self._live = self._live_constants()
+        return self._live
 
     def _live_constants(self) -> dict[str, Tensor]:
         selected = set(self.names)
         live: dict[str, Tensor] = {}
         for name, p in self.model.named_parameters():
             if name not in selected:
-                live[name] = self._fm._cast(p.detach())
+                live[name] = self._fm._cast(full(p.detach()))
         for name, b in self.model.named_buffers():
             live[name] = self._fm._cast(b.detach())
         return live
@@ -322,7 +338,7 @@ class LinearizedModel:
     def _theta(self, params: ParamSource, argname: str = "params") -> dict[str, Tensor]:
         if params is None:
             live = dict(self.model.named_parameters())
-            chosen = {name: live[name].detach() for name in self.names}
+            chosen = {name: live[name].detach() for name in self.names}  # gathered below
         elif isinstance(params, nn.Module):
             chosen = self._select(dict(unwrap_module(params).named_parameters()), argname)
         elif isinstance(params, Mapping):
@@ -333,7 +349,8 @@ class LinearizedModel:
                 f"but got {type(params).__name__}."
             )
         device, dtype = self._fm.device, self._fm.dtype
-        return {name: t.to(device=device, dtype=dtype) for name, t in chosen.items()}
+        # a sharded parameter is all-gathered (differentiably): every rank must call
+        return {name: full(t).to(device=device, dtype=dtype) for name, t in chosen.items()}
 
     def _select(self, source: Mapping[str, Tensor], argname: str) -> dict[str, Tensor]:
         """The selected names from ``source``, checked for presence, type and shape."""

@@ -112,6 +112,8 @@ class Snapshot:
         output: the kernel layout every kernel of the run is kept in (``"full"``,
             ``"diagonal"`` or ``"trace"``): the setting, or for ``output=None`` the one
             :func:`~lightning_ntk.monitor.settings.default_output` chose at the start.
+        sharded: names of the parameters of a sharded (FSDP2) model that ``theta0`` and
+            ``previous.theta`` keep as this rank's shards (gathered whole for a report).
     """
 
     theta0: dict[str, Tensor]
@@ -128,6 +130,7 @@ class Snapshot:
     previous: Optional[ReportPoint] = None
     restarted: bool = False
     output: str = "full"
+    sharded: list[str] = field(default_factory=list)
 
     @property
     def reference(self) -> ReportPoint:

@@ -191,14 +191,28 @@ class NTKMonitorBase(NTKSettings):
         return cached[1]
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        """Refuse sharded strategies, whose parameters no rank holds whole."""
+        """Refuse sharded strategies: the callback has not been run under them.
+
+        The engine computes exact kernels of FSDP2 (``fully_shard``) models, as
+        :class:`NTKTracker` in a plain loop; Lightning's FSDP strategies need CUDA and
+        remain refused here until tested. DeepSpeed keeps its parameters in its own flat
+        partitions, which the engine cannot read.
+        """
         names = {cls.__name__ for cls in type(trainer.strategy).__mro__}
         sharded = names.intersection(_SHARDED)
         if sharded:
+            why = (
+                "DeepSpeed partitions parameters into its own flat buffers, which the kernel "
+                "engine cannot gather"
+                if "DeepSpeedStrategy" in sharded
+                else "the callback is not tested under sharded strategies; for a model "
+                "sharded with FSDP2's `fully_shard`, NTKTracker computes the exact kernel "
+                "in a plain PyTorch loop"
+            )
             raise ValueError(
                 f"NTKMonitor does not support sharded strategies (got "
-                f"{type(trainer.strategy).__name__}): the kernel needs every parameter on "
-                "each rank. Use strategy='ddp' (or a single device) for monitored runs."
+                f"{type(trainer.strategy).__name__}): {why}. Use strategy='ddp' (or a single "
+                "device) for monitored runs."
             )
         # every rank takes part in every report: the probe kernel's blocks are shared
         self.tracker.distributed = trainer.world_size > 1

@@ -29,12 +29,20 @@ that want it set ``log_base=2`` or ``every_n_steps``. Memory: two copies of the 
 parameters (``θ0`` and the previous report's) and ``N²·C²`` numbers per kernel snapshot
 in the full layout, ``N²`` in the trace layout (per layer when ``per_layer`` is on).
 
+Sharded models (FSDP2's ``fully_shard``) are measured whole: every rank calls
+:meth:`NTKTracker.start` and :meth:`NTKTracker.update` together (the parameters are
+all-gathered, the kernel's blocks shared and summed), every rank gets the same report,
+and ``θ0`` and the previous report's parameters are kept, and saved by
+:meth:`NTKTracker.state_dict`, as this rank's shards, gathered whole for each report
+(``docs/distributed.md``).
+
 Verdict thresholds and the measurements behind them: :mod:`lightning_ntk.monitor._verdict`
 and ``docs/verdicts.md``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Mapping
 from dataclasses import KW_ONLY, dataclass
@@ -47,6 +55,7 @@ from ..exceptions import NTKMeasurementWarning
 from ..kernel import _inputs
 from ..kernel._forward import ForwardModule, selector_on_wrapper
 from ..kernel._functional import FunctionalModel, check_placement, exact_matmuls, unwrap_module
+from ..kernel._sharded import Layout, layouts_of, to_shards, whole
 from ..kernel.batch_statistics import measured_model
 from ._measure import Snapshot, measure, snapshot
 from ._observer import active_dropout, class_weights
@@ -92,7 +101,8 @@ class NTKTracker(NTKSettings):
             ``torch.distributed`` process group (each rank computes its share, one
             all-reduce assembles the kernel). Every rank must then call :meth:`start` and
             :meth:`update` together; ``NTKMonitor`` turns this on under multi-process
-            strategies.
+            strategies. A sharded (FSDP2) model's kernel is shared among the ranks in
+            any case (one block per call when this is off).
         **settings: what is measured and when: every field of
             :class:`~lightning_ntk.monitor.settings.NTKSettings` (``n_probe``, ``output``,
             ``method``, ``params``, ``output_fn``, ``forward_fn``, ``per_layer``,
@@ -134,6 +144,8 @@ class NTKTracker(NTKSettings):
         self.observer = LossObserver()  # infers the label smoothing from the training loss
         self._data_finite: Optional[Tensor] = None  # every training batch seen was finite
         self._layout_noted = False  # the default's switch to the trace layout was announced
+        # how the parameters of a sharded model whose shards the state keeps are placed
+        self._layouts: dict[str, Layout] = {}
 
     # ------------------------------------------------------------------ probe set
 
@@ -212,8 +224,10 @@ class NTKTracker(NTKSettings):
 
         Raises:
             ValueError / TypeError: no probe set, probe inputs holding NaN / inf, a model
-                on the ``meta`` device or on several devices, or a model whose output on
-                the probe is not ``(N, C)`` logits (pass ``forward_fn`` or ``output_fn``).
+                on the ``meta`` device or on several devices, a sharding the engine does
+                not compute (see :func:`lightning_ntk.empirical_ntk`), or a model whose
+                output on the probe is not ``(N, C)`` logits (pass ``forward_fn`` or
+                ``output_fn``).
             Exception: whatever the model's forward raises on the probe, unchanged, with
                 a note saying so.
         """
@@ -221,7 +235,8 @@ class NTKTracker(NTKSettings):
             raise ValueError(
                 "No probe set: pass `probe_x` (and `probe_y`) or call `draw_probe` first."
             )
-        device = check_placement(unwrap_module(model))  # one device, not meta, not sharded
+        device = check_placement(unwrap_module(model))  # one device, not meta; a sharding
+        # the engine computes exactly (FSDP2 `DTensor`s on one 1-D mesh), else refused
         wrapper = self._wrap(model)
         self.probe_x = _inputs.map_tensors(self.probe_x, lambda t: t.to(device))  # kept there
         if self.probe_y is not None:
@@ -230,6 +245,10 @@ class NTKTracker(NTKSettings):
         with preserved_rng(device):
             fm = self._functional(wrapper)
             state, failures = snapshot(self, fm, step)
+        # a sharded model: keep this rank's shards of θ0 only, as the parameters are now
+        self._layouts = {n: v for n, v in layouts_of(wrapper).items() if n in state.theta0}
+        state.theta0 = to_shards(state.theta0, self._layouts)
+        state.sharded = list(self._layouts)
         state.restarted = bool(restarted)
         self._state = state  # only a complete snapshot marks the tracker as started
         self._warn_failures(failures)
@@ -248,14 +267,23 @@ class NTKTracker(NTKSettings):
         if not self.started:
             raise RuntimeError("Call `start(model)` (or `load_state_dict`) before `update`.")
         wrapper = self._wrap(model)
-        with preserved_rng(_device_of(wrapper)):
-            measured = measure(self, self._functional(wrapper), int(step))
-        report, layers = measured.report, measured.layers
         state = self.started_state
+        with preserved_rng(_device_of(wrapper)):
+            fm = self._functional(wrapper)
+            layouts = self._layouts_now(wrapper, state)
+            self._state = _whole(state, layouts)  # a sharded model's θ0 etc. gathered
+            try:
+                measured = measure(self, fm, int(step))
+            finally:
+                self._state = state
+        report, layers = measured.report, measured.layers
         report.reference_step = int(state.start_step)
         report.restarted = state.restarted
         self._warn_failures(measured.failures)
-        state.previous = measured.point  # the next report's velocity and local error
+        point = measured.point
+        if state.sharded:
+            point = dataclasses.replace(point, theta=to_shards(point.theta, layouts))
+        state.previous = point  # the next report's velocity and local error
         state.predicted = measured.predicted
         if measured.kernel is not None:
             self.kernel, self.eigenvalues = measured.kernel, measured.eigenvalues
@@ -361,6 +389,7 @@ class NTKTracker(NTKSettings):
             self.generator.set_state(state_dict["generator"])
         state = state_dict["state"]
         self._state = None if state is None else Snapshot.from_dict(state)
+        self._layouts = {}  # a sharded model's: read from the model at the next report
         self.history = [NTKReport.from_dict(r) for r in state_dict["history"]]
         self.layer_history = [dict(x) for x in state_dict.get("layer_history", [])]
         self.kernel = state_dict.get("kernel")
@@ -376,6 +405,20 @@ class NTKTracker(NTKSettings):
                 f"Expected `model` to be a torch.nn.Module but got {type(model).__name__}."
             )
         return ForwardModule(model, self.forward_fn)
+
+    def _layouts_now(self, wrapper: nn.Module, state: Snapshot) -> dict[str, Layout]:
+        """How the kept shards are placed: as at :meth:`start`, else as the model is now.
+
+        A tracker restored from a state dict reads the layouts from the model's
+        parameters (FSDP2 may leave some unsharded between a forward and its backward).
+        """
+        if not state.sharded:
+            return {}
+        live = layouts_of(wrapper)
+        known = {n: self._layouts.get(n) or live.get(n) for n in state.sharded}
+        layouts = {n: layout for n, layout in known.items() if layout is not None}
+        self._layouts.update(layouts)
+        return layouts
 
     def _selector(self) -> Any:
         return selector_on_wrapper(self.params)
@@ -580,6 +623,18 @@ class NTKTracker(NTKSettings):
             )
         logits = logits.detach()
         return logits[:, None] if logits.ndim == 1 else logits
+
+
+def _whole(state: Snapshot, layouts: Mapping[str, Layout]) -> Snapshot:
+    """``state`` with the shards it keeps of a sharded model gathered whole (collective)."""
+    if not state.sharded:
+        return state
+    previous = state.previous
+    if previous is not None:
+        theta = whole(previous.theta, state.sharded, layouts)
+        previous = dataclasses.replace(previous, theta=theta)
+    theta0 = whole(state.theta0, state.sharded, layouts)
+    return dataclasses.replace(state, theta0=theta0, previous=previous)
 
 
 def _device_of(module: nn.Module) -> torch.device:
