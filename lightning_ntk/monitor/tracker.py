@@ -48,7 +48,7 @@ from ..kernel import _inputs
 from ..kernel._forward import ForwardModule, selector_on_wrapper
 from ..kernel._functional import FunctionalModel, check_placement, exact_matmuls, unwrap_module
 from ..kernel.batch_statistics import measured_model
-from ._measure import Snapshot, measure, snapshot
+from ._measure import Snapshot, measure, read_preconditioner, snapshot
 from ._observer import active_dropout, class_weights
 from ._probe import (
     all_finite,
@@ -85,7 +85,8 @@ class NTKTracker(NTKSettings):
         probe_x: probe inputs ``(N, ...)``; or ``None`` to draw them later with
             :meth:`draw_probe`.
         probe_y: probe labels ``(N,)`` (int) or soft targets ``(N, C)``; optional.
-        optimizer: the optimizer (its weight decay and decoupling are read from it).
+        optimizer: the optimizer (its weight decay and decoupling are read from it; with
+            ``kernel="optimizer"`` or ``"adam"``, its kernel and Adam's state).
         loss: the loss module (its label smoothing, and the class weights the observation
             of the training loss fits with, are read from it).
         distributed: share the probe kernel's blocks among the ranks of the initialised
@@ -95,7 +96,7 @@ class NTKTracker(NTKSettings):
             strategies.
         **settings: what is measured and when: every field of
             :class:`~lightning_ntk.monitor.settings.NTKSettings` (``n_probe``, ``output``,
-            ``method``, ``params``, ``output_fn``, ``forward_fn``, ``per_layer``,
+            ``method``, ``kernel``, ``params``, ``output_fn``, ``forward_fn``, ``per_layer``,
             ``top_layers``, ``dtype``, ``normalization``, ``every_n_steps``, ``every_n_epochs``,
             ``log_base``, ``thresholds``, ``expect``, ``weight_decay``, ``label_smoothing``,
             ``task``, ``seed``, ``batch_to_xy``), as keywords.
@@ -129,7 +130,7 @@ class NTKTracker(NTKSettings):
         # how the last probe kernel was computed (method, fall-backs): an NTKCallInfo
         self.kernel_info: Any = None
         self.layer_history: list[dict[str, dict[str, float]]] = []
-        self.kernel: Optional[Tensor] = None  # Θ_t of the last report
+        self.last_kernel: Optional[Tensor] = None  # Θ_t of the last report
         self.eigenvalues: Optional[Tensor] = None  # its spectrum, descending
         self.observer = LossObserver()  # infers the label smoothing from the training loss
         self._data_finite: Optional[Tensor] = None  # every training batch seen was finite
@@ -236,7 +237,7 @@ class NTKTracker(NTKSettings):
         self._note_layout(state)
         self.history = []
         self.layer_history = []
-        self.kernel = state.K0
+        self.last_kernel = state.K0
         self.eigenvalues = None
 
     def update(self, model: nn.Module, step: int) -> NTKReport:
@@ -248,17 +249,21 @@ class NTKTracker(NTKSettings):
         if not self.started:
             raise RuntimeError("Call `start(model)` (or `load_state_dict`) before `update`.")
         wrapper = self._wrap(model)
-        with preserved_rng(_device_of(wrapper)):
-            measured = measure(self, self._functional(wrapper), int(step))
-        report, layers = measured.report, measured.layers
         state = self.started_state
+        with preserved_rng(_device_of(wrapper)):
+            fm = self._functional(wrapper)
+            if state.waiting:  # Adam's preconditioner, read once it exists, and Θ0 with it
+                self._warn_failures(read_preconditioner(self, fm, int(step)))
+                self.last_kernel = state.K0
+            measured = measure(self, fm, int(step))
+        report, layers = measured.report, measured.layers
         report.reference_step = int(state.start_step)
         report.restarted = state.restarted
         self._warn_failures(measured.failures)
         state.previous = measured.point  # the next report's velocity and local error
         state.predicted = measured.predicted
         if measured.kernel is not None:
-            self.kernel, self.eigenvalues = measured.kernel, measured.eigenvalues
+            self.last_kernel, self.eigenvalues = measured.kernel, measured.eigenvalues
         self.history.append(report)
         self.layer_history.append(layers)
         return report
@@ -318,9 +323,9 @@ class NTKTracker(NTKSettings):
 
     def kernel_matrix(self) -> Tensor:
         """The last kernel as an ``(N, N)`` matrix (mean over classes), for heat maps."""
-        if self.kernel is None:
+        if self.last_kernel is None:
             raise RuntimeError("No kernel yet: call `start` first.")
-        K = self.kernel
+        K = self.last_kernel
         if K.ndim == 4:
             return K.diagonal(dim1=2, dim2=3).mean(dim=-1)
         return K.mean(dim=-1) if K.ndim == 3 else K
@@ -342,7 +347,7 @@ class NTKTracker(NTKSettings):
             "state": state,
             "history": [r.to_dict() for r in self.history],
             "layer_history": [dict(layers) for layers in self.layer_history],
-            "kernel": _to_cpu(self.kernel),
+            "kernel": _to_cpu(self.last_kernel),
             "eigenvalues": _to_cpu(self.eigenvalues),
             "observer": self.observer.state_dict(),
         }
@@ -363,7 +368,7 @@ class NTKTracker(NTKSettings):
         self._state = None if state is None else Snapshot.from_dict(state)
         self.history = [NTKReport.from_dict(r) for r in state_dict["history"]]
         self.layer_history = [dict(x) for x in state_dict.get("layer_history", [])]
-        self.kernel = state_dict.get("kernel")
+        self.last_kernel = state_dict.get("kernel")
         self.eigenvalues = state_dict.get("eigenvalues")
         self.observer = LossObserver()
         self.observer.load_state_dict(state_dict.get("observer", {}))
