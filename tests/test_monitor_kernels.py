@@ -297,3 +297,28 @@ def test_lightning_run_with_adamw_and_the_optimizer_kernel(namespace):
         for name in ("relative_change", "kernel_distance", "eig_max", "linearization_error"):
             assert math.isfinite(getattr(report, name)), name
     assert monitor.history[0].relative_change > 0
+
+
+def test_tensorboard_diagnosis_names_the_kernel():
+    from lightning_ntk.monitor.loggers import write_extras
+
+    x, y = blobs(8)
+    torch.manual_seed(0)
+    model = mlp()
+    tracker = NTKTracker(x, y, kernel="signgd")
+    tracker.start(model)
+    report = tracker.update(model, 1)
+    texts = []
+
+    class Writer:
+        def add_text(self, tag, text, step):
+            texts.append((tag, text))
+
+        def add_histogram(self, *args):
+            pass
+
+        def add_image(self, *args, **kwargs):
+            pass
+
+    write_extras(Writer(), report)
+    assert texts and "Kernel measured: signgd (set)." in texts[0][1]
