@@ -22,7 +22,7 @@ RMSprop, NAdam, RAdam, Adamax, ...) are measured with the SGD kernel, and each r
 ``kernel`` says so.
 
 **Adam's preconditioner is frozen.** ``d = 1/(√v̂ + ε)`` exists only after the optimizer's
-first step and changes at every step. The monitor reads it once — at :meth:`start` when
+first step and changes at every step. The monitor reads it once — at ``NTKTracker.start`` when
 the optimizer already has state for every selected parameter, else at the first report
 at which it has — and keeps it: ``Θ0 = J(θ0) diag(d) J(θ0)ᵀ`` (at ``θ0``, computed when
 ``d`` is read) and every ``Θ_t = J(θ_t) diag(d) J(θ_t)ᵀ``. The drift then measures what
