@@ -56,7 +56,7 @@ def run_case(classes: int, output: str | None) -> dict:
         "classes": classes,
         "params": sum(p.numel() for p in model.parameters()),
         "output": output or "default",
-        "layout": tuple(tracker.kernel.shape) if tracker.kernel is not None else None,
+        "layout": tuple(tracker.last_kernel.shape) if tracker.last_kernel is not None else None,
         "start_s": round(t_start, 3),
         "update_s": round(t_update, 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

@@ -356,7 +356,7 @@ def test_given_probe_is_used():
     monitor = NTKMonitor(probe_x=x, probe_y=y)
     fit("pytorch_lightning", monitor, max_steps=2)
     assert torch.equal(monitor.tracker.probe_x, x)
-    assert monitor.tracker.kernel.shape == (5, 5, 3, 3)
+    assert monitor.tracker.last_kernel.shape == (5, 5, 3, 3)
 
 
 @pytest.mark.parametrize("strategy_name", ["FSDPStrategy", "DeepSpeedStrategy"])
@@ -398,7 +398,7 @@ def test_two_monitors_keep_separate_checkpoint_state(tmp_path):
     restored = NTKMonitor(n_probe=9, log_base=2, output="trace")
     restored.load_state_dict(states[trace.state_key])
     assert restored.history == trace.history
-    assert restored.tracker.kernel.shape == (9, 9)
+    assert restored.tracker.last_kernel.shape == (9, 9)
     assert pl.Callback in type(restored).__mro__
 
 

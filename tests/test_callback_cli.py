@@ -61,4 +61,4 @@ def test_monitor_from_yaml(namespace, tmp_path):
     assert monitor.tracker.thresholds.relative_change == (0.2, 0.9)
     assert monitor.tracker.output == "trace"
     assert [r.step for r in monitor.history] == [3]
-    assert monitor.tracker.kernel.shape == (9, 9)
+    assert monitor.tracker.last_kernel.shape == (9, 9)

@@ -20,6 +20,10 @@ COMMANDS: dict[str, tuple[list[str], str]] = {
     ),
     "cnn_batchnorm.py": ([str(EXAMPLES / "cnn_batchnorm.py"), "--fast"], "ntk/layer/"),
     "uncertainty.py": ([str(EXAMPLES / "uncertainty.py")], "OK: wider networks"),
+    "lora_classifier.py": (
+        [str(EXAMPLES / "lora_classifier.py"), "--fast"],
+        "OK: kernels over the LoRA parameter subsets add up",
+    ),
     # prints "skipping" and exits 0 where transformers is not installed
     "huggingface_text_classifier.py": (
         [str(EXAMPLES / "huggingface_text_classifier.py")],

@@ -64,7 +64,11 @@ def test_the_rule_switches_above_the_limit():
 def test_ten_classes_keep_the_full_layout_and_its_numbers():
     default, _, caught = _run(10)
     explicit, _, _ = _run(10, output="full")
-    assert default.layout == "full" and default.kernel is not None and default.kernel.ndim == 4
+    assert (
+        default.layout == "full"
+        and default.last_kernel is not None
+        and default.last_kernel.ndim == 4
+    )
     assert _layout_warnings(caught) == []
     for ours, theirs in zip(default.history, explicit.history, strict=True):
         assert ours.to_dict() == theirs.to_dict()
@@ -78,9 +82,9 @@ def test_many_classes_default_to_the_exact_trace_and_warn_once():
     messages = _layout_warnings(caught)
     assert len(messages) == 1
     assert "N·C = 1600 is above 1024" in messages[0] and "output='full'" in messages[0]
-    assert tracker.kernel is not None and tracker.kernel.shape == (N, N)
+    assert tracker.last_kernel is not None and tracker.last_kernel.shape == (N, N)
     expected = reference_ntk(model, tracker.probe_x, output="trace")
-    torch.testing.assert_close(tracker.kernel.double(), expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(tracker.last_kernel.double(), expected, rtol=1e-4, atol=1e-6)
     report = tracker.history[-1]
     for name in ("relative_change", "eig_max", "effective_rank", "target_alignment"):
         assert torch.isfinite(torch.tensor(getattr(report, name))), name
@@ -103,7 +107,7 @@ def test_many_classes_state_holds_no_class_by_class_blocks():
 def test_explicit_full_is_kept_for_many_classes():
     tracker, _, caught = _run(100, output="full")
     assert tracker.layout == "full"
-    assert tracker.kernel is not None and tracker.kernel.shape == (N, N, 100, 100)
+    assert tracker.last_kernel is not None and tracker.last_kernel.shape == (N, N, 100, 100)
     assert _layout_warnings(caught) == []
 
 

@@ -47,6 +47,7 @@ DESIGN_FIELDS = [
     "local_linearization_error",
     "logit_slope",
     "regime",
+    "kernel",
 ]
 
 
@@ -83,6 +84,7 @@ def test_report_has_exactly_the_design_fields_and_logged_names():
             "reference_step",
             "restarted",
             "regime",
+            "kernel",
         )
     ]
     assert sorted(scalars) == sorted([f"ntk/{n}" for n in numeric] + ["ntk/lazy", "ntk/regime"])
@@ -125,7 +127,7 @@ def test_values_match_the_float64_reference_kernel():
     # per-layer parts sum to the total; shares sum to one
     shares = [v for k, v in tracker.scalars().items() if k.endswith("/share")]
     assert sum(shares) == pytest.approx(1.0, rel=1e-9)
-    torch.testing.assert_close(tracker.kernel, K, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(tracker.last_kernel, K, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("output", ["full", "diagonal", "trace"])
@@ -141,7 +143,7 @@ def test_layouts_and_methods(output):
         tracker.start(model)
         _sgd_steps(model, x, y, 2)
         reports.append(tracker.update(model, 2))
-        assert tracker.kernel.ndim == {"full": 4, "diagonal": 3, "trace": 2}[output]
+        assert tracker.last_kernel.ndim == {"full": 4, "diagonal": 3, "trace": 2}[output]
     assert reports[0].relative_change == pytest.approx(reports[1].relative_change, rel=1e-4)
 
 

@@ -54,7 +54,8 @@ from ._functional import (
     exact_matmuls,
     unwrap_module,
 )
-from ._layout import check_output, reduce_full
+from ._layout import check_output, contract_jacobians, reduce_full, symmetrize
+from ._optimizer import KernelSpec, OptimizerKernel
 from ._sharded import call_module
 
 __all__ = [
@@ -205,10 +206,27 @@ def batch_ntk(
 
 
 def batch_ntk_of(
-    fm: FunctionalModel, x: Tensor, *, output: str = "full", per_layer: bool = False
+    fm: FunctionalModel,
+    x: Tensor,
+    *,
+    output: str = "full",
+    per_layer: bool = False,
+    spec: Optional[KernelSpec] = None,
 ) -> Any:
-    """:func:`batch_ntk` of a functional view the caller already built (arguments checked)."""
+    """:func:`batch_ntk` of a functional view the caller already built (arguments checked).
+
+    ``spec`` is an optimizer's kernel (``None``: ``"sgd"``); any other than ``"sgd"``
+    is contracted from the whole Jacobian's sides ``L(X) R(X)ᵀ``
+    (:meth:`~lightning_ntk.kernel.KernelSpec.sides`), the layer factors giving ``J Jᵀ`` only.
+    """
     x = fm.cast_input(x)
+    if spec is not None and spec.kind is not OptimizerKernel.SGD:
+        with exact_matmuls(fm.device):
+            left, right = spec.sides(batch_jacobian(fm, x))  # {name: (N, C, P_l)}
+            parts = {name: contract_jacobians(left[name], right[name], output) for name in fm.names}
+        if spec.symmetric:
+            parts = {name: symmetrize(part, output) for name, part in parts.items()}
+        return parts if per_layer else sum(parts.values())
     with exact_matmuls(fm.device):
         try:
             parts = _factored(fm, x, output, per_layer)

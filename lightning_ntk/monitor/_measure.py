@@ -11,6 +11,11 @@
   (:mod:`lightning_ntk.monitor._verdict`), read against the set-up
   (:mod:`lightning_ntk.monitor._setup`).
 
+The kernel is the one of the ``kernel`` setting (:mod:`lightning_ntk.monitor._kernels`):
+the NTK by default, or an optimizer's, Adam's with the preconditioner read once and kept;
+the asymmetric SignGD kernel's spectrum and target alignment are those of its symmetric
+part ``(Θ + Θᵀ)/2``, the quadratic form of the first-order loss change ``−gᵀΘg``.
+
 A model normalising with batch statistics (``BatchStatisticsModel``) is one function of
 the whole probe batch: its kernel is the whole-batch Jacobian's ``J Jᵀ``
 (:mod:`lightning_ntk.kernel.batch_statistics`). For every model ``f``, ``f0`` and the
@@ -20,6 +25,7 @@ exactly zero drift.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -33,10 +39,13 @@ from ..kernel import last_call_info, ntk_of
 from ..kernel._forward import module_of
 from ..kernel._functional import FunctionalModel, exact_matmuls
 from ..kernel._inputs import batch_size
+from ..kernel._layout import symmetrize
+from ..kernel._optimizer import KernelSpec
 from ..kernel._run import rank_and_world
 from ..kernel.batch_statistics import BatchStatisticsModel, batch_ntk_of, linearized_logits
 from ..linearization import LinearizedModel, argmax_agreement, linearization_error, prob_tv
 from ..metrics.functional import softmax_form
+from ._kernels import MeasuredKernel, frozen_preconditioner, kernel_spec_of, resolve_kernel
 from ._probe import probe_logits
 from ._setup import Setup, alignment_targets, logit_optimum
 from ._verdict import (
@@ -60,6 +69,7 @@ __all__ = [
     "attempt",
     "measure",
     "probe_kernel",
+    "read_preconditioner",
     "snapshot",
 ]
 
@@ -114,6 +124,12 @@ class Snapshot:
             :func:`~lightning_ntk.monitor.settings.default_output` chose at the start.
         sharded: names of the parameters of a sharded (FSDP2) model that ``theta0`` and
             ``previous.theta`` keep as this rank's shards (gathered whole for a report).
+        kernel_kind: the engine's kernel measured (``"sgd"``, ``"signgd"``,
+            ``"asymmetric_signgd"``, ``"adam"``), the ``kernel`` setting resolved.
+        kernel_source: how it was chosen (see :class:`MeasuredKernel`).
+        preconditioner: for ``"adam"``, the frozen ``{name: 1/(√v̂+ε)}`` (flattened,
+            float64, CPU); ``None`` until read (``Θ0`` is ``None`` until then).
+        preconditioner_step: the step it was read at.
     """
 
     theta0: dict[str, Tensor]
@@ -131,6 +147,24 @@ class Snapshot:
     restarted: bool = False
     output: str = "full"
     sharded: list[str] = field(default_factory=list)
+    kernel_kind: str = "sgd"
+    kernel_source: str = "set"
+    preconditioner: Optional[dict[str, Tensor]] = None
+    preconditioner_step: Optional[int] = None
+
+    @property
+    def measured_kernel(self) -> MeasuredKernel:
+        """The kernel measured and how it was chosen."""
+        return MeasuredKernel(self.kernel_kind, self.kernel_source)
+
+    @property
+    def waiting(self) -> bool:
+        """Whether the kernel waits for Adam's preconditioner (no ``Θ0`` until it is read)."""
+        return self.kernel_kind == "adam" and self.preconditioner is None
+
+    def spec(self, fm: FunctionalModel) -> KernelSpec:
+        """The engine's kernel for ``fm``, Adam's with the frozen preconditioner."""
+        return kernel_spec_of(self.kernel_kind, self.preconditioner, fm)
 
     @property
     def reference(self) -> ReportPoint:
@@ -253,6 +287,7 @@ def measure(tracker: NTKTracker, fm: FunctionalModel, step: int) -> Measurement:
         message=diagnosis.message,
         setup=setup.describe(),
         regime=diagnosis.regime,
+        kernel=snap.measured_kernel.describe(snap.preconditioner_step),
     )
     point = ReportPoint(
         step,
@@ -290,11 +325,14 @@ def _kernel_part(
     computed = attempt(
         failures,
         "kernel",
-        lambda: probe_kernel(tracker, fm, snap.method, snap.per_layer, snap.output),
+        lambda: probe_kernel(
+            tracker, fm, snap.method, snap.per_layer, snap.output, spec=snap.spec(fm)
+        ),
     )
     if computed is None:
         return KernelPart()
     K, K_layers = computed
+    K_sym = symmetric_part(K, snap)  # what the spectrum and the alignment read
     K0 = snap.K0.to(K.device)
     values = {
         "relative_change": safe_value(lambda: metrics.relative_change(K, K0)),
@@ -308,9 +346,9 @@ def _kernel_part(
     if y is not None:
         targets = alignment_targets(y, task)
         values["target_alignment"] = safe_value(
-            lambda: metrics.target_alignment(K, targets, num_classes=snap.num_classes)
+            lambda: metrics.target_alignment(K_sym, targets, num_classes=snap.num_classes)
         )
-    spec = safe_spectrum(metrics, K)
+    spec = safe_spectrum(metrics, K_sym)
     if spec is not None:
         values.update(
             eig_max=spec.eig_max,
@@ -440,22 +478,14 @@ def snapshot(tracker: NTKTracker, fm: FunctionalModel, step: int) -> tuple[Snaps
             logits (pass ``forward_fn`` or ``output_fn``).
     """
     logits0 = probe_logits(fm, fm.cast_input(tracker.probe_x))
+    measured = resolve_kernel(tracker.kernel, tracker.optimizer)  # raises for a wrong optimizer
+    d = None
+    if measured.kind == "adam":  # already stepped (a warm-up, a fine-tuning): read now
+        d = frozen_preconditioner(tracker.optimizer, fm)
     method = tracker.method
     per_layer = tracker.per_layer if tracker.per_layer is not None else method != "ntk_vp"
     num_classes = int(logits0.shape[1])  # one output: a binary classifier (sigmoid)
     output = tracker.output or default_output(int(logits0.shape[0]), num_classes)
-    failures: dict[str, str] = {}
-    computed = attempt(
-        failures, "kernel", lambda: probe_kernel(tracker, fm, method, per_layer, output)
-    )
-    total, layers = computed if computed is not None else (None, {})
-    alignment0 = math.nan
-    if total is not None and tracker.probe_y is not None:
-        task = _setup_of(tracker).metric_task(num_classes)
-        targets = alignment_targets(tracker.probe_y.to(total.device), task)
-        alignment0 = safe_value(
-            lambda: metrics.target_alignment(total, targets, num_classes=num_classes)
-        )
     state = Snapshot(
         theta0={n: p.detach().clone() for n, p in fm.params.items()},
         logits0=logits0.clone(),
@@ -463,24 +493,89 @@ def snapshot(tracker: NTKTracker, fm: FunctionalModel, step: int) -> tuple[Snaps
         method=method,
         per_layer=per_layer,
         start_step=int(step),
-        K0=total,
-        K0_layers=layers,
+        K0=None,
+        K0_layers={},
         logit_norm0=float(metrics.logit_norm(logits0)),  # one output reads as binary
         predicted=tracker.predict_regime(num_classes),
-        alignment0=alignment0,
         output=output,
+        kernel_kind=measured.kind,
+        kernel_source=measured.source,
+        preconditioner=d,
+        preconditioner_step=None if d is None else int(step),
     )
+    failures: dict[str, str] = {}
+    if not state.waiting:
+        _take_reference_kernel(tracker, fm, state, failures)
     return state, failures
 
 
+def read_preconditioner(tracker: NTKTracker, fm: FunctionalModel, step: int) -> dict[str, str]:
+    """Read Adam's preconditioner once it exists, and take ``Θ0`` with it at ``θ0``.
+
+    Modifies the tracker's snapshot (``preconditioner``, ``preconditioner_step``,
+    ``K0``, ``K0_layers``, ``alignment0``) when the optimizer has state for every
+    selected parameter; leaves it waiting otherwise. Returns the failures (see
+    :func:`attempt`): a parameter the optimizer does not hold, a kernel PyTorch cannot
+    compute.
+    """
+    snap = tracker.started_state
+    failures: dict[str, str] = {}
+    d = attempt(failures, "kernel", lambda: frozen_preconditioner(tracker.optimizer, fm))
+    if d is None:
+        return failures
+    snap.preconditioner, snap.preconditioner_step = d, int(step)
+    at_theta0 = copy.copy(fm)  # the same function and buffers, evaluated at θ0
+    at_theta0.params = {n: t.to(device=fm.device, dtype=fm.dtype) for n, t in snap.theta0.items()}
+    _take_reference_kernel(tracker, at_theta0, snap, failures)
+    return failures
+
+
+def _take_reference_kernel(
+    tracker: NTKTracker, fm: FunctionalModel, snap: Snapshot, failures: dict[str, str]
+) -> None:
+    """``Θ0`` (and its parts, its target alignment) of ``fm`` into ``snap``."""
+    computed = attempt(
+        failures,
+        "kernel",
+        lambda: probe_kernel(
+            tracker, fm, snap.method, snap.per_layer, snap.output, spec=snap.spec(fm)
+        ),
+    )
+    if computed is None:
+        return
+    snap.K0, snap.K0_layers = computed
+    if tracker.probe_y is not None:
+        K_sym = symmetric_part(snap.K0, snap)
+        task = _setup_of(tracker).metric_task(snap.num_classes)
+        targets = alignment_targets(tracker.probe_y.to(K_sym.device), task)
+        snap.alignment0 = safe_value(
+            lambda: metrics.target_alignment(K_sym, targets, num_classes=snap.num_classes)
+        )
+
+
+def symmetric_part(K: Tensor, snap: Snapshot) -> Tensor:
+    """``K``, or ``(K + Kᵀ)/2`` for the asymmetric SignGD kernel (spectrum, alignment)."""
+    if snap.kernel_kind != "asymmetric_signgd":
+        return K
+    return symmetrize(K, snap.output)
+
+
 def probe_kernel(
-    tracker: NTKTracker, fm: FunctionalModel, method: str, per_layer: bool, output: str
+    tracker: NTKTracker,
+    fm: FunctionalModel,
+    method: str,
+    per_layer: bool,
+    output: str,
+    spec: Optional[KernelSpec] = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """``Θ(X, X)`` in layout ``output``, and per module when ``per_layer`` is on."""
+    """``Θ(X, X)`` in layout ``output``, and per module when ``per_layer`` is on.
+
+    ``spec`` is the optimizer's kernel (``None``: the NTK, ``"sgd"``).
+    """
     probe = fm.cast_input(tracker.probe_on(fm.module)[0])
     world = rank_and_world(tracker.distributed)[1]
     if isinstance(fm, BatchStatisticsModel):  # rows coupled: the whole-batch Jacobian
-        result = batch_ntk_of(fm, probe, output=output, per_layer=per_layer)
+        result = batch_ntk_of(fm, probe, output=output, per_layer=per_layer, spec=spec)
     else:
         result = ntk_of(
             fm,
@@ -491,6 +586,7 @@ def probe_kernel(
             # two blocks of probe rows per rank: each rank gets its share of the pairs
             chunk_size=None if world == 1 else max(1, math.ceil(batch_size(probe) / (2 * world))),
             distributed=world > 1,
+            spec=spec,
         )
         tracker.kernel_info = last_call_info()
     if not per_layer:

@@ -123,11 +123,12 @@ class NTKMonitorBase(NTKSettings):
             carries is not printed twice.
         **settings: what is measured and when: every field of
             :class:`~lightning_ntk.monitor.settings.NTKSettings` (``n_probe``, ``output``,
-            ``method``, ``params``, ``every_n_steps``, ``log_base``, ``thresholds``, ``expect``,
-            ``weight_decay``, ``label_smoothing``, ``forward_fn``, ``output_fn``, …), as
-            keywords. ``weight_decay`` and ``label_smoothing`` override what is read from
-            the first optimizer and the module's loss; ``forward_fn(pl_module, x)``
-            replaces ``pl_module(x)``.
+            ``method``, ``kernel``, ``params``, ``every_n_steps``, ``log_base``,
+            ``thresholds``, ``expect``, ``weight_decay``, ``label_smoothing``, ``forward_fn``,
+            ``output_fn``, …), as keywords. ``weight_decay`` and ``label_smoothing``
+            override what is read from the first optimizer and the module's loss;
+            ``forward_fn(pl_module, x)`` replaces ``pl_module(x)``; ``kernel="optimizer"``
+            measures the kernel of the first optimizer.
     """
 
     _namespace: ClassVar[str] = ""
@@ -168,7 +169,7 @@ class NTKMonitorBase(NTKSettings):
 
     @property
     def state_key(self) -> str:
-        """Checkpoint key; monitors with different probes / layouts / schedules coexist."""
+        """Checkpoint key; monitors with other probes, layouts, kernels or schedules coexist."""
         tracker = self.tracker
         schedule = tracker.schedule
         settings = dict(
@@ -182,6 +183,8 @@ class NTKMonitorBase(NTKSettings):
             log_base=schedule.log_base,
             prefix=self.prefix,
         )
+        if tracker.kernel != "sgd":  # the default's key is the one it had before the setting
+            settings["kernel"] = tracker.kernel
         # Lightning reads the key around every hook call of every step: build it once
         # per distinct settings
         cached = self._state_key
@@ -323,8 +326,8 @@ class NTKMonitorBase(NTKSettings):
         elif self._other_state_keys:
             why = (
                 f"the checkpoint {ckpt_path} holds NTKMonitor state saved with other settings "
-                "(the state key depends on n_probe, output, method, params, seed, the "
-                "schedule and prefix)"
+                "(the state key depends on n_probe, output, method, kernel, params, seed, "
+                "the schedule and prefix)"
             )
         else:
             why = f"the checkpoint {ckpt_path} holds no state of this NTKMonitor"
@@ -421,7 +424,7 @@ class NTKMonitorBase(NTKSettings):
                     writer,
                     report,
                     eigenvalues=tracker.eigenvalues,
-                    kernel=tracker.kernel_matrix() if tracker.kernel is not None else None,
+                    kernel=tracker.kernel_matrix() if tracker.last_kernel is not None else None,
                     labels=tracker.probe_y,
                     prefix=self.prefix,
                     diagnosis=tracker.diagnosis,

@@ -164,6 +164,9 @@ def write_extras(
         f"**{regime}**, verdict **{report.verdict}** at step {step} (causes: {causes}; "
         f"predicted logits: {report.predicted_regime}). {report.message}"
     )
+    measured = getattr(report, "kernel", "")  # which kernel: NTKReport.kernel
+    if measured:
+        text += f"\n\nKernel measured: {measured}."
     if diagnosis:
         text += f"\n\nRun so far: {diagnosis}."
     writer.add_text(f"{prefix}diagnosis", text, step)

@@ -22,7 +22,7 @@ from ._verdict import LAZY_SCORE, REGIME_CODE
 
 __all__ = ["NTKReport"]
 
-TEXT_FIELDS = ("verdict", "causes", "predicted_regime", "message", "setup", "regime")
+TEXT_FIELDS = ("verdict", "causes", "predicted_regime", "message", "setup", "regime", "kernel")
 REFERENCE_FIELDS = ("reference_step", "restarted")  # where θ0 comes from: not logged
 
 
@@ -76,6 +76,10 @@ class NTKReport:
         regime: ``"lazy"``, ``"feature learning"``, ``"locally linear"``,
             ``"logits diverging"`` or ``"unknown"`` (logged as ``ntk/regime`` 0, 2, 1, 3,
             ``nan``).
+
+        kernel: which kernel is measured and how it was chosen (the ``kernel`` setting):
+            e.g. ``"sgd (set)"``, or ``"adam (the kernel of the optimizer, AdamW); Adam's
+            preconditioner frozen at step 4"``. The thresholds were calibrated on ``sgd``.
     """
 
     step: int
@@ -105,6 +109,7 @@ class NTKReport:
     local_linearization_error: float = math.nan
     logit_slope: float = math.nan
     regime: str = ""
+    kernel: str = "sgd (set)"
 
     def scalars(self) -> dict[str, float]:
         """``{"ntk/<field>": value}`` for every numeric field, ``ntk/lazy`` and ``ntk/regime``.

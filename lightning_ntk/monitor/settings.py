@@ -18,11 +18,13 @@ import torch
 from torch import Tensor
 
 from ..kernel._methods import NTKMethod
+from ..kernel._optimizer import OptimizerKernel
 from ..theory._targets import TASKS
 from ._verdict import EXPECTATIONS, Thresholds
 
 __all__ = [
     "FULL_LAYOUT_LIMIT",
+    "KERNELS",
     "METHODS",
     "OUTPUTS",
     "NTKSettings",
@@ -35,6 +37,8 @@ OUTPUTS = ("full", "diagonal", "trace")
 FULL_LAYOUT_LIMIT = 1024
 METHODS = tuple(method.value for method in NTKMethod)  # the engine's list, not a copy
 NORMALIZATIONS = ("batch", "running")
+# the engine's kernels, and "optimizer": the one of the optimizer training uses
+KERNELS = (*(kind.value for kind in OptimizerKernel), "optimizer")
 
 
 @dataclass(kw_only=True, eq=False, repr=False)
@@ -58,6 +62,17 @@ class NTKSettings:
             ``lambda out: out["logits"]``).
         forward_fn: ``forward_fn(model, x) -> output`` for models whose forward is not
             ``model(x)``; evaluated functionally like the model itself.
+        kernel: which kernel is measured (:mod:`lightning_ntk.monitor._kernels`):
+            ``"sgd"`` (default, the NTK ``J Jᵀ``), ``"signgd"``, ``"asymmetric_signgd"``,
+            ``"adam"`` (as in :func:`lightning_ntk.empirical_ntk`), or ``"optimizer"``:
+            the kernel of the optimizer training uses (SGD → ``"sgd"``, Adam / AdamW →
+            ``"adam"``, SignSGD / Signum / Lion → ``"asymmetric_signgd"``, any other →
+            ``"sgd"``, each report's ``kernel`` saying why). ``"adam"`` reads the
+            preconditioner ``1/(√v̂+ε)`` from the optimizer once, at the first report at
+            which it has state (or at :meth:`~lightning_ntk.NTKTracker.start` if it already
+            has), and keeps it: ``Θ0`` (at ``θ0``) and every ``Θ_t`` use that frozen
+            preconditioner, so the drift measures the Jacobian's motion in Adam's
+            geometry. The verdict thresholds were calibrated on the SGD kernel.
         per_layer: report each layer's drift; ``None`` (default) turns it on unless
             ``method="ntk_vp"`` (where it would multiply the cost; the other methods
             compute per-layer parts at no extra cost).
@@ -95,6 +110,7 @@ class NTKSettings:
     n_probe: int = 16
     output: Optional[str] = None
     method: str = "auto"
+    kernel: str = "sgd"
     params: Optional[Union[str, list[str], Callable[..., bool]]] = None
     output_fn: Optional[Callable[[Any], Tensor]] = None
     forward_fn: Optional[Callable[[Any, Any], Any]] = None
@@ -126,6 +142,8 @@ class NTKSettings:
             raise ValueError(
                 f"Expected `method` to be one of {METHODS} but got {self.method!r}."
             ) from None
+        if not isinstance(self.kernel, str) or self.kernel not in KERNELS:
+            raise ValueError(f"Expected `kernel` to be one of {KERNELS} but got {self.kernel!r}.")
         for name in ("output_fn", "forward_fn", "batch_to_xy"):
             fn = getattr(self, name)
             if fn is not None and not callable(fn):

@@ -57,7 +57,7 @@ from ..kernel._forward import ForwardModule, selector_on_wrapper
 from ..kernel._functional import FunctionalModel, check_placement, exact_matmuls, unwrap_module
 from ..kernel._sharded import Layout, layouts_of, to_shards, whole
 from ..kernel.batch_statistics import measured_model
-from ._measure import Snapshot, measure, snapshot
+from ._measure import Snapshot, measure, read_preconditioner, snapshot
 from ._observer import active_dropout, class_weights
 from ._probe import (
     all_finite,
@@ -94,7 +94,8 @@ class NTKTracker(NTKSettings):
         probe_x: probe inputs ``(N, ...)``; or ``None`` to draw them later with
             :meth:`draw_probe`.
         probe_y: probe labels ``(N,)`` (int) or soft targets ``(N, C)``; optional.
-        optimizer: the optimizer (its weight decay and decoupling are read from it).
+        optimizer: the optimizer (its weight decay and decoupling are read from it; with
+            ``kernel="optimizer"`` or ``"adam"``, its kernel and Adam's state).
         loss: the loss module (its label smoothing, and the class weights the observation
             of the training loss fits with, are read from it).
         distributed: share the probe kernel's blocks among the ranks of the initialised
@@ -105,7 +106,7 @@ class NTKTracker(NTKSettings):
             any case (one block per call when this is off).
         **settings: what is measured and when: every field of
             :class:`~lightning_ntk.monitor.settings.NTKSettings` (``n_probe``, ``output``,
-            ``method``, ``params``, ``output_fn``, ``forward_fn``, ``per_layer``,
+            ``method``, ``kernel``, ``params``, ``output_fn``, ``forward_fn``, ``per_layer``,
             ``top_layers``, ``dtype``, ``normalization``, ``every_n_steps``, ``every_n_epochs``,
             ``log_base``, ``thresholds``, ``expect``, ``weight_decay``, ``label_smoothing``,
             ``task``, ``seed``, ``batch_to_xy``), as keywords.
@@ -139,7 +140,7 @@ class NTKTracker(NTKSettings):
         # how the last probe kernel was computed (method, fall-backs): an NTKCallInfo
         self.kernel_info: Any = None
         self.layer_history: list[dict[str, dict[str, float]]] = []
-        self.kernel: Optional[Tensor] = None  # Θ_t of the last report
+        self.last_kernel: Optional[Tensor] = None  # Θ_t of the last report
         self.eigenvalues: Optional[Tensor] = None  # its spectrum, descending
         self.observer = LossObserver()  # infers the label smoothing from the training loss
         self._data_finite: Optional[Tensor] = None  # every training batch seen was finite
@@ -255,7 +256,7 @@ class NTKTracker(NTKSettings):
         self._note_layout(state)
         self.history = []
         self.layer_history = []
-        self.kernel = state.K0
+        self.last_kernel = state.K0
         self.eigenvalues = None
 
     def update(self, model: nn.Module, step: int) -> NTKReport:
@@ -271,8 +272,14 @@ class NTKTracker(NTKSettings):
         with preserved_rng(_device_of(wrapper)):
             fm = self._functional(wrapper)
             layouts = self._layouts_now(wrapper, state)
-            self._state = _whole(state, layouts)  # a sharded model's θ0 etc. gathered
+            gathered = _whole(state, layouts)  # a sharded model's θ0 etc. gathered
+            self._state = gathered
             try:
+                if state.waiting:  # Adam's preconditioner, read once it exists, and Θ0 with it
+                    self._warn_failures(read_preconditioner(self, fm, int(step)))
+                    for name in _REFERENCE_KERNEL_FIELDS:  # onto the kept (sharded) state
+                        setattr(state, name, getattr(gathered, name))
+                    self.last_kernel = state.K0
                 measured = measure(self, fm, int(step))
             finally:
                 self._state = state
@@ -286,7 +293,7 @@ class NTKTracker(NTKSettings):
         state.previous = point  # the next report's velocity and local error
         state.predicted = measured.predicted
         if measured.kernel is not None:
-            self.kernel, self.eigenvalues = measured.kernel, measured.eigenvalues
+            self.last_kernel, self.eigenvalues = measured.kernel, measured.eigenvalues
         self.history.append(report)
         self.layer_history.append(layers)
         return report
@@ -346,9 +353,9 @@ class NTKTracker(NTKSettings):
 
     def kernel_matrix(self) -> Tensor:
         """The last kernel as an ``(N, N)`` matrix (mean over classes), for heat maps."""
-        if self.kernel is None:
+        if self.last_kernel is None:
             raise RuntimeError("No kernel yet: call `start` first.")
-        K = self.kernel
+        K = self.last_kernel
         if K.ndim == 4:
             return K.diagonal(dim1=2, dim2=3).mean(dim=-1)
         return K.mean(dim=-1) if K.ndim == 3 else K
@@ -370,7 +377,7 @@ class NTKTracker(NTKSettings):
             "state": state,
             "history": [r.to_dict() for r in self.history],
             "layer_history": [dict(layers) for layers in self.layer_history],
-            "kernel": _to_cpu(self.kernel),
+            "kernel": _to_cpu(self.last_kernel),
             "eigenvalues": _to_cpu(self.eigenvalues),
             "observer": self.observer.state_dict(),
         }
@@ -392,7 +399,7 @@ class NTKTracker(NTKSettings):
         self._layouts = {}  # a sharded model's: read from the model at the next report
         self.history = [NTKReport.from_dict(r) for r in state_dict["history"]]
         self.layer_history = [dict(x) for x in state_dict.get("layer_history", [])]
-        self.kernel = state_dict.get("kernel")
+        self.last_kernel = state_dict.get("kernel")
         self.eigenvalues = state_dict.get("eigenvalues")
         self.observer = LossObserver()
         self.observer.load_state_dict(state_dict.get("observer", {}))
@@ -623,6 +630,16 @@ class NTKTracker(NTKSettings):
             )
         logits = logits.detach()
         return logits[:, None] if logits.ndim == 1 else logits
+
+
+# what reading Adam's preconditioner sets in the snapshot
+_REFERENCE_KERNEL_FIELDS = (
+    "preconditioner",
+    "preconditioner_step",
+    "K0",
+    "K0_layers",
+    "alignment0",
+)
 
 
 def _whole(state: Snapshot, layouts: Mapping[str, Layout]) -> Snapshot:
