@@ -12,7 +12,9 @@ machine speed and order effects hit both alike. For each monitor setting (defaul
 ``with / without − 1``, the ratio of the fastest runs of each (noise only ever adds
 time), and — much less noisy on a shared machine — the time spent inside the monitor's
 hooks as a share of the training time without it, with the number of reports and the
-median time of one.
+median time of one. Where the machine's load changes from run to run, the figure to
+read is the last: each monitored run's time inside the hooks against the same run's
+time outside them (the training the monitor watched), median over runs.
 
 The breakdown times the parts of the monitor's work with ``time.perf_counter``, by
 wrapping the library's functions from here (nothing in the library is changed):
@@ -251,7 +253,7 @@ def train_once(settings, args, steps=None) -> Run:
 
 def steady_state(settings: dict, args) -> dict:
     """Alternating runs without / with the monitor in this (warm) process."""
-    without, with_, inside, per_report, parts = [], [], [], [], []
+    without, with_, inside, per_report, parts, own = [], [], [], [], [], []
     reports, history = 0, []
     for r in range(args.repeats):
         for arm in ("without", "with") if r % 2 == 0 else ("with", "without"):
@@ -262,6 +264,7 @@ def steady_state(settings: dict, args) -> dict:
             reports, history = run.reports, run.history
             with_.append(run.seconds)
             inside.append(sum(seconds for _, seconds in run.calls))
+            own.append(inside[-1] / (run.seconds - inside[-1]))
             hooks: dict[str, float] = collections.defaultdict(float)
             for hook, seconds in run.calls:
                 hooks[hook] += seconds
@@ -276,6 +279,7 @@ def steady_state(settings: dict, args) -> dict:
         "fastest": min(with_) / min(without) - 1,
         "inside": statistics.median(inside),
         "share": statistics.median(inside) / statistics.median(without),
+        "own": statistics.median(own),
         "reports": reports,
         "per_report": statistics.median(per_report),
         "parts": {k: statistics.median(p[k] for p in parts) for k in parts[0]},
@@ -369,12 +373,14 @@ def main() -> None:
         print(f"  inside the monitor's hooks: {r['inside']:.3f} s = {100 * r['share']:.2f} % "
               f"of training without it; {r['reports']} reports of "
               f"{1e3 * r['per_report']:.1f} ms")  # fmt: skip
+        print(f"  inside the hooks against the same run's time outside them (median over runs, "
+              f"immune to load changes between runs): {100 * r['own']:.2f} %")  # fmt: skip
         print_parts(r, without)
     print(f"\n{'settings':32s} {'reports':>7s} {'per report':>10s} {'in hooks':>8s} "
-          f"{'paired':>7s} {'fastest':>7s}")  # fmt: skip
+          f"{'own run':>7s} {'paired':>7s} {'fastest':>7s}")  # fmt: skip
     for settings, r in rows:
         print(f"{json.dumps(settings):32s} {r['reports']:7d} {1e3 * r['per_report']:8.1f}ms "
-              f"{100 * r['share']:7.2f}% {100 * r['paired']:6.1f}% "
+              f"{100 * r['share']:7.2f}% {100 * r['own']:6.2f}% {100 * r['paired']:6.1f}% "
               f"{100 * r['fastest']:6.1f}%")  # fmt: skip
     history = rows[0][1]["history"]
     if args.save_reports:
