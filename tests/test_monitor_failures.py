@@ -65,7 +65,7 @@ def test_a_kernel_pytorch_cannot_compute_is_nan_with_one_warning(monkeypatch):
 
 
 def test_a_linearization_pytorch_cannot_compute_is_nan_with_one_warning(monkeypatch):
-    def no_forward_ad(fm, theta0, x):  # nor any of the linearized model's fall-backs
+    def no_forward_ad(fm, theta0, x, f0=None):  # nor any of the linearized model's fall-backs
         raise NotImplementedError("Trying to use forward AD with aten::_fused_op")
 
     monkeypatch.setattr(_measure, "_linearized", no_forward_ad)

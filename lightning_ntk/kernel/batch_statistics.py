@@ -265,7 +265,11 @@ def _contract(J: Tensor, output: str) -> Tensor:
 
 
 def linearized_logits(
-    fm: FunctionalModel, theta0: Mapping[str, Tensor], theta: Mapping[str, Tensor], x: Tensor
+    fm: FunctionalModel,
+    theta0: Mapping[str, Tensor],
+    theta: Mapping[str, Tensor],
+    x: Tensor,
+    f0: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """``(f_lin, f0)``: ``f0 = fm(θ0, x)`` by a plain forward, ``f_lin = f0 + J0 (θ − θ0)``.
 
@@ -273,12 +277,15 @@ def linearized_logits(
     one ``jvp``: with ``θ = θ0`` the tangent is zero and ``f = f0 = f_lin`` exactly, so an
     unmoved network reports no drift at all. Works for :class:`BatchStatisticsModel`
     (the whole batch is one function) and for the eval-mode :class:`FunctionalModel`.
+    A caller that already holds ``fm(θ0, x)`` from that plain forward passes it as ``f0``
+    (the monitor keeps the probe's logits of ``θ0`` and of each report) and saves it.
     """
     theta0 = {name: theta0[name] for name in fm.names}
     tangent = {name: theta[name] - theta0[name] for name in fm.names}
     with exact_matmuls(fm.device):
-        with torch.no_grad():
-            f0 = fm(theta0, x)
+        if f0 is None:
+            with torch.no_grad():
+                f0 = fm(theta0, x)
         _, Jt = jvp(lambda p: fm(p, x), (theta0,), (tangent,))
     return f0 + Jt.detach(), f0
 

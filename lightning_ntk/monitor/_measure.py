@@ -93,12 +93,15 @@ class ReportPoint:
         theta: ``{name: θ}`` there (detached copies).
         kernel: ``Θ`` there (``None`` when it could not be computed).
         target_alignment: ``A(Θ, YYᵀ)`` there (``nan`` without probe labels).
+        logits: the probe's logits ``f(X; θ)`` there, ``(N, C)``: the constant part of the
+            next report's local linearization (``None``: evaluated again then).
     """
 
     step: int
     theta: dict[str, Tensor]
     kernel: Optional[Tensor]
     target_alignment: float = math.nan
+    logits: Optional[Tensor] = None
 
 
 @dataclass
@@ -171,7 +174,7 @@ class Snapshot:
         """The previous report's point, or ``θ0``'s before the first report."""
         if self.previous is not None:
             return self.previous
-        return ReportPoint(self.start_step, self.theta0, self.K0, self.alignment0)
+        return ReportPoint(self.start_step, self.theta0, self.K0, self.alignment0, self.logits0)
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict (tensors as they are) for checkpoints."""
@@ -239,8 +242,7 @@ def measure(tracker: NTKTracker, fm: FunctionalModel, step: int) -> Measurement:
     snap = tracker.started_state
     x, y = tracker.probe_on(fm.module)
     x = fm.cast_input(x)
-    with exact_matmuls(fm.device), torch.no_grad():
-        logits = fm(fm.params, x)
+    logits = probe_forward(fm, x)
     finite = bool(torch.isfinite(logits).all())
     setup = _setup_of(tracker)
     task = setup.metric_task(snap.num_classes)  # how the logit metrics read the outputs
@@ -253,7 +255,10 @@ def measure(tracker: NTKTracker, fm: FunctionalModel, step: int) -> Measurement:
     if finite:
         kernel = _kernel_part(tracker, fm, snap, y, task, step, failures)
         values.update(kernel.values)
-        values.update(_linearization_part(fm, theta0, snap.previous, x, logits, task, failures))
+        logits0 = snap.logits0.to(fm.device)
+        values.update(
+            _linearization_part(fm, theta0, logits0, snap.previous, x, logits, task, failures)
+        )
     predicted, logit_values, context = _logit_part(setup, snap, logits, y, task, finite, step)
     observer = tracker.observer
     context = replace(context, reading=bool(observer.steps) and observer.wants_more)
@@ -294,6 +299,7 @@ def measure(tracker: NTKTracker, fm: FunctionalModel, step: int) -> Measurement:
         {n: p.detach().clone() for n, p in fm.params.items()},
         kernel.kernel,
         values["target_alignment"],
+        logits,
     )
     return Measurement(
         report, kernel.layers, kernel.kernel, kernel.eigenvalues, failures, point, predicted
@@ -363,6 +369,7 @@ def _kernel_part(
 def _linearization_part(
     fm: FunctionalModel,
     theta0: dict[str, Tensor],
+    logits0: Tensor,
     previous: Optional[ReportPoint],
     x: Any,
     logits: Tensor,
@@ -375,10 +382,12 @@ def _linearization_part(
     ``f_lin(θ_t) = f(θ0) + J0 (θ_t − θ0)``; ``local_linearization_error`` against
     ``f(θ_prev) + J_prev (θ_t − θ_prev)``, one more ``jvp`` (none before the first report,
     where the two coincide). ``f``, ``f0`` and the constant part of ``f_lin`` go through
-    the same forward: unmoved parameters give exactly zero.
+    the same forward: unmoved parameters give exactly zero. That forward is not run again:
+    ``logits0`` (``f(X; θ0)`` kept at the start) and the previous report's logits are
+    its results at ``θ0`` and ``θ_prev``.
     """
     values: dict[str, float] = {}
-    linearized = attempt(failures, "linearized model", lambda: _linearized(fm, theta0, x))
+    linearized = attempt(failures, "linearized model", lambda: _linearized(fm, theta0, x, logits0))
     if linearized is None:
         return values
     logits_lin, logits0 = linearized
@@ -393,12 +402,21 @@ def _linearization_part(
         values["local_linearization_error"] = values["linearization_error"]
         return values
     theta_prev = {n: t.to(fm.device) for n, t in previous.theta.items()}
-    local = attempt(failures, "linearized model", lambda: _linearized(fm, theta_prev, x))
+    logits_prev = None if previous.logits is None else previous.logits.to(fm.device)
+    local = attempt(
+        failures, "linearized model", lambda: _linearized(fm, theta_prev, x, logits_prev)
+    )
     if local is not None:
         values["local_linearization_error"] = safe_value(
             lambda: linearization_error(logits, local[0], local[1])
         )
     return values
+
+
+def probe_forward(fm: FunctionalModel, x: Any) -> Tensor:
+    """``f(X; θ_t)``, ``(N, C)``: the probe's logits at the current parameters."""
+    with exact_matmuls(fm.device), torch.no_grad():
+        return fm(fm.params, x)
 
 
 def _setup_of(tracker: NTKTracker) -> Setup:
@@ -451,14 +469,17 @@ def _slope(tracker: NTKTracker, step: int, logit_norm: float) -> float:
     return logit_slope(steps, norms, thresholds.trend_octaves, thresholds.min_trend_step)
 
 
-def _linearized(fm: FunctionalModel, theta0: dict, x: Any) -> tuple[Tensor, Tensor]:
+def _linearized(
+    fm: FunctionalModel, theta0: dict, x: Any, f0: Optional[Tensor] = None
+) -> tuple[Tensor, Tensor]:
     """``(f_lin, f0)`` by one ``jvp``, else the linearized model's exact fall-backs.
 
-    Where an op has no forward-mode rule, :mod:`lightning_ntk.linearization` computes
-    ``J0 (θ − θ0)`` by checked reverse-mode routes.
+    ``f0`` is ``fm(θ0, x)`` when the caller holds it (else evaluated). Where an op has no
+    forward-mode rule, :mod:`lightning_ntk.linearization` computes ``J0 (θ − θ0)`` by
+    checked reverse-mode routes.
     """
     try:
-        return linearized_logits(fm, theta0, fm.params, x)
+        return linearized_logits(fm, theta0, fm.params, x, f0)
     except RuntimeError:
         if isinstance(fm, BatchStatisticsModel):
             raise

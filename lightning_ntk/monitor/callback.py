@@ -44,7 +44,7 @@ from ..exceptions import (
     LinearizationBreakdownWarning,
     NTKMeasurementWarning,
 )
-from ._observer import OutputCapture
+from ._observer import OutputCapture, active_dropout
 from ._probe import check_finite_probe, first_dataloader, raised_by_model
 from ._publish import (
     PROGRESS_BAR_KEYS,
@@ -161,8 +161,10 @@ class NTKMonitorBase(NTKSettings):
         self._last_verdict: Optional[str] = None
         self._pending: Optional[tuple[Optional[Tensor], Any]] = None  # re-evaluated logits, y
         self._capture = OutputCapture()  # the training step's own outputs
+        # re-evaluate each observed batch's logits: until the step's own were captured
+        self._reevaluate = True
         self._evaluation_error = ""
-        self._state_key: Optional[tuple[dict[str, Any], str]] = None
+        self._state_key: Optional[tuple[tuple[Any, ...], str]] = None
         self._other_state_keys: list[str] = []  # other monitors' states in the checkpoint
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -172,25 +174,31 @@ class NTKMonitorBase(NTKSettings):
         """Checkpoint key; monitors with other probes, layouts, kernels or schedules coexist."""
         tracker = self.tracker
         schedule = tracker.schedule
-        settings = dict(
-            n_probe=tracker.n_probe,
-            output=tracker.output,
-            method=tracker.method,
-            params=tracker.params if isinstance(tracker.params, (str, list)) else None,
-            seed=tracker.seed,
-            every_n_steps=schedule.every_n_steps,
-            every_n_epochs=schedule.every_n_epochs,
-            log_base=schedule.log_base,
-            prefix=self.prefix,
-        )
-        if tracker.kernel != "sgd":  # the default's key is the one it had before the setting
-            settings["kernel"] = tracker.kernel
         # Lightning reads the key around every hook call of every step: build it once
-        # per distinct settings
+        # per distinct settings, compared as a plain tuple
+        values = (
+            tracker.n_probe, tracker.output, tracker.method, tracker.params, tracker.seed,
+            schedule.every_n_steps, schedule.every_n_epochs, schedule.log_base, self.prefix,
+            tracker.kernel,
+        )  # fmt: skip
         cached = self._state_key
-        if cached is None or cached[0] != settings:
+        if cached is None or cached[0] != values:
+            params = tracker.params
+            settings = dict(
+                n_probe=tracker.n_probe,
+                output=tracker.output,
+                method=tracker.method,
+                params=params if isinstance(params, (str, list)) else None,
+                seed=tracker.seed,
+                every_n_steps=schedule.every_n_steps,
+                every_n_epochs=schedule.every_n_epochs,
+                log_base=schedule.log_base,
+                prefix=self.prefix,
+            )
+            if tracker.kernel != "sgd":  # the default's key is the one it had before the setting
+                settings["kernel"] = tracker.kernel
             key = self._generate_state_key(**settings)  # type: ignore[attr-defined]
-            cached = self._state_key = (settings, key)
+            cached = self._state_key = (values, key)
         return cached[1]
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -243,6 +251,7 @@ class NTKMonitorBase(NTKSettings):
         if not self._probe_given:
             tracker.draw_probe(first_dataloader(trainer.train_dataloader))
         self._failed = False
+        self._reevaluate = True
         try:
             if not self._probe_given:  # drawn from the training data: NaN is a data problem
                 check_finite_probe(tracker.probe_x)
@@ -287,12 +296,15 @@ class NTKMonitorBase(NTKSettings):
             return
         if not observing:
             return
-        try:
-            autocast = _MIXED.get(str(getattr(trainer, "precision", "")))
-            self._pending = (tracker.training_logits(pl_module, x, autocast=autocast), y)
-        except Exception as err:  # the training step's own logits may still come
-            self._pending = (None, y)
-            self._evaluation_error = f"{type(err).__name__}: {err}"
+        self._pending = (None, y)
+        if not self._reevaluate:  # the step's own logits served: no second forward
+            tracker.observer.dropout = active_dropout(pl_module)
+        else:
+            try:
+                autocast = _MIXED.get(str(getattr(trainer, "precision", "")))
+                self._pending = (tracker.training_logits(pl_module, x, autocast=autocast), y)
+            except Exception as err:  # the training step's own logits may still come
+                self._evaluation_error = f"{type(err).__name__}: {err}"
         if tracker.forward_fn is None:  # after the monitor's own forward: the step's calls only
             self._capture.attach(pl_module)
 
@@ -373,9 +385,13 @@ class NTKMonitorBase(NTKSettings):
                 own = tracker.logits_of_output(captured[0])
                 if isinstance(y, Tensor) and own.shape[0] == y.shape[0]:
                     tracker.add_observation(own, y, loss, step=step, captured=True)
+                    self._reevaluate = False
                     return
             except Exception:  # fall back on the re-evaluated logits
                 pass
+        if logits is None and not self._reevaluate:  # not re-evaluated: the next batch is
+            self._reevaluate = True
+            return
         if logits is None:
             tracker.observer.stop(
                 f"the training batches could not be evaluated ({self._evaluation_error})"

@@ -60,11 +60,11 @@ from ..kernel.batch_statistics import measured_model
 from ._measure import Snapshot, measure, read_preconditioner, snapshot
 from ._observer import active_dropout, class_weights
 from ._probe import (
-    all_finite,
     check_finite_probe,
     checked_probe,
     default_batch_to_xy,
     draw_probe,
+    nonfinite_marker,
     preserved_rng,
 )
 from ._schedule import Schedule
@@ -143,7 +143,8 @@ class NTKTracker(NTKSettings):
         self.last_kernel: Optional[Tensor] = None  # Θ_t of the last report
         self.eigenvalues: Optional[Tensor] = None  # its spectrum, descending
         self.observer = LossObserver()  # infers the label smoothing from the training loss
-        self._data_finite: Optional[Tensor] = None  # every training batch seen was finite
+        # Σ 0·(training batches): NaN once a batch held NaN / inf (see nonfinite_marker)
+        self._data_marker: Optional[Tensor] = None
         self._layout_noted = False  # the default's switch to the trace layout was announced
         # how the parameters of a sharded model whose shards the state keeps are placed
         self._layouts: dict[str, Layout] = {}
@@ -551,14 +552,15 @@ class NTKTracker(NTKSettings):
         A report whose logits are not finite then says whether the data (NaN / inf in a
         batch) or training itself (divergence) made them so.
         """
-        flag = all_finite([x, y] if isinstance(y, Tensor) else x)
-        seen = self._data_finite
-        self._data_finite = flag if seen is None else seen & flag.to(seen.device)
+        marker = nonfinite_marker([x, y] if isinstance(y, Tensor) else x)
+        seen = self._data_marker
+        if marker is not None:
+            self._data_marker = marker if seen is None else seen + marker.to(seen.device)
 
     @property
     def training_data_finite(self) -> bool:
         """Whether every training batch given to :meth:`note_training_batch` was finite."""
-        return self._data_finite is None or bool(self._data_finite)
+        return self._data_marker is None or bool(torch.isfinite(self._data_marker))
 
     def add_observation(
         self, logits: Tensor, y: Any, loss: Any, step: int, captured: bool = False
