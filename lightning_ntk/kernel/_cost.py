@@ -126,7 +126,8 @@ def estimate_seconds(
         fm: the functional model.
         profile: its :func:`forward_profile`.
         plan: the structured plan (``"structured"`` only).
-        n1, n2: examples of ``x1`` and ``x2``.
+        n1: examples of ``x1``.
+        n2: examples of ``x2`` (``n1`` when ``x2`` is ``x1``).
         num_classes: ``C``.
         output: ``"full"``, ``"diagonal"`` or ``"trace"``.
         symmetric: ``x2`` is ``x1``.

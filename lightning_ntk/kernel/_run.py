@@ -14,9 +14,9 @@ import torch
 from torch import Tensor
 
 from . import _inputs
+from ._cost import estimate_seconds, forward_profile
 from ._functional import FunctionalModel
 from ._layout import symmetrize, transpose_kernel
-from ._cost import estimate_seconds, forward_profile
 from ._methods import CHAIN, JACOBIAN_BUDGET, NTKCallInfo, NTKMethod
 from ._optimizer import KernelSpec
 from ._plan import PlanMismatch, StructurePlan, fingerprint, plan_structure
