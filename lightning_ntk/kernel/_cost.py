@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import flop_registry
 
 from ._functional import FunctionalModel
 from ._plan import StructurePlan
@@ -68,13 +68,20 @@ class ForwardProfile(tuple):
 
 
 class _CountOps(TorchDispatchMode):
+    """Counts the dispatched operations and the FLOPs of those PyTorch has formulas for."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.count = 0
+        self.count, self.flops = 0, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
         self.count += 1
-        return func(*args, **(kwargs or {}))
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.flops += formula(*args, **kwargs, out_val=out)
+        return out
 
 
 _PROFILES: dict[tuple, ForwardProfile] = {}
@@ -95,10 +102,10 @@ def forward_profile(fm: FunctionalModel, x_one: Any, key: tuple) -> ForwardProfi
     if cached is None:
         params = {k: v.detach().requires_grad_(True) for k, v in fm.params.items()}
         try:
-            counter, flops = _CountOps(), FlopCounterMode(display=False)
-            with torch.enable_grad(), flops, counter:
+            counter = _CountOps()
+            with torch.enable_grad(), counter:
                 fm(params, x_one)
-            cached = ForwardProfile((counter.count, flops.get_total_flops()))
+            cached = ForwardProfile((counter.count, counter.flops))
         except Exception:
             cached = ForwardProfile((len(params), 2 * fm.num_params))
     _PROFILES[key] = cached  # (re)inserted last: most recently used

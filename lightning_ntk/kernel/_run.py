@@ -25,9 +25,18 @@ from .loop import LoopMethod
 from .ntk_vp import NTKVPMethod
 from .structured import StructuredMethod
 
-__all__ = ["FAILED", "Run", "rank_and_world"]
+__all__ = ["FAILED", "ORDERS", "Run", "rank_and_world"]
 
 _log = logging.getLogger("lightning_ntk.kernel")
+
+
+# auto's order of methods and its estimates: {(model key, kernel, sizes, layout, ...):
+# (order, estimates)}, least recently used dropped first. A pure function of the key
+# (counts, never timings): the cache only saves the counting forward pass.
+ORDERS: dict[tuple, tuple[list[NTKMethod], dict[str, float]]] = {}
+
+
+_MAX_ORDERS = 64
 
 
 # methods (or parts) PyTorch could not run on a model: {(model key, method): reason}.
@@ -138,8 +147,23 @@ class Run:
         """Auto's order of methods, cheapest estimate first, and the estimates.
 
         The structured plan (a verification pass) is made only when the structured
-        method's fixed cost alone could beat the cheapest other estimate.
+        method's fixed cost alone could beat the cheapest other estimate. The order is
+        kept per model structure, shapes, layout and kernel (:data:`ORDERS`).
         """
+        key = (
+            self._model_key, self.spec.kind, _inputs.batch_size(self.x1),
+            None if self.symmetric else _inputs.batch_size(self.x2), self.output,
+            self.per_layer, self.chunk,
+        )  # fmt: skip
+        cached = ORDERS.pop(key, None)
+        if cached is None:
+            cached = self._rank()
+        ORDERS[key] = cached  # (re)inserted last: most recently used
+        while len(ORDERS) > _MAX_ORDERS:
+            del ORDERS[next(iter(ORDERS))]
+        return list(cached[0]), dict(cached[1])
+
+    def _rank(self) -> tuple[list[NTKMethod], dict[str, float]]:
         one = _inputs.take(self.x1, slice(0, 1))
         profile = forward_profile(self.fm, one, (self._model_key, self.spec.kind))
         n1, n2 = _inputs.batch_size(self.x1), _inputs.batch_size(self.x2)
