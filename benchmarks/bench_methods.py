@@ -14,8 +14,7 @@
    and tracing), the calls of the methods interleaved; auto's total against the best
    single method's.
 
-Every method is timed side by side on the same inputs: after a warm-up (for auto, the
-call that measures its choice where its cost model is unsure), in interleaved rounds
+Every method is timed side by side on the same inputs: after a warm-up, in interleaved rounds
 (the fastest round counts), so that the ratio compares like with like on a noisy
 machine. Explicit methods run with ``fallback=False``: one PyTorch cannot run is "n/a".
 
@@ -284,7 +283,7 @@ def auto_choice(model: nn.Module, x: torch.Tensor) -> str:
     fm = FunctionalModel(model)
     with torch.no_grad():
         num_classes = fm(fm.params, x[:1]).shape[1]
-    return choose_method(fm, plan_structure(fm, x), num_classes, x.shape[0]).value
+    return choose_method(fm, plan_structure(fm, x), num_classes, x.shape[0], x=x).value
 
 
 def scaling(repeats: int, quick: bool) -> list[float]:

@@ -17,8 +17,11 @@ numbers per example pair (``C²`` full, ``C`` diagonal / trace):
   written, ``2·N1·N2·k·P`` to contract;
 * ``ntk_vp``: ``N2·C`` vjp / jvp pairs over the batch, about ``3·N1·N2·C·F``;
 * ``structured``: a recording forward, a backward with ``C`` cotangents and a checking
-  backward (``(3 + 2·C)·N·F``), per layer ``2·N1·N2·(k·d_out + d_in)·T`` (``T``
-  positions), and per-example Jacobians of the parameters that fall back;
+  backward (``(3 + 2·C)·N·F``), per layer the cheaper of the Gram route
+  ``2·N1·N2·(k·d_out + d_in)·T²`` (``T``: positions the layer saw in the counted pass)
+  and per-example weight gradients ``2·N·C·d_out·d_in·T + 2·N1·N2·k·d_out·d_in`` (an embedding:
+  ``2·N1·N2·k·d_out·T``, over matching tokens only), and per-example
+  Jacobians of the parameters that fall back;
 * ``loop``: ``N·C`` backward passes, one operation sequence each (only ever a fall-back).
 """
 
@@ -56,7 +59,11 @@ _BYTES_PER_SECOND = 5e9  # nominal rate of writing materialised Jacobians
 
 
 class ForwardProfile(tuple):
-    """``(operations, FLOPs per example)`` of one forward pass."""
+    """``(operations, FLOPs per example, {module name: positions})`` of one forward pass.
+
+    A module's positions are the rows its weight is applied to per example (tokens,
+    output pixels): its output numbers per example over its output width.
+    """
 
     @property
     def ops(self) -> int:
@@ -65,6 +72,10 @@ class ForwardProfile(tuple):
     @property
     def flops(self) -> float:
         return float(self[1])
+
+    @property
+    def positions(self) -> dict[str, float]:
+        return self[2] if len(self) > 2 else {}
 
 
 class _CountOps(TorchDispatchMode):
@@ -101,13 +112,31 @@ def forward_profile(fm: FunctionalModel, x_one: Any, key: tuple) -> ForwardProfi
     cached = _PROFILES.pop(key, None)
     if cached is None:
         params = {k: v.detach().requires_grad_(True) for k, v in fm.params.items()}
+        positions: dict[str, float] = {}
+
+        def hook(name: str, width: int) -> Any:
+            def seen(module: Any, inputs: Any, out: Any) -> None:
+                if isinstance(out, torch.Tensor) and width > 0:
+                    positions[name] = positions.get(name, 0.0) + out.numel() / width
+
+            return seen
+
+        handles = [
+            module.register_forward_hook(hook(name, module.weight.shape[0]))
+            for name, module in fm.module.named_modules()
+            if isinstance(getattr(module, "weight", None), torch.Tensor)
+            and module.weight.dim() >= 2
+        ]
         try:
             counter = _CountOps()
             with torch.enable_grad(), counter:
                 fm(params, x_one)
-            cached = ForwardProfile((counter.count, counter.flops))
+            cached = ForwardProfile((counter.count, counter.flops, positions))
         except Exception:
-            cached = ForwardProfile((len(params), 2 * fm.num_params))
+            cached = ForwardProfile((len(params), 2 * fm.num_params, {}))
+        finally:
+            for handle in handles:
+                handle.remove()
     _PROFILES[key] = cached  # (re)inserted last: most recently used
     while len(_PROFILES) > _MAX_PROFILES:
         del _PROFILES[next(iter(_PROFILES))]
@@ -156,14 +185,21 @@ def estimate_seconds(
         return n * C * (fixed + 3 * F / _FLOPS_PER_SECOND) + 2 * pairs * k * P / _FLOPS_PER_SECOND
     assert plan is not None
     positions = max(1.0, F / (2 * P))  # average uses of a weight per example
-    widths = 0.0
+    layer_flops = 0.0
     for layer in plan.layers:
-        if layer.weight is not None:
-            shape = fm.params[layer.weight].shape
-            widths += k * shape[0] + math.prod(shape[1:])
-        else:
-            widths += k * fm.params[layer.param_names[0]].numel()
-    flops = (3 + 2 * C) * n * F + 2 * pairs * widths * positions
+        if layer.weight is None:  # norm affine: per-example gradients of a few numbers
+            layer_flops += 2 * pairs * k * fm.params[layer.param_names[0]].numel()
+            continue
+        shape = fm.params[layer.weight].shape
+        d_out, d_in = shape[0], math.prod(shape[1:])
+        T = max(1.0, profile.positions.get(layer.name, positions))
+        if isinstance(layer.module, torch.nn.Embedding):  # matching token positions only
+            layer_flops += 2 * pairs * k * d_out * T
+            continue
+        gram = 2 * pairs * (k * d_out + d_in) * T * T
+        per_example = 2 * n * C * d_out * d_in * T + 2 * pairs * k * d_out * d_in
+        layer_flops += min(gram, per_example)  # as the method picks per layer
+    flops = (3 + 2 * C) * n * F + layer_flops
     seconds = fixed + _LAYER_SECONDS * len(plan.layers) + flops / _FLOPS_PER_SECOND
     if plan.fallback_names:  # per-example Jacobians of the rest
         P_rest = sum(fm.params[name].numel() for name in plan.fallback_names)
