@@ -153,7 +153,7 @@ def time_calls(runs: dict, repeats: int) -> dict:
     calls, once = {}, {}
     for name, run in runs.items():
         try:
-            run()  # warm-up (auto: measures its choice where unsure)
+            run()  # warm-up
         except Exception:
             once[name] = None
             continue
