@@ -343,3 +343,13 @@ def test_engine_restores_the_users_fast_path_settings():
     linearize(model)(x)
     assert torch.backends.mha.get_fastpath_enabled()
     assert torch.backends.mkldnn.enabled
+
+
+def test_auto_counting_pass_leaves_parametrized_modules_untouched():
+    """Reading a parametrized weight runs its parametrization (spectral norm's power step)."""
+    case = CASES_BY_NAME["spectral_norm"]
+    model, x = case.model(), case.inputs(4)
+    before = {name: b.clone() for name, b in model.named_buffers()}
+    empirical_ntk(model, x)
+    for name, b in model.named_buffers():
+        assert torch.equal(b, before[name]), name

@@ -121,12 +121,13 @@ def forward_profile(fm: FunctionalModel, x_one: Any, key: tuple) -> ForwardProfi
 
             return seen
 
-        handles = [
-            module.register_forward_hook(hook(name, module.weight.shape[0]))
-            for name, module in fm.module.named_modules()
-            if isinstance(getattr(module, "weight", None), torch.Tensor)
-            and module.weight.dim() >= 2
-        ]
+        handles = []
+        for name, module in fm.module.named_modules():
+            # (read from _parameters: the `weight` attribute of a parametrized module
+            # would run its parametrization, which may write buffers, e.g. spectral norm)
+            weight = module._parameters.get("weight")
+            if weight is not None and weight.dim() >= 2:
+                handles.append(module.register_forward_hook(hook(name, weight.shape[0])))
         try:
             counter = _CountOps()
             with torch.enable_grad(), counter:
