@@ -204,6 +204,10 @@ def test_auto_falls_back_in_the_order_of_its_estimates(monkeypatch):
     info = last_call_info()
     assert info.method == ranked[1] and info.choice == "cost model"
     assert info.fallbacks[0].startswith(f"{picked.method}: ")
+    assert_kernel_close(empirical_ntk(model, x), R, 1e-10, "auto after a known failure")
+    later = last_call_info()  # ranked without the method that failed: not tried again
+    assert later.method == ranked[1] and picked.method not in later.estimates
+    assert later.fallbacks == ()
 
 
 # ------------------------------------------------------------ never silently wrong

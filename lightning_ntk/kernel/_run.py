@@ -147,23 +147,26 @@ class Run:
         """Auto's order of methods, cheapest estimate first, and the estimates.
 
         The structured plan (a verification pass) is made only when the structured
-        method's fixed cost alone could beat the cheapest other estimate. The order is
-        kept per model structure, shapes, layout and kernel (:data:`ORDERS`).
+        method's fixed cost alone could beat the cheapest other estimate among the
+        methods that have not failed on this model. The order is kept per model
+        structure, shapes, layout, kernel and known failures (:data:`ORDERS`).
         """
+        failed = tuple(m for m in CHAIN if (self._model_key, m.value) in FAILED)
         key = (
             self._model_key, self.spec.kind, _inputs.batch_size(self.x1),
             None if self.symmetric else _inputs.batch_size(self.x2), self.output,
-            self.per_layer, self.chunk,
+            self.per_layer, self.chunk, failed,
         )  # fmt: skip
         cached = ORDERS.pop(key, None)
         if cached is None:
-            cached = self._rank()
+            cached = self._rank(failed)
         ORDERS[key] = cached  # (re)inserted last: most recently used
         while len(ORDERS) > _MAX_ORDERS:
             del ORDERS[next(iter(ORDERS))]
         return list(cached[0]), dict(cached[1])
 
-    def _rank(self) -> tuple[list[NTKMethod], dict[str, float]]:
+    def _rank(self, failed: tuple[NTKMethod, ...]) -> tuple[list[NTKMethod], dict[str, float]]:
+        """The order and estimates; methods that failed on this model before go last."""
         one = _inputs.take(self.x1, slice(0, 1))
         profile = forward_profile(self.fm, one, (self._model_key, self.spec.kind))
         n1, n2 = _inputs.batch_size(self.x1), _inputs.batch_size(self.x2)
@@ -175,12 +178,16 @@ class Run:
             )  # fmt: skip
 
         estimates: dict[NTKMethod, float] = {}
-        if self.spec.supports(NTKMethod.JACOBIAN) and (
-            self.chunk * self.num_classes * self.fm.num_params <= JACOBIAN_BUDGET
-            or self.spec.kind == "signgd"
+        if (
+            NTKMethod.JACOBIAN not in failed
+            and self.spec.supports(NTKMethod.JACOBIAN)
+            and (
+                self.chunk * self.num_classes * self.fm.num_params <= JACOBIAN_BUDGET
+                or self.spec.kind == "signgd"
+            )
         ):
             estimates[NTKMethod.JACOBIAN] = estimate(NTKMethod.JACOBIAN)
-        if self.spec.supports(NTKMethod.NTK_VP):
+        if NTKMethod.NTK_VP not in failed and self.spec.supports(NTKMethod.NTK_VP):
             estimates[NTKMethod.NTK_VP] = estimate(NTKMethod.NTK_VP)
         if self.spec.supports(NTKMethod.STRUCTURED):  # never planned for other kernels
             floor = estimate(NTKMethod.STRUCTURED, StructurePlan())
@@ -196,6 +203,7 @@ class Run:
         rest = [m for m in CHAIN if m not in ranked and self.spec.supports(m)]
         if NTKMethod.STRUCTURED in rest and self._plan is None:
             rest.remove(NTKMethod.STRUCTURED)  # not planned (or no plan): never cheaper
+        rest.sort(key=lambda m: m in failed)  # known failures last (skipped but the last)
         _log.debug(
             "empirical_ntk auto: estimated %s",
             ", ".join(f"{m.value} {estimates[m]:.4f}s" for m in ranked),
