@@ -8,22 +8,29 @@
    ``x2`` given; with auto's pick, the methods PyTorch cannot run on the model, auto
    against the torch.func recipe (``vmap(jacrev)`` + ``einsum``, as in ``bench_ntk.py``),
    and the largest relative error of any method against the float64 reference.
+3. First calls: every registry model in a fresh process (after a warm-up that pays the
+   process's one-off start-up on another model), the total of the first 8 calls of auto
+   and of each exact method on its own copy of the model (so each pays its own planning
+   and tracing), the calls of the methods interleaved; auto's total against the best
+   single method's.
 
-Every method is timed side by side on the same inputs: after a warm-up (for auto, the
-call that measures its choice where its cost model is unsure), in interleaved rounds
+Every method is timed side by side on the same inputs: after a warm-up, in interleaved rounds
 (the fastest round counts), so that the ratio compares like with like on a noisy
 machine. Explicit methods run with ``fallback=False``: one PyTorch cannot run is "n/a".
 
 Usage::
 
-    python benchmarks/bench_methods.py [--repeats 7] [--quick] [--only scaling|registry]
+    python benchmarks/bench_methods.py [--repeats 7] [--quick]
+        [--only scaling|registry|first-calls] [--calls 8] [--threads T] [--models ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
+import subprocess
 import sys
 import time
 from functools import partial
@@ -146,7 +153,7 @@ def time_calls(runs: dict, repeats: int) -> dict:
     calls, once = {}, {}
     for name, run in runs.items():
         try:
-            run()  # warm-up (auto: measures its choice where unsure)
+            run()  # warm-up
         except Exception:
             once[name] = None
             continue
@@ -276,7 +283,7 @@ def auto_choice(model: nn.Module, x: torch.Tensor) -> str:
     fm = FunctionalModel(model)
     with torch.no_grad():
         num_classes = fm(fm.params, x[:1]).shape[1]
-    return choose_method(fm, plan_structure(fm, x), num_classes, x.shape[0]).value
+    return choose_method(fm, plan_structure(fm, x), num_classes, x.shape[0], x=x).value
 
 
 def scaling(repeats: int, quick: bool) -> list[float]:
@@ -300,6 +307,110 @@ def scaling(repeats: int, quick: bool) -> list[float]:
     return ratios
 
 
+FIRST_CALL_METHODS = ["auto", "structured", "jacobian", "ntk_vp"]  # loop: never fastest
+
+
+def _warm_up_process() -> None:
+    """Pay the process's one-off start-up (autograd, vmap, forward mode) on other models."""
+    from lightning_ntk.kernel import _plan, _run
+
+    torch.manual_seed(1)
+    warm = [
+        (mlp(10), torch.randn(4, 64)),
+        (nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(64, 3)),
+         torch.randn(4, 3, 6, 6)),
+        (nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 1),
+         torch.randn(4, 3, 8)),
+    ]  # fmt: skip
+    for model, x in warm:
+        model.eval()
+        out = (lambda o: o.flatten(1)) if isinstance(model, nn.TransformerEncoder) else None
+        for method in FIRST_CALL_METHODS:
+            try:
+                empirical_ntk(model, x, method=method, output_fn=out)
+            except Exception:
+                pass
+    _run.FAILED.clear()
+    _plan._PLANS.clear()
+
+
+def first_calls_case(name: str, n: int, calls: int) -> dict:
+    """One registry model in this process: seconds of each of the first ``calls`` calls."""
+    from lightning_ntk.kernel._inputs import map_tensors
+    from tests.cases import CASES_BY_NAME
+
+    _warm_up_process()
+    case = CASES_BY_NAME[name]
+    x = map_tensors(case.inputs(n, seed=11), lambda t: t.float() if t.is_floating_point() else t)
+    models = {m: case.model().float().eval() for m in FIRST_CALL_METHODS}  # own plans each
+    seconds: dict[str, list[float]] = {m: [] for m in FIRST_CALL_METHODS}
+    failed: dict[str, str] = {}
+    picks = []
+    for call in range(calls):
+        shift = call % len(FIRST_CALL_METHODS)
+        for method in FIRST_CALL_METHODS[shift:] + FIRST_CALL_METHODS[:shift]:
+            if method in failed:
+                continue
+            kw = {} if method == "auto" else {"fallback": False}
+            start = time.perf_counter()
+            try:
+                empirical_ntk(models[method], x, method=method, output_fn=case.output_fn, **kw)
+            except Exception as err:
+                failed[method] = type(err).__name__
+                continue
+            seconds[method].append(time.perf_counter() - start)
+            if method == "auto":
+                info = last_call_info()
+                picks.append(f"{info.method} ({info.choice})")
+    return {"seconds": seconds, "failed": failed, "picks": picks}
+
+
+def first_calls(n: int, calls: int, names: list[str], repeats: int, threads: int) -> list[float]:
+    """The first-calls table, each model in fresh processes; returns auto / best per model.
+
+    Each model runs in ``repeats`` fresh processes; a method's total is the sum over the
+    call index of the fastest of the processes (on a shared machine noise only adds).
+    """
+    from tests.cases import CASES
+
+    print(f"\nFirst {calls} calls (tests/cases.py), each model in a fresh process after a "
+          f"warm-up; float32, full layout, N={n}, x2=None, {threads} thread(s); seconds in "
+          f"total, per call the fastest of {repeats} processes")  # fmt: skip
+    cols = " ".join(f"{m:>10s}" for m in FIRST_CALL_METHODS)
+    print(f"{'model':24s} {cols} {'best':>10s} {'auto/best':>9s}  auto's pick")
+    ratios = []
+    for case in CASES:
+        if names and case.name not in names:
+            continue
+        command = [sys.executable, __file__, "--first-calls-case", case.name, "--n", str(n),
+                   "--calls", str(calls), "--threads", str(threads)]  # fmt: skip
+        results = []
+        for _ in range(repeats):
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(f"{case.name:24s} failed: {done.stderr.strip().splitlines()[-1:]}")
+                break
+            results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        if len(results) < repeats:
+            continue
+        totals = {
+            m: sum(min(r["seconds"][m][i] for r in results) for i in range(calls))
+            for m in FIRST_CALL_METHODS
+            if all(len(r["seconds"][m]) == calls for r in results)
+        }
+        result = {"picks": [p for r in results for p in r["picks"]]}
+        exact = {m: t for m, t in totals.items() if m != "auto"}
+        best = min(exact, key=exact.__getitem__)
+        ratio = totals["auto"] / exact[best]
+        ratios.append(ratio)
+        cells = " ".join(f"{totals[m]:10.4f}" if m in totals else f"{'n/a':>10s}"
+                         for m in FIRST_CALL_METHODS)  # fmt: skip
+        picks = sorted(set(result["picks"]), key=result["picks"].index)
+        print(f"{case.name:24s} {cells} {best:>10s} {ratio:9.2f}  {'; '.join(picks)}",
+              flush=True)  # fmt: skip
+    return ratios
+
+
 def _summary(what: str, ratios: list[float]) -> None:
     ratios = sorted(ratios)
     print(f"\n{what}: auto / fastest over {len(ratios)} rows: median "
@@ -311,15 +422,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="one N and C only")
-    parser.add_argument("--only", choices=("scaling", "registry"), default=None)
+    parser.add_argument("--only", choices=("scaling", "registry", "first-calls"), default=None)
     parser.add_argument("--device", default="cpu", help="device of the registry table")
+    parser.add_argument("--calls", type=int, default=8, help="first calls: how many")
+    parser.add_argument("--n", type=int, default=16, help="first calls: probe size")
+    parser.add_argument("--models", nargs="*", default=[], help="first calls: these only")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--first-calls-case", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.first_calls_case:  # one model, in this (fresh) process
+        print(json.dumps(first_calls_case(args.first_calls_case, args.n, args.calls)))
+        return
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, {threads} threads; seconds, best of {args.repeats} rounds")
     if args.only in (None, "scaling"):
         _summary("scaling", scaling(args.repeats, args.quick))
     if args.only in (None, "registry"):
         _summary("registry", registry(args.repeats, args.quick, args.device))
+    if args.only in (None, "first-calls"):
+        calls = first_calls(args.n, args.calls, args.models, args.repeats, torch.get_num_threads())
+        _summary("first calls", calls)
 
 
 if __name__ == "__main__":

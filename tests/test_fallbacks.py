@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,7 +15,6 @@ from lightning_ntk import empirical_ntk, linearize, reference_ntk
 from lightning_ntk.kernel import jacobian as jacobian_module
 from lightning_ntk.kernel import last_call_info
 from lightning_ntk.kernel._run import FAILED as _FAILED
-from lightning_ntk.kernel._run import MEASURED as _MEASURED
 from lightning_ntk.kernel.loop import loop_jacobians
 from lightning_ntk.kernel.ntk_vp import NTKVPMethod
 
@@ -22,12 +24,10 @@ from .test_kernel import assert_kernel_close
 
 @pytest.fixture(autouse=True)
 def fresh_memory():
-    """No remembered failures or measured choices leak between tests."""
+    """No remembered failures leak between tests."""
     _FAILED.clear()
-    _MEASURED.clear()
     yield
     _FAILED.clear()
-    _MEASURED.clear()
 
 
 def _no_batching_rule(*args, **kwargs):
@@ -123,21 +123,91 @@ def test_call_info_is_logged_at_debug_level(caplog):
     assert any("empirical_ntk: method=" in r.getMessage() for r in caplog.records)
 
 
-def test_auto_measures_when_unsure_and_reuses_the_choice():
+def test_auto_chooses_by_its_cost_model_the_same_on_every_call():
     case = CASES_BY_NAME["custom_parameter"]  # a parameter outside any supported layer
     model, x = case.model(), case.inputs(4)
     R = reference_ntk(model, x)
-    assert_kernel_close(empirical_ntk(model, x), R, 1e-10, "auto measuring")
-    first = last_call_info()
-    assert first.choice == "measured" and set(first.timings) >= {"structured", "jacobian"}
-    assert_kernel_close(empirical_ntk(model, x), R, 1e-10, "auto reusing")
-    second = last_call_info()
-    assert second.choice == "measured earlier" and second.method == first.method
-    for _ in range(3):  # two rechecks of the best and the runner-up, then the fastest seen
-        assert_kernel_close(empirical_ntk(model, x), R, 1e-10, "auto rechecking")
-        assert last_call_info().choice == "measured earlier"
-    empirical_ntk(CASES_BY_NAME["mlp"].model(), CASES_BY_NAME["mlp"].inputs(3))
-    assert last_call_info().choice == "cost model"  # every parameter structured
+    infos = []
+    for _ in range(4):
+        assert_kernel_close(empirical_ntk(model, x), R, 1e-10, "auto")
+        infos.append(last_call_info())
+    first = infos[0]
+    assert first.choice == "cost model" and first.requested == "auto"
+    assert first.method == min(first.estimates, key=first.estimates.__getitem__)
+    assert {"jacobian", "ntk_vp"} <= set(first.estimates)
+    assert all(info == first for info in infos[1:])  # the same method, the same estimates
+    assert "cost model" in first.summary()
+
+
+def _auto_choice_in_a_fresh_process(name: str) -> str:
+    code = (
+        "import json, sys; from tests.cases import CASES_BY_NAME; "
+        "from lightning_ntk import empirical_ntk; "
+        "from lightning_ntk.kernel import last_call_info; "
+        f"case = CASES_BY_NAME[{name!r}]; "
+        "empirical_ntk(case.model(), case.inputs(6, seed=3), output_fn=case.output_fn); "
+        "info = last_call_info(); "
+        "print(json.dumps([info.method, info.choice, sorted(info.estimates.items())]))"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("name", ["transformer_encoder", "custom_parameter"])
+def test_auto_chooses_the_same_in_two_fresh_processes(name):
+    first, second = (_auto_choice_in_a_fresh_process(name) for _ in range(2))
+    assert first == second and '"cost model"' in first
+
+
+def test_auto_picks_structured_where_jacobians_would_be_large():
+    """N²·C·P Jacobian contraction and N·C·P numbers against per-layer factors."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
+                          nn.Linear(512, 10))  # fmt: skip
+    x = torch.randn(16, 64)
+    empirical_ntk(model, x, output="trace")
+    info = last_call_info()
+    assert info.method == "structured" and info.choice == "cost model"
+    assert info.estimates["structured"] * 3 < info.estimates["jacobian"]
+
+
+def test_auto_does_not_plan_where_structured_cannot_win(monkeypatch):
+    from lightning_ntk.kernel import _run
+
+    planned = []
+    real = _run.plan_structure
+    monkeypatch.setattr(_run, "plan_structure", lambda *a: planned.append(1) or real(*a))
+    case = CASES_BY_NAME["bias_free_linear"]  # a few dispatched operations, tiny P
+    empirical_ntk(case.model(), case.inputs(4))
+    assert not planned and "structured" not in last_call_info().estimates
+    assert last_call_info().method in ("jacobian", "ntk_vp")
+
+
+def test_auto_falls_back_in_the_order_of_its_estimates(monkeypatch):
+    case = CASES_BY_NAME["mlp"]
+    model, x = case.model(), case.inputs(5, seed=1)
+    R = reference_ntk(model, x)
+    empirical_ntk(model, x)
+    picked = last_call_info()
+    ranked = sorted(picked.estimates, key=picked.estimates.__getitem__)
+    _FAILED.clear()
+    if picked.method == "jacobian":
+        monkeypatch.setattr(jacobian_module, "jacobians", _no_batching_rule)
+    else:
+        monkeypatch.setattr(NTKVPMethod, "block", _no_forward_ad)
+    assert_kernel_close(empirical_ntk(model, x), R, 1e-10, "auto after a failure")
+    info = last_call_info()
+    assert info.method == ranked[1] and info.choice == "cost model"
+    assert info.fallbacks[0].startswith(f"{picked.method}: ")
+    assert_kernel_close(empirical_ntk(model, x), R, 1e-10, "auto after a known failure")
+    later = last_call_info()  # ranked without the method that failed: not tried again
+    assert later.method == ranked[1] and picked.method not in later.estimates
+    assert later.fallbacks == ()
 
 
 # ------------------------------------------------------------ never silently wrong
@@ -277,3 +347,13 @@ def test_engine_restores_the_users_fast_path_settings():
     linearize(model)(x)
     assert torch.backends.mha.get_fastpath_enabled()
     assert torch.backends.mkldnn.enabled
+
+
+def test_auto_counting_pass_leaves_parametrized_modules_untouched():
+    """Reading a parametrized weight runs its parametrization (spectral norm's power step)."""
+    case = CASES_BY_NAME["spectral_norm"]
+    model, x = case.model(), case.inputs(4)
+    before = {name: b.clone() for name, b in model.named_buffers()}
+    empirical_ntk(model, x)
+    for name, b in model.named_buffers():
+        assert torch.equal(b, before[name]), name

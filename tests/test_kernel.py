@@ -411,14 +411,14 @@ def test_structure_plan_is_reused_and_reverified_when_the_model_changes(monkeypa
         nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3)
     ).double()
     x = torch.randn(6, 4, dtype=torch.float64)
-    first = empirical_ntk(model, x)
-    empirical_ntk(model, x + 1.0)
+    first = empirical_ntk(model, x, method="structured")
+    empirical_ntk(model, x + 1.0, method="structured")
     assert len(calls) == 1  # same model, same structure: verified once
     model[2].weight = nn.Parameter(model[2].weight.detach().clone())
-    empirical_ntk(model, x)
+    empirical_ntk(model, x, method="structured")
     assert len(calls) == 2  # a replaced parameter: verified again
     model[4] = nn.Linear(5, 3).double()  # a replaced layer
-    changed = empirical_ntk(model, x)
+    changed = empirical_ntk(model, x, method="structured")
     assert len(calls) == 3
     assert_kernel_close(changed, reference_ntk(model, x), 1e-10, "after replacing a layer")
     assert not torch.allclose(changed, first)

@@ -15,20 +15,18 @@ from torch import nn
 from lightning_ntk import empirical_ntk, reference_ntk
 from lightning_ntk.kernel import _plan, last_call_info
 from lightning_ntk.kernel._calls import CallRecorder, CallSpec, discover
-from lightning_ntk.kernel._run import FAILED, MEASURED
+from lightning_ntk.kernel._run import FAILED
 
 from .test_kernel import assert_kernel_close
 
 
 @pytest.fixture(autouse=True)
 def fresh_memory():
-    """No remembered failures, timings or plans leak between tests."""
+    """No remembered failures or plans leak between tests."""
     FAILED.clear()
-    MEASURED.clear()
     _plan._PLANS.clear()
     yield
     FAILED.clear()
-    MEASURED.clear()
     _plan._PLANS.clear()
 
 

@@ -17,20 +17,18 @@ from lightning_ntk import empirical_ntk, reference_ntk
 from lightning_ntk.kernel import _plan, last_call_info
 from lightning_ntk.kernel._functional import FunctionalModel
 from lightning_ntk.kernel._plan import fingerprint
-from lightning_ntk.kernel._run import FAILED, MEASURED
+from lightning_ntk.kernel._run import FAILED
 
 from .test_kernel import assert_kernel_close
 
 
 @pytest.fixture(autouse=True)
 def fresh_memory():
-    """No remembered failures, timings or plans leak between tests."""
+    """No remembered failures or plans leak between tests."""
     FAILED.clear()
-    MEASURED.clear()
     _plan._PLANS.clear()
     yield
     FAILED.clear()
-    MEASURED.clear()
     _plan._PLANS.clear()
 
 
@@ -53,14 +51,15 @@ def test_layer_run_twice_only_on_later_probes_is_exact():
     model = _RunTwiceOnSome()
     x = torch.randn(6, 4)
     x[:4, 0], x[4:, 0] = -1.0, 1.0
-    K = empirical_ntk(model, x)
+    K = empirical_ntk(model, x, method="structured")
     info = last_call_info()
     assert_kernel_close(K, reference_ntk(model, x), 1e-5, "fc run twice on two probes")
     assert info.method == "structured"
     assert {"fc.weight", "fc.bias"} <= set(info.per_example)
     assert any("structured/fc:" in f and "called 2 times" in f for f in info.fallbacks)
     shallow = x[:4]  # the same model on probes that do not trigger it: structured again
-    assert_kernel_close(empirical_ntk(model, shallow), reference_ntk(model, shallow), 1e-5, "")
+    K = empirical_ntk(model, shallow, method="structured")
+    assert_kernel_close(K, reference_ntk(model, shallow), 1e-5, "")
     assert last_call_info().per_example == ()
 
 

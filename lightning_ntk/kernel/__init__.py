@@ -9,7 +9,9 @@ Methods (all exact; they differ only in cost), in the order of the fall-back cha
 * ``"ntk_vp"`` (:mod:`.ntk_vp`): NTK-vector products (vjp then jvp), memory-light.
 * ``"loop"`` (:mod:`.loop`): one reverse-mode gradient per example and class, no
   ``vmap`` and no forward mode: runs on any model that can be trained.
-* ``"auto"``: the cheapest of the above (see :func:`choose_method`).
+* ``"auto"``: the cheapest of the above by a cost model from counted operations and
+  FLOPs, never timings, so the same model and shapes get the same method in every
+  process (see :func:`choose_method`).
 
 **Kernels of optimizers** (``kernel=``, :class:`OptimizerKernel`): ``"sgd"`` (the NTK),
 ``"signgd"``, ``"asymmetric_signgd"`` and ``"adam"`` (with Adam's current

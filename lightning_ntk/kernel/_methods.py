@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Optional
+from typing import Any, Optional
 
 from ._functional import FunctionalModel
 from ._plan import StructurePlan
@@ -16,7 +16,6 @@ __all__ = [
     "NTKCallInfo",
     "NTKMethod",
     "choose_method",
-    "model_is_sure",
 ]
 
 
@@ -57,12 +56,13 @@ class NTKCallInfo:
     Attributes:
         requested: the ``method`` argument (``"auto"``, ``"structured"``, ...).
         method: the method that produced the kernel.
-        choice: ``"requested"``, ``"cost model"`` (auto, by its model), ``"measured"``
-            (auto timed the candidates in this call) or ``"measured earlier"`` (a cached
-            timing of the same model, inputs and layout).
+        choice: ``"requested"`` or ``"cost model"`` (auto: the cheapest estimate of its
+            cost model, a deterministic function of the model's structure and the
+            call's shapes; nothing is timed).
         fallbacks: ``"<method>: <error>"`` for every method that could not run, in order
             (and ``"<method>/<part>: <error>"`` for a part that used a slower route).
-        timings: seconds of each method timed by ``"auto"`` in this call.
+        estimates: auto's estimated seconds of each method it considered (see
+            :func:`choose_method`); empty for an explicit method.
         per_example: parameters whose kernel came from per-example Jacobians rather than
             a structured factorisation (all of them unless ``method == "structured"``).
     """
@@ -71,7 +71,7 @@ class NTKCallInfo:
     method: str
     choice: str
     fallbacks: tuple[str, ...] = ()
-    timings: Mapping[str, float] = field(default_factory=dict)
+    estimates: Mapping[str, float] = field(default_factory=dict)
     per_example: tuple[str, ...] = ()
 
     def summary(self) -> str:
@@ -88,32 +88,57 @@ def choose_method(
     num_classes: int,
     chunk: int,
     kernel: str = "sgd",
+    *,
+    x: Optional[Any] = None,
+    output: str = "full",
 ) -> NTKMethod:
-    """The cost model behind ``method="auto"``.
+    """The cost model behind ``method="auto"``: the method of the cheapest estimate.
 
-    For optimizer kernels other than ``"sgd"`` there is no plan (structured methods do not
-    compute them); ``"signgd"`` needs the sign of both Jacobians, so always ``"jacobian"``
-    (bound its memory with ``chunk_size``).
+    Each method's cost is estimated from counts (:mod:`._cost`): the operations and
+    FLOPs of one forward pass of one example, the structured plan's layer widths, ``N``,
+    ``C``, ``P`` and the layout. On small models the fixed cost per operation dominates
+    and materialised Jacobians usually win; as ``N·C·P`` grows their ``N²·C²·P``
+    contraction makes the structured method (where ``plan`` has structured layers) the
+    cheapest; NTK-vector products win where a forward pass is cheap relative to
+    ``C·P``. Nothing is timed, so the choice is the same in every process for the same
+    model and shapes; ``"auto"`` tries the other methods in the order of their
+    estimates when the chosen one cannot run.
 
-    * If any supported layer holds a selected parameter, ``"structured"``: its kernel
-      for a Linear layer costs ``N²·(d_in + C²·d_out)`` against the ``N²·C²·d_in·d_out``
-      of contracting Jacobians, and it uses per-example Jacobians for the rest anyway.
-    * Otherwise ``"jacobian"`` while one Jacobian block (``chunk·C·P`` numbers) fits the
-      budget, else ``"ntk_vp"``, whose memory does not grow with ``N·C·P``.
+    For optimizer kernels other than ``"sgd"`` structured methods do not apply;
+    ``"signgd"`` needs the sign of both Jacobians, so always ``"jacobian"`` (bound its
+    memory with ``chunk_size``). Jacobians are not considered when one block
+    (``chunk·C·P`` numbers) exceeds the budget.
 
-    The model is sure only when every selected parameter is structured. Otherwise
-    ``"auto"`` times the feasible methods on the call itself (quick calls in up to five
-    interleaved rounds, best of each) and returns the fastest one's kernel; the timings
-    are kept per model, input signature, sizes and layout, the next two calls time the
-    best and the runner-up once more each, and later calls use the fastest seen.
-    Under a distributed process group the cost model decides (ranks never time).
+    Args:
+        fm: the functional model.
+        plan: its structured plan, or ``None``.
+        num_classes: ``C``.
+        chunk: examples per block (and ``N1 = N2`` when ``x`` is not given).
+        kernel: the optimizer kernel.
+        x: the probe inputs (one example is run to count the forward pass); ``None``
+            estimates from the parameter count alone.
+        output: the layout.
     """
-    if plan is not None and plan.structured_names:
-        return NTKMethod.STRUCTURED
-    if kernel == "signgd" or chunk * num_classes * fm.num_params <= JACOBIAN_BUDGET:
+    from ._cost import ForwardProfile, estimate_seconds, forward_profile
+
+    if kernel == "signgd":
         return NTKMethod.JACOBIAN
-    return NTKMethod.NTK_VP
+    n = chunk
+    if x is None:
+        profile = ForwardProfile((len(fm.names), 2 * fm.num_params))
+    else:
+        from . import _inputs
+        from ._plan import fingerprint
 
-
-def model_is_sure(plan: Optional[StructurePlan]) -> bool:
-    return plan is not None and bool(plan.structured_names) and not plan.fallback_names
+        n = _inputs.batch_size(x)
+        profile = forward_profile(fm, _inputs.take(x, slice(0, 1)), (fingerprint(fm, x),))
+    methods = [NTKMethod.NTK_VP]
+    if chunk * num_classes * fm.num_params <= JACOBIAN_BUDGET:
+        methods.append(NTKMethod.JACOBIAN)
+    if kernel == "sgd" and plan is not None and plan.structured_names:
+        methods.append(NTKMethod.STRUCTURED)
+    estimates = {
+        m: estimate_seconds(m.value, fm, profile, plan, n, n, num_classes, output, True)
+        for m in methods
+    }
+    return min(estimates, key=lambda m: (estimates[m], CHAIN.index(m)))

@@ -1,24 +1,23 @@
-"""One kernel call: the fall-back chain, auto's measured choice, the blockwise assembly.
+"""One kernel call: the fall-back chain, auto's choice, the blockwise assembly.
 
-The methods are tried in the chain's order; ``"auto"`` times the feasible ones when its
-cost model is unsure; the kernel is assembled from blocks of examples, shared among the
-ranks of a process group when distributed.
+The methods are tried in the chain's order; ``"auto"`` orders them by its cost model
+(:mod:`._cost`: counts, never timings), cheapest first; the kernel is assembled from
+blocks of examples, shared among the ranks of a process group when distributed.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
 
 from . import _inputs
+from ._cost import estimate_seconds, forward_profile
 from ._functional import FunctionalModel
 from ._layout import symmetrize, transpose_kernel
-from ._methods import CHAIN, JACOBIAN_BUDGET, NTKCallInfo, NTKMethod, choose_method, model_is_sure
+from ._methods import CHAIN, JACOBIAN_BUDGET, NTKCallInfo, NTKMethod
 from ._optimizer import KernelSpec
 from ._plan import PlanMismatch, StructurePlan, fingerprint, plan_structure
 from .jacobian import JacobianMethod
@@ -26,48 +25,18 @@ from .loop import LoopMethod
 from .ntk_vp import NTKVPMethod
 from .structured import StructuredMethod
 
-__all__ = ["FAILED", "MEASURED", "Run", "rank_and_world"]
+__all__ = ["FAILED", "ORDERS", "Run", "rank_and_world"]
 
 _log = logging.getLogger("lightning_ntk.kernel")
 
 
-# "auto" times NTK-vector products / the per-example loop only up to this many
-# vjp-jvp pairs (N2·C) / backward passes ((N1 + N2)·C): beyond, they are never fastest.
-_NTK_VP_MEASURE_LIMIT = 256
+# auto's order of methods and its estimates: {(model key, kernel, sizes, layout, ...):
+# (order, estimates)}, least recently used dropped first. A pure function of the key
+# (counts, never timings): the cache only saves the counting forward pass.
+ORDERS: dict[tuple, tuple[list[NTKMethod], dict[str, float]]] = {}
 
 
-_LOOP_MEASURE_LIMIT = 512
-
-
-# Measured calls shorter than this are timed again (close contenders, best of up to five
-# rounds), against the noise of a busy machine.
-_QUICK_SECONDS = 0.2
-
-
-_MEASURE_ROUNDS = 5
-
-
-@dataclass
-class _Measured:
-    """Auto's timings for one call key: the best seen per method, and rechecks left."""
-
-    seconds: dict[NTKMethod, float]
-    checks: int
-
-    @property
-    def best(self) -> NTKMethod:
-        return min(self.seconds, key=self.seconds.__getitem__)
-
-
-# measured choices of "auto": {call key: timings}, least recently used dropped first. The
-# first _RECHECKS calls after measuring time the best and the runner-up once more each.
-MEASURED: dict[tuple, _Measured] = {}
-
-
-_MAX_MEASURED = 64
-
-
-_RECHECKS = 2
+_MAX_ORDERS = 64
 
 
 # methods (or parts) PyTorch could not run on a model: {(model key, method): reason}.
@@ -83,7 +52,7 @@ _MAX_FAILED = 256
 
 
 class Run:
-    """One kernel call: the methods tried in order, and auto's measured choice."""
+    """One kernel call: the methods tried in order, and auto's choice."""
 
     def __init__(
         self,
@@ -111,12 +80,10 @@ class Run:
 
     # ------------------------------------------------------------------ chain
     def execute(self, method: NTKMethod, fallback: bool) -> tuple[dict[str, Tensor], NTKCallInfo]:
-        timings: dict[str, float] = {}
+        estimates: dict[str, float] = {}
         if method is NTKMethod.AUTO:
-            order, choice, result = self._auto(timings)
-            if result is not None:
-                blocks, used, per_example = result
-                return blocks, self._info("auto", used, choice, timings, per_example)
+            order, estimates = self._auto()
+            choice = "cost model"
         else:
             order, choice = [method], "requested"
         if fallback:
@@ -138,7 +105,7 @@ class Run:
                 if not fallback:
                     raise
                 continue
-            return blocks, self._info(method.value, candidate, choice, timings, per_example)
+            return blocks, self._info(method.value, candidate, choice, estimates, per_example)
         tried = "; ".join(self.failures)
         raise RuntimeError(
             f"No exact NTK method could run on this model (tried {tried}). The last error "
@@ -146,14 +113,14 @@ class Run:
         ) from last_error
 
     def _info(
-        self, requested: str, used: NTKMethod, choice: str, timings: dict, per_example: tuple
+        self, requested: str, used: NTKMethod, choice: str, estimates: dict, per_example: tuple
     ) -> NTKCallInfo:
         return NTKCallInfo(
             requested=requested,
             method=used.value,
             choice=choice,
             fallbacks=tuple(self.failures),
-            timings=dict(timings),
+            estimates=dict(estimates),
             per_example=per_example,
         )
 
@@ -176,136 +143,72 @@ class Run:
             raise self._plan_error
         return self._plan
 
-    def _auto(
-        self, timings: dict[str, float]
-    ) -> tuple[list[NTKMethod], str, Optional[tuple[dict[str, Tensor], NTKMethod, tuple]]]:
-        """Auto's order of methods, how it chose, and a kernel if it measured one."""
-        plan: Optional[StructurePlan] = None
-        if self.spec.supports(NTKMethod.STRUCTURED):  # never planned for other kernels
-            try:
-                plan = self.plan()
-            except Exception as err:
-                self._fail(NTKMethod.STRUCTURED, err)
-        picked = choose_method(self.fm, plan, self.num_classes, self.chunk, self.spec.kind)
-        if model_is_sure(plan) or rank_and_world(self.distributed)[1] > 1:
-            # (ranks never time: their timings, hence their collectives, could differ)
-            return [picked], "cost model", None
-        key = self._key()
-        cached = MEASURED.pop(key, None)
-        if cached is not None:
-            MEASURED[key] = cached
-            if cached.checks > 0:  # time the two best again: one slow sample never decides
-                return self._recheck(cached, timings)
-            return [cached.best], "measured earlier", None
-        best: Optional[tuple[float, NTKMethod, dict[str, Tensor], tuple]] = None
-        candidates = self._candidates(plan)
-        seconds: dict[NTKMethod, float] = {}
-        for round_ in range(_MEASURE_ROUNDS):
-            for candidate in self._round(candidates, seconds, round_):
-                if candidate is NTKMethod.LOOP and NTKMethod.JACOBIAN in seconds:
-                    continue  # the same work as vmapped Jacobians, example by example
-                start = time.perf_counter()
-                try:
-                    blocks, per_example = self._compute(candidate)
-                except Exception as err:
-                    if round_ == 0:
-                        self._fail(candidate, err)
-                    continue
-                elapsed = time.perf_counter() - start
-                seconds[candidate] = min(elapsed, seconds.get(candidate, elapsed))
-                if best is None or elapsed < best[0]:
-                    best = (elapsed, candidate, blocks, per_example)
-            if not seconds or min(seconds.values()) >= _QUICK_SECONDS:
-                break
-        timings.update({m.value: t for m, t in seconds.items()})
-        if best is None:  # every candidate failed: the rest of the chain
-            rest = [m for m in CHAIN if m not in candidates and self.spec.supports(m)]
-            return rest or [NTKMethod.LOOP], "measured", None
-        MEASURED[key] = _Measured(dict(seconds), _RECHECKS)
-        while len(MEASURED) > _MAX_MEASURED:
-            del MEASURED[next(iter(MEASURED))]
-        _log.debug(
-            "empirical_ntk auto: measured %s",
-            ", ".join(f"{m.value} {t:.4f}s" for m, t in seconds.items()),
-        )
-        _, used, blocks, per_example = best
-        return [used], "measured", (blocks, used, per_example)
+    def _auto(self) -> tuple[list[NTKMethod], dict[str, float]]:
+        """Auto's order of methods, cheapest estimate first, and the estimates.
 
-    def _recheck(
-        self, measured: _Measured, timings: dict[str, float]
-    ) -> tuple[list[NTKMethod], str, Optional[tuple[dict[str, Tensor], NTKMethod, tuple]]]:
-        """One of the first calls after measuring: retime the best and the runner-up."""
-        measured.checks -= 1
-        ranked = sorted(measured.seconds, key=measured.seconds.__getitem__)
-        best = ranked[0]
-        contenders = [m for m in ranked[:2] if measured.seconds[m] <= 2 * measured.seconds[best]]
-        result = None
-        for candidate in contenders if measured.checks % 2 else contenders[::-1]:
-            start = time.perf_counter()
-            try:
-                blocks, per_example = self._compute(candidate)
-            except Exception as err:
-                self._fail(candidate, err)
-                measured.seconds.pop(candidate, None)
-                continue
-            elapsed = time.perf_counter() - start
-            measured.seconds[candidate] = min(elapsed, measured.seconds[candidate])
-            if result is None:
-                result = (blocks, candidate, per_example)
-        timings.update({m.value: t for m, t in measured.seconds.items()})
-        if result is None:
-            rest = [m for m in CHAIN if m not in contenders]
-            return rest or [NTKMethod.LOOP], "measured earlier", None
-        return [result[1]], "measured earlier", result
-
-    @staticmethod
-    def _round(
-        candidates: list[NTKMethod], seconds: dict[NTKMethod, float], round_: int
-    ) -> list[NTKMethod]:
-        """The candidates timed in a round: all at first, then the close contenders.
-
-        Later rounds (only for quick calls, where noise is largest relative to the time)
-        retime every candidate once (its first call may pay one-off costs), then those
-        within 1.5x of the fastest, in rotated order, so that a single slow sample on a
-        busy machine does not decide.
+        The structured plan (a verification pass) is made only when the structured
+        method's fixed cost alone could beat the cheapest other estimate among the
+        methods that have not failed on this model. The order is kept per model
+        structure, shapes, layout, kernel and known failures (:data:`ORDERS`).
         """
-        if round_ == 0:
-            return list(candidates)
-        if round_ == 1:  # every candidate once more: a first call pays one-off costs
-            return [m for m in candidates if m in seconds]
-        best = min(seconds.values())
-        close = [m for m in candidates if m in seconds and seconds[m] <= 1.5 * best]
-        if len(close) < 2:
-            return []
-        shift = round_ % len(close)
-        return close[shift:] + close[:shift]
+        failed = tuple(m for m in CHAIN if (self._model_key, m.value) in FAILED)
+        key = (
+            self._model_key, self.spec.kind, _inputs.batch_size(self.x1),
+            None if self.symmetric else _inputs.batch_size(self.x2), self.output,
+            self.per_layer, self.chunk, failed,
+        )  # fmt: skip
+        cached = ORDERS.pop(key, None)
+        if cached is None:
+            cached = self._rank(failed)
+        ORDERS[key] = cached  # (re)inserted last: most recently used
+        while len(ORDERS) > _MAX_ORDERS:
+            del ORDERS[next(iter(ORDERS))]
+        return list(cached[0]), dict(cached[1])
 
-    def _candidates(self, plan: Optional[StructurePlan]) -> list[NTKMethod]:
-        n1, n2, C = _inputs.batch_size(self.x1), _inputs.batch_size(self.x2), self.num_classes
-        out = []
-        if plan is not None and plan.structured_names:
-            out.append(NTKMethod.STRUCTURED)
-        if self.chunk * C * self.fm.num_params <= JACOBIAN_BUDGET:
-            out.append(NTKMethod.JACOBIAN)
-        if n2 * C <= _NTK_VP_MEASURE_LIMIT or not out:
-            out.append(NTKMethod.NTK_VP)
-        if (n1 + (0 if self.symmetric else n2)) * C <= _LOOP_MEASURE_LIMIT:
-            out.append(NTKMethod.LOOP)
-        supported = [m for m in out if self.spec.supports(m)]
-        return supported or [NTKMethod.JACOBIAN]
+    def _rank(self, failed: tuple[NTKMethod, ...]) -> tuple[list[NTKMethod], dict[str, float]]:
+        """The order and estimates; methods that failed on this model before go last."""
+        one = _inputs.take(self.x1, slice(0, 1))
+        profile = forward_profile(self.fm, one, (self._model_key, self.spec.kind))
+        n1, n2 = _inputs.batch_size(self.x1), _inputs.batch_size(self.x2)
 
-    def _key(self) -> tuple:
-        x2_sig = None if self.symmetric else (_inputs.batch_size(self.x2),)
-        return (
-            fingerprint(self.fm, self.x1, settings=False),  # timings: the structure alone
-            _inputs.batch_size(self.x1),
-            x2_sig,
-            self.output,
-            self.per_layer,
-            self.chunk,
-            str(self.fm.device),
-            self.spec.kind,
+        def estimate(method: NTKMethod, plan: Optional[StructurePlan] = None) -> float:
+            return estimate_seconds(
+                method.value, self.fm, profile, plan, n1, n2, self.num_classes,
+                self.output, self.symmetric, self.per_layer,
+            )  # fmt: skip
+
+        estimates: dict[NTKMethod, float] = {}
+        if (
+            NTKMethod.JACOBIAN not in failed
+            and self.spec.supports(NTKMethod.JACOBIAN)
+            and (
+                self.chunk * self.num_classes * self.fm.num_params <= JACOBIAN_BUDGET
+                or self.spec.kind == "signgd"
+            )
+        ):
+            estimates[NTKMethod.JACOBIAN] = estimate(NTKMethod.JACOBIAN)
+        if NTKMethod.NTK_VP not in failed and self.spec.supports(NTKMethod.NTK_VP):
+            estimates[NTKMethod.NTK_VP] = estimate(NTKMethod.NTK_VP)
+        if self.spec.supports(NTKMethod.STRUCTURED):  # never planned for other kernels
+            floor = estimate(NTKMethod.STRUCTURED, StructurePlan())
+            if not estimates or floor < min(estimates.values()):
+                try:
+                    plan = self.plan()
+                except Exception as err:
+                    self._fail(NTKMethod.STRUCTURED, err)
+                else:
+                    if plan.structured_names:
+                        estimates[NTKMethod.STRUCTURED] = estimate(NTKMethod.STRUCTURED, plan)
+        ranked = sorted(estimates, key=lambda m: (estimates[m], CHAIN.index(m)))
+        rest = [m for m in CHAIN if m not in ranked and self.spec.supports(m)]
+        if NTKMethod.STRUCTURED in rest and self._plan is None:
+            rest.remove(NTKMethod.STRUCTURED)  # not planned (or no plan): never cheaper
+        rest.sort(key=lambda m: m in failed)  # known failures last (skipped but the last)
+        _log.debug(
+            "empirical_ntk auto: estimated %s",
+            ", ".join(f"{m.value} {estimates[m]:.4f}s" for m in ranked),
         )
+        return ranked + rest or [NTKMethod.LOOP], {m.value: t for m, t in estimates.items()}
 
     # ------------------------------------------------------------------ compute
     def _compute(
