@@ -57,19 +57,14 @@ class Schedule:
             return False
         if self.every_n_steps is not None and step % self.every_n_steps == 0:
             return True
-        return self.log_base is not None and step in _log_steps_up_to(step, self.log_base)
+        return self.log_base is not None and _on_log_grid(step, self.log_base)
 
     def epoch_due(self, epoch: int) -> bool:
         """Whether a report is due at the end of epoch ``epoch`` (counted from 0)."""
         return self.every_n_epochs is not None and (epoch + 1) % self.every_n_epochs == 0
 
 
-def _log_steps_up_to(step: int, base: float) -> set[int]:
-    steps: set[int] = set()
-    k = 1
-    while True:
-        s = math.ceil(base**k - 1e-9)
-        if s > step:
-            return steps
-        steps.add(s)
-        k += 1
+def _on_log_grid(step: int, base: float) -> bool:
+    """Whether ``step = ⌈base^k⌉`` for some ``k ≥ 1`` (checked near ``log_base(step)``)."""
+    k = round(math.log(step) / math.log(base))
+    return any(math.ceil(base**j - 1e-9) == step for j in (k - 1, k, k + 1) if j >= 1)

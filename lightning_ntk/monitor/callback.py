@@ -283,7 +283,7 @@ class NTKMonitorBase(NTKSettings):
         self._pending = None
         self._capture.release()
         tracker = self.tracker
-        if trainer.sanity_checking or self._failed or not tracker.started:
+        if self._failed or not tracker.started:  # (the sanity check runs no training batch)
             return
         observing = tracker.wants_observation
         try:
@@ -311,9 +311,7 @@ class NTKMonitorBase(NTKSettings):
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """Report when the schedule says so (never during the sanity check)."""
-        if trainer.sanity_checking:
-            return
+        """Report when the schedule says so (the sanity check runs no training batch)."""
         pending, self._pending = self._pending, None
         captured = self._capture.release()
         if pending is not None:

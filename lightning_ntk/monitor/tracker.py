@@ -143,7 +143,7 @@ class NTKTracker(NTKSettings):
         self.last_kernel: Optional[Tensor] = None  # Θ_t of the last report
         self.eigenvalues: Optional[Tensor] = None  # its spectrum, descending
         self.observer = LossObserver()  # infers the label smoothing from the training loss
-        # Σ 0·(training batches): NaN once a batch held NaN / inf (see nonfinite_marker)
+        # 0·Σ(training batches): NaN once a batch held NaN / inf (see nonfinite_marker)
         self._data_marker: Optional[Tensor] = None
         self._layout_noted = False  # the default's switch to the trace layout was announced
         # how the parameters of a sharded model whose shards the state keeps are placed
@@ -552,10 +552,9 @@ class NTKTracker(NTKSettings):
         A report whose logits are not finite then says whether the data (NaN / inf in a
         batch) or training itself (divergence) made them so.
         """
-        marker = nonfinite_marker([x, y] if isinstance(y, Tensor) else x)
-        seen = self._data_marker
-        if marker is not None:
-            self._data_marker = marker if seen is None else seen + marker.to(seen.device)
+        self._data_marker = nonfinite_marker(
+            [x, y] if isinstance(y, Tensor) else x, self._data_marker
+        )
 
     @property
     def training_data_finite(self) -> bool:
