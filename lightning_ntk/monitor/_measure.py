@@ -328,13 +328,7 @@ def _kernel_part(
     """``Θ_t``: its drift from ``Θ0``, its velocity since the last report, alignment, spectrum."""
     if snap.K0 is None:
         return KernelPart()
-    computed = attempt(
-        failures,
-        "kernel",
-        lambda: probe_kernel(
-            tracker, fm, snap.method, snap.per_layer, snap.output, spec=snap.spec(fm)
-        ),
-    )
+    computed = _kernel_of_run(tracker, fm, snap, failures)
     if computed is None:
         return KernelPart()
     K, K_layers = computed
@@ -551,17 +545,24 @@ def read_preconditioner(tracker: NTKTracker, fm: FunctionalModel, step: int) -> 
     return failures
 
 
-def _take_reference_kernel(
+def _kernel_of_run(
     tracker: NTKTracker, fm: FunctionalModel, snap: Snapshot, failures: dict[str, str]
-) -> None:
-    """``Θ0`` (and its parts, its target alignment) of ``fm`` into ``snap``."""
-    computed = attempt(
+) -> Optional[tuple[Tensor, dict[str, Tensor]]]:
+    """The probe kernel of ``fm`` as the run measures it (method, layout, kernel), or ``None``."""
+    return attempt(
         failures,
         "kernel",
         lambda: probe_kernel(
             tracker, fm, snap.method, snap.per_layer, snap.output, spec=snap.spec(fm)
         ),
     )
+
+
+def _take_reference_kernel(
+    tracker: NTKTracker, fm: FunctionalModel, snap: Snapshot, failures: dict[str, str]
+) -> None:
+    """``Θ0`` (and its parts, its target alignment) of ``fm`` into ``snap``."""
+    computed = _kernel_of_run(tracker, fm, snap, failures)
     if computed is None:
         return
     snap.K0, snap.K0_layers = computed
