@@ -7,27 +7,16 @@ call, and that models made only of modules record as before (no function mode).
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lightning_ntk import empirical_ntk, reference_ntk
-from lightning_ntk.kernel import _plan, last_call_info
+from lightning_ntk.kernel import last_call_info
 from lightning_ntk.kernel._calls import CallRecorder, CallSpec, discover
-from lightning_ntk.kernel._run import FAILED
 
 from .test_kernel import assert_kernel_close
-
-
-@pytest.fixture(autouse=True)
-def fresh_memory():
-    """No remembered failures or plans leak between tests."""
-    FAILED.clear()
-    _plan._PLANS.clear()
-    yield
-    FAILED.clear()
-    _plan._PLANS.clear()
+from .test_plan_checks import fresh_memory  # noqa: F401  (autouse: no plan leaks between tests)
 
 
 def _specs(forward, params):
