@@ -259,3 +259,26 @@ def test_the_monitor_takes_the_engines_methods():
     assert NTKMonitor(method=NTKMethod.NTK_VP).method == "ntk_vp"
     with pytest.raises(ValueError, match=r"`method` to be one of \('auto', .*'loop'\)"):
         NTKMonitor(method="fast")
+
+
+def test_forward_mode_leaks_no_pytorch_deprecation_warnings():
+    """PyTorch scripts its forward-mode decompositions on first use, warning per script."""
+    import subprocess
+    import sys
+
+    script = """
+import warnings
+import torch
+from torch import nn
+from lightning_ntk import empirical_ntk, linearize
+warnings.simplefilter("error", DeprecationWarning)
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+x = torch.randn(5, 4)
+empirical_ntk(model, x, method="ntk_vp")
+lin = linearize(model)
+lin(x)
+print("clean")
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert run.returncode == 0 and "clean" in run.stdout, run.stderr[-2000:]

@@ -18,14 +18,21 @@ the reference definitions of these ops: the function is the same up to round-off
 runs as composite cells, which have forward-mode derivatives (``mkldnn_rnn_layer`` has
 none). It is used only around forward-mode evaluations, because the composite LSTM in
 turn has no batching rule.
+
+:func:`jvp` is ``torch.func.jvp`` after PyTorch's forward-mode decompositions were loaded
+once without the ``torch.jit.script`` deprecation warnings their loading emits (one per
+decomposition, PyTorch's own and nothing a user can act on).
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import torch
+import torch.func
 
 
 @contextlib.contextmanager
@@ -64,3 +71,23 @@ def forward_ad_kernels() -> Iterator[None]:
             yield
         finally:
             torch.backends.mkldnn.enabled = enabled
+
+
+_DECOMPOSITIONS_LOADED = False
+
+
+def jvp(*args: Any, **kwargs: Any) -> Any:
+    """``torch.func.jvp``; the first call loads PyTorch's forward-mode decompositions quietly."""
+    global _DECOMPOSITIONS_LOADED
+    if not _DECOMPOSITIONS_LOADED:
+        load = getattr(torch.autograd.forward_ad, "_maybe_load_decompositions", None)
+        if load is not None:
+            with warnings.catch_warnings():
+                warnings.filterwarnings(
+                    "ignore",
+                    message=r"`torch\.jit\.script` is deprecated",
+                    category=DeprecationWarning,
+                )
+                load()
+        _DECOMPOSITIONS_LOADED = True
+    return torch.func.jvp(*args, **kwargs)

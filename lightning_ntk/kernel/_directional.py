@@ -21,10 +21,10 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
-from torch.func import jvp, vjp
+from torch.func import vjp
 
 from . import _inputs
-from ._compat import forward_ad_kernels
+from ._compat import forward_ad_kernels, jvp
 from ._functional import as_dense
 
 __all__ = [

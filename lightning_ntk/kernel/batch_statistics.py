@@ -42,9 +42,10 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import jvp, vjp, vmap
+from torch.func import vjp, vmap
 
 from ._batch_factors import batch_kernel_matrix, plan_batch
+from ._compat import jvp
 from ._functional import (
     FunctionalModel,
     OutputFn,

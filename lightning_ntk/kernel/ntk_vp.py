@@ -23,9 +23,10 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor
-from torch.func import jvp, vjp, vmap
+from torch.func import vjp, vmap
 
 from . import _inputs
+from ._compat import jvp
 from ._functional import FunctionalModel
 from ._layout import reduce_full
 from ._optimizer import KernelSpec
