@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_ntk import NTKTracker
 from lightning_ntk.monitor._setup import LossObserver, Setup, logit_optimum, resolve_setup
 from lightning_ntk.monitor._verdict import (
     LogitContext,
@@ -169,6 +170,63 @@ def test_hard_targets_diverge_and_an_unknown_set_up_states_the_condition():
         assert "`label_smoothing`" in message and "`loss`" not in message
 
 
+def test_a_steady_growth_under_an_unrecognised_loss_with_hard_targets_is_diverging():
+    """Focal loss and other losses written out: hard targets, no weight decay, ε unknown."""
+    hard = dict(logit_norm=8.0, step=800, hard_unregularized=True)
+    steady = _diagnose(1.1, "unknown", recent_slope=1.05, **hard)
+    assert (steady.verdict, steady.causes) == ("broken", ["logits diverging"])
+    assert steady.regime == "logits diverging"
+    assert "+1.10 per doubling of steps (alarm at 0.8, +1.05 since the previous report)" in (
+        steady.message
+    )
+    assert "rests on the measured growth" in steady.message
+    # growth that has stalled since the previous report is not a divergence
+    stalled = _diagnose(1.1, "unknown", recent_slope=0.3, **hard)
+    assert (stalled.verdict, stalled.causes) == ("drifting", ["logits growing"])
+    assert "no cross-entropy the monitor recognises" in stalled.message
+    # nor is growth while the set-up is still being read, or with a set-up merely unknown
+    reading = _diagnose(1.1, "unknown", recent_slope=1.05, reading=True, **hard)
+    assert reading.verdict == "drifting"
+    unknown = _diagnose(1.1, "unknown", recent_slope=1.05, logit_norm=8.0, step=800)
+    assert (unknown.verdict, unknown.causes) == ("drifting", ["logits growing"])
+    bounded = _diagnose(0.1, "unknown", recent_slope=0.1, **hard)
+    assert bounded.verdict == "lazy"
+    assert bounded.message.endswith(
+        "Logits bounded so far (+0.10 per doubling of steps); hard targets and no weight "
+        "decay, but the training loss is no cross-entropy the monitor recognises: a steady "
+        "growth past 0.8 per doubling of steps will be read as diverging (declare "
+        "`label_smoothing` if the loss smooths the targets)."
+    )
+
+
+def test_focal_loss_with_hard_labels_raises_the_diverging_alarm_from_its_growth():
+    torch.manual_seed(0)
+    x = torch.randn(128, 20)
+    y = (x[:, :5].argmax(dim=1) + 5 * (x[:, 5] > 0)).long()
+    model = nn.Sequential(nn.Linear(20, 128), nn.ReLU(), nn.Linear(128, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    tracker = NTKTracker(x[:16], y[:16], optimizer=optimizer, log_base=2)
+    tracker.start(model)
+    g = torch.Generator().manual_seed(1)
+    for step in range(1, 257):
+        idx = torch.randint(0, 128, (32,), generator=g)
+        logits = model(x[idx])
+        logp = torch.log_softmax(logits, dim=1).gather(1, y[idx, None])[:, 0]
+        loss = -((1 - logp.exp()) ** 2 * logp).mean()  # focal loss, γ = 2
+        optimizer.zero_grad()
+        loss.backward()
+        tracker.observe(model, x[idx], y[idx], loss, step=step, logits=logits)
+        optimizer.step()
+        if tracker.is_due(step):
+            tracker.update(model, step)
+    setup = tracker.setup
+    assert setup.label_smoothing is None and setup.weight_decay == 0
+    assert setup.min_target == 0 and tracker.observer.contradicted
+    last = tracker.history[-1]
+    assert (last.regime, last.verdict) == ("logits diverging", "broken"), last.message
+    assert "rests on the measured growth" in last.message
+
+
 def test_l2_only_waits_for_the_equilibrium_time():
     early = _diagnose(1.0, "bounded", logit_norm=8.0, equilibrium_step=1000, step=800)
     assert (early.verdict, early.causes) == ("drifting", ["logits growing"])
@@ -189,6 +247,38 @@ def test_feature_learning_is_information_unless_laziness_was_expected():
     assert "linearization error 0.52 (lazy below 0.2, alarm at 0.5)" in expected.message
     assert "kernel relative change 0.48 (lazy below 0.1, alarm at 0.5)" in expected.message
     assert "widen the layers" in expected.message and "below break" not in expected.message
+
+
+def test_a_report_too_close_to_the_previous_one_keeps_its_regime_and_its_reference():
+    """Reports every 50 steps beside the log grid meet at 500 and 512: 0.03 doublings apart."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 12), torch.randint(0, 4, (64,))
+    model = nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    tracker = NTKTracker(x[:8], y[:8], optimizer=optimizer, weight_decay=0.0)
+    tracker.start(model)
+    reports = {}
+    for step in range(1, 65):
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step in (16, 17, 32):
+            reports[step] = tracker.update(model, step)
+    first, close, later = reports[16], reports[17], reports[32]
+    assert first.regime in ("feature learning", "locally linear")
+    assert math.isnan(close.kernel_velocity) and math.isnan(close.local_linearization_error)
+    assert close.regime == first.regime
+    assert f"{first.regime.capitalize()}, as at step 16: this report is too close" in (
+        close.message
+    )
+    # the next report's velocity is measured from step 16, the kept reference
+    assert math.isfinite(later.kernel_velocity) and "step 16" in later.message
+    assert tracker.started_state.previous.step == 32
+    signals = Signals(relative_change=2.0, linearization_error=0.9, too_close=True)
+    assert regime_of(signals, Thresholds()) == "feature learning"  # nothing to keep
+    kept = dataclasses.replace(signals, previous_regime="locally linear")
+    assert regime_of(kept, Thresholds()) == "locally linear"
 
 
 def test_a_settled_kernel_with_a_good_local_linearization_is_locally_linear():

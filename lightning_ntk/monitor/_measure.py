@@ -49,10 +49,12 @@ from ._kernels import MeasuredKernel, frozen_preconditioner, kernel_spec_of, res
 from ._probe import probe_logits
 from ._setup import Setup, alignment_targets, logit_optimum
 from ._verdict import (
+    MIN_SPAN,
     LogitContext,
     Signals,
     Thresholds,
     diagnose,
+    doublings,
     logit_slope,
     velocity,
 )
@@ -207,7 +209,7 @@ class Measurement(NamedTuple):
     kernel: Optional[Tensor]
     eigenvalues: Optional[Tensor]
     failures: dict[str, str]
-    point: ReportPoint
+    point: Optional[ReportPoint]
     predicted: dict[str, str]
 
 
@@ -251,19 +253,28 @@ def measure(tracker: NTKTracker, fm: FunctionalModel, step: int) -> Measurement:
     values["param_distance"] = safe_value(lambda: metrics.param_distance(fm.params, theta0))
     failures: dict[str, str] = {}
     reference = snap.reference
+    # a report too close to the previous one measures no velocity and keeps the reference
+    close = snap.previous is not None and doublings(step, reference.step) < MIN_SPAN
     kernel = KernelPart()
     if finite:
-        kernel = _kernel_part(tracker, fm, snap, y, task, step, failures)
+        kernel = _kernel_part(tracker, fm, snap, y, task, step, failures, close)
         values.update(kernel.values)
         logits0 = snap.logits0.to(fm.device)
         values.update(
-            _linearization_part(fm, theta0, logits0, snap.previous, x, logits, task, failures)
+            _linearization_part(
+                fm, theta0, logits0, snap.previous, x, logits, task, failures, close
+            )
         )
     predicted, logit_values, context = _logit_part(setup, snap, logits, y, task, finite, step)
     observer = tracker.observer
-    context = replace(context, reading=bool(observer.steps) and observer.wants_more)
     values.update(logit_values)
     values["logit_slope"] = _slope(tracker, step, values["logit_norm"])
+    context = replace(
+        context,
+        reading=bool(observer.steps) and observer.wants_more,
+        hard_unregularized=setup.hard_unregularized and observer.contradicted,
+        recent_slope=_slope(tracker, step, values["logit_norm"], recent=True),
+    )
     signals = Signals(
         relative_change=values["relative_change"],
         linearization_error=values["linearization_error"],
@@ -275,6 +286,8 @@ def measure(tracker: NTKTracker, fm: FunctionalModel, step: int) -> Measurement:
         target_alignment=values["target_alignment"],
         previous_alignment=reference.target_alignment,
         previous_step=reference.step,
+        too_close=close,
+        previous_regime=tracker.history[-1].regime if close and tracker.history else "",
     )
     diagnosis = diagnose(
         signals,
@@ -294,13 +307,15 @@ def measure(tracker: NTKTracker, fm: FunctionalModel, step: int) -> Measurement:
         regime=diagnosis.regime,
         kernel=snap.measured_kernel.describe(snap.preconditioner_step),
     )
-    point = ReportPoint(
-        step,
-        {n: p.detach().clone() for n, p in fm.params.items()},
-        kernel.kernel,
-        values["target_alignment"],
-        logits,
-    )
+    point = None
+    if not close:
+        point = ReportPoint(
+            step,
+            {n: p.detach().clone() for n, p in fm.params.items()},
+            kernel.kernel,
+            values["target_alignment"],
+            logits,
+        )
     return Measurement(
         report, kernel.layers, kernel.kernel, kernel.eigenvalues, failures, point, predicted
     )
@@ -324,8 +339,13 @@ def _kernel_part(
     task: str,
     step: int,
     failures: dict[str, str],
+    close: bool = False,
 ) -> KernelPart:
-    """``Θ_t``: its drift from ``Θ0``, its velocity since the last report, alignment, spectrum."""
+    """``Θ_t``: its drift from ``Θ0``, its velocity since the last report, alignment, spectrum.
+
+    No velocity when the report is ``close`` to the last one (less than ``MIN_SPAN``
+    doublings of steps).
+    """
     if snap.K0 is None:
         return KernelPart()
     computed = _kernel_of_run(tracker, fm, snap, failures)
@@ -339,7 +359,7 @@ def _kernel_part(
         "kernel_distance": safe_value(lambda: metrics.kernel_distance(K, K0)),
     }
     reference = snap.reference
-    if reference.kernel is not None:
+    if reference.kernel is not None and not close:
         K_prev = reference.kernel.to(K.device)
         change = safe_value(lambda: metrics.relative_change(K, K_prev))
         values["kernel_velocity"] = velocity(change, step, reference.step)
@@ -369,6 +389,7 @@ def _linearization_part(
     logits: Tensor,
     task: str,
     failures: dict[str, str],
+    close: bool = False,
 ) -> dict[str, float]:
     """The network against its linearization around ``θ0`` and around the last report.
 
@@ -378,7 +399,8 @@ def _linearization_part(
     where the two coincide). ``f``, ``f0`` and the constant part of ``f_lin`` go through
     the same forward: unmoved parameters give exactly zero. That forward is not run again:
     ``logits0`` (``f(X; θ0)`` kept at the start) and the previous report's logits are
-    its results at ``θ0`` and ``θ_prev``.
+    its results at ``θ0`` and ``θ_prev``. No local error when the report is ``close``
+    to the last one.
     """
     values: dict[str, float] = {}
     linearized = attempt(failures, "linearized model", lambda: _linearized(fm, theta0, x, logits0))
@@ -394,6 +416,8 @@ def _linearization_part(
     values["argmax_agreement"] = safe_value(lambda: argmax_agreement(probs, probs_lin))
     if previous is None:
         values["local_linearization_error"] = values["linearization_error"]
+        return values
+    if close:
         return values
     theta_prev = {n: t.to(fm.device) for n, t in previous.theta.items()}
     logits_prev = None if previous.logits is None else previous.logits.to(fm.device)
@@ -455,11 +479,16 @@ def _logit_part(
     return predicted, values, context
 
 
-def _slope(tracker: NTKTracker, step: int, logit_norm: float) -> float:
-    """The logit norm's growth per doubling of steps, this report included."""
+def _slope(tracker: NTKTracker, step: int, logit_norm: float, recent: bool = False) -> float:
+    """The logit norm's growth per doubling of steps, this report included.
+
+    Over the trend window, or (``recent``) between the previous report and this one.
+    """
     thresholds = cast(Thresholds, tracker.thresholds)
     steps = [r.step for r in tracker.history] + [step]
     norms = [r.logit_norm for r in tracker.history] + [logit_norm]
+    if recent:
+        return logit_slope(steps[-2:], norms[-2:], math.inf, thresholds.min_trend_step)
     return logit_slope(steps, norms, thresholds.trend_octaves, thresholds.min_trend_step)
 
 

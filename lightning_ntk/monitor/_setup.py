@@ -100,6 +100,16 @@ class Setup:
             return 1.0 / (self.lr * self.weight_decay)
         return math.nan
 
+    @property
+    def hard_unregularized(self) -> bool:
+        """Hard targets and no weight decay read, and ``ε`` unknown.
+
+        Where observation found the training loss is no cross-entropy it recognises
+        (focal loss, a loss written out), the prediction is unknown for that reason
+        alone, and the logits' measured growth decides.
+        """
+        return self.min_target == 0 and self.weight_decay == 0 and self.label_smoothing is None
+
     def metric_task(self, num_outputs: Optional[int]) -> str:
         """The task the logit metrics read: the known one, else what the head implies."""
         if self.task is not None:

@@ -27,8 +27,11 @@ one-hot targets and no regularization has no finite minimiser: the margin grows 
 * hard targets and no regularization: a steady slope is the predicted divergence;
 * L2 regularization only: before ``equilibrium_factor · 1/(lr·λ)`` steps the slope only
   says "logits growing";
-* set-up unknown: the slope only says "logits growing", and the message says how to
-  declare the set-up.
+* hard targets and no regularization, but a training loss the set-up does not recognise
+  (focal loss, a loss written out): a slope past the alarm that is still past it between
+  the last two reports is a measured divergence;
+* set-up otherwise unknown: the slope only says "logits growing", and the message says
+  how to declare the set-up.
 
 **The verdict** keeps its three values but names alarm states: ``"broken"`` is an alarm
 (logits diverging or not finite, always; leaving the lazy regime, only with
@@ -138,6 +141,9 @@ class Signals:
         target_alignment: ``A(Θ_t, YYᵀ)`` now, and ``previous_alignment`` at the
             previous report (or ``θ0``).
         previous_step: the step of the previous report (or of ``θ0``).
+        too_close: the report is less than ``MIN_SPAN`` doublings of steps after the
+            previous one: no velocity or local error, the previous regime holds.
+        previous_regime: the previous report's regime.
     """
 
     relative_change: float = math.nan
@@ -150,6 +156,8 @@ class Signals:
     target_alignment: float = math.nan
     previous_alignment: float = math.nan
     previous_step: int = 0
+    too_close: bool = False
+    previous_regime: str = ""
 
 
 @dataclass(frozen=True)
@@ -164,6 +172,11 @@ class LogitContext:
         step: the report's step.
         reading: the set-up is still being read from the training loss (batches were
             observed, not enough to decide yet): an unknown set-up is then not yet news.
+        hard_unregularized: the targets are hard and no regularization was found, but the
+            training loss is not one the set-up recognises (focal loss, a loss written
+            out): the divergence is then read from the measured growth alone.
+        recent_slope: the logit norm's growth per doubling of steps between the last two
+            reports (``nan`` when not measured).
     """
 
     logit_norm: float = math.nan
@@ -171,6 +184,8 @@ class LogitContext:
     equilibrium_step: float = math.nan
     step: int = 0
     reading: bool = False
+    hard_unregularized: bool = False
+    recent_slope: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -209,6 +224,17 @@ def logit_slope(
     return sum((t - mean_t) * (v - mean_v) for t, v in pts) / var
 
 
+# doublings of steps below which a report is too close to the previous one for a
+# velocity: over a few steps SGD's noise, not the kernel's drift, dominates the change
+# (reports every 50 steps beside the log grid's 512 read 12 steps apart)
+MIN_SPAN = 0.1
+
+
+def doublings(step: int, previous_step: int) -> float:
+    """``log2(step / previous_step)``, step 0 counted as step 1."""
+    return math.log2(max(step, 1) / max(previous_step, 1))
+
+
 def velocity(change: float, step: int, previous_step: int) -> float:
     """``change / log2(step / previous_step)``, step 0 counted as step 1 (``nan`` if no time).
 
@@ -217,8 +243,8 @@ def velocity(change: float, step: int, previous_step: int) -> float:
         step: the report's step ``t``.
         previous_step: the step ``t_prev`` of the previous report (or of ``θ0``).
     """
-    doublings = math.log2(max(step, 1) / max(previous_step, 1))
-    return change / doublings if doublings > 0 else math.nan
+    span = doublings(step, previous_step)
+    return change / span if span > 0 else math.nan
 
 
 def regime_of(signals: Signals, thresholds: Thresholds) -> str:
@@ -231,6 +257,8 @@ def regime_of(signals: Signals, thresholds: Thresholds) -> str:
         and _level(lin, thresholds.linearization_error) == 0
     ):
         return LAZY
+    if signals.too_close and signals.previous_regime in (LOCALLY_LINEAR, FEATURE_LEARNING):
+        return signals.previous_regime
     v, local = signals.kernel_velocity, signals.local_linearization_error
     settled = not (v >= thresholds.settled_velocity)  # nan: not measured, not moving
     if settled and local < thresholds.local_linearization_error:
@@ -316,6 +344,10 @@ def _logit_finding(
     if math.isfinite(equilibrium) and equilibrium > 0:
         if ctx.step >= thresholds.equilibrium_factor * equilibrium:
             return CAUSE_LOGITS, level, ""
+    if level == 2 and ctx.hard_unregularized and not ctx.reading:
+        # measured: a steady growth over the trend window and still between the last reports
+        if ctx.recent_slope >= thresholds.logit_slope[1]:
+            return CAUSE_LOGITS, level, ""
     return CAUSE_GROWING, min(level, 1), ""
 
 
@@ -327,6 +359,11 @@ def _level(value: Optional[float], pair: tuple[float, float]) -> int:
 
 def _regime_sentence(regime: str, s: Signals, t: Thresholds) -> str:
     """One sentence on what the network is doing, with the figures that say so."""
+    if s.too_close and regime in (LOCALLY_LINEAR, FEATURE_LEARNING):
+        return (
+            f"{regime.capitalize()}, as at step {s.previous_step}: this report is too close "
+            f"to it (under {MIN_SPAN:g} doublings of steps) to measure the kernel's velocity."
+        )
     if regime == LAZY:
         return (
             f"Lazy: the linearization around θ0 holds (kernel relative change "
@@ -393,6 +430,14 @@ def _expectation_sentence(s: Signals, t: Thresholds) -> str:
     )
 
 
+# the set-up of ``LogitContext.hard_unregularized``, closing a sentence on the logits
+_UNRECOGNISED = (
+    "; hard targets and no weight decay, but the training loss is no cross-entropy the "
+    "monitor recognises: a steady growth past {alarm:g} per doubling of steps will be read "
+    "as diverging (declare `label_smoothing` if the loss smooths the targets)."
+)
+
+
 def _logit_sentence(
     cause: str,
     level: int,
@@ -417,6 +462,13 @@ def _logit_sentence(
                 f"Logits diverging: {rising} (alarm at {alarm:g}), as hard one-hot targets "
                 "without weight decay predict — add weight decay or label smoothing."
             )
+        if ctx.hard_unregularized:
+            return (
+                f"Logits diverging: {rising} (alarm at {alarm:g}, {ctx.recent_slope:+.2f} since "
+                "the previous report) with hard targets and no weight decay; the training "
+                "loss is not a cross-entropy the monitor recognises, so this rests on the "
+                "measured growth — add weight decay or label smoothing."
+            )
         within = t.equilibrium_factor * ctx.equilibrium_step
         return (
             f"Logits diverging: {rising} (alarm at {alarm:g}) although the set-up predicts "
@@ -436,6 +488,8 @@ def _logit_sentence(
             return (
                 f"Logits growing: {rising}; the set-up is still being read from the training loss."
             )
+        if ctx.hard_unregularized:
+            return f"Logits growing: {rising}" + _UNRECOGNISED.format(alarm=alarm)
         return (
             f"Logits growing: {rising}; the set-up is not known — with hard one-hot targets "
             "and no weight decay this is the divergence the theory predicts (declare "
@@ -450,6 +504,13 @@ def _logit_sentence(
         )
     if predicted == "unknown" and ctx.reading:
         return "Set-up still being read from the training loss."
+    if predicted == "unknown" and ctx.hard_unregularized:
+        trend = (
+            f"Logits bounded so far ({s.slope:+.2f} per doubling of steps)"
+            if math.isfinite(s.slope)
+            else f"Logit trend not measured yet (it needs two reports from step {t.min_trend_step})"
+        )
+        return trend + _UNRECOGNISED.format(alarm=t.logit_slope[1])
     if predicted == "unknown":
         return (
             "Set-up unknown: with hard one-hot targets and no weight decay the theory "

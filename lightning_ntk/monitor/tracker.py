@@ -289,9 +289,10 @@ class NTKTracker(NTKSettings):
         report.restarted = state.restarted
         self._warn_failures(measured.failures)
         point = measured.point
-        if state.sharded:
-            point = dataclasses.replace(point, theta=to_shards(point.theta, layouts))
-        state.previous = point  # the next report's velocity and local error
+        if point is not None:  # None: too close to the previous report to replace it
+            if state.sharded:
+                point = dataclasses.replace(point, theta=to_shards(point.theta, layouts))
+            state.previous = point  # the next report's velocity and local error
         state.predicted = measured.predicted
         if measured.kernel is not None:
             self.last_kernel, self.eigenvalues = measured.kernel, measured.eigenvalues
