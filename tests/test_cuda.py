@@ -73,3 +73,77 @@ def test_cuda_blocks_kept_on_cpu():
     K = empirical_ntk(model, x, output="trace", chunk_size=4, store_on="cpu")
     assert K.device.type == "cpu"
     torch.testing.assert_close(K, empirical_ntk(model, x, output="trace").cpu())
+
+
+def test_tf32_set_through_the_precision_api_is_off_inside_the_engine_and_restored():
+    """``torch.backends.cuda.matmul.fp32_precision = "tf32"``: the kernel stays exact."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this PyTorch has no per-backend fp32_precision API")
+    case = CASES_BY_NAME["mlp"]
+    model, x = case.model(), case.inputs(8)
+    K_ref = reference_ntk(model, x)
+    before = (matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
+    matmul.fp32_precision = "tf32"
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
+    try:
+        for method in ("structured", "jacobian", "ntk_vp"):
+            K = empirical_ntk(model.cuda(), x.cuda(), method=method).cpu().double()
+            torch.testing.assert_close(K, K_ref, rtol=1e-4, atol=1e-4)
+        assert (matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == (
+            "tf32",
+            "tf32",
+        )
+    finally:
+        matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_mixed_precision_lightning_run_reads_hard_labels_and_alarms_once(precision):
+    """Autocast on the GPU: the set-up is read from the step's own logits (ε 0 inferred)."""
+    import warnings
+
+    import pytorch_lightning as pl
+    import torch.nn.functional as F
+    from torch import nn
+
+    from lightning_ntk import LinearizationBreakdownWarning, NTKMonitor
+
+    pl.seed_everything(0, verbose=False)
+    x = torch.randn(512, 20)
+    y = (x[:, :5].argmax(dim=1) + 5 * (x[:, 5] > 0)).long()
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(20, 256), nn.ReLU(), nn.Linear(256, 10))
+
+        def forward(self, inputs):
+            return self.net(inputs)
+
+        def training_step(self, batch, batch_idx):
+            inputs, targets = batch
+            return F.cross_entropy(self(inputs), targets)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.5)
+
+        def train_dataloader(self):
+            data = torch.utils.data.TensorDataset(x, y)
+            return torch.utils.data.DataLoader(data, batch_size=64, shuffle=True)
+
+    monitor = NTKMonitor(n_probe=16, log_base=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = pl.Trainer(
+            accelerator="gpu", devices=1, precision=precision, max_steps=512,
+            callbacks=[monitor], logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False,
+        )  # fmt: skip
+        trainer.fit(Module())
+    setup = monitor.tracker.setup
+    assert setup.label_smoothing == 0 and setup.min_target == 0, setup.describe()
+    assert "inferred from the training loss" in setup.sources["label_smoothing"]
+    alarms = [w for w in caught if w.category is LinearizationBreakdownWarning]
+    assert len(alarms) == 1 and "Logits diverging" in str(alarms[0].message)
+    assert monitor.history[-1].regime == "logits diverging"
