@@ -217,6 +217,20 @@ def _checks(rank: int, world: int) -> dict:
         results["refused_2d"] = "no error"
     except ValueError as err:
         results["refused_2d"] = str(err)
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    tensor_parallel = parallelize_module(
+        _mlp(), mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()}
+    )
+    try:
+        empirical_ntk(tensor_parallel, x)
+        results["refused_tensor_parallel"] = "no error"
+    except ValueError as err:
+        results["refused_tensor_parallel"] = str(err)
 
     # ------------------------------------------------------------------ tracker
     probe_y = torch.tensor([0, 1, 2, 0, 1, 2, 0])
@@ -361,3 +375,10 @@ def test_a_hybrid_sharding_is_refused_on_every_rank(ranks):
         message = result["refused_2d"]
         assert "'weight' is sharded on a 2-D device mesh" in message, message
         assert "only 1-D meshes" in message
+
+
+def test_tensor_parallelism_is_refused_on_every_rank(ranks):
+    for result in ranks:
+        message = result["refused_tensor_parallel"]
+        assert "module '0' converts its inputs or outputs to and from DTensors" in message, message
+        assert "tensor parallelism, e.g. `parallelize_module`" in message
