@@ -34,7 +34,8 @@ Sharded models (FSDP2's ``fully_shard``) are measured whole: every rank calls
 all-gathered, the kernel's blocks shared and summed), every rank gets the same report,
 and ``θ0`` and the previous report's parameters are kept, and saved by
 :meth:`NTKTracker.state_dict`, as this rank's shards, gathered whole for each report
-(``docs/distributed.md``).
+(``state_dict(gather=True)`` saves them whole, for any rank to load;
+``docs/distributed.md``).
 
 Verdict thresholds and the measurements behind them: :mod:`lightning_ntk.monitor._verdict`
 and ``docs/verdicts.md``.
