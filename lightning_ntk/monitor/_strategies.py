@@ -24,9 +24,9 @@ _REFUSED = {
         f"cannot gather; use strategy='ddp' or {_FSDP2}"
     ),
     "FSDPStrategy": (
-        "FSDPStrategy wraps the model in FSDP1's FullyShardedDataParallel, whose flattened "
-        "parameters the kernel engine does not gather, and PyTorch runs FSDP1 only on GPUs, "
-        "where the monitor has not been tested under it; use "
+        "it wraps the model in FSDP1's FullyShardedDataParallel, whose flattened parameters "
+        "the kernel engine does not gather, and PyTorch runs FSDP1 only on GPUs, where the "
+        "monitor has not been tested under it; use "
         f"{_FSDP2}, or strategy='ddp'"
     ),
     "XLAFSDPStrategy": (
