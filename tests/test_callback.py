@@ -365,10 +365,9 @@ def test_sharded_strategies_are_refused_at_setup(strategy_name):
 
     strategy = type(strategy_name, (), {})()
     trainer = SimpleNamespace(strategy=strategy)
-    why = "DeepSpeed partitions parameters" if "DeepSpeed" in strategy_name else "NTKTracker"
+    why = "DeepSpeed partitions parameters" if "DeepSpeed" in strategy_name else "FSDP1"
     with pytest.raises(
-        ValueError,
-        match=f"does not support sharded strategies \\(got {strategy_name}\\): .*{why}",
+        ValueError, match=f"does not support {strategy_name}: .*{why}.*ModelParallelStrategy"
     ):
         NTKMonitor().setup(trainer, nn.Linear(2, 2), "fit")
 
@@ -377,7 +376,7 @@ def test_sharded_strategies_are_refused_at_setup(strategy_name):
 def test_real_fsdp_strategy_is_refused_at_setup(namespace):
     pl = importlib.import_module(namespace)
     trainer = SimpleNamespace(strategy=pl.strategies.FSDPStrategy())
-    with pytest.raises(ValueError, match=r"sharded strategies .*strategy='ddp'"):
+    with pytest.raises(ValueError, match=r"FSDPStrategy: .*only on GPUs.*strategy='ddp'"):
         monitor_cls(namespace)().setup(trainer, nn.Linear(2, 2), "fit")
 
 

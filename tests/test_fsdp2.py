@@ -118,6 +118,7 @@ def _tracker_reports(
                 m(x)
         out[name] = _report(tracker.update(m, step=1))
         saved = copy.deepcopy(tracker.state_dict())
+        gathered = copy.deepcopy(tracker.state_dict(gather=True)) if name == "sharded" else None
         _sgd_step(m, x, y, sgd)
         out[name + "_2"] = _report(tracker.update(m, step=2))
         if name == "sharded":
@@ -130,6 +131,16 @@ def _tracker_reports(
                 for n, p in m.named_parameters()
             }
             out["kept_sharded"] = [n[len("model.") :] for n in saved["state"]["sharded"]]
+            # saved whole (any rank can load it), sharded again at the first report
+            assert gathered is not None
+            out["gathered_shapes"] = {
+                n[len("model.") :]: tuple(t.shape) for n, t in gathered["state"]["theta0"].items()
+            }
+            out["gathered_sharded"] = list(gathered["state"]["sharded"])
+            from_whole = NTKTracker(probe_x, probe_y, distributed=distributed)
+            from_whole.load_state_dict(gathered)
+            out["resumed_whole_2"] = _report(from_whole.update(m, step=2))
+            out["resumed_whole_sharded"] = list(from_whole.started_state.sharded)
     return out
 
 
@@ -217,6 +228,20 @@ def _checks(rank: int, world: int) -> dict:
         results["refused_2d"] = "no error"
     except ValueError as err:
         results["refused_2d"] = str(err)
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    tensor_parallel = parallelize_module(
+        _mlp(), mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()}
+    )
+    try:
+        empirical_ntk(tensor_parallel, x)
+        results["refused_tensor_parallel"] = "no error"
+    except ValueError as err:
+        results["refused_tensor_parallel"] = str(err)
 
     # ------------------------------------------------------------------ tracker
     probe_y = torch.tensor([0, 1, 2, 0, 1, 2, 0])
@@ -361,3 +386,24 @@ def test_a_hybrid_sharding_is_refused_on_every_rank(ranks):
         message = result["refused_2d"]
         assert "'weight' is sharded on a 2-D device mesh" in message, message
         assert "only 1-D meshes" in message
+
+
+def test_tensor_parallelism_is_refused_on_every_rank(ranks):
+    for result in ranks:
+        message = result["refused_tensor_parallel"]
+        assert "module '0' converts its inputs or outputs to and from DTensors" in message, message
+        assert "tensor parallelism, e.g. `parallelize_module`" in message
+
+
+@pytest.mark.parametrize("case", ["tracker_False", "tracker_True", "tracker_root"])
+def test_tracker_state_gathered_whole_resumes_and_keeps_shards_again(ranks, case):
+    for result in ranks:
+        shapes = result[case]["kept_shapes"]
+        assert result[case]["gathered_sharded"] == []
+        assert result[case]["gathered_shapes"] == {n: whole for n, (_, whole) in shapes.items()}
+        # its first report (after a training step: every parameter sharded) shards θ0 again
+        assert result[case]["resumed_whole_sharded"] == [f"model.{n}" for n in shapes]
+        original, resumed = result[case]["sharded_2"], result[case]["resumed_whole_2"]
+        assert resumed["verdict"] == original["verdict"]
+        for field in REPORT_FIELDS:
+            assert resumed[field] == pytest.approx(original[field], rel=1e-6, abs=1e-9), field

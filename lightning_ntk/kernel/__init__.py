@@ -156,7 +156,8 @@ def empirical_ntk(
     the unsharded model. Memory: during the call each rank holds the whole
     parameter set (all layers at once, in the compute dtype) besides its shards, plus
     its share of the blocks' work and the whole kernel; the model is left sharded as
-    found (parameters, hooks and FSDP's state untouched).
+    found (parameters, hooks and FSDP's state untouched). Tensor-parallel modules
+    (``parallelize_module``) are refused.
 
     Returns:
         The kernel in the requested layout, on the model's device, in the compute dtype;

@@ -145,7 +145,9 @@ def sharding_mesh(module: nn.Module) -> Optional[Any]:
 
     Raises:
         ValueError: naming the tensor and why, for a sharding the engine does not handle:
-            a buffer that is a ``DTensor``; tensors on several meshes (a model sharded
+            a module whose forward hooks redistribute ``DTensor`` inputs or outputs
+            (tensor parallelism: ``parallelize_module``, ``distribute_module``); a buffer
+            that is a ``DTensor``; tensors on several meshes (a model sharded
             partly on one mesh and partly on another); a mesh of more than one dimension
             (e.g. HSDP's ``Replicate`` + ``Shard``); a ``Partial`` placement (a pending
             reduction); or a mesh that does not span every rank of the default process
@@ -153,6 +155,15 @@ def sharding_mesh(module: nn.Module) -> Optional[Any]:
     """
     mesh = None
     first = ""
+    for name, m in module.named_modules():
+        if _redistributes_tensors(m):
+            raise ValueError(
+                f"The model's module {name or type(m).__name__!r} converts its inputs or "
+                "outputs to and from DTensors in its own forward hooks (tensor parallelism, "
+                "e.g. `parallelize_module`); the kernel engine evaluates the model on whole "
+                "plain parameters and cannot run such a module exactly; shard the model "
+                "with FSDP2's `fully_shard` alone."
+            )
     for name, t in module.named_buffers():
         if is_dtensor(t):
             raise ValueError(
@@ -252,3 +263,18 @@ def _fsdp_hook_ids(module: nn.Module) -> set[int]:
             if h is not None:
                 ids.add(h.id)
     return ids
+
+
+def _redistributes_tensors(module: nn.Module) -> bool:
+    """Whether ``module`` carries forward hooks of ``torch.distributed.tensor``.
+
+    ``distribute_module`` (behind tensor parallelism's ``parallelize_module``) hooks the
+    module's forward to turn inputs into ``DTensor``s and outputs back; a forward on
+    whole plain parameters cannot run through them, and a layer parallelized so may also
+    have been rewritten for its local shard (e.g. its number of attention heads).
+    """
+    hooks = (*module._forward_pre_hooks.values(), *module._forward_hooks.values())
+    return any(
+        str(getattr(hook, "__module__", "") or "").startswith("torch.distributed.tensor")
+        for hook in hooks
+    )

@@ -25,7 +25,10 @@ use the default)
 Distributed. Under DDP every rank computes the same report (same probe, same synced
 parameters) and takes part in one broadcast per report, so the verdict, the logged
 values and the actions are rank 0's on every rank; ``"stop"`` stops all ranks at the
-same step. Sharded strategies (FSDP, DeepSpeed, model parallel) are refused at ``setup``.
+same step. Under ``ModelParallelStrategy`` with FSDP2 (``fully_shard`` in ``configure_model``,
+``tensor_parallel_size=1``) every rank measures the whole model (its parameters gathered for
+each report) and the checkpointed state holds ``θ0`` whole, as rank 0 alone saves callback
+states; FSDP1, DeepSpeed and tensor parallelism are refused at ``setup``.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ from ._publish import (
     with_prefix,
 )
 from ._setup import find_loss
+from ._strategies import strategy_refusal
 from ._verdict import Thresholds
 from .loggers import tensorboard_writers, write_extras, write_layout
 from .settings import NTKSettings, settings_of
@@ -65,7 +69,6 @@ __all__ = ["NTKMonitor", "NTKMonitorBase", "monitor_class"]  # NTKMonitor: built
 ACTIONS = ("warn", "stop", "raise")
 # the autocast dtype of the Trainer's mixed precisions
 _MIXED = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16, "16": torch.float16}
-_SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
 _MODULES = {
     "pytorch_lightning": "lightning_ntk.monitor.callback",
     "lightning.pytorch": "lightning_ntk.lightning",
@@ -202,29 +205,15 @@ class NTKMonitorBase(NTKSettings):
         return cached[1]
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        """Refuse sharded strategies: the callback has not been run under them.
+        """Check the strategy; share the kernel's blocks among the ranks of a distributed run.
 
-        The engine computes exact kernels of FSDP2 (``fully_shard``) models, as
-        :class:`NTKTracker` in a plain loop; Lightning's FSDP strategies need CUDA and
-        remain refused here until tested. DeepSpeed keeps its parameters in its own flat
-        partitions, which the engine cannot read.
+        DDP and ``ModelParallelStrategy`` with FSDP2 alone (``tensor_parallel_size=1``,
+        ``fully_shard`` in ``configure_model``) are supported; the other sharded strategies
+        are refused (see :func:`strategy_refusal`).
         """
-        names = {cls.__name__ for cls in type(trainer.strategy).__mro__}
-        sharded = names.intersection(_SHARDED)
-        if sharded:
-            why = (
-                "DeepSpeed partitions parameters into its own flat buffers, which the kernel "
-                "engine cannot gather"
-                if "DeepSpeedStrategy" in sharded
-                else "the callback is not tested under sharded strategies; for a model "
-                "sharded with FSDP2's `fully_shard`, NTKTracker computes the exact kernel "
-                "in a plain PyTorch loop"
-            )
-            raise ValueError(
-                f"NTKMonitor does not support sharded strategies (got "
-                f"{type(trainer.strategy).__name__}): {why}. Use strategy='ddp' (or a single "
-                "device) for monitored runs."
-            )
+        refusal = strategy_refusal(trainer.strategy)
+        if refusal:
+            raise ValueError(refusal)
         # every rank takes part in every report: the probe kernel's blocks are shared
         self.tracker.distributed = trainer.world_size > 1
 
@@ -358,8 +347,14 @@ class NTKMonitorBase(NTKSettings):
         ]
 
     def state_dict(self) -> dict[str, Any]:
-        """The tracker's state (probe, ``θ0``, ``Θ0``, history) and the last verdict."""
-        return {"tracker": self.tracker.state_dict(), "last_verdict": self._last_verdict}
+        """The tracker's state (probe, ``θ0``, ``Θ0``, history) and the last verdict.
+
+        A sharded model's ``θ0`` is saved whole (gathered: every rank saves together, as
+        Lightning's checkpointing does), since rank 0's copy alone is written and every
+        rank loads it.
+        """
+        tracker = self.tracker.state_dict(gather=True)
+        return {"tracker": tracker, "last_verdict": self._last_verdict}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`; training resumes without a new ``θ0``."""

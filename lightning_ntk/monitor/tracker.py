@@ -34,7 +34,8 @@ Sharded models (FSDP2's ``fully_shard``) are measured whole: every rank calls
 all-gathered, the kernel's blocks shared and summed), every rank gets the same report,
 and ``θ0`` and the previous report's parameters are kept, and saved by
 :meth:`NTKTracker.state_dict`, as this rank's shards, gathered whole for each report
-(``docs/distributed.md``).
+(``state_dict(gather=True)`` saves them whole, for any rank to load;
+``docs/distributed.md``).
 
 Verdict thresholds and the measurements behind them: :mod:`lightning_ntk.monitor._verdict`
 and ``docs/verdicts.md``.
@@ -289,6 +290,12 @@ class NTKTracker(NTKSettings):
         report.restarted = state.restarted
         self._warn_failures(measured.failures)
         point = measured.point
+        found = layouts_of(wrapper) if not state.sharded and state.theta0 else {}
+        if found:  # a sharded model's θ0 loaded whole (`gather`): keep shards again
+            self._layouts = {n: v for n, v in found.items() if n in state.theta0}
+            layouts = self._layouts
+            state.theta0 = to_shards(state.theta0, layouts)
+            state.sharded = list(layouts)
         if point is not None:  # None: too close to the previous report to replace it
             if state.sharded:
                 point = dataclasses.replace(point, theta=to_shards(point.theta, layouts))
@@ -364,14 +371,23 @@ class NTKTracker(NTKSettings):
 
     # ------------------------------------------------------------------ state
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, *, gather: bool = False) -> dict[str, Any]:
         """Everything needed to resume: probe, ``θ0``, ``Θ0``, initial logits, history.
 
         Tensors are moved to the CPU; the result can be saved with ``torch.save``.
+
+        Args:
+            gather: keep a sharded model's ``θ0`` and last report's parameters whole (an
+                all-gather each: every rank calls together) instead of this rank's shards,
+                so that any rank can load the result (for checkpoints that keep one rank's
+                copy); the loaded tracker keeps shards again from its next report.
         """
         state = None
         if self._state is not None:
-            state = _to_cpu(self._state.to_dict())
+            snapshot = self._state
+            if gather and snapshot.sharded:
+                snapshot = dataclasses.replace(_whole(snapshot, self._kept_layouts()), sharded=[])
+            state = _to_cpu(snapshot.to_dict())
         return {
             "probe_x": _to_cpu(self.probe_x),
             "probe_y": _to_cpu(self.probe_y),
@@ -428,6 +444,18 @@ class NTKTracker(NTKSettings):
         layouts = {n: layout for n, layout in known.items() if layout is not None}
         self._layouts.update(layouts)
         return layouts
+
+    def _kept_layouts(self) -> dict[str, Layout]:
+        """How the kept shards are placed, as read at :meth:`start` or the last report."""
+        state = self.started_state
+        missing = [n for n in state.sharded if n not in self._layouts]
+        if missing:
+            raise RuntimeError(
+                f"The tracker keeps shards of {missing[0]!r} loaded from a state dict but has "
+                "not seen the model since: call `update(model, step)` before "
+                "`state_dict(gather=True)`."
+            )
+        return {n: self._layouts[n] for n in state.sharded}
 
     def _selector(self) -> Any:
         return selector_on_wrapper(self.params)
