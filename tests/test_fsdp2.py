@@ -386,6 +386,7 @@ def test_a_hybrid_sharding_is_refused_on_every_rank(ranks):
         message = result["refused_2d"]
         assert "'weight' is sharded on a 2-D device mesh" in message, message
         assert "only 1-D meshes" in message
+        assert 'self.device_mesh["data_parallel"]' in message  # what to do under Lightning
 
 
 def test_tensor_parallelism_is_refused_on_every_rank(ranks):

@@ -187,7 +187,8 @@ def sharding_mesh(module: nn.Module) -> Optional[Any]:
                 f"The model's parameter {name!r} is sharded on a {where.ndim}-D device mesh "
                 f"({where}, placements {tuple(p.placements)}); only 1-D meshes (FSDP2's "  # type: ignore[attr-defined]
                 "`fully_shard` over one mesh dimension) are supported, not hybrid "
-                "Replicate + Shard meshes."
+                "Replicate + Shard meshes; under Lightning's `ModelParallelStrategy`, "
+                'shard on `self.device_mesh["data_parallel"]`.'
             )
         for placement in p.placements:  # type: ignore[attr-defined]
             if not (placement.is_shard() or placement.is_replicate()):
