@@ -398,7 +398,7 @@ def validation(settings: Settings) -> dict:
     agree = lambda f, g: float((f.argmax(1) == g.argmax(1)).double().mean())  # noqa: E731
     out: dict = {"pretrained": accuracy(f0_test), "tuned": {}, "accuracy": {}, "agreement": {},
                  "optimizers_agree": [], "lazy": [], "adam_lazy": [], "distance": {},
-                 "train_loss": {}}  # fmt: skip
+                 "train_loss": {}, "flow_vs_solution": []}  # fmt: skip
     for seed in range(settings.seeds):
         x, y = few_shot(settings.shots, seed, settings.task)
         runs = {
@@ -439,6 +439,9 @@ def validation(settings: Settings) -> dict:
             for name, g in tuned.items():
                 out["agreement"].setdefault((*key, name), []).append(agree(f, g))
         out["optimizers_agree"].append(agree(tuned["sgd"], tuned["adam"]))
+        if "sgd" in settings.kernels:  # how far the run is from the kernel's end point
+            flow, solution = predictions[(LINEARIZED, "SGD run")], predictions[("sgd", "ce")]
+            out["flow_vs_solution"].append(agree(flow, solution))
     return out
 
 
@@ -491,7 +494,9 @@ def validation_table(result: dict) -> str:
         + ", ".join(f"{name} {_mean(d)}" for name, d in result["distance"].items())
         + "; training loss: "
         + ", ".join(f"{name} {_mean(v)}" for name, v in result["train_loss"].items())
-        + f" (the smoothed targets' entropy, its minimum: {MIN_LOSS:.3f})",
+        + f" (the smoothed targets' entropy, its minimum: {MIN_LOSS:.3f}); the SGD kernel's "
+        f"flow over the SGD run and its `ce` solution agree on "
+        f"{_mean(result['flow_vs_solution'] or [math.nan])}",
         "",
         "lazy check: the SGD kernel's flow against the SGD run, held-out",
         "",
