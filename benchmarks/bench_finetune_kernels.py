@@ -32,7 +32,18 @@ benchmark tests that on a small transformer classifier, offline, in two parts.
    row of their own: the agreement any kernel gets for free. A *lazy check* follows SGD
    fine-tuning step by step with :func:`lightning_ntk.theory.kernel_flow` (the SGD
    kernel's exact prediction of the same full-batch run while it stays linear) and reports
-   the relative error of the predicted held-out logit change at several steps.
+   the relative error of the predicted held-out logit change at several steps; *Adam's
+   lazy check* does the same with Adam run on the linearized model
+   ``f(x; θ0) + J0(x)(θ − θ0)`` (:func:`lightning_ntk.linearize`), what Adam fine-tuning
+   does in the kernel regime with no kernel formula assumed. The two linearized runs'
+   end points are rows of the table too (``linearized model``).
+
+   ``--regime lazy`` puts fine-tuning in the kernel regime: the model is scaled by
+   :class:`LazyScaled` (``f(x; θ0) + α (f(x; θ) − f(x; θ0))``, ``α = 100``, the lazy
+   scaling of Chizat et al.), the learning rates are divided by ``α²`` (SGD) and ``α``
+   (Adam), so each step moves the logits about as much as before with a linearization
+   error ``α`` times smaller, and the runs take 1000 steps. The kernels' predictions do
+   not change (``α`` scales every kernel, and both solvers ignore the scale).
 2. **Cost side by side with the reference recipe** (princeton-nlp/LM-Kernel-FT): the
    kernel ``Θ(X_eval, X_train)`` by ``empirical_ntk(kernel=...)`` (its ``auto`` choice, and
    the method of the recipe's route named explicitly) against the recipe, written here:
@@ -49,6 +60,7 @@ benchmark tests that on a small transformer classifier, offline, in two parts.
 Usage::
 
     python benchmarks/bench_finetune_kernels.py [--task least] [--shots 16] [--seeds 3] [--memory]
+    python benchmarks/bench_finetune_kernels.py --regime lazy --no-cost   # the kernel regime
     python benchmarks/bench_finetune_kernels.py --quick      # seconds: the pipeline's sanity
 """
 
@@ -65,7 +77,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -73,7 +85,7 @@ from torch.func import functional_call, jacrev, jvp, vmap
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from lightning_ntk import empirical_ntk
+from lightning_ntk import empirical_ntk, linearize
 from lightning_ntk.kernel import last_call_info
 from lightning_ntk.theory import kernel_flow, kernel_solution
 
@@ -81,6 +93,8 @@ VOCAB, LENGTH, CLASSES = 24, 8, 3
 KERNELS = ("sgd", "signgd", "asymmetric_signgd", "adam")
 OPTIMIZERS = ("sgd", "adam")
 SMOOTHING = 0.1
+_SMOOTHED = torch.full((CLASSES,), SMOOTHING / CLASSES) + (1 - SMOOTHING) * torch.eye(CLASSES)[0]
+MIN_LOSS = float(-(_SMOOTHED * _SMOOTHED.log()).sum())  # the training loss at its minimum
 
 
 # ---------------------------------------------------------------------- model and data
@@ -121,6 +135,28 @@ class Classifier(nn.Module):
 
     def forward(self, ids: Tensor) -> Tensor:
         return self.head(self.norm(self.blocks(self.tokens(ids) + self.positions)).mean(dim=1))
+
+
+class LazyScaled(nn.Module):
+    """``f_α(x; θ) = f(x; θ0) + α (f(x; θ) − f(x; θ0))``: the lazy scaling of Chizat et al.
+
+    The same pretrained predictions at ``θ0``, the kernel ``α² Θ`` (the sign kernels ``α``
+    times theirs), and a linearization error ``α`` times smaller for the same change of the
+    logits: gradient descent with learning rate ``η / α²`` (Adam: ``η / α``) follows the
+    kernel flow of the unscaled model's learning rate ``η`` ever more closely as ``α``
+    grows ("On Lazy Training in Differentiable Programming", NeurIPS 2019). ``f(x; θ0)``
+    is a frozen copy of the model, outside the parameters.
+    """
+
+    def __init__(self, model: nn.Module, alpha: float) -> None:
+        super().__init__()
+        self.model, self.alpha = model, alpha
+        reference = copy.deepcopy(model).requires_grad_(False)
+        self._reference = (reference,)  # a tuple: not a submodule, so not a parameter
+
+    def forward(self, ids: Tensor) -> Tensor:
+        f0 = self._reference[0](ids)
+        return f0 + self.alpha * (self.model(ids) - f0)
 
 
 TASKS = ("least", "half_vocab")  # the fine-tuning tasks
@@ -193,6 +229,29 @@ def finetune(
     return tuned, recorded
 
 
+def finetune_linearized(
+    model: nn.Module, x: Tensor, y: Tensor, name: str, lr: float, steps: int,
+    x_test: Tensor, record: tuple[int, ...],
+) -> dict[int, Tensor]:  # fmt: skip
+    """The held-out logits ``{step: (M, C)}`` of the same run as :func:`finetune` on the
+    linearized model ``f_lin(x; θ) = f(x; θ0) + J0(x)(θ − θ0)`` (for Adam: what Adam
+    fine-tuning does in the kernel regime, with no kernel formula assumed)."""
+    linear = linearize(model)
+    theta = {n: p.detach().clone().requires_grad_() for n, p in linear.params0.items()}
+    optimizer_class = torch.optim.SGD if name == "sgd" else torch.optim.Adam
+    optimizer = optimizer_class(theta.values(), lr=lr)
+    recorded = {}
+    for step in range(1, steps + 1):
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(linear(x, theta), y, label_smoothing=SMOOTHING)
+        loss.backward()
+        optimizer.step()
+        if step in record:
+            with torch.no_grad():
+                recorded[step] = linear(x_test, theta).double()
+    return recorded
+
+
 def adam_after_first_step(
     model: nn.Module, x: Tensor, y: Tensor
 ) -> tuple[nn.Module, torch.optim.Adam]:
@@ -259,6 +318,7 @@ class Settings:
     lr: tuple[float, float] = (0.03, 1e-3)  # SGD, Adam
     record: tuple[int, ...] = (1, 3, 10, 30, 100, 300)  # steps of the lazy check
     kernels: tuple[str, ...] = KERNELS
+    alpha: float = 1.0  # the lazy scaling of the fine-tuned model (LazyScaled), 1: none
 
 
 QUICK = Settings(
@@ -267,9 +327,31 @@ QUICK = Settings(
 )  # fmt: skip
 
 
+REGIMES = ("rich", "lazy")
+LAZY_ALPHA, LAZY_STEPS = 100.0, 1000
+
+
+def lazy(settings: Settings, alpha: float = LAZY_ALPHA, steps: int = LAZY_STEPS) -> Settings:
+    """``settings`` moved into the kernel regime (``--regime lazy``).
+
+    The model is scaled by :class:`LazyScaled`; SGD runs with lr ``η / α²`` and Adam with
+    lr ``η / α`` (``η``: ``settings``' learning rates), so each step moves the logits about
+    as much as without the scaling, with a linearization error ``α`` times smaller; ``steps``
+    steps (1000: both runs come close to the training loss's minimum).
+    """
+    sgd_lr, adam_lr = settings.lr
+    return replace(
+        settings,
+        steps=steps,
+        lr=(sgd_lr / alpha**2, adam_lr / alpha),
+        record=tuple(sorted({*settings.record, steps})),
+        alpha=alpha,
+    )
+
+
 def lazy_check(
     model: nn.Module, x: Tensor, y: Tensor, x_test: Tensor, runs: dict[float, dict[int, Tensor]]
-) -> dict[float, dict[int, dict[str, float]]]:
+) -> tuple[dict[float, dict[int, dict[str, float]]], dict[float, dict[int, Tensor]]]:
     """The SGD kernel's flow of full-batch SGD runs against the runs, step by step.
 
     Args:
@@ -282,31 +364,32 @@ def lazy_check(
     Returns:
         Per learning rate and recorded step: ``‖f_flow − f_SGD‖ / ‖f_SGD − f0‖`` on the
         held-out set (the relative error of the predicted logit change), the argmax
-        agreement, and the rms logit change ``‖f_SGD − f0‖ / √M``.
+        agreement, and the rms logit change ``‖f_SGD − f0‖ / √M``; and the flow's held-out
+        logits ``(M, C)`` at the same learning rates and steps.
     """
     train = empirical_ntk(model, x, dtype=torch.float64)
     test = empirical_ntk(model, x_test, x, dtype=torch.float64)
     f0, f0_test = logits(model, x), logits(model, x_test)
-    out: dict = {}
+    out, flows = {}, {}
     for lr, recorded in runs.items():
         _, flow_test = kernel_flow(
             train, f0, y, label_smoothing=SMOOTHING, lr=lr, steps=max(recorded),
             ntk_test=test, logits0_test=f0_test,
         )  # fmt: skip
-        for step, actual in recorded.items():
-            predicted = flow_test[step]
-            change = float((actual - f0_test).norm())
-            out.setdefault(lr, {})[step] = {
-                "relative_error": float((predicted - actual).norm()) / max(change, 1e-12),
-                "agreement": float((predicted.argmax(1) == actual.argmax(1)).double().mean()),
-                "logit_change": change / math.sqrt(len(x_test)),
-            }
-    return out
+        flows[lr] = {step: flow_test[step] for step in recorded}
+        out[lr] = compare_runs(recorded, flows[lr], f0_test)
+    return out, flows
+
+
+LINEARIZED = "linearized model"  # the rows of the linearized model's runs
 
 
 def validation(settings: Settings) -> dict:
     """Accuracies and agreements per kernel × optimizer, over the seeds (lists of values)."""
-    model = pretrain(settings.width, settings.pretrain_steps)
+    assert settings.steps in settings.record, "the lazy checks compare the last step"
+    model: nn.Module = pretrain(settings.width, settings.pretrain_steps)
+    if settings.alpha != 1.0:
+        model = LazyScaled(model, settings.alpha)
     x_test, y_test = make_data(
         settings.held_out, settings.task, torch.Generator().manual_seed(10_000)
     )
@@ -314,7 +397,8 @@ def validation(settings: Settings) -> dict:
     accuracy = lambda f: float((f.argmax(1) == y_test).double().mean())  # noqa: E731
     agree = lambda f, g: float((f.argmax(1) == g.argmax(1)).double().mean())  # noqa: E731
     out: dict = {"pretrained": accuracy(f0_test), "tuned": {}, "accuracy": {}, "agreement": {},
-                 "optimizers_agree": [], "lazy": [], "distance": {}}  # fmt: skip
+                 "optimizers_agree": [], "lazy": [], "adam_lazy": [], "distance": {},
+                 "train_loss": {}, "flow_vs_solution": []}  # fmt: skip
     for seed in range(settings.seeds):
         x, y = few_shot(settings.shots, seed, settings.task)
         runs = {
@@ -324,6 +408,8 @@ def validation(settings: Settings) -> dict:
         tuned = {name: logits(m, x_test) for name, (m, _) in runs.items()}
         for name, (m, _) in runs.items():
             out["distance"].setdefault(name, []).append(parameter_distance(m, model))
+            with torch.no_grad():
+                out["train_loss"].setdefault(name, []).append(float(loss_of(m, x, y)))
         predictions = {
             ("f0 (no fine-tuning)", "ce"): f0_test,
             ("f0 (no fine-tuning)", "regression"): f0_test,
@@ -334,6 +420,18 @@ def validation(settings: Settings) -> dict:
                 at, optimizer = adam_after_first_step(model, x, y)
             for solver, f in kernel_predictions(at, x, y, x_test, kind, optimizer).items():
                 predictions[(kind, solver)] = f
+        lr = settings.lr[0]
+        sgd_runs = {lr: runs["sgd"][1]}
+        for smaller in (lr / 100, lr / 10):  # one step: the linearization's error ∝ lr
+            sgd_runs[smaller] = finetune(model, x, y, "sgd", smaller, 1, x_test, (1,))[1]
+        lazy, flows = lazy_check(model, x, y, x_test, sgd_runs)
+        out["lazy"].append(lazy)
+        linear_adam = finetune_linearized(
+            model, x, y, "adam", settings.lr[1], settings.steps, x_test, settings.record
+        )
+        out["adam_lazy"].append(compare_runs(runs["adam"][1], linear_adam, f0_test))
+        predictions[(LINEARIZED, "SGD run")] = flows[lr][settings.steps]
+        predictions[(LINEARIZED, "Adam run")] = linear_adam[settings.steps]
         for name, f in tuned.items():
             out["tuned"].setdefault(name, []).append(accuracy(f))
         for key, f in predictions.items():
@@ -341,11 +439,24 @@ def validation(settings: Settings) -> dict:
             for name, g in tuned.items():
                 out["agreement"].setdefault((*key, name), []).append(agree(f, g))
         out["optimizers_agree"].append(agree(tuned["sgd"], tuned["adam"]))
-        lr = settings.lr[0]
-        sgd_runs = {lr: runs["sgd"][1]}
-        for smaller in (lr / 100, lr / 10):  # one step: the linearization's error ∝ lr
-            sgd_runs[smaller] = finetune(model, x, y, "sgd", smaller, 1, x_test, (1,))[1]
-        out["lazy"].append(lazy_check(model, x, y, x_test, sgd_runs))
+        if "sgd" in settings.kernels:  # how far the run is from the kernel's end point
+            flow, solution = predictions[(LINEARIZED, "SGD run")], predictions[("sgd", "ce")]
+            out["flow_vs_solution"].append(agree(flow, solution))
+    return out
+
+
+def compare_runs(
+    actual: dict[int, Tensor], predicted: dict[int, Tensor], f0_test: Tensor
+) -> dict[int, dict[str, float]]:
+    """Per recorded step, the figures of :func:`lazy_check` for a ``predicted`` run."""
+    out = {}
+    for step, f in actual.items():
+        change = float((f - f0_test).norm())
+        out[step] = {
+            "relative_error": float((predicted[step] - f).norm()) / max(change, 1e-12),
+            "agreement": float((predicted[step].argmax(1) == f.argmax(1)).double().mean()),
+            "logit_change": change / math.sqrt(len(f0_test)),
+        }
     return out
 
 
@@ -380,7 +491,12 @@ def validation_table(result: dict) -> str:
         f"fine-tuned accuracy: {tuned}; pretrained (zero-shot) {result['pretrained']:.3f}; "
         f"SGD FT and Adam FT agree on {_mean(result['optimizers_agree'])}; parameter "
         "distance ‖θ − θ0‖/‖θ0‖: "
-        + ", ".join(f"{name} {_mean(d)}" for name, d in result["distance"].items()),
+        + ", ".join(f"{name} {_mean(d)}" for name, d in result["distance"].items())
+        + "; training loss: "
+        + ", ".join(f"{name} {_mean(v)}" for name, v in result["train_loss"].items())
+        + f" (the smoothed targets' entropy, its minimum: {MIN_LOSS:.3f}); the SGD kernel's "
+        f"flow over the SGD run and its `ce` solution agree on "
+        f"{_mean(result['flow_vs_solution'] or [math.nan])}",
         "",
         "lazy check: the SGD kernel's flow against the SGD run, held-out",
         "",
@@ -389,18 +505,34 @@ def validation_table(result: dict) -> str:
     ]
     lazy = result["lazy"]
     lr, *smaller = lazy[0]
-    for step in lazy[0][lr]:
-        cells = [
-            _mean([seed[lr][step][key] for seed in lazy])
-            for key in ("relative_error", "agreement", "logit_change")
-        ]
-        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    lines += _check_rows([seed[lr] for seed in lazy])
     one_step = [
         f"lr {rate:g}: {_mean([seed[rate][1]['relative_error'] for seed in lazy])}"
         for rate in [*smaller, lr]
     ]
-    lines += ["", "relative error after one step, " + ", ".join(one_step)]
+    lines += [
+        "",
+        "relative error after one step, " + ", ".join(one_step),
+        "",
+        "Adam's lazy check: Adam on the linearized model against the Adam run, held-out",
+        "",
+        "| step | relative error of the logit change | agreement | rms logit change |",
+        "|---|---|---|---|",
+        *_check_rows(result["adam_lazy"]),
+    ]
     return "\n".join(lines)
+
+
+def _check_rows(seeds: list[dict[int, dict[str, float]]]) -> list[str]:
+    """Table rows of a step-by-step check, mean ± sd over the seeds."""
+    rows = []
+    for step in seeds[0]:
+        cells = [
+            _mean([seed[step][key] for seed in seeds])
+            for key in ("relative_error", "agreement", "logit_change")
+        ]
+        rows.append(f"| {step} | " + " | ".join(cells) + " |")
+    return rows
 
 
 # ---------------------------------------------------------------------- the reference recipe
@@ -563,6 +695,10 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=Settings.shots, help="examples per class")
     parser.add_argument("--seeds", type=int, default=Settings.seeds)
     parser.add_argument("--task", choices=TASKS, default=Settings.task, help="fine-tuning task")
+    parser.add_argument(
+        "--regime", choices=REGIMES, default="rich",
+        help="lazy: the model scaled into the kernel regime (LazyScaled)",
+    )  # fmt: skip
     parser.add_argument("--no-cost", action="store_true", help="the validation only")
     parser.add_argument("--eval", type=int, default=96, help="evaluation batch of the cost part")
     parser.add_argument("--repeats", type=int, default=3)
@@ -577,6 +713,8 @@ def main() -> None:
         print(peak_memory(state_file, int(width), int(n_eval), int(n_train), kind, path))
         return
     settings = QUICK if args.quick else Settings(args.task, shots=args.shots, seeds=args.seeds)
+    if args.regime == "lazy":
+        settings = lazy(settings, steps=settings.steps if args.quick else LAZY_STEPS)
     start = time.perf_counter()
     result = validation(settings)
     print(f"torch {torch.__version__}, 1 thread; {settings}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,50 @@ def test_quick_run_follows_small_step_sgd(bench):
         assert all(0.0 <= v <= 1.0 for v in values)
     table = bench.validation_table(result)
     assert "| asymmetric_signgd | ce |" in table and "| sgd | regression |" in table
+
+
+def test_lazy_regime_moves_the_logits_as_much_with_a_far_smaller_error(bench):
+    """The lazy scaling keeps each run's logit change and shrinks both lazy checks' errors."""
+    rich = replace(bench.QUICK, lr=(0.03, 1e-3))
+    lazy = bench.lazy(rich, steps=rich.steps)
+    assert lazy.alpha > 1 and lazy.lr == (0.03 / lazy.alpha**2, 1e-3 / lazy.alpha)
+    step = rich.steps
+    checks = {}
+    for name, settings in (("rich", rich), ("lazy", lazy)):
+        result = bench.validation(settings)
+        checks[name] = {
+            "sgd": result["lazy"][0][settings.lr[0]][step],
+            "adam": result["adam_lazy"][0][step],
+        }
+    for optimizer in ("sgd", "adam"):
+        before, after = checks["rich"][optimizer], checks["lazy"][optimizer]
+        assert 0.5 < after["logit_change"] / before["logit_change"] < 2, optimizer
+        assert before["relative_error"] > 0.1, optimizer  # the rich run is not lazy ...
+        assert after["relative_error"] < before["relative_error"] / 10, optimizer  # ... this is
+
+
+def test_lazy_scaling_keeps_the_logits_and_scales_the_kernels(bench, tiny):
+    """``f_α(θ0) = f(θ0)``; the SGD kernel ``α²`` times, the asymmetric SignGD kernel ``α``."""
+    model, x, _, x_test = tiny
+    scaled = bench.LazyScaled(model, 10.0)
+    torch.testing.assert_close(scaled(x_test), model(x_test))
+    assert [n for n, _ in scaled.named_parameters()] == [
+        f"model.{n}" for n, _ in model.named_parameters()
+    ]
+    for kind, factor in (("sgd", 100.0), ("asymmetric_signgd", 10.0)):
+        K = empirical_ntk(model, x_test, x, kernel=kind, dtype=torch.float64)
+        K_scaled = empirical_ntk(scaled, x_test, x, kernel=kind, dtype=torch.float64)
+        torch.testing.assert_close(K_scaled, factor * K, rtol=1e-4, atol=1e-6)
+
+
+def test_sgd_on_the_linearized_model_is_the_kernel_flow(bench, tiny):
+    """The linearized-model runs of the Adam check, with SGD: exactly the SGD kernel's flow."""
+    model, x, y, x_test = tiny
+    lr, record = 0.05, (1, 5)
+    linear = bench.finetune_linearized(model, x, y, "sgd", lr, 5, x_test, record)
+    _, flows = bench.lazy_check(model, x, y, x_test, {lr: linear})
+    for step in record:
+        torch.testing.assert_close(linear[step], flows[lr][step], rtol=1e-4, atol=1e-5)
 
 
 def _jacobian(model, x):
