@@ -16,7 +16,9 @@ median time of one. Where the machine's load changes from run to run, the figure
 read is the last: each monitored run's time inside the hooks against the same run's
 time outside them (the training the monitor watched), median over runs.
 
-The breakdown times the parts of the monitor's work with ``time.perf_counter``, by
+The breakdown times the parts of the monitor's work with ``time.perf_counter`` (or, with
+``--clock cpu``, the process's CPU time ``time.process_time``: on a machine shared with
+other jobs the wall time of a run varies by factors, its CPU time much less), by
 wrapping the library's functions from here (nothing in the library is changed):
 
 * ``start``: ``on_train_start`` (the probe, ``θ0``, ``Θ0``); its kernel is counted
@@ -51,6 +53,7 @@ Usage::
     python benchmarks/bench_overhead.py --model cnn_bn --steps 600 --repeats 7
     python benchmarks/bench_overhead.py --settings '{}' '{"output": "trace"}' --cold
     python benchmarks/bench_overhead.py --logger csv  # logging to a CSVLogger, both arms
+    python benchmarks/bench_overhead.py --clock cpu  # CPU time: steadier on a loaded machine
 """
 
 from __future__ import annotations
@@ -88,6 +91,7 @@ REPORT_PARTS = ("kernel", "linearization θ0", "linearization previous", "logits
                 "rest", "logging")  # fmt: skip
 
 PARTS: collections.defaultdict[str, float] = collections.defaultdict(float)  # seconds per part
+CLOCK = time.perf_counter  # or time.process_time with --clock cpu
 COUNTS: collections.Counter[str] = collections.Counter()
 
 
@@ -95,12 +99,12 @@ def _timed(name, fn):
     """``fn`` adding its wall time to ``PARTS[name]`` (``name`` may be a callable of the call)."""
 
     def wrapper(*args, **kwargs):
-        start = time.perf_counter()
+        start = CLOCK()
         try:
             return fn(*args, **kwargs)
         finally:
             part = name() if callable(name) else name
-            PARTS[part] += time.perf_counter() - start
+            PARTS[part] += CLOCK() - start
             COUNTS[part] += 1
 
     return wrapper
@@ -184,11 +188,11 @@ def timed_hooks(monitor: NTKMonitor) -> list[tuple[str, float]]:
         hook = getattr(monitor, name)
 
         def wrapper(*args, _hook=hook, _name=name, **kwargs):
-            start = time.perf_counter()
+            start = CLOCK()
             try:
                 return _hook(*args, **kwargs)
             finally:
-                calls.append((_name, time.perf_counter() - start))
+                calls.append((_name, CLOCK() - start))
 
         setattr(monitor, name, wrapper)
     return calls
@@ -242,11 +246,11 @@ def train_once(settings, args, steps=None) -> Run:
         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
         num_sanity_val_steps=0, callbacks=callbacks,
     )  # fmt: skip
-    start = time.perf_counter()
+    start = CLOCK()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(module, loader)
-    seconds = time.perf_counter() - start
+    seconds = CLOCK() - start
     history = list(callbacks[0].history) if callbacks else []
     return Run(seconds, calls, len(history), dict(PARTS), history)
 
@@ -313,7 +317,7 @@ def cold_runs(settings: dict, args) -> tuple[list[float], list[float]]:
         for arm in ("without", "with"):
             command = [sys.executable, __file__, "--one", arm, "--steps", str(args.steps),
                        "--width", str(args.width), "--model", args.model,
-                       "--channels", str(args.channels),
+                       "--channels", str(args.channels), "--clock", args.clock,
                        "--settings", json.dumps(settings)]  # fmt: skip
             result = subprocess.run(command, capture_output=True, text=True, check=True)
             out[arm].append(float(result.stdout.strip().splitlines()[-1]))
@@ -343,8 +347,15 @@ def main() -> None:
     parser.add_argument("--cold", action="store_true", help="also time runs in fresh processes")
     parser.add_argument("--save-reports", metavar="PATH", help="write the first setting's reports")
     parser.add_argument("--check", metavar="PATH", help="compare the reports with a saved file")
+    parser.add_argument(
+        "--clock", choices=("wall", "cpu"), default="wall",
+        help="wall time, or the process's CPU time (all its threads; steadier on a loaded "
+        "machine, as other processes' work is not counted)",
+    )  # fmt: skip
     parser.add_argument("--one", choices=("without", "with"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)  # no per-run banner lines
     settings_list = [json.loads(s) for s in args.settings]
@@ -356,8 +367,8 @@ def main() -> None:
     instrument()
     train_once({}, args, steps=8)  # warm-up: imports, first kernels
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, model {args.model}, "
-          f"{args.steps} steps, {args.repeats} repeats, logger {args.logger}; steady state "
-          "(one process)")  # fmt: skip
+          f"{args.steps} steps, {args.repeats} repeats, logger {args.logger}, {args.clock} "
+          "clock; steady state (one process)")  # fmt: skip
     rows = []
     for settings in settings_list:
         r = steady_state(settings, args)

@@ -170,6 +170,32 @@ def test_log_spaced_schedule_and_intervals():
         Schedule(log_base=None)
 
 
+@pytest.mark.parametrize(
+    "schedule",
+    [Schedule(), Schedule(log_base=2), Schedule(log_base=1.5), Schedule(log_base=1.01),
+     Schedule(log_base=10.0), Schedule(every_n_steps=7, log_base=None),
+     Schedule(every_n_steps=10, log_base=3), Schedule(every_n_epochs=1, log_base=None)],
+)  # fmt: skip
+def test_next_step_is_the_first_due_step_after_any_step(schedule):
+    due = [s for s in range(0, 20000) if schedule.step_due(s)]
+    for step in range(-2, 1100):
+        later = [s for s in due if s > step]
+        assert schedule.next_step(step) == (later[0] if later else math.inf), step
+
+
+def test_tracker_is_due_on_consecutive_repeated_and_skipped_steps():
+    x, y = blobs(6)
+    tracker = NTKTracker(x, y, every_n_steps=5, log_base=3)
+    model = mlp()
+    tracker.start(model)
+    steps = [*range(0, 40), 39, 39, 40, 12, 3, 100, 2, 81, 81]  # a resume may go back
+    assert [s for s in steps if tracker.is_due(s)] == [
+        s for s in steps if tracker.schedule.step_due(s)
+    ]
+    tracker.update(model, 81)
+    assert not tracker.is_due(81) and tracker.is_due(85)
+
+
 def test_tracker_is_due_skips_repeated_steps():
     x, y = blobs(6)
     tracker = NTKTracker(x, y, every_n_steps=3, log_base=None)

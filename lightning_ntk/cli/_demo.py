@@ -39,7 +39,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -379,7 +379,9 @@ class DigitsClassifier(pl.LightningModule):
         self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.lr = lr
         self.l2 = l2
-        self._theta0: Optional[list[Tensor]] = None
+        # a list from the start: its value changes no plain attribute of the module, so
+        # the kernel engine's plan for the model stays valid when training starts
+        self._theta0: list[Tensor] = []
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits ``(N, 10)``."""
@@ -394,7 +396,7 @@ class DigitsClassifier(pl.LightningModule):
         x, y = batch
         loss = self.loss(self(x), y)
         if self.l2 > 0:
-            assert self._theta0 is not None
+            assert self._theta0, "on_train_start takes θ0"
             sq = sum(
                 ((p - p0) ** 2).sum() for p, p0 in zip(self.network.parameters(), self._theta0)
             )

@@ -216,13 +216,17 @@ def ntk_of(
     distributed: bool = False,
     fallback: bool = True,
     spec: Optional[KernelSpec] = None,
+    logits: Optional[Tensor] = None,
 ) -> Union[Tensor, dict[str, Tensor]]:
     """:func:`empirical_ntk` of a functional view the caller already built.
 
     For callers that evaluate one model several ways in one measurement (the monitor's
     report builds one :class:`FunctionalModel` and hands it to the kernel and the
     linearization). The arguments are those of :func:`empirical_ntk`, already validated;
-    ``spec`` is the optimizer's kernel (``None``: ``"sgd"``).
+    ``spec`` is the optimizer's kernel (``None``: ``"sgd"``). ``logits`` are
+    ``fm(fm.params, x1)``, ``(N1, C)``, when the caller already evaluated and checked
+    them (finite, one row per example) for ``x2 = None``: the validating forward pass
+    is then not run again.
     """
     method = _check_method(method)
     symmetric = x2 is None
@@ -230,7 +234,10 @@ def ntk_of(
     x2 = x1 if symmetric else fm.cast_input(x2)
     with exact_matmuls(fm.device):
         with torch.no_grad():
-            num_classes = fm.checked_logits(x1, "x1").shape[1]
+            if logits is not None and symmetric and logits.shape[0] == _inputs.batch_size(x1):
+                num_classes = logits.shape[1]
+            else:
+                num_classes = fm.checked_logits(x1, "x1").shape[1]
             if not symmetric:
                 fm.checked_logits(x2, "x2")
         n1, n2 = _inputs.batch_size(x1), _inputs.batch_size(x2)

@@ -137,11 +137,17 @@ def fingerprint(fm: FunctionalModel, x: Any, settings: bool = True) -> tuple:
 
 _PLAIN = (bool, int, float, str, type(None), torch.dtype)
 
+# Attributes that change while a model trains but that no forward reads: ``training``
+# (the engine evaluates in eval mode whatever the flag says) and Lightning's record of
+# the hook being run (a LightningModule's ``_current_fx_name``, a different name in
+# every hook, would otherwise verify the plan again for each hook that measures).
+_BOOKKEEPING = frozenset({"training", "_current_fx_name"})
+
 
 def _settings(module: nn.Module) -> tuple:
     """The module's attributes of plain types (numbers, strings, flags, tuples of them).
 
-    ``training`` is left out: the engine evaluates in eval mode whatever the flag says.
+    Bookkeeping that no forward reads is left out (:data:`_BOOKKEEPING`).
     """
 
     def plain(value: Any) -> bool:
@@ -150,7 +156,9 @@ def _settings(module: nn.Module) -> tuple:
         return isinstance(value, _PLAIN)
 
     return tuple(
-        (key, value) for key, value in vars(module).items() if key != "training" and plain(value)
+        (key, value)
+        for key, value in vars(module).items()
+        if key not in _BOOKKEEPING and plain(value)
     )
 
 

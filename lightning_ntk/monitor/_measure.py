@@ -257,7 +257,7 @@ def measure(tracker: NTKTracker, fm: FunctionalModel, step: int) -> Measurement:
     close = snap.previous is not None and doublings(step, reference.step) < MIN_SPAN
     kernel = KernelPart()
     if finite:
-        kernel = _kernel_part(tracker, fm, snap, y, task, step, failures, close)
+        kernel = _kernel_part(tracker, fm, snap, y, task, step, failures, logits, close)
         values.update(kernel.values)
         logits0 = snap.logits0.to(fm.device)
         values.update(
@@ -339,6 +339,7 @@ def _kernel_part(
     task: str,
     step: int,
     failures: dict[str, str],
+    logits: Optional[Tensor] = None,
     close: bool = False,
 ) -> KernelPart:
     """``Θ_t``: its drift from ``Θ0``, its velocity since the last report, alignment, spectrum.
@@ -348,7 +349,7 @@ def _kernel_part(
     """
     if snap.K0 is None:
         return KernelPart()
-    computed = _kernel_of_run(tracker, fm, snap, failures)
+    computed = _kernel_of_run(tracker, fm, snap, failures, logits)
     if computed is None:
         return KernelPart()
     K, K_layers = computed
@@ -549,7 +550,7 @@ def snapshot(tracker: NTKTracker, fm: FunctionalModel, step: int) -> tuple[Snaps
     )
     failures: dict[str, str] = {}
     if not state.waiting:
-        _take_reference_kernel(tracker, fm, state, failures)
+        _take_reference_kernel(tracker, fm, state, failures, logits0)
     return state, failures
 
 
@@ -575,23 +576,34 @@ def read_preconditioner(tracker: NTKTracker, fm: FunctionalModel, step: int) -> 
 
 
 def _kernel_of_run(
-    tracker: NTKTracker, fm: FunctionalModel, snap: Snapshot, failures: dict[str, str]
+    tracker: NTKTracker,
+    fm: FunctionalModel,
+    snap: Snapshot,
+    failures: dict[str, str],
+    logits: Optional[Tensor] = None,
 ) -> Optional[tuple[Tensor, dict[str, Tensor]]]:
-    """The probe kernel of ``fm`` as the run measures it (method, layout, kernel), or ``None``."""
+    """The probe kernel of ``fm`` as the run measures it (method, layout, kernel), or ``None``.
+
+    ``logits``: the probe's checked logits at ``fm.params`` when the caller holds them.
+    """
     return attempt(
         failures,
         "kernel",
         lambda: probe_kernel(
-            tracker, fm, snap.method, snap.per_layer, snap.output, spec=snap.spec(fm)
+            tracker, fm, snap.method, snap.per_layer, snap.output, snap.spec(fm), logits
         ),
     )
 
 
 def _take_reference_kernel(
-    tracker: NTKTracker, fm: FunctionalModel, snap: Snapshot, failures: dict[str, str]
+    tracker: NTKTracker,
+    fm: FunctionalModel,
+    snap: Snapshot,
+    failures: dict[str, str],
+    logits: Optional[Tensor] = None,
 ) -> None:
     """``Θ0`` (and its parts, its target alignment) of ``fm`` into ``snap``."""
-    computed = _kernel_of_run(tracker, fm, snap, failures)
+    computed = _kernel_of_run(tracker, fm, snap, failures, logits)
     if computed is None:
         return
     snap.K0, snap.K0_layers = computed
@@ -618,10 +630,13 @@ def probe_kernel(
     per_layer: bool,
     output: str,
     spec: Optional[KernelSpec] = None,
+    logits: Optional[Tensor] = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``Θ(X, X)`` in layout ``output``, and per module when ``per_layer`` is on.
 
-    ``spec`` is the optimizer's kernel (``None``: the NTK, ``"sgd"``).
+    ``spec`` is the optimizer's kernel (``None``: the NTK, ``"sgd"``); ``logits`` the
+    probe's checked logits ``f(X; fm.params)`` when the caller holds them (the engine
+    then skips its validating forward pass).
     """
     probe = fm.cast_input(tracker.probe_on(fm.module)[0])
     world = rank_and_world(tracker.distributed)[1]
@@ -638,6 +653,7 @@ def probe_kernel(
             chunk_size=None if world == 1 else max(1, math.ceil(batch_size(probe) / (2 * world))),
             distributed=world > 1,
             spec=spec,
+            logits=logits,
         )
         tracker.kernel_info = last_call_info()
     if not per_layer:

@@ -213,11 +213,17 @@ def nonfinite_marker(batch: Any, marker: Optional[Tensor] = None) -> Optional[Te
     tensors are summed in float32). One reduction and one scalar update per tensor, no
     host sync; ``None`` while no floating tensor was seen.
     """
-    for t in _floating_tensors(batch):
+    # a plain tensor, the common batch, is read directly: this runs on every training step
+    tensors = (batch,) if isinstance(batch, Tensor) else _floating_tensors(batch)
+    for t in tensors:
+        if not t.is_floating_point():
+            continue
         total = t.sum(dtype=torch.float32) if t.element_size() < 4 else t.sum()
         if marker is None:
             marker = torch.zeros((), dtype=total.dtype, device=total.device)
-        marker.add_(total.to(marker.device), alpha=0)
+        if total.device != marker.device:
+            total = total.to(marker.device)
+        marker.add_(total, alpha=0)
     return marker
 
 

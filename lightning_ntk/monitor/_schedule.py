@@ -59,6 +59,20 @@ class Schedule:
             return True
         return self.log_base is not None and _on_log_grid(step, self.log_base)
 
+    def next_step(self, step: int) -> float:
+        """The first step after ``step`` at which :meth:`step_due` fires (``inf``: none).
+
+        No step strictly between ``step`` and the result is due, which lets a caller
+        skip the check on the steps in between.
+        """
+        candidates = [math.inf]
+        if self.every_n_steps is not None:
+            n = self.every_n_steps
+            candidates.append(n * (max(step, 0) // n + 1))
+        if self.log_base is not None:
+            candidates.append(_next_on_log_grid(max(step, 1), self.log_base))
+        return min(candidates)
+
     def epoch_due(self, epoch: int) -> bool:
         """Whether a report is due at the end of epoch ``epoch`` (counted from 0)."""
         return self.every_n_epochs is not None and (epoch + 1) % self.every_n_epochs == 0
@@ -68,3 +82,17 @@ def _on_log_grid(step: int, base: float) -> bool:
     """Whether ``step = ⌈base^k⌉`` for some ``k ≥ 1`` (checked near ``log_base(step)``)."""
     k = round(math.log(step) / math.log(base))
     return any(math.ceil(base**j - 1e-9) == step for j in (k - 1, k, k + 1) if j >= 1)
+
+
+def _next_on_log_grid(step: int, base: float) -> int:
+    """The smallest ``⌈base^k⌉ > step``, ``k ≥ 1`` (every ``k`` from below, none skipped)."""
+
+    def grid(j: int) -> int:
+        return math.ceil(base**j - 1e-9)
+
+    j = max(1, int(math.log(step) / math.log(base)) - 1)
+    while j > 1 and grid(j) > step:
+        j -= 1
+    while grid(j) <= step:
+        j += 1
+    return grid(j)

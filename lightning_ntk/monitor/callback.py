@@ -265,25 +265,22 @@ class NTKMonitorBase(NTKSettings):
     def on_train_batch_start(
         self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
     ) -> None:
-        """Note whether the batch is finite; keep its logits while the set-up is unknown.
+        """Keep the batch's logits while the set-up is unknown.
 
-        The logits serve to infer the label smoothing (see the class).
+        The logits serve to infer the label smoothing (see the class). Whether the batch
+        is finite is noted at its end (:meth:`on_train_batch_end`).
         """
         self._pending = None
         self._capture.release()
         tracker = self.tracker
-        if self._failed or not tracker.started:  # (the sanity check runs no training batch)
+        # (the sanity check runs no training batch); most steps stop here
+        if self._failed or not tracker.started or not tracker.wants_observation:
             return
-        observing = tracker.wants_observation
         try:
             to_xy = cast(Callable[[Any], Any], tracker.batch_to_xy)  # the tracker sets a default
             x, y = to_xy(batch)
-            tracker.note_training_batch(x, y)  # NaN data is not divergence: reports say which
         except Exception as err:  # the monitor never ends training for it
-            if observing:
-                tracker.observer.stop(f"the training batches could not be evaluated ({err})")
-            return
-        if not observing:
+            tracker.observer.stop(f"the training batches could not be evaluated ({err})")
             return
         self._pending = (None, y)
         if not self._reevaluate:  # the step's own logits served: no second forward
@@ -300,13 +297,25 @@ class NTKMonitorBase(NTKSettings):
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """Report when the schedule says so (the sanity check runs no training batch)."""
+        """Note whether the batch was finite; report when the schedule says so.
+
+        The note is taken here, right after the step's own computations, where it costs
+        least (the sanity check runs no training batch).
+        """
         pending, self._pending = self._pending, None
         captured = self._capture.release()
+        tracker = self.tracker
+        if self._failed or not tracker.started:
+            return
+        try:
+            to_xy = cast(Callable[[Any], Any], tracker.batch_to_xy)
+            tracker.note_training_batch(*to_xy(batch))  # NaN data is not divergence
+        except Exception:  # the monitor never ends training for it (nor for a batch it
+            pass  # cannot split: the observation of the set-up, if on, says so)
         if pending is not None:
             self._observe(pending, captured, outputs, trainer.global_step)
         step = trainer.global_step
-        if not self._failed and self.tracker.is_due(step):
+        if not self._failed and tracker.is_due(step):
             self._report(trainer, pl_module, step, epoch_end=False)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:

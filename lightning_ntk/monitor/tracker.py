@@ -147,6 +147,8 @@ class NTKTracker(NTKSettings):
         # 0·Σ(training batches): NaN once a batch held NaN / inf (see nonfinite_marker)
         self._data_marker: Optional[Tensor] = None
         self._layout_noted = False  # the default's switch to the trace layout was announced
+        # the schedule's steps known not to be due: (schedule, first, end), see is_due
+        self._quiet_steps: tuple[Optional[Schedule], float, float] = (None, 0, 0)
         # how the parameters of a sharded model whose shards the state keeps are placed
         self._layouts: dict[str, Layout] = {}
 
@@ -207,7 +209,13 @@ class NTKTracker(NTKSettings):
 
     def is_due(self, step: int) -> bool:
         """Whether a report is due after optimizer step ``step`` (and not yet made)."""
-        return self.started and step != self.last_step and self.schedule.step_due(step)
+        quiet = self._quiet_steps  # (schedule, first, end): no step in [first, end) is due
+        if quiet[0] is self.schedule and quiet[1] <= step < quiet[2]:  # most steps: no work
+            return False
+        if not self.schedule.step_due(step):
+            self._quiet_steps = (self.schedule, step, self.schedule.next_step(step))
+            return False
+        return self.started and step != self.last_step
 
     def is_epoch_due(self, epoch: int, step: int) -> bool:
         """Whether a report is due at the end of epoch ``epoch`` (at step ``step``)."""
@@ -581,9 +589,8 @@ class NTKTracker(NTKSettings):
         A report whose logits are not finite then says whether the data (NaN / inf in a
         batch) or training itself (divergence) made them so.
         """
-        self._data_marker = nonfinite_marker(
-            [x, y] if isinstance(y, Tensor) else x, self._data_marker
-        )
+        labels = isinstance(y, Tensor) and y.is_floating_point()  # integer labels are finite
+        self._data_marker = nonfinite_marker([x, y] if labels else x, self._data_marker)
 
     @property
     def training_data_finite(self) -> bool:
