@@ -1,4 +1,4 @@
-"""Shared timing helpers for the benchmark scripts (median of repeats, warm-up first)."""
+"""Shared helpers of the benchmark scripts: median wall time of repeats, resident memory."""
 
 from __future__ import annotations
 
@@ -17,3 +17,15 @@ def median_seconds(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) 
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def status_kib(field: str) -> int:
+    """A memory figure of this process from ``/proc/self/status`` in KiB (Linux).
+
+    ``"VmRSS"``: resident memory now; ``"VmHWM"``: its peak so far.
+    """
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")

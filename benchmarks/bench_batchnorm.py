@@ -33,6 +33,9 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+
+from _timing import status_kib
 
 from lightning_ntk import NTKTracker, empirical_ntk
 from lightning_ntk.kernel.batch_statistics import (
@@ -119,14 +122,6 @@ def timings(width: int, repeats: int) -> dict:
     }
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def peak_memory(width: int, path: str) -> int:
     """Bytes of peak resident memory one kernel call adds (run in this process).
 
@@ -142,8 +137,8 @@ def peak_memory(width: int, path: str) -> int:
     try:
         with open("/proc/self/clear_refs", "w") as clear:
             clear.write("5")
-        before = _status_kib("VmRSS")
-        peak = lambda: _status_kib("VmHWM")  # noqa: E731
+        before = status_kib("VmRSS")
+        peak = lambda: status_kib("VmHWM")  # noqa: E731
     except OSError:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # noqa: E731

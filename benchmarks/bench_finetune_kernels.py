@@ -84,6 +84,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vmap
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+
+from _timing import status_kib
 
 from lightning_ntk import empirical_ntk, linearize
 from lightning_ntk.kernel import last_call_info
@@ -637,14 +640,6 @@ def cost_table(model: nn.Module, n_eval: int, n_train: int, repeats: int) -> lis
     return rows
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def peak_memory(
     state_file: str, width: int, n_eval: int, n_train: int, kind: str, path: str
 ) -> int:
@@ -655,9 +650,9 @@ def peak_memory(
     call = cost_calls(model, x1, x2, kind)[path]
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")  # the peak (VmHWM) starts again from the current resident size
-    before = _status_kib("VmRSS")
+    before = status_kib("VmRSS")
     call()
-    return (_status_kib("VmHWM") - before) * 1024
+    return (status_kib("VmHWM") - before) * 1024
 
 
 def memory_table(model: nn.Module, width: int, n_eval: int, n_train: int) -> list[dict]:

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import importlib
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -136,3 +142,53 @@ def trainer_kwargs(**overrides: Any) -> dict[str, Any]:
     )
     kwargs.update(overrides)
     return kwargs
+
+
+def nan_batch_module(nan_row: int, functional_loss: bool = False) -> type:
+    """The test module whose training set (48 blobs, batches of 16 in order) holds one NaN.
+
+    ``nan_row`` places it (row 20: the second batch); ``functional_loss`` trains with
+    ``F.cross_entropy`` instead of the module's loss, so the smoothing is only inferred.
+    """
+    base = module_class("pytorch_lightning")
+
+    class Model(base):  # type: ignore[misc,valid-type]
+        def __init__(self) -> None:
+            super().__init__()
+            if functional_loss:
+                del self.loss_fn
+
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            if not functional_loss:
+                return super().training_step(batch, batch_idx)
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self(x), y)
+
+        def train_dataloader(self) -> Any:
+            x, y = blobs(48, 6, 3)
+            x[nan_row, 2] = math.nan
+            return torch.utils.data.DataLoader(
+                torch.utils.data.TensorDataset(x, y), batch_size=16, shuffle=False
+            )
+
+    return Model
+
+
+def run_rank_script(script: str, args: list[str], out: Path, ranks: int) -> list[dict]:
+    """Run ``script`` as rank 0 of a Lightning multi-process run; each rank's summary.
+
+    Lightning starts the other ranks; each writes ``out/rank{r}.json``. The script runs
+    from the repository root with one thread per process and four minutes at most.
+    """
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, script, *args],
+        cwd=root,
+        env=env,
+        timeout=240,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)]

@@ -7,14 +7,12 @@ running it again. Each rank writes its reports to ``<out>/rank<r>.json``.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests._lightning_models import one_thread  # noqa: F401
+from tests._lightning_models import one_thread, run_rank_script  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,17 +50,7 @@ def test_ddp_two_processes_agree_with_a_single_process(tmp_path):
     assert sorted(rc) == [2, 4, 8]
     # break between steps 2 and 4, so that "stop" must stop both ranks after step 4
     break_at = (rc[2] + rc[4]) / 2
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, __file__, str(tmp_path), repr(break_at)],
-        cwd=ROOT,
-        env=env,
-        timeout=240,
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = run_rank_script(__file__, [str(tmp_path), repr(break_at)], tmp_path, 2)
     assert ranks[0] == ranks[1]  # same reports, verdicts and stopping step on every rank
     assert ranks[0]["kernel_blocks_shared"]  # each rank computed its share of the kernel
     reports = ranks[0]["reports"]

@@ -11,8 +11,6 @@ resume of the first from its step-4 checkpoint; it writes what the test compares
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,7 +20,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests._lightning_models import NAMESPACES, one_thread  # noqa: F401
+from tests._lightning_models import NAMESPACES, one_thread, run_rank_script  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -146,17 +144,9 @@ def _rank_main(out: Path, run: _Run) -> None:
 
 def _run_ranks(out: Path, run: _Run) -> list[dict]:
     """Run this file as the script of rank 0 (Lightning starts the others); their summaries."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, __file__, str(out), run.accelerator, str(run.devices)],
-        cwd=ROOT,
-        env=env,
-        timeout=240,
-        capture_output=True,
-        text=True,
+    return run_rank_script(
+        __file__, [str(out), run.accelerator, str(run.devices)], out, run.devices
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(run.devices)]
 
 
 def _check(ranks: list[dict], rel: float, bit_identical: bool) -> None:

@@ -12,7 +12,14 @@ import torch
 
 from lightning_ntk import NTKMeasurementWarning, NTKMonitor, NTKTracker
 from lightning_ntk.monitor import _measure
-from tests._lightning_models import blobs, mlp, module_class, one_thread, trainer_kwargs  # noqa: F401
+from tests._lightning_models import (  # noqa: F401
+    blobs,
+    mlp,
+    module_class,
+    nan_batch_module,
+    one_thread,
+    trainer_kwargs,
+)
 
 KERNEL_FIELDS = ("relative_change", "kernel_distance", "eig_max", "effective_rank")
 LINEAR_FIELDS = ("linearization_error", "prob_tv", "argmax_agreement")
@@ -213,28 +220,6 @@ def test_models_on_the_meta_device_or_on_several_devices_are_refused_clearly():
         NTKTracker(x, y).start(split)
 
 
-def _nan_data_module():
-    base = module_class("pytorch_lightning")
-
-    class Model(base):
-        def __init__(self):
-            super().__init__()
-            del self.loss_fn  # F.cross_entropy: the label smoothing is inferred from training
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            return torch.nn.functional.cross_entropy(self(x), y)
-
-        def train_dataloader(self):
-            x, y = blobs(48, 6, 3)
-            x[20, 2] = math.nan  # one missing value, in the second batch
-            return torch.utils.data.DataLoader(
-                torch.utils.data.TensorDataset(x, y), batch_size=16, shuffle=False
-            )
-
-    return Model
-
-
 def test_nan_in_the_training_data_is_reported_as_a_data_problem_not_divergence():
     pl.seed_everything(0, verbose=False)
     x, y = blobs(9, 6, 3, seed=1)
@@ -242,7 +227,7 @@ def test_nan_in_the_training_data_is_reported_as_a_data_problem_not_divergence()
     trainer = pl.Trainer(callbacks=monitor, **trainer_kwargs(max_steps=4))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(_nan_data_module()())
+        trainer.fit(nan_batch_module(20, functional_loss=True)())
     last = monitor.history[-1]
     assert last.verdict == "broken" and last.causes == ["non-finite training data"]
     assert "clean the training data" in last.message
@@ -269,7 +254,7 @@ def test_a_probe_drawn_with_nan_warns_and_training_goes_on():
     trainer = pl.Trainer(callbacks=monitor, **trainer_kwargs(max_steps=2))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer.fit(_nan_data_module()())
+        trainer.fit(nan_batch_module(20, functional_loss=True)())
     measurement = [w for w in caught if issubclass(w.category, NTKMeasurementWarning)]
     assert trainer.global_step == 2 and monitor.history == []
     assert len(measurement) == 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import pytorch_lightning as pl
@@ -11,7 +10,7 @@ import torch
 from lightning_ntk import NTKMonitor, reference_ntk
 from lightning_ntk.kernel import _plan, ntk_of
 from lightning_ntk.kernel._functional import FunctionalModel
-from tests._lightning_models import blobs, mlp, module_class, trainer_kwargs
+from tests._lightning_models import blobs, mlp, module_class, nan_batch_module, trainer_kwargs
 
 
 def test_the_kernel_with_the_callers_checked_logits_skips_only_the_validating_forward(
@@ -52,20 +51,6 @@ def test_a_plan_is_verified_once_per_training_run(monkeypatch):
     assert verified == [1]  # at the start: the hooks' names do not change the model
 
 
-def _late_nan_module():
-    base = module_class("pytorch_lightning")
-
-    class Model(base):
-        def train_dataloader(self):
-            x, y = blobs(48, 6, 3)
-            x[40, 2] = math.nan  # the third batch: step 3, between the reports at 2 and 4
-            return torch.utils.data.DataLoader(
-                torch.utils.data.TensorDataset(x, y), batch_size=16, shuffle=False
-            )
-
-    return Model
-
-
 def test_nan_in_a_batch_between_reports_is_still_reported_as_a_data_problem():
     pl.seed_everything(0, verbose=False)
     x, y = blobs(9, 6, 3, seed=1)
@@ -73,7 +58,7 @@ def test_nan_in_a_batch_between_reports_is_still_reported_as_a_data_problem():
     trainer = pl.Trainer(callbacks=monitor, **trainer_kwargs(max_steps=4))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(_late_nan_module()())
+        trainer.fit(nan_batch_module(40)())  # step 3: between the reports at 2 and 4
     assert [r.step for r in monitor.history] == [2, 4]
     assert monitor.history[0].causes != ["non-finite training data"]
     assert monitor.history[-1].causes == ["non-finite training data"]
