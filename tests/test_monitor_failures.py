@@ -220,15 +220,21 @@ def test_models_on_the_meta_device_or_on_several_devices_are_refused_clearly():
         NTKTracker(x, y).start(split)
 
 
-def test_nan_in_the_training_data_is_reported_as_a_data_problem_not_divergence():
+@pytest.mark.parametrize(
+    "nan_row, step", [(20, 2), (40, 3)], ids=["at a report step", "between reports"]
+)
+def test_nan_in_the_training_data_is_reported_as_a_data_problem_not_divergence(nan_row, step):
+    """A NaN in the batch of step 2 (a report step) or of step 3 (between the reports)."""
     pl.seed_everything(0, verbose=False)
     x, y = blobs(9, 6, 3, seed=1)
     monitor = NTKMonitor(probe_x=x, probe_y=y, log_base=2)
     trainer = pl.Trainer(callbacks=monitor, **trainer_kwargs(max_steps=4))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(nan_batch_module(20, functional_loss=True)())
-    last = monitor.history[-1]
+        trainer.fit(nan_batch_module(nan_row, functional_loss=True)())
+    assert [r.step for r in monitor.history] == [2, 4]
+    first, last = monitor.history
+    assert (first.causes == ["non-finite training data"]) == (step == 2)
     assert last.verdict == "broken" and last.causes == ["non-finite training data"]
     assert "clean the training data" in last.message
     assert "learning rate" not in last.message
