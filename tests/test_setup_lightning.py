@@ -29,7 +29,14 @@ def _module(outputs: int = 3, dropout: float = 0.0, call: str = "self", smoothin
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             x, y = batch
-            logits = self(x) if call == "self" else self.net(x)
+            if call == "self":
+                logits = self(x)
+            elif call == "net":  # a wrapped model, as a Hugging Face model is called
+                logits = self.net(x)
+            else:  # the layers one by one: no module call returns the logits
+                logits = x
+                for layer in self.net:
+                    logits = layer(logits)
             if outputs == 1:
                 return F.binary_cross_entropy_with_logits(logits.squeeze(1), y)
             return F.cross_entropy(logits, y, label_smoothing=smoothing)
@@ -73,9 +80,60 @@ def test_dropout_is_observed_through_the_training_steps_own_logits(smoothing):
 
 
 def test_dropout_the_observation_cannot_reproduce_is_named_and_left_unknown():
-    last = _fit(_module(dropout=0.3, call="net"))  # training_step bypasses self(x)
+    last = _fit(_module(dropout=0.3, call="layers"))  # no module call returns the logits
     assert "label smoothing unknown" in last.setup and "dropout is active" in last.setup, last.setup
     assert last.predicted_regime == "unknown"
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_a_wrapped_model_s_own_logits_are_observed_through_dropout(smoothing):
+    """``training_step`` calls ``self.net(x)``, not ``self(x)`` (a Hugging Face model)."""
+    last = _fit(_module(dropout=0.3, call="net", smoothing=smoothing))
+    assert f"label smoothing {smoothing:g} (inferred from the training loss" in last.setup, (
+        last.setup
+    )
+    assert last.predicted_regime == ("diverging" if smoothing == 0 else "bounded")
+
+
+def test_a_hugging_face_output_s_logits_are_observed():
+    """A wrapped model whose output carries ``logits`` and ``loss`` (``ModelOutput``)."""
+    import types
+
+    import pytorch_lightning as pl
+
+    class Wrapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Dropout(0.3))
+            self.head = nn.Linear(32, 3)
+
+        def forward(self, x: torch.Tensor, labels: Any = None) -> Any:
+            logits = self.head(self.body(x))
+            loss = None if labels is None else F.cross_entropy(logits, labels)
+            return types.SimpleNamespace(logits=logits, loss=loss)
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = Wrapped()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.model(x).logits
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return self.model(x, labels=y).loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.2)
+
+        def train_dataloader(self) -> DataLoader:
+            x, y = blobs(96, 6, 3)
+            return DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
+
+    last = _fit(Module())
+    assert "label smoothing 0 (inferred from the training loss" in last.setup, last.setup
+    assert last.predicted_regime == "diverging"
 
 
 def test_a_one_logit_head_with_bce_is_a_binary_run():

@@ -100,28 +100,68 @@ class OutputCapture:
 
     The hook only keeps a reference to each output (at most two: more than one call in a
     training step is already ambiguous); it changes nothing the forward computes.
+    ``children=True`` also keeps the outputs of the module's direct children, for a
+    training step that calls a wrapped model rather than the module itself (a Hugging
+    Face model called with its labels, ``self.model(x)``).
     """
 
     def __init__(self) -> None:
         self.outputs: list[Any] = []
-        self._handle: Any = None
+        self.child_outputs: dict[str, list[Any]] = {}
+        self._handles: list[Any] = []
 
-    def attach(self, module: nn.Module) -> None:
+    def attach(self, module: nn.Module, children: bool = False) -> None:
         """Start keeping ``module``'s outputs (replacing any earlier attachment)."""
         self.release()
-        self._handle = module.register_forward_hook(self._keep)
+        self.child_outputs = {}
+        self._handles.append(module.register_forward_hook(self._keep_own))
+        if children:
+            for name, child in module.named_children():
+                self._handles.append(child.register_forward_hook(self._keeper(name)))
 
-    def _keep(self, module: nn.Module, args: Any, output: Any) -> None:
+    def _keep_own(self, module: nn.Module, args: Any, output: Any) -> None:
         if len(self.outputs) < 2:
             self.outputs.append(output)
 
+    def _keeper(self, name: str) -> Any:
+        def keep(module: nn.Module, args: Any, output: Any) -> None:
+            kept = self.child_outputs.setdefault(name, [])
+            if len(kept) < 2:
+                kept.append(output)
+
+        return keep
+
     def release(self) -> list[Any]:
-        """Remove the hook; return the kept outputs and forget them."""
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        """Remove the hooks; return the module's kept outputs and forget them.
+
+        The children's outputs stay in :attr:`child_outputs` until the next attachment.
+        """
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
         outputs, self.outputs = self.outputs, []
         return outputs
+
+    def child_logits(self, rows: int, columns: Optional[int]) -> Optional[Tensor]:
+        """The one child output called once that reads as ``(rows, columns)`` logits.
+
+        A tensor, or an output object with a ``logits`` tensor (Hugging Face's model
+        outputs); ``None`` when no child, or more than one, gives such logits. The loss
+        fit decides whether they are the loss's input: other tensors do not fit it.
+        """
+        found = []
+        for outputs in self.child_outputs.values():
+            if len(outputs) != 1:
+                continue
+            out = outputs[0]
+            logits = out if isinstance(out, Tensor) else getattr(out, "logits", None)
+            if not isinstance(logits, Tensor) or not logits.is_floating_point():
+                continue
+            logits = logits.detach()
+            logits = logits[:, None] if logits.ndim == 1 else logits
+            if logits.ndim == 2 and logits.shape[0] == rows and logits.shape[1] == columns:
+                found.append(logits)
+        return found[0] if len(found) == 1 else None
 
 
 class LossObserver:

@@ -95,8 +95,9 @@ class NTKMonitorBase(NTKSettings):
     weight decay) is taken from the ``task`` / ``weight_decay`` / ``label_smoothing``
     settings if given, else inferred from training itself: for the first few batches the
     monitor keeps the batch's logits — the training step's own, through a forward hook on
-    the module when ``training_step`` calls it once (dropout masks and mixed precision
-    included), else one functional forward at ``on_train_batch_start`` under the
+    the module when ``training_step`` calls it once, or on the one direct child that
+    returns the logits when the step calls a wrapped model (dropout masks and mixed
+    precision included), else one functional forward at ``on_train_batch_start`` under the
     Trainer's autocast — and compares them with the loss ``training_step`` returned, which
     identifies the loss and its label smoothing however it is written
     (``nn.CrossEntropyLoss``, ``F.cross_entropy(..., label_smoothing=ε)``, smoothed soft
@@ -292,7 +293,7 @@ class NTKMonitorBase(NTKSettings):
             except Exception as err:  # the training step's own logits may still come
                 self._evaluation_error = f"{type(err).__name__}: {err}"
         if tracker.forward_fn is None:  # after the monitor's own forward: the step's calls only
-            self._capture.attach(pl_module)
+            self._capture.attach(pl_module, children=True)
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
@@ -391,6 +392,12 @@ class NTKMonitorBase(NTKSettings):
                     return
             except Exception:  # fall back on the re-evaluated logits
                 pass
+        if not captured and isinstance(y, Tensor):  # the step called a wrapped model
+            child = self._capture.child_logits(y.shape[0], tracker.num_classes)
+            if child is not None:
+                tracker.add_observation(child, y, loss, step=step, captured=True)
+                self._reevaluate = False
+                return
         if logits is None and not self._reevaluate:  # not re-evaluated: the next batch is
             self._reevaluate = True
             return
