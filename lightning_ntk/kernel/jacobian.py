@@ -47,7 +47,10 @@ def contract(
 
 
 class JacobianMethod:
-    """``method="jacobian"``: see the module docstring."""
+    """``method="jacobian"``: see the module docstring.
+
+    Subclasses change only how per-example Jacobians are computed (:meth:`jacobians`).
+    """
 
     name = "jacobian"
 
@@ -62,7 +65,11 @@ class JacobianMethod:
 
         Per-example Jacobians, mapped by :meth:`.KernelSpec.sides` (e.g. ``sign J``).
         """
-        return self.spec.sides(jacobians(self.fm, x, self.fm.names))
+        return self.spec.sides(self.jacobians(x))
+
+    def jacobians(self, x: Any) -> dict[str, Tensor]:
+        """Per-example Jacobians ``{name: (N, C, P_l)}`` of a chunk, by ``vmap(jacrev)``."""
+        return jacobians(self.fm, x, self.fm.names)
 
     def block(self, f1: tuple, f2: tuple) -> dict[str, Tensor]:
         """Kernel block ``L(x1) R(x2)ᵀ``: one entry per parameter, or the total under ``""``."""

@@ -16,15 +16,14 @@ memory ``(N1 + N2)·C·P`` per block, like ``"jacobian"``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import _inputs
 from ._functional import FunctionalModel, as_dense
-from ._optimizer import KernelSpec
-from .jacobian import contract
+from .jacobian import JacobianMethod
 
 
 def loop_jacobians(fm: FunctionalModel, x: Any, names: Sequence[str]) -> dict[str, Tensor]:
@@ -49,24 +48,11 @@ def loop_jacobians(fm: FunctionalModel, x: Any, names: Sequence[str]) -> dict[st
     return {name: torch.stack(rows[name]) for name in names}  # (N, C, P_l)
 
 
-class LoopMethod:
-    """``method="loop"``: see the module docstring."""
+class LoopMethod(JacobianMethod):
+    """``method="loop"``: see the module docstring (the Jacobians of :func:`loop_jacobians`)."""
 
     name = "loop"
 
-    def __init__(
-        self, fm: FunctionalModel, output: str, per_layer: bool, spec: Optional[KernelSpec] = None
-    ) -> None:
-        self.fm, self.output, self.per_layer = fm, output, per_layer
-        self.spec = spec or KernelSpec()
-
-    def features(self, x: Any) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """The kernel's left and right factors ``{name: (N, C, P_l)}`` of a chunk.
-
-        Per-example Jacobians, mapped by :meth:`.KernelSpec.sides` (e.g. ``sign J``).
-        """
-        return self.spec.sides(loop_jacobians(self.fm, x, self.fm.names))
-
-    def block(self, f1: tuple, f2: tuple) -> dict[str, Tensor]:
-        """Kernel block ``L(x1) R(x2)ᵀ``: one entry per parameter, or the total under ``""``."""
-        return contract(f1[0], f2[1], self.output, self.per_layer)
+    def jacobians(self, x: Any) -> dict[str, Tensor]:
+        """Per-example Jacobians ``{name: (N, C, P_l)}`` of a chunk, one gradient at a time."""
+        return loop_jacobians(self.fm, x, self.fm.names)
