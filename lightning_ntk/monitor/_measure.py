@@ -129,6 +129,9 @@ class Snapshot:
             :func:`~lightning_ntk.monitor.settings.default_output` chose at the start.
         sharded: names of the parameters of a sharded (FSDP2) model that ``theta0`` and
             ``previous.theta`` keep as this rank's shards (gathered whole for a report).
+        gathered: the ``sharded`` names of a state saved with ``gather=True``, whose
+            ``theta0`` and ``previous.theta`` are kept whole; the next report shards every
+            parameter the model then holds as a ``DTensor`` again.
         kernel_kind: the engine's kernel measured (``"sgd"``, ``"signgd"``,
             ``"asymmetric_signgd"``, ``"adam"``), the ``kernel`` setting resolved.
         kernel_source: how it was chosen (see :class:`MeasuredKernel`).
@@ -152,6 +155,7 @@ class Snapshot:
     restarted: bool = False
     output: str = "full"
     sharded: list[str] = field(default_factory=list)
+    gathered: list[str] = field(default_factory=list)
     kernel_kind: str = "sgd"
     kernel_source: str = "set"
     preconditioner: Optional[dict[str, Tensor]] = None

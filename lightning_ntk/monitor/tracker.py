@@ -298,12 +298,14 @@ class NTKTracker(NTKSettings):
         report.restarted = state.restarted
         self._warn_failures(measured.failures)
         point = measured.point
-        found = layouts_of(wrapper) if not state.sharded and state.theta0 else {}
-        if found:  # a sharded model's θ0 loaded whole (`gather`): keep shards again
-            self._layouts = {n: v for n, v in found.items() if n in state.theta0}
-            layouts = self._layouts
+        if state.gathered:  # loaded whole (a state saved with `gather=True`): shards again
+            layouts = {n: v for n, v in layouts_of(wrapper).items() if n in state.theta0}
+            self._layouts.update(layouts)
             state.theta0 = to_shards(state.theta0, layouts)
-            state.sharded = list(layouts)
+            if state.previous is not None:
+                theta = to_shards(state.previous.theta, layouts)
+                state.previous = dataclasses.replace(state.previous, theta=theta)
+            state.sharded, state.gathered = list(layouts), []
         if point is not None:  # None: too close to the previous report to replace it
             if state.sharded:
                 point = dataclasses.replace(point, theta=to_shards(point.theta, layouts))
@@ -394,7 +396,10 @@ class NTKTracker(NTKSettings):
         if self._state is not None:
             snapshot = self._state
             if gather and snapshot.sharded:
-                snapshot = dataclasses.replace(_whole(snapshot, self._kept_layouts()), sharded=[])
+                whole_state = _whole(snapshot, self._kept_layouts())
+                snapshot = dataclasses.replace(
+                    whole_state, sharded=[], gathered=list(snapshot.sharded)
+                )
             state = _to_cpu(snapshot.to_dict())
         return {
             "probe_x": _to_cpu(self.probe_x),
