@@ -291,6 +291,14 @@ def test_a_settled_kernel_with_a_good_local_linearization_is_locally_linear():
     assert (d.regime, d.verdict) == ("locally linear", "drifting")
     assert "around step 64's parameters" in d.message
     assert regime_of(dataclasses.replace(settled, kernel_velocity=0.5), t) == "feature learning"
+    # a settled kernel whose local linearization misses: the message says which signal
+    missed = diagnose(
+        dataclasses.replace(settled, local_linearization_error=0.32), thresholds=t,
+        predicted_regime="bounded",
+    )  # fmt: skip
+    assert missed.regime == "feature learning"
+    assert "the kernel moves only 0.02 per doubling of steps since step 64" in missed.message
+    assert "local linearization error 0.32, locally linear below 0.2" in missed.message
     assert regime_of(dataclasses.replace(settled, local_linearization_error=0.5), t) == (
         "feature learning"
     )

@@ -381,6 +381,15 @@ def _regime_sentence(regime: str, s: Signals, t: Thresholds) -> str:
             f"logits (local linearization error {s.local_linearization_error:.2f})."
         )
     if regime == FEATURE_LEARNING:
+        local = s.local_linearization_error
+        if s.kernel_velocity < t.settled_velocity and local >= t.local_linearization_error:
+            return (  # a settled kernel, but no linearization describes the steps since
+                f"Feature learning: the kernel moves only {s.kernel_velocity:.2f} per "
+                f"doubling of steps since step {s.previous_step}, but the linearization "
+                f"around that step's parameters misses the logits (local linearization "
+                f"error {local:.2f}, locally linear below {t.local_linearization_error:g}; "
+                f"relative change {s.relative_change:.2f} since θ0){_alignment_clause(s)}."
+            )
         if math.isfinite(s.kernel_velocity):
             return (
                 f"Feature learning: the kernel moves {s.kernel_velocity:.2f} per doubling of "
