@@ -149,7 +149,9 @@ def instrument() -> None:
     tracker.NTKTracker.training_logits = _timed(
         "observation logits", tracker.NTKTracker.training_logits
     )
-    _observer.OutputCapture._keep = _timed("observation hook", _observer.OutputCapture._keep)
+    capture = _observer.OutputCapture
+    capture._keep_own = _timed("observation hook", capture._keep_own)
+    capture._keep_child = _timed("observation hook", capture._keep_child)
     base.state_key = property(_timed("state key", base.state_key.fget))
 
 

@@ -25,6 +25,7 @@ leaves ``ε`` unknown and marks any reading of a loss module as contradicted.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Optional
 
@@ -117,19 +118,17 @@ class OutputCapture:
         self._handles.append(module.register_forward_hook(self._keep_own))
         if children:
             for name, child in module.named_children():
-                self._handles.append(child.register_forward_hook(self._keeper(name)))
+                hook = functools.partial(self._keep_child, name)
+                self._handles.append(child.register_forward_hook(hook))
 
     def _keep_own(self, module: nn.Module, args: Any, output: Any) -> None:
         if len(self.outputs) < 2:
             self.outputs.append(output)
 
-    def _keeper(self, name: str) -> Any:
-        def keep(module: nn.Module, args: Any, output: Any) -> None:
-            kept = self.child_outputs.setdefault(name, [])
-            if len(kept) < 2:
-                kept.append(output)
-
-        return keep
+    def _keep_child(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
+        kept = self.child_outputs.setdefault(name, [])
+        if len(kept) < 2:
+            kept.append(output)
 
     def release(self) -> list[Any]:
         """Remove the hooks; return the module's kept outputs and forget them.
