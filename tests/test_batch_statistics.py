@@ -168,3 +168,28 @@ def test_vmapped_and_looped_pullbacks_agree(monkeypatch):
     scale = max(J.abs().max() for J in looped.values())  # a bias before BatchNorm has J = 0
     for name, J in looped.items():
         assert torch.allclose(batched[name], J, atol=1e-6 * scale), name
+
+
+class _KeywordBatchNormNet(nn.Module):
+    """A model called by keyword, as Hugging Face image models are (``pixel_values=``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = _bn_cnn()
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.body(pixel_values)
+
+
+def test_a_mapping_batch_is_passed_by_keyword():
+    torch.manual_seed(0)
+    model = _KeywordBatchNormNet().double()
+    x = torch.randn(5, 1, 4, 4, dtype=torch.float64)
+    reference = _dense_reference(model.body, x)
+    K = batch_ntk(model, {"pixel_values": x})
+    assert torch.allclose(K, reference, atol=1e-12 * reference.abs().max())
+    fm = BatchStatisticsModel(model, dtype=torch.float64)
+    moved = {name: p + 0.01 for name, p in fm.params.items()}
+    f_lin, f0 = linearized_logits(fm, fm.params, moved, {"pixel_values": x})
+    torch.testing.assert_close(f0, fm(fm.params, {"pixel_values": x}))
+    assert f_lin.shape == f0.shape and not torch.equal(f_lin, f0)

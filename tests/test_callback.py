@@ -280,6 +280,45 @@ def test_dict_batches_and_batch_to_xy():
     torch.testing.assert_close(custom.tracker.probe_x, 2 * monitor.tracker.probe_x)
 
 
+def test_hugging_face_style_batches_pass_every_field_by_keyword():
+    """``{"pixel_values": ..., "labels": ...}`` batches and a model called by keyword."""
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader
+
+    from lightning_ntk import NTKMonitor
+    from lightning_ntk.monitor._probe import default_batch_to_xy
+
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    inputs, labels = default_batch_to_xy({"pixel_values": x, "labels": y})
+    assert set(inputs) == {"pixel_values"} and labels is y
+    inputs, labels = default_batch_to_xy({"input_ids": x, "attention_mask": x, "label": y})
+    assert set(inputs) == {"input_ids", "attention_mask"} and labels is y
+    with pytest.raises(TypeError, match="nothing but the labels"):
+        default_batch_to_xy({"labels": y})
+
+    class Processed(module_class("pytorch_lightning")):
+        def __init__(self):
+            super().__init__(bn_dropout=True)  # BatchNorm: the whole-batch kernel
+
+        def forward(self, pixel_values):
+            return self.net(pixel_values)
+
+        def training_step(self, batch, batch_idx):
+            return self.loss_fn(self(pixel_values=batch["pixel_values"]), batch["labels"])
+
+        def train_dataloader(self):
+            features, targets = blobs(self.n, self.d, self.classes)
+            rows = [{"pixel_values": f, "labels": t} for f, t in zip(features, targets)]
+            return DataLoader(rows, batch_size=self.batch_size)
+
+    monitor = NTKMonitor(n_probe=9, log_base=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", category=UserWarning)
+        pl.Trainer(callbacks=monitor, **trainer_kwargs(max_steps=4)).fit(Processed())
+    assert [r.step for r in monitor.history] == [2, 4]
+    assert set(monitor.tracker.probe_x) == {"pixel_values"}
+
+
 class _NoForward(module_class("pytorch_lightning")):
     def forward(self, x):
         return {"logits": self.net(x)}

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import vjp, vmap
 
+from . import _inputs
 from ._batch_factors import batch_kernel_matrix, plan_batch
 from ._compat import jvp
 from ._functional import (
@@ -126,10 +127,14 @@ class BatchStatisticsModel(FunctionalModel):
     function SGD differentiates on the batch ``X`` (rows coupled through BatchNorm).
     """
 
-    def raw(self, params: Mapping[str, Tensor], x: Tensor) -> Any:
-        """The model's raw output at ``params`` on the batch ``x``, with batch statistics."""
+    def raw(self, params: Mapping[str, Tensor], x: Any) -> Any:
+        """The model's raw output at ``params`` on the batch ``x``, with batch statistics.
+
+        ``x`` is passed as :meth:`FunctionalModel.raw` passes it (a mapping by keyword).
+        """
+        args, kwargs = _inputs.call_args(x)
         with batch_statistics_mode(self.module), dense_gradients(self.module):
-            return call_module(self.module, (params, self.constants), (x,))
+            return call_module(self.module, (params, self.constants), args, kwargs)
 
     def single(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
         """Not defined: the rows of a batch-statistics model are coupled."""

@@ -22,7 +22,7 @@ from ..kernel._functional import exact_matmuls
 
 BatchToXY = Callable[[Any], tuple[Any, Optional[Tensor]]]
 
-_INPUT_KEYS = ("x", "input", "inputs", "input_ids", "features", "image", "images", "data")
+_INPUT_KEYS = ("x", "input", "inputs", "features", "image", "images", "data")
 _LABEL_KEYS = ("y", "label", "labels", "target", "targets")
 
 # Candidates read from a dataset to stratify a probe of ``n`` examples: ``n · factor``.
@@ -34,28 +34,31 @@ def default_batch_to_xy(batch: Any) -> tuple[Any, Optional[Tensor]]:
 
     * a tensor is all inputs;
     * a tuple / list is ``(inputs, labels, ...)``;
-    * a mapping uses the first of the keys ``x, input, inputs, input_ids, features,
-      image, images, data`` for inputs and ``y, label, labels, target, targets`` for labels;
-      a tokenizer's batch (``input_ids`` with ``attention_mask`` etc.) keeps every field
+    * a mapping takes its labels from the first of the keys ``y, label, labels, target,
+      targets``, and its inputs from the first of ``x, input, inputs, features, image,
+      images, data``; a mapping with none of these (a Hugging Face batch: ``input_ids``
+      with ``attention_mask``, ``pixel_values``, ``input_values``, ...) keeps every field
       but the labels as the inputs, a mapping passed to the model as keyword arguments.
 
     Raises:
-        TypeError: a batch of another type, or a mapping without a known input key.
+        TypeError: a batch of another type, or a mapping with no field but the labels.
     """
     if isinstance(batch, Tensor):
         return batch, None
     if isinstance(batch, Mapping):
-        x_key = next((k for k in _INPUT_KEYS if k in batch), None)
-        if x_key is None:
-            raise TypeError(
-                f"Cannot find the inputs in a batch with keys {sorted(batch)}; expected one of "
-                f"{_INPUT_KEYS}. Pass `batch_to_xy=lambda batch: (inputs, labels)`."
-            )
         y_key = next((k for k in _LABEL_KEYS if k in batch), None)
         labels = batch[y_key] if y_key is not None else None
-        if x_key == "input_ids":  # a tokenizer's batch: the model takes every field by name
-            return {k: v for k, v in batch.items() if k != y_key}, labels
-        return batch[x_key], labels
+        x_key = next((k for k in _INPUT_KEYS if k in batch), None)
+        if x_key is not None:
+            return batch[x_key], labels
+        # the model takes every other field by name (a tokenizer's or processor's batch)
+        inputs = {k: v for k, v in batch.items() if k != y_key}
+        if not inputs:
+            raise TypeError(
+                f"Cannot find the inputs in a batch with keys {sorted(batch)}: it holds "
+                "nothing but the labels. Pass `batch_to_xy=lambda batch: (inputs, labels)`."
+            )
+        return inputs, labels
     if isinstance(batch, (tuple, list)) and len(batch) >= 1:
         return batch[0], (batch[1] if len(batch) > 1 else None)
     raise TypeError(

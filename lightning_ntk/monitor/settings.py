@@ -104,7 +104,8 @@ class NTKSettings:
             loss module, the model's number of outputs and the targets where unambiguous.
         seed: seed of the probe-drawing generator.
         batch_to_xy: ``batch -> (inputs, labels)`` for batches that are not ``(x, y)``, a
-            tensor, or a dict with ``x`` / ``y``-like keys.
+            tensor, a dict with ``x`` / ``y``-like keys, or a Hugging Face style dict
+            (every field but the labels is passed to the model by name).
     """
 
     n_probe: int = 16
