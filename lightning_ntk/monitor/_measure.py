@@ -278,6 +278,7 @@ def measure(tracker: NTKTracker, fm: FunctionalModel, step: int) -> Measurement:
         reading=bool(observer.steps) and observer.wants_more,
         hard_unregularized=setup.hard_unregularized and observer.contradicted,
         recent_slope=_slope(tracker, step, values["logit_norm"], recent=True),
+        hard_targets="hard 0/1 targets" if setup.sigmoid else "hard one-hot targets",
     )
     signals = Signals(
         relative_change=values["relative_change"],

@@ -177,6 +177,8 @@ class LogitContext:
             out): the divergence is then read from the measured growth alone.
         recent_slope: the logit norm's growth per doubling of steps between the last two
             reports (``nan`` when not measured).
+        hard_targets: the task's hard targets in words: ``"hard one-hot targets"`` for a
+            softmax, ``"hard 0/1 targets"`` for sigmoid outputs (binary, multilabel).
     """
 
     logit_norm: float = math.nan
@@ -186,6 +188,7 @@ class LogitContext:
     reading: bool = False
     hard_unregularized: bool = False
     recent_slope: float = math.nan
+    hard_targets: str = "hard one-hot targets"
 
 
 @dataclass(frozen=True)
@@ -468,7 +471,7 @@ def _logit_sentence(
             )
         if predicted == "diverging":
             return (
-                f"Logits diverging: {rising} (alarm at {alarm:g}), as hard one-hot targets "
+                f"Logits diverging: {rising} (alarm at {alarm:g}), as {ctx.hard_targets} "
                 "without weight decay predict — add weight decay or label smoothing."
             )
         if ctx.hard_unregularized:
@@ -500,16 +503,22 @@ def _logit_sentence(
         if ctx.hard_unregularized:
             return f"Logits growing: {rising}" + _UNRECOGNISED.format(alarm=alarm)
         return (
-            f"Logits growing: {rising}; the set-up is not known — with hard one-hot targets "
+            f"Logits growing: {rising}; the set-up is not known — with {ctx.hard_targets} "
             "and no weight decay this is the divergence the theory predicts (declare "
             "`label_smoothing` and `weight_decay` to tell)."
         )
     if note:
         return note
     if predicted == "diverging":
+        trend = (
+            f"Logits bounded so far ({s.slope:+.2f} per doubling of steps), but"
+            if math.isfinite(s.slope)
+            else f"Logit trend not measured yet (it needs two reports from step "
+            f"{t.min_trend_step}), and"
+        )
         return (
-            "Logits bounded so far, but hard one-hot targets without weight decay predict "
-            "their divergence — add weight decay or label smoothing."
+            f"{trend} {ctx.hard_targets} without weight decay predict diverging logits — "
+            "add weight decay or label smoothing."
         )
     if predicted == "unknown" and ctx.reading:
         return "Set-up still being read from the training loss."
@@ -522,7 +531,7 @@ def _logit_sentence(
         return trend + _UNRECOGNISED.format(alarm=t.logit_slope[1])
     if predicted == "unknown":
         return (
-            "Set-up unknown: with hard one-hot targets and no weight decay the theory "
+            f"Set-up unknown: with {ctx.hard_targets} and no weight decay the theory "
             "predicts diverging logits (declare `label_smoothing` and `weight_decay` to tell)."
         )
     if math.isfinite(s.slope):
