@@ -9,6 +9,7 @@ do not back, a probe the monitor could not measure, a set-up misread.
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_ntk import NTKTracker
+from lightning_ntk.monitor._observer import LossObserver
 from lightning_ntk.monitor._timeline import timeline
 from lightning_ntk.monitor._verdict import Thresholds
 from lightning_ntk.monitor.report import NTKReport
@@ -106,3 +108,89 @@ def test_the_timeline_does_not_call_logits_rising_towards_their_optimum_bounded(
     assert "6.00 against 4.51, +2.39 per doubling of steps" in line
     flat = [_report(128, 4.4, math.nan, 4.51), _report(256, 4.5, 0.1, 4.51)]
     assert timeline(flat, thresholds).endswith("logits bounded (+0.10 per doubling of steps)")
+
+
+# ------------------------------------------------------- ignore_index: unlabelled examples
+
+
+def _partially_labelled(n: int = 96, classes: int = 4, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    y = torch.randint(classes, (n,), generator=g)
+    y[torch.rand(n, generator=g) < 0.3] = -100  # F.cross_entropy's default ignore_index
+    return x, y
+
+
+def test_the_probe_is_drawn_from_labelled_examples_only():
+    """Labels -100 (ignored by the loss) are no class: the drawn probe has none."""
+    x, y = _partially_labelled()
+    tracker = NTKTracker(n_probe=12)
+    tracker.draw_probe(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y)))
+    assert tracker.probe_y is not None and bool((tracker.probe_y >= 0).all())
+    model = _mlp(4)
+    tracker.start(model)  # failed before: one-hot of -100 in the target alignment
+    assert math.isfinite(tracker.update(model, 1).target_alignment)
+
+
+def test_ignored_labels_leave_the_smoothed_cross_entropy_readable():
+    """``ignore_index`` rows enter neither CE nor the smoothing term, as in PyTorch."""
+    observer = LossObserver()
+    model = _mlp(4)
+    for step in range(1, 7):
+        x, y = _partially_labelled(n=24, seed=step)
+        logits = model(x).detach()
+        loss = F.cross_entropy(logits, y, label_smoothing=0.1, ignore_index=-100)
+        observer.add_batch(logits, y, loss, step, captured=True)
+    assert observer.family == "cross_entropy", observer.detail
+    assert observer.smoothing == pytest.approx(0.1, abs=1e-4), observer.detail
+
+
+# ------------------------------------------------------- the monitor in a Trainer
+
+
+@pytest.fixture
+def quiet_trainer():
+    pl = pytest.importorskip("pytorch_lightning")
+
+    def make(monitor, steps: int):
+        return pl.Trainer(
+            max_steps=steps, callbacks=[monitor], logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+            devices=1,
+        )  # fmt: skip
+
+    return make
+
+
+def test_a_partially_labelled_dataset_is_monitored(quiet_trainer):
+    """``nn.CrossEntropyLoss(ignore_index=-100)`` on partially labelled data is monitored."""
+    import pytorch_lightning as pl
+
+    from lightning_ntk import NTKMonitor
+
+    class Classifier(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = _mlp(4)
+            self.criterion = nn.CrossEntropyLoss(ignore_index=-100)
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return self.criterion(self(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    x, y = _partially_labelled()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    monitor = NTKMonitor(n_probe=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", category=Warning)
+        warnings.filterwarnings("ignore", category=FutureWarning)  # Lightning's own
+        warnings.filterwarnings("ignore", message=".*(num_workers|log_every_n_steps).*")
+        quiet_trainer(monitor, 16).fit(Classifier(), loader)
+    assert [r.step for r in monitor.history] == [4, 16]
+    assert "label smoothing 0 (inferred from the training loss" in monitor.history[-1].setup
