@@ -194,3 +194,33 @@ def test_a_partially_labelled_dataset_is_monitored(quiet_trainer):
         quiet_trainer(monitor, 16).fit(Classifier(), loader)
     assert [r.step for r in monitor.history] == [4, 16]
     assert "label smoothing 0 (inferred from the training loss" in monitor.history[-1].setup
+
+
+# ------------------------------------------------------- labels that are not the logits' targets
+
+
+def test_a_batch_s_second_tensor_that_is_no_target_is_not_read_as_labels():
+    """Batches ``(pixels, mask, y)``: the mask ``(N, 64)`` is no target of 10 logits.
+
+    Before, the task was read as multilabel from the mask and the target alignment was
+    measured against it; now one warning names `batch_to_xy` and neither is read.
+    """
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 8, generator=g)
+    mask = (torch.rand(32, 8, generator=g) > 0.1).float()  # taken as labels by (x, y, ...)
+    tracker = NTKTracker(x[:8], mask[:8])
+    model = _mlp(10)
+    with pytest.warns(
+        Warning, match=r"probe labels of shape \(8, 8\) are no targets .*`batch_to_xy"
+    ):
+        tracker.start(model)
+    report = tracker.update(model, 1)
+    assert math.isnan(report.target_alignment)
+    assert "multilabel" not in report.setup
+    # labels that fit are kept: integer classes, and (N, C) targets
+    for fitting in (torch.arange(8) % 10, torch.softmax(torch.randn(8, 10, generator=g), 1)):
+        tracker = NTKTracker(x[:8], fitting)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            tracker.start(model)
+        assert math.isfinite(tracker.update(model, 1).target_alignment)
