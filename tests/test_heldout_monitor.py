@@ -224,3 +224,47 @@ def test_a_batch_s_second_tensor_that_is_no_target_is_not_read_as_labels():
             warnings.simplefilter("error")
             tracker.start(model)
         assert math.isfinite(tracker.update(model, 1).target_alignment)
+
+
+# ------------------------------------------------------- several optimizers
+
+
+def test_manual_optimization_with_two_optimizers_reads_the_weight_decay_of_both(quiet_trainer):
+    """A decayed head and an undecayed body: λ is 0, not the first optimizer's 1e-3."""
+    import pytorch_lightning as pl
+
+    from lightning_ntk import NTKMonitor
+
+    class TwoOptimizers(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+            self.body = nn.Sequential(nn.Linear(8, 16), nn.Tanh())
+            self.head = nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = F.cross_entropy(self(x), y)
+            for opt in self.optimizers():
+                opt.zero_grad()
+            self.manual_backward(loss)
+            for opt in self.optimizers():
+                opt.step()
+
+        def configure_optimizers(self):
+            return [
+                torch.optim.SGD(self.head.parameters(), lr=0.1, weight_decay=1e-3),
+                torch.optim.Adam(self.body.parameters(), lr=1e-3),
+            ]
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 8, generator=g), torch.randint(4, (64,), generator=g)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    monitor = NTKMonitor(n_probe=8)
+    quiet_trainer(monitor, 4).fit(TwoOptimizers(), loader)
+    setup = monitor.history[-1].setup
+    assert "weight decay 0 (read from the optimizers SGD, Adam" in setup, setup
+    assert monitor.history[-1].predicted_regime != "bounded"
