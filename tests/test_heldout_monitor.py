@@ -268,3 +268,19 @@ def test_manual_optimization_with_two_optimizers_reads_the_weight_decay_of_both(
     setup = monitor.history[-1].setup
     assert "weight decay 0 (read from the optimizers SGD, Adam" in setup, setup
     assert monitor.history[-1].predicted_regime != "bounded"
+
+
+def test_an_unknown_set_up_asks_to_declare_only_what_could_not_be_read():
+    """Weight decay read from the optimizer, smoothing unknown: only `label_smoothing` is named."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 8, generator=g), torch.arange(8) % 4
+    model = _mlp(4)
+    tracker = NTKTracker(x, y, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    tracker.start(model)  # no training loss observed: the smoothing stays unknown
+    report = tracker.update(model, 4)
+    assert report.predicted_regime == "unknown", report.setup
+    assert "(declare `label_smoothing` to tell)" in report.message
+    assert "`weight_decay`" not in report.message
+    undecided = NTKTracker(x, y)  # no optimizer either: both are named
+    undecided.start(model)
+    assert "`label_smoothing` and `weight_decay`" in undecided.update(model, 4).message

@@ -279,6 +279,7 @@ def measure(tracker: NTKTracker, fm: FunctionalModel, step: int) -> Measurement:
         hard_unregularized=setup.hard_unregularized and observer.contradicted,
         recent_slope=_slope(tracker, step, values["logit_norm"], recent=True),
         hard_targets="hard 0/1 targets" if setup.sigmoid else "hard one-hot targets",
+        to_declare=_to_declare(setup),
     )
     signals = Signals(
         relative_change=values["relative_change"],
@@ -441,6 +442,19 @@ def probe_forward(fm: FunctionalModel, x: Any) -> Tensor:
     """``f(X; θ_t)``, ``(N, C)``: the probe's logits at the current parameters."""
     with exact_matmuls(fm.device), torch.no_grad():
         return fm(fm.params, x)
+
+
+def _to_declare(setup: Setup) -> str:
+    """The settings the set-up could not establish, as a message names them."""
+    unknown = [
+        name
+        for name, missing in (
+            ("label_smoothing", setup.non_degenerate is None),
+            ("weight_decay", setup.weight_decay is None),
+        )
+        if missing
+    ]
+    return " and ".join(f"`{name}`" for name in unknown or ["label_smoothing", "weight_decay"])
 
 
 def _setup_of(tracker: NTKTracker) -> Setup:

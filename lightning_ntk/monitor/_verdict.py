@@ -179,6 +179,8 @@ class LogitContext:
             reports (``nan`` when not measured).
         hard_targets: the task's hard targets in words: ``"hard one-hot targets"`` for a
             softmax, ``"hard 0/1 targets"`` for sigmoid outputs (binary, multilabel).
+        to_declare: the settings that would settle an unknown set-up, in words: those of
+            ``label_smoothing`` / ``weight_decay`` the set-up could not establish.
     """
 
     logit_norm: float = math.nan
@@ -189,6 +191,7 @@ class LogitContext:
     hard_unregularized: bool = False
     recent_slope: float = math.nan
     hard_targets: str = "hard one-hot targets"
+    to_declare: str = "`label_smoothing` and `weight_decay`"
 
 
 @dataclass(frozen=True)
@@ -504,8 +507,8 @@ def _logit_sentence(
             return f"Logits growing: {rising}" + _UNRECOGNISED.format(alarm=alarm)
         return (
             f"Logits growing: {rising}; the set-up is not known — with {ctx.hard_targets} "
-            "and no weight decay this is the divergence the theory predicts (declare "
-            "`label_smoothing` and `weight_decay` to tell)."
+            f"and no weight decay this is the divergence the theory predicts (declare "
+            f"{ctx.to_declare} to tell)."
         )
     if note:
         return note
@@ -532,7 +535,7 @@ def _logit_sentence(
     if predicted == "unknown":
         return (
             f"Set-up unknown: with {ctx.hard_targets} and no weight decay the theory "
-            "predicts diverging logits (declare `label_smoothing` and `weight_decay` to tell)."
+            f"predicts diverging logits (declare {ctx.to_declare} to tell)."
         )
     if math.isfinite(s.slope):
         return f"Logits bounded ({s.slope:+.2f} per doubling of steps)."
