@@ -284,3 +284,36 @@ def test_an_unknown_set_up_asks_to_declare_only_what_could_not_be_read():
     undecided = NTKTracker(x, y)  # no optimizer either: both are named
     undecided.start(model)
     assert "`label_smoothing` and `weight_decay`" in undecided.update(model, 4).message
+
+
+# ------------------------------------------------------- per-position logits
+
+
+def test_per_token_logits_are_refused_with_settings_that_fit_them():
+    """A token classifier's (N, L, C) logits: the error shows output_fn forms that work."""
+
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(20, 8)
+            self.head = nn.Linear(8, 5)
+
+        def forward(self, tokens):
+            return self.head(torch.tanh(self.embed(tokens)))  # (N, L, C)
+
+    tokens = torch.randint(20, (6, 7), generator=torch.Generator().manual_seed(0))
+    tracker = NTKTracker(tokens)
+    with pytest.raises(ValueError, match=r"shape \(N, C\) but got shape \(6, 7, 5\)") as caught:
+        tracker.start(Tagger())
+    notes = " ".join(getattr(caught.value, "__notes__", []))
+    assert "logits per position" in notes
+    suggested = {
+        "output_fn=lambda out: out[:, 0]": lambda out: out[:, 0],
+        "output_fn=lambda out: out.flatten(1)": lambda out: out.flatten(1),
+    }
+    model = Tagger()
+    for setting, output_fn in suggested.items():
+        assert setting in notes
+        fitted = NTKTracker(tokens, output_fn=output_fn)
+        fitted.start(model)  # what the note suggests runs
+        assert fitted.update(model, 1).relative_change == pytest.approx(0.0, abs=1e-6)

@@ -281,7 +281,7 @@ def probe_logits(fm: Any, x: Any) -> Tensor:
     """
     try:
         with exact_matmuls(fm.device), torch.no_grad():
-            fm.raw(fm.params, x)
+            raw = fm.raw(fm.params, x)
     except Exception as err:
         failure = _with_layer_hint(fm, x, err)
         failure.add_note(MODEL_FAILURE_NOTE)
@@ -294,7 +294,18 @@ def probe_logits(fm: Any, x: Any) -> Tensor:
             "The probe is evaluated as `forward_fn(model, x)` if given, else `model(x)`; "
             "pass `forward_fn` or `output_fn` so it yields (N, C) logits."
         )
+        if fm.output_fn is None and isinstance(raw, Tensor) and raw.ndim >= 3:
+            err.add_note(_PER_POSITION_NOTE.format(shape=tuple(raw.shape)))
         raise
+
+
+# per-position logits (token classification, segmentation) have no (N, C) form of their own
+_PER_POSITION_NOTE = (
+    "The output {shape} holds logits per position (token classification, segmentation): "
+    "watch one position with output_fn=lambda out: out[:, 0] (and its labels with "
+    "batch_to_xy=lambda batch: (batch[0], batch[1][:, 0])), or every position as one "
+    "output vector with output_fn=lambda out: out.flatten(1)."
+)
 
 
 def first_dataloader(loaders: Any) -> Any:
