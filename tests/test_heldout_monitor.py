@@ -317,3 +317,21 @@ def test_per_token_logits_are_refused_with_settings_that_fit_them():
         fitted = NTKTracker(tokens, output_fn=output_fn)
         fitted.start(model)  # what the note suggests runs
         assert fitted.update(model, 1).relative_change == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_diverging_sigmoid_output_is_measured_by_its_logit_not_a_centered_norm():
+    """A one-logit head's ``logit_norm`` is ``|z|``: the alarm names it so, and 0/1 targets."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, generator=g)
+    y = (x[:, 0] > 0).float()  # separable: the hard-target logit grows without bound
+    torch.manual_seed(0)
+    model = nn.Linear(8, 1)
+    tracker = NTKTracker(
+        x[:8], y[:8], optimizer=torch.optim.SGD(model.parameters(), lr=1.0), log_base=2
+    )
+    loss_fn = lambda z, t: F.binary_cross_entropy_with_logits(z.squeeze(-1), t)  # noqa: E731
+    report = _train(tracker, model, x, y, loss_fn, steps=512)
+    assert report.causes == ["logits diverging"], report.message
+    assert "the logit norm |z| rises" in report.message
+    assert "as hard 0/1 targets without weight decay predict" in report.message
+    assert "centered" not in report.message + tracker.diagnosis

@@ -280,6 +280,7 @@ def measure(tracker: NTKTracker, fm: FunctionalModel, step: int) -> Measurement:
         recent_slope=_slope(tracker, step, values["logit_norm"], recent=True),
         hard_targets="hard 0/1 targets" if setup.sigmoid else "hard one-hot targets",
         to_declare=_to_declare(setup),
+        norm_words="logit norm |z|" if setup.sigmoid else "centered logit norm",
     )
     signals = Signals(
         relative_change=values["relative_change"],

@@ -100,7 +100,7 @@ def _figures(regime: str, reports: Sequence[Any], alignment_before: float) -> st
     if regime == DIVERGING:
         slopes = [r.logit_slope for r in reports if math.isfinite(r.logit_slope)]
         if slopes:
-            return f"centered logit norm {slopes[-1]:+.2f} per doubling of steps"
+            return f"logit norm {slopes[-1]:+.2f} per doubling of steps"
     return ""
 
 

@@ -181,6 +181,8 @@ class LogitContext:
             softmax, ``"hard 0/1 targets"`` for sigmoid outputs (binary, multilabel).
         to_declare: the settings that would settle an unknown set-up, in words: those of
             ``label_smoothing`` / ``weight_decay`` the set-up could not establish.
+        norm_words: what ``logit_norm`` measures, in words: the centered norm of softmax
+            logits, the mean ``|z|`` of sigmoid outputs.
     """
 
     logit_norm: float = math.nan
@@ -192,6 +194,7 @@ class LogitContext:
     recent_slope: float = math.nan
     hard_targets: str = "hard one-hot targets"
     to_declare: str = "`label_smoothing` and `weight_decay`"
+    norm_words: str = "centered logit norm"
 
 
 @dataclass(frozen=True)
@@ -339,7 +342,7 @@ def _logit_finding(
         if not ctx.logit_norm >= thresholds.optimum_overshoot * optimum:
             where = "towards" if ctx.logit_norm < optimum else "near"
             note = (
-                f"Logits converging: mean centered norm {ctx.logit_norm:.2f} {where} the "
+                f"Logits converging: mean {ctx.norm_words} {ctx.logit_norm:.2f} {where} the "
                 f"{optimum:.2f} of the optimum the targets allow."
             )
             return CAUSE_LOGITS, 0, note
@@ -464,12 +467,12 @@ def _logit_sentence(
 ) -> str:
     """One sentence on the logits: the finding with the level that set it, or the outlook."""
     alarm = t.logit_slope[1]
-    rising = f"the centered logit norm rises {s.slope:+.2f} per doubling of steps"
+    rising = f"the {ctx.norm_words} rises {s.slope:+.2f} per doubling of steps"
     if level == 2:
         if math.isfinite(ctx.optimum_norm):
             return (
                 f"Logits diverging: {rising} (alarm at {alarm:g}), past the optimum the "
-                f"targets allow (mean centered norm {ctx.logit_norm:.2f} against "
+                f"targets allow (mean {ctx.norm_words} {ctx.logit_norm:.2f} against "
                 f"{ctx.optimum_norm:.2f}) — lower the learning rate or add weight decay."
             )
         if predicted == "diverging":
