@@ -278,6 +278,9 @@ def measure(tracker: NTKTracker, fm: FunctionalModel, step: int) -> Measurement:
         reading=bool(observer.steps) and observer.wants_more,
         hard_unregularized=setup.hard_unregularized and observer.contradicted,
         recent_slope=_slope(tracker, step, values["logit_norm"], recent=True),
+        hard_targets="hard 0/1 targets" if setup.sigmoid else "hard one-hot targets",
+        to_declare=_to_declare(setup),
+        norm_words="logit norm |z|" if setup.sigmoid else "centered logit norm",
     )
     signals = Signals(
         relative_change=values["relative_change"],
@@ -442,6 +445,19 @@ def probe_forward(fm: FunctionalModel, x: Any) -> Tensor:
         return fm(fm.params, x)
 
 
+def _to_declare(setup: Setup) -> str:
+    """The settings the set-up could not establish, as a message names them."""
+    unknown = [
+        name
+        for name, missing in (
+            ("label_smoothing", setup.non_degenerate is None),
+            ("weight_decay", setup.weight_decay is None),
+        )
+        if missing
+    ]
+    return " and ".join(f"`{name}`" for name in unknown or ["label_smoothing", "weight_decay"])
+
+
 def _setup_of(tracker: NTKTracker) -> Setup:
     """The set-up as known now; a report never raises for it."""
     try:
@@ -527,6 +543,11 @@ def snapshot(tracker: NTKTracker, fm: FunctionalModel, step: int) -> tuple[Snaps
             logits (pass ``forward_fn`` or ``output_fn``).
     """
     logits0 = probe_logits(fm, fm.cast_input(tracker.probe_x))
+    failures: dict[str, str] = {}
+    unfit = unfit_labels(tracker.probe_y, int(logits0.shape[1]))
+    if unfit:  # e.g. a mask taken for the labels: neither alignment nor set-up reads them
+        tracker.probe_y = None
+        failures["probe_y"] = unfit
     measured = resolve_kernel(tracker.kernel, tracker.optimizer)  # raises for a wrong optimizer
     d = None
     if measured.kind == "adam":  # already stepped (a warm-up, a fine-tuning): read now
@@ -552,10 +573,37 @@ def snapshot(tracker: NTKTracker, fm: FunctionalModel, step: int) -> tuple[Snaps
         preconditioner=d,
         preconditioner_step=None if d is None else int(step),
     )
-    failures: dict[str, str] = {}
     if not state.waiting:
         _take_reference_kernel(tracker, fm, state, failures, logits0)
     return state, failures
+
+
+def unfit_labels(probe_y: Optional[Tensor], num_classes: int) -> str:
+    """Why the probe labels are no targets of ``C`` logits, or ``""`` when they may be.
+
+    Labels ``(N,)`` must be classes below ``max(C, 2)`` (negative ones are ignored
+    examples); targets ``(N, K)`` need ``K = C``. Anything else (an attention mask, a
+    sample weight taken for the labels) would give a target alignment and a task of
+    something else.
+    """
+    if probe_y is None:
+        return ""
+    shape = tuple(probe_y.shape)
+    if probe_y.ndim == 2 and shape[1] == num_classes:
+        return ""
+    if probe_y.ndim == 1 and (
+        probe_y.is_floating_point() or int(probe_y.max()) < max(num_classes, 2)
+    ):
+        return ""
+    expected = (
+        f"labels ({shape[0]},) below {max(num_classes, 2)} or targets ({shape[0]}, {num_classes})"
+    )
+    return (
+        f"The probe labels of shape {shape} are no targets of the model's {num_classes} "
+        f"outputs ({expected} expected), so the target alignment and the set-up are read "
+        "without them; if the batches are not (inputs, labels, ...), pass "
+        "`batch_to_xy=lambda batch: (inputs, labels)`."
+    )
 
 
 def read_preconditioner(tracker: NTKTracker, fm: FunctionalModel, step: int) -> dict[str, str]:

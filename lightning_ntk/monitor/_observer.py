@@ -444,7 +444,9 @@ def _features(
     computes them) the cross-entropy features are
     ``H = Σ_i w[y_i]·(−log p_i,y_i) / D`` and ``U = Σ_i Σ_c w_c·(−log p_ic) / (C·D)``
     with ``D = Σ_i w[y_i]`` for labels and reduction ``"mean"``, ``D = N`` otherwise
-    (soft targets: ``H = −Σ_i Σ_c w_c·Y_ic·log p_ic / D``).
+    (soft targets: ``H = −Σ_i Σ_c w_c·Y_ic·log p_ic / D``). Examples with a negative
+    label (``ignore_index``, ``-100`` by default) are left out of both sums and of ``D``,
+    as PyTorch leaves them out.
     """
     N, C = z.shape
     out: dict[str, tuple[list[float], float, bool]] = {}
@@ -455,9 +457,15 @@ def _features(
         U_sum = float(-(logp * w).sum() / C)
         if y.ndim == 1 and not y.is_floating_point():
             labels = y.long()
-            if int(labels.min()) < 0 or int(labels.max()) >= C:  # ignore_index or another loss
-                return "the batch labels are outside [0, C) (ignore_index?)"
-            w_i = w[labels]  # (N,)
+            if int(labels.max()) >= C:  # another loss, or an ignore_index of C or more
+                return f"the batch labels reach {int(labels.max())}, outside [0, {C})"
+            labelled = labels >= 0  # (N,) a negative label: `ignore_index`, no loss term
+            if not bool(labelled.any()):
+                return "every label of the batch is ignored (negative)"
+            if not bool(labelled.all()):  # ignored rows enter neither CE nor the smoothing
+                logp, labels = logp[labelled], labels[labelled]
+                U_sum = float(-(logp * w).sum() / C)
+            w_i = w[labels]  # (N',)
             D = float(w_i.sum()) if per_mean else float(N)
             if not D > 0:
                 return "the batch's class weights sum to zero"

@@ -79,9 +79,11 @@ def draw_probe(
 
     A random pool of ``min(len, 20·n_probe)`` indices is read (in the generator's order)
     and, when labels exist (integer labels, or binary 0/1 targets stored as floats), the
-    probe takes classes in turn (round-robin over the classes
-    present, each class's examples in pool order), so every class is represented as
-    evenly as the pool allows.
+    probe takes classes in turn (round-robin over the classes present, each class's
+    examples in pool order), so every class is represented as evenly as the pool allows.
+    Only labelled examples are drawn: a negative integer label (``ignore_index``, ``-100``
+    by default) marks an example no loss term reads; with fewer than ``n_probe`` labelled
+    examples in the pool the probe is drawn without labels.
 
     Args:
         dataset: map-style dataset (``len`` and ``__getitem__``).
@@ -117,7 +119,11 @@ def draw_probe(
         items = [dataset[int(i)] for i in pool]
     x, y = split(collate(items))
     if isinstance(y, Tensor) and _class_labels(y):
-        chosen = _stratified(y, n_probe)
+        labelled = _labelled(y)
+        if len(labelled) >= n_probe:  # examples a loss ignores (label -100) are no probe
+            chosen = labelled[_stratified(y[labelled], n_probe)]
+        else:  # too few labelled examples in the pool: an unlabelled probe
+            chosen, y = torch.arange(n_probe), None
     else:
         chosen = torch.arange(n_probe)
     return _take(x, chosen), (None if y is None else _take(y, chosen))
@@ -128,6 +134,17 @@ def _class_labels(y: Tensor) -> bool:
     if y.ndim != 1:
         return False
     return not y.is_floating_point() or bool(((y == 0) | (y == 1)).all())
+
+
+def _labelled(y: Tensor) -> Tensor:
+    """Indices of the examples with a class: integer labels ``< 0`` are ignored ones.
+
+    ``F.cross_entropy``'s ``ignore_index`` (default ``-100``) marks unlabelled examples,
+    which no loss term reads and which have no class to stratify by or to align with.
+    """
+    if y.is_floating_point():
+        return torch.arange(len(y))
+    return (y >= 0).nonzero().flatten()
 
 
 def _stratified(labels: Tensor, n: int) -> Tensor:
@@ -267,7 +284,7 @@ def probe_logits(fm: Any, x: Any) -> Tensor:
     """
     try:
         with exact_matmuls(fm.device), torch.no_grad():
-            fm.raw(fm.params, x)
+            raw = fm.raw(fm.params, x)
     except Exception as err:
         failure = _with_layer_hint(fm, x, err)
         failure.add_note(MODEL_FAILURE_NOTE)
@@ -280,7 +297,18 @@ def probe_logits(fm: Any, x: Any) -> Tensor:
             "The probe is evaluated as `forward_fn(model, x)` if given, else `model(x)`; "
             "pass `forward_fn` or `output_fn` so it yields (N, C) logits."
         )
+        if fm.output_fn is None and isinstance(raw, Tensor) and raw.ndim >= 3:
+            err.add_note(_PER_POSITION_NOTE.format(shape=tuple(raw.shape)))
         raise
+
+
+# per-position logits (token classification, segmentation) have no (N, C) form of their own
+_PER_POSITION_NOTE = (
+    "The output {shape} holds logits per position (token classification, segmentation): "
+    "watch one position with output_fn=lambda out: out[:, 0] (and its labels with "
+    "batch_to_xy=lambda batch: (batch[0], batch[1][:, 0])), or every position as one "
+    "output vector with output_fn=lambda out: out.flatten(1)."
+)
 
 
 def first_dataloader(loaders: Any) -> Any:

@@ -206,7 +206,9 @@ def resolve_setup(
     Args:
         weight_decay: declared ``λ``.
         label_smoothing: declared ``ε``.
-        optimizer: the optimizer, whose weight decay and learning rate are read.
+        optimizer: the optimizer, whose weight decay and learning rate are read, or a
+            list of the optimizers training uses (the smallest weight decay on weight
+            matrices is ``λ``).
         loss: a loss module found in the model, whose smoothing and kind are read.
         probe_y: the probe's targets.
         observer: what the training loss said.
@@ -220,10 +222,16 @@ def resolve_setup(
     sources = setup.sources
     # ---- weight decay and learning rate
     if optimizer is not None:
-        decay = read_optimizer(optimizer)
+        optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+        decay = _least_decay(optimizers)
         setup.lr = decay.lr
         setup.weight_decay, setup.decoupled = decay.weight_decay, decay.decoupled
         sources["weight_decay"] = f"read from the optimizer {decay.name}"
+        if len(optimizers) > 1:
+            names = ", ".join(type(o).__name__ for o in optimizers)
+            sources["weight_decay"] = (
+                f"read from the optimizers {names}: the smallest on weight matrices, {decay.name}'s"
+            )
     if weight_decay is not None:
         setup.weight_decay = float(weight_decay)
         setup.decoupled = setup.decoupled and setup.weight_decay > 0
@@ -232,6 +240,22 @@ def resolve_setup(
     _resolve_smoothing(setup, label_smoothing, loss, observer)
     _resolve_targets(setup, probe_y, observer, num_outputs)
     return setup
+
+
+def _least_decay(optimizers: list[Any]) -> Any:
+    """The reading of the optimizer whose weights decay least (λ of the whole model).
+
+    Several optimizers (manual optimization, a GAN's two) each decay their own
+    parameters; the logits are bounded only if every weight matrix decays, so ``λ`` is
+    the smallest over the optimizers holding weight matrices (all, if none does).
+    """
+    readings = [read_optimizer(o) for o in optimizers]
+    holding = [
+        r
+        for r, o in zip(readings, optimizers)
+        if any(p.ndim >= 2 for g in o.param_groups for p in g.get("params", ()))
+    ]
+    return min(holding or readings, key=lambda r: r.weight_decay)
 
 
 def _resolve_task(

@@ -100,7 +100,7 @@ def _figures(regime: str, reports: Sequence[Any], alignment_before: float) -> st
     if regime == DIVERGING:
         slopes = [r.logit_slope for r in reports if math.isfinite(r.logit_slope)]
         if slopes:
-            return f"centered logit norm {slopes[-1]:+.2f} per doubling of steps"
+            return f"logit norm {slopes[-1]:+.2f} per doubling of steps"
     return ""
 
 
@@ -111,6 +111,14 @@ def _logits(reports: Sequence[Any], thresholds: Thresholds) -> str:
         return (
             f"logits growing from step {growing[0].step} ({last.logit_slope:+.2f} per "
             "doubling of steps)"
+        )
+    rising = last.logit_slope >= thresholds.logit_slope[0]
+    if rising and math.isfinite(last.logit_optimum):
+        # rising, yet no finding: short of the finite optimum the targets allow
+        return (
+            f"logits converging on the optimum the targets allow (norm "
+            f"{last.logit_norm:.2f} against {last.logit_optimum:.2f}, "
+            f"{last.logit_slope:+.2f} per doubling of steps)"
         )
     if math.isfinite(last.logit_slope):
         return f"logits bounded ({last.logit_slope:+.2f} per doubling of steps)"

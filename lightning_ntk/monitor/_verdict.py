@@ -177,6 +177,12 @@ class LogitContext:
             out): the divergence is then read from the measured growth alone.
         recent_slope: the logit norm's growth per doubling of steps between the last two
             reports (``nan`` when not measured).
+        hard_targets: the task's hard targets in words: ``"hard one-hot targets"`` for a
+            softmax, ``"hard 0/1 targets"`` for sigmoid outputs (binary, multilabel).
+        to_declare: the settings that would settle an unknown set-up, in words: those of
+            ``label_smoothing`` / ``weight_decay`` the set-up could not establish.
+        norm_words: what ``logit_norm`` measures, in words: the centered norm of softmax
+            logits, the mean ``|z|`` of sigmoid outputs.
     """
 
     logit_norm: float = math.nan
@@ -186,6 +192,9 @@ class LogitContext:
     reading: bool = False
     hard_unregularized: bool = False
     recent_slope: float = math.nan
+    hard_targets: str = "hard one-hot targets"
+    to_declare: str = "`label_smoothing` and `weight_decay`"
+    norm_words: str = "centered logit norm"
 
 
 @dataclass(frozen=True)
@@ -333,7 +342,7 @@ def _logit_finding(
         if not ctx.logit_norm >= thresholds.optimum_overshoot * optimum:
             where = "towards" if ctx.logit_norm < optimum else "near"
             note = (
-                f"Logits converging: mean centered norm {ctx.logit_norm:.2f} {where} the "
+                f"Logits converging: mean {ctx.norm_words} {ctx.logit_norm:.2f} {where} the "
                 f"{optimum:.2f} of the optimum the targets allow."
             )
             return CAUSE_LOGITS, 0, note
@@ -458,17 +467,17 @@ def _logit_sentence(
 ) -> str:
     """One sentence on the logits: the finding with the level that set it, or the outlook."""
     alarm = t.logit_slope[1]
-    rising = f"the centered logit norm rises {s.slope:+.2f} per doubling of steps"
+    rising = f"the {ctx.norm_words} rises {s.slope:+.2f} per doubling of steps"
     if level == 2:
         if math.isfinite(ctx.optimum_norm):
             return (
                 f"Logits diverging: {rising} (alarm at {alarm:g}), past the optimum the "
-                f"targets allow (mean centered norm {ctx.logit_norm:.2f} against "
+                f"targets allow (mean {ctx.norm_words} {ctx.logit_norm:.2f} against "
                 f"{ctx.optimum_norm:.2f}) — lower the learning rate or add weight decay."
             )
         if predicted == "diverging":
             return (
-                f"Logits diverging: {rising} (alarm at {alarm:g}), as hard one-hot targets "
+                f"Logits diverging: {rising} (alarm at {alarm:g}), as {ctx.hard_targets} "
                 "without weight decay predict — add weight decay or label smoothing."
             )
         if ctx.hard_unregularized:
@@ -500,16 +509,22 @@ def _logit_sentence(
         if ctx.hard_unregularized:
             return f"Logits growing: {rising}" + _UNRECOGNISED.format(alarm=alarm)
         return (
-            f"Logits growing: {rising}; the set-up is not known — with hard one-hot targets "
-            "and no weight decay this is the divergence the theory predicts (declare "
-            "`label_smoothing` and `weight_decay` to tell)."
+            f"Logits growing: {rising}; the set-up is not known — with {ctx.hard_targets} "
+            f"and no weight decay this is the divergence the theory predicts (declare "
+            f"{ctx.to_declare} to tell)."
         )
     if note:
         return note
     if predicted == "diverging":
+        trend = (
+            f"Logits bounded so far ({s.slope:+.2f} per doubling of steps), but"
+            if math.isfinite(s.slope)
+            else f"Logit trend not measured yet (it needs two reports from step "
+            f"{t.min_trend_step}), and"
+        )
         return (
-            "Logits bounded so far, but hard one-hot targets without weight decay predict "
-            "their divergence — add weight decay or label smoothing."
+            f"{trend} {ctx.hard_targets} without weight decay predict diverging logits — "
+            "add weight decay or label smoothing."
         )
     if predicted == "unknown" and ctx.reading:
         return "Set-up still being read from the training loss."
@@ -522,8 +537,8 @@ def _logit_sentence(
         return trend + _UNRECOGNISED.format(alarm=t.logit_slope[1])
     if predicted == "unknown":
         return (
-            "Set-up unknown: with hard one-hot targets and no weight decay the theory "
-            "predicts diverging logits (declare `label_smoothing` and `weight_decay` to tell)."
+            f"Set-up unknown: with {ctx.hard_targets} and no weight decay the theory "
+            f"predicts diverging logits (declare {ctx.to_declare} to tell)."
         )
     if math.isfinite(s.slope):
         return f"Logits bounded ({s.slope:+.2f} per doubling of steps)."

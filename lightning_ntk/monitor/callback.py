@@ -102,7 +102,8 @@ class NTKMonitorBase(NTKSettings):
     identifies the loss and its label smoothing however it is written
     (``nn.CrossEntropyLoss``, ``F.cross_entropy(..., label_smoothing=ε)``, smoothed soft
     targets, ``nn.BCEWithLogitsLoss`` with or without ``pos_weight``); the weight decay
-    is read from the first optimizer, and a loss module found in the module is the
+    is read from the optimizers (the smallest on weight matrices, where manual
+    optimization steps several), and a loss module found in the module is the
     fallback, dropped when the training loss contradicts it. Each report's ``setup``
     says what was found and how.
 
@@ -130,7 +131,7 @@ class NTKMonitorBase(NTKSettings):
             ``method``, ``kernel``, ``params``, ``every_n_steps``, ``log_base``,
             ``thresholds``, ``expect``, ``weight_decay``, ``label_smoothing``, ``forward_fn``,
             ``output_fn``, …), as keywords. ``weight_decay`` and ``label_smoothing``
-            override what is read from the first optimizer and the module's loss;
+            override what is read from the optimizers and the module's loss;
             ``forward_fn(pl_module, x)`` replaces ``pl_module(x)``; ``kernel="optimizer"``
             measures the kernel of the first optimizer.
     """
@@ -231,6 +232,7 @@ class NTKMonitorBase(NTKSettings):
         optimizers = list(getattr(trainer, "optimizers", []) or [])
         # its learning rate sets the L2 time scale; a declared `weight_decay` still wins
         tracker.optimizer = optimizers[0] if optimizers else None
+        tracker.other_optimizers = optimizers[1:]  # their weight decay is read too
         if tracker.label_smoothing is None:
             tracker.loss = find_loss(pl_module)
         if self._restored and tracker.started:

@@ -144,6 +144,8 @@ class NTKTracker(NTKSettings):
         self.last_kernel: Optional[Tensor] = None  # Θ_t of the last report
         self.eigenvalues: Optional[Tensor] = None  # its spectrum, descending
         self.observer = LossObserver()  # infers the label smoothing from the training loss
+        # further optimizers training steps (manual optimization): their weight decay counts
+        self.other_optimizers: list[torch.optim.Optimizer] = []
         # 0·Σ(training batches): NaN once a batch held NaN / inf (see nonfinite_marker)
         self._data_marker: Optional[Tensor] = None
         self._layout_noted = False  # the default's switch to the trace layout was announced
@@ -545,7 +547,9 @@ class NTKTracker(NTKSettings):
         return resolve_setup(
             weight_decay=self.weight_decay,
             label_smoothing=self.label_smoothing,
-            optimizer=self.optimizer,
+            optimizer=[self.optimizer, *self.other_optimizers]
+            if self.optimizer is not None and self.other_optimizers
+            else self.optimizer,
             loss=self.loss,
             probe_y=self.probe_y,
             observer=self.observer,
