@@ -281,6 +281,7 @@ def measure(tracker: NTKTracker, fm: FunctionalModel, step: int) -> Measurement:
         hard_targets="hard 0/1 targets" if setup.sigmoid else "hard one-hot targets",
         to_declare=_to_declare(setup),
         norm_words="logit norm |z|" if setup.sigmoid else "centered logit norm",
+        trend_wait=tracker.trend_wait([r.step for r in tracker.history] + [step]),
     )
     signals = Signals(
         relative_change=values["relative_change"],

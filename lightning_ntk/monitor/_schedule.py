@@ -78,6 +78,35 @@ class Schedule:
         return self.every_n_epochs is not None and (epoch + 1) % self.every_n_epochs == 0
 
 
+def trend_wait(schedule: Schedule, steps: list[int], first: int, planned: Optional[int]) -> str:
+    """When the logit trend is read, in words, after reports at ``steps`` (oldest first).
+
+    The trend needs two reports from step ``first`` on. When the run's last step
+    ``planned`` is known and the schedule's next reports leave it short of two, the
+    words say so and name an ``every_n_steps`` that reads it (epoch reports, whose steps
+    are not known ahead, are counted as none).
+    """
+    words = f"it needs two reports from step {first}"
+    if planned is None or not steps:
+        return words
+    readable = sum(s >= first for s in steps)
+    step = steps[-1]
+    while readable < 2:
+        step = schedule.next_step(step)  # type: ignore[assignment]
+        if step > planned:
+            if schedule.every_n_epochs is not None:
+                return words
+            every = (planned - first) // 2
+            if every < 5:
+                return f"{words}, and this run ends at step {planned}, too soon for that"
+            return (
+                f"{words}, and this run ends at step {planned} before the second one; "
+                f"every_n_steps={every} reads it"
+            )
+        readable += step >= first
+    return words
+
+
 def _on_log_grid(step: int, base: float) -> bool:
     """Whether ``step = ⌈base^k⌉`` for some ``k ≥ 1`` (checked near ``log_base(step)``)."""
     k = round(math.log(step) / math.log(base))

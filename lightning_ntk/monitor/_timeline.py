@@ -26,7 +26,10 @@ __all__ = ["timeline"]
 
 
 def timeline(
-    reports: Sequence[Any], thresholds: Thresholds, initial_alignment: float = math.nan
+    reports: Sequence[Any],
+    thresholds: Thresholds,
+    initial_alignment: float = math.nan,
+    trend_wait: str = "",
 ) -> str:
     """One line: each regime of the run with its steps and figures, then the logits.
 
@@ -34,6 +37,8 @@ def timeline(
         reports: the run's :class:`~lightning_ntk.NTKReport` objects, oldest first.
         thresholds: the tracker's thresholds (for the logit trend's first step).
         initial_alignment: target alignment of ``Θ0`` (where the first segment starts).
+        trend_wait: when the logit trend is read, in words, while it is not (``""``: the
+            reports it needs).
 
     Returns:
         The diagnosis; ``"no report yet"`` for an empty run.
@@ -52,7 +57,7 @@ def timeline(
         end = segments[i + 1][0].step if i + 1 < len(segments) else None
         parts.append(_segment(segment, i == 0, end, before))
     if reports[-1].regime != DIVERGING:
-        parts.append(_logits(reports, thresholds))
+        parts.append(_logits(reports, thresholds, trend_wait))
     return "; ".join(parts)
 
 
@@ -104,7 +109,7 @@ def _figures(regime: str, reports: Sequence[Any], alignment_before: float) -> st
     return ""
 
 
-def _logits(reports: Sequence[Any], thresholds: Thresholds) -> str:
+def _logits(reports: Sequence[Any], thresholds: Thresholds, trend_wait: str) -> str:
     growing = [r for r in reports if CAUSE_GROWING in r.causes or CAUSE_LOGITS in r.causes]
     last = reports[-1]
     if growing and (CAUSE_GROWING in last.causes or CAUSE_LOGITS in last.causes):
@@ -122,10 +127,8 @@ def _logits(reports: Sequence[Any], thresholds: Thresholds) -> str:
         )
     if math.isfinite(last.logit_slope):
         return f"logits bounded ({last.logit_slope:+.2f} per doubling of steps)"
-    return (
-        f"logit trend not measured yet (it needs two reports from step "
-        f"{thresholds.min_trend_step}; logit norm ×{last.logit_growth:.2f} since θ0)"
-    )
+    wait = trend_wait or f"it needs two reports from step {thresholds.min_trend_step}"
+    return f"logit trend not measured yet ({wait}; logit norm ×{last.logit_growth:.2f} since θ0)"
 
 
 def _finite_key(value: float) -> float:

@@ -183,6 +183,8 @@ class LogitContext:
             ``label_smoothing`` / ``weight_decay`` the set-up could not establish.
         norm_words: what ``logit_norm`` measures, in words: the centered norm of softmax
             logits, the mean ``|z|`` of sigmoid outputs.
+        trend_wait: when the logit trend is read, in words (``""``: the reports it needs;
+            see :meth:`~lightning_ntk.monitor.tracker.NTKTracker.trend_wait`).
     """
 
     logit_norm: float = math.nan
@@ -195,6 +197,7 @@ class LogitContext:
     hard_targets: str = "hard one-hot targets"
     to_declare: str = "`label_smoothing` and `weight_decay`"
     norm_words: str = "centered logit norm"
+    trend_wait: str = ""
 
 
 @dataclass(frozen=True)
@@ -360,6 +363,11 @@ def _logit_finding(
     return CAUSE_GROWING, min(level, 1), ""
 
 
+def _wait(ctx: LogitContext, t: Thresholds) -> str:
+    """When the logit trend is read, in words."""
+    return ctx.trend_wait or f"it needs two reports from step {t.min_trend_step}"
+
+
 def _level(value: Optional[float], pair: tuple[float, float]) -> int:
     if value is None or not math.isfinite(value):
         return 0
@@ -519,8 +527,7 @@ def _logit_sentence(
         trend = (
             f"Logits bounded so far ({s.slope:+.2f} per doubling of steps), but"
             if math.isfinite(s.slope)
-            else f"Logit trend not measured yet (it needs two reports from step "
-            f"{t.min_trend_step}), and"
+            else f"Logit trend not measured yet ({_wait(ctx, t)}), and"
         )
         return (
             f"{trend} {ctx.hard_targets} without weight decay predict diverging logits — "
@@ -532,7 +539,7 @@ def _logit_sentence(
         trend = (
             f"Logits bounded so far ({s.slope:+.2f} per doubling of steps)"
             if math.isfinite(s.slope)
-            else f"Logit trend not measured yet (it needs two reports from step {t.min_trend_step})"
+            else f"Logit trend not measured yet ({_wait(ctx, t)})"
         )
         return trend + _UNRECOGNISED.format(alarm=t.logit_slope[1])
     if predicted == "unknown":
@@ -542,7 +549,4 @@ def _logit_sentence(
         )
     if math.isfinite(s.slope):
         return f"Logits bounded ({s.slope:+.2f} per doubling of steps)."
-    return (
-        f"Logit trend not measured yet (it needs two reports from step {t.min_trend_step}); "
-        "the set-up predicts bounded logits."
-    )
+    return f"Logit trend not measured yet ({_wait(ctx, t)}); the set-up predicts bounded logits."

@@ -34,6 +34,7 @@ states; FSDP1, DeepSpeed and tensor parallelism are refused at ``setup``.
 from __future__ import annotations
 
 import importlib
+import math
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import KW_ONLY, dataclass
@@ -232,6 +233,7 @@ class NTKMonitorBase(NTKSettings):
         optimizers = list(getattr(trainer, "optimizers", []) or [])
         # its learning rate sets the L2 time scale; a declared `weight_decay` still wins
         tracker.optimizer = optimizers[0] if optimizers else None
+        tracker.planned_steps = _planned_steps(trainer)
         tracker.other_optimizers = optimizers[1:]  # their weight decay is read too
         if tracker.label_smoothing is None:
             tracker.loss = find_loss(pl_module)
@@ -526,3 +528,12 @@ def __getattr__(name: str) -> Any:
         globals()["NTKMonitor"] = cls
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _planned_steps(trainer: Any) -> Optional[int]:
+    """The step the Trainer will stop at (``max_steps``, or its epochs' steps), if known."""
+    try:
+        steps = float(trainer.estimated_stepping_batches)
+    except Exception:  # no sized data loader, or a Trainer without the property
+        steps = float(getattr(trainer, "max_steps", -1) or -1)
+    return int(steps) if math.isfinite(steps) and steps > 0 else None

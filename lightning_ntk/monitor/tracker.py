@@ -47,7 +47,7 @@ import dataclasses
 import warnings
 from collections.abc import Mapping
 from dataclasses import KW_ONLY, dataclass
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 from torch import Tensor, nn
@@ -68,7 +68,7 @@ from ._probe import (
     nonfinite_marker,
     preserved_rng,
 )
-from ._schedule import Schedule
+from ._schedule import Schedule, trend_wait
 from ._setup import LossObserver, Setup, resolve_setup
 from ._timeline import timeline
 from ._verdict import Thresholds
@@ -105,6 +105,9 @@ class NTKTracker(NTKSettings):
             :meth:`update` together; ``NTKMonitor`` turns this on under multi-process
             strategies. A sharded (FSDP2) model's kernel is shared among the ranks in
             any case (one block per call when this is off).
+        planned_steps: the step training will end at, when known (``NTKMonitor`` reads
+            the Trainer's ``max_steps``): a report whose logit trend cannot be read yet
+            then says whether the run ends before it can be, and which schedule reads it.
         **settings: what is measured and when: every field of
             :class:`~lightning_ntk.monitor.settings.NTKSettings` (``n_probe``, ``output``,
             ``method``, ``kernel``, ``params``, ``output_fn``, ``forward_fn``, ``per_layer``,
@@ -119,6 +122,7 @@ class NTKTracker(NTKSettings):
     optimizer: Optional[torch.optim.Optimizer] = None
     loss: Optional[nn.Module] = None
     distributed: bool = False
+    planned_steps: Optional[int] = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -350,7 +354,17 @@ class NTKTracker(NTKSettings):
         0.48); locally linear from step 256; logits bounded (+0.05 per doubling of steps)"``.
         """
         alignment0 = self._state.alignment0 if self._state is not None else float("nan")
-        return timeline(self.history, self.thresholds, alignment0)  # type: ignore[arg-type]
+        wait = self.trend_wait([r.step for r in self.history])
+        return timeline(self.history, self.thresholds, alignment0, wait)  # type: ignore[arg-type]
+
+    def trend_wait(self, steps: list[int]) -> str:
+        """When the logit trend is read, in words, after reports at ``steps`` (oldest first).
+
+        E.g. ``"it needs two reports from step 100"``, completed when :attr:`planned_steps`
+        is known and the schedule's next reports would come after it.
+        """
+        thresholds = cast(Thresholds, self.thresholds)
+        return trend_wait(self.schedule, steps, thresholds.min_trend_step, self.planned_steps)
 
     @property
     def predicted(self) -> dict[str, str]:

@@ -335,3 +335,36 @@ def test_a_diverging_sigmoid_output_is_measured_by_its_logit_not_a_centered_norm
     assert "the logit norm |z| rises" in report.message
     assert "as hard 0/1 targets without weight decay predict" in report.message
     assert "centered" not in report.message + tracker.diagnosis
+
+
+def test_a_run_too_short_for_the_logit_trend_says_which_schedule_reads_it(quiet_trainer):
+    """Reports at 4, 16, 64, 256 of a 300-step run leave one report from step 100."""
+    from lightning_ntk.monitor._schedule import Schedule, trend_wait
+
+    log4 = Schedule(None, None, 4.0)
+    done = [4, 16, 64, 256]
+    assert trend_wait(log4, done, 100, None) == "it needs two reports from step 100"
+    assert trend_wait(log4, done, 100, 5000) == "it needs two reports from step 100"
+    hint = trend_wait(log4, done, 100, 300)
+    assert hint.endswith(
+        "this run ends at step 300 before the second one; every_n_steps=100 reads it"
+    )
+    # the schedule it names does read the trend within the run
+    every = Schedule(100, None, None)
+    assert trend_wait(every, [100, 200], 100, 300) == "it needs two reports from step 100"
+    assert trend_wait(every, [100], 100, 300) == "it needs two reports from step 100"
+    assert trend_wait(log4, [4, 16, 64], 100, 102).endswith("too soon for that")
+    assert (
+        trend_wait(Schedule(None, 1, 4.0), done, 100, 300) == "it needs two reports from step 100"
+    )
+
+    # in a Trainer: the last report and the diagnosis say so
+    from lightning_ntk import NTKMonitor
+
+    from tests._lightning_models import module_class
+
+    monitor = NTKMonitor(n_probe=8)
+    quiet_trainer(monitor, 20).fit(module_class("pytorch_lightning")())
+    assert [r.step for r in monitor.history] == [4, 16]
+    assert "this run ends at step 20, too soon for that" in monitor.tracker.diagnosis
+    assert "too soon for that" in monitor.history[-1].message
