@@ -59,11 +59,28 @@ class SweepConfig:
                 "Expected `model_factory` to be a callable width -> nn.Module but got "
                 f"{type(model_factory).__name__}."
             )
+        widths = kw["widths"]
+        swapped = (
+            isinstance(widths, (tuple, list))
+            and len(widths) == 2
+            and all(isinstance(t, Tensor) for t in widths)
+        )
+        hint = (
+            " (`widths` got the pair of tensors: width_sweep takes (model_factory, widths, "
+            "data) in this order; pass them by keyword, widths=..., data=...)"
+            if swapped
+            else ""
+        )
         if not (isinstance(data, (tuple, list)) and len(data) == 2):
-            raise TypeError(f"Expected `data` to be a pair (x, y) of tensors but got {data!r}.")
+            raise TypeError(
+                f"Expected `data` to be a pair (x, y) of tensors but got {data!r:.80}{hint}."
+            )
         x, y = data
         if not (isinstance(x, Tensor) and isinstance(y, Tensor)):
-            raise TypeError("Expected `data` to be a pair (x, y) of torch.Tensors.")
+            raise TypeError(
+                "Expected `data` to be a pair (x, y) of torch.Tensors but got a pair of "
+                f"{type(x).__name__} and {type(y).__name__}{hint}."
+            )
         labels = y.ndim == 1 and not y.is_floating_point()
         soft = y.ndim == 2 and y.is_floating_point()
         expect(

@@ -1,0 +1,154 @@
+"""The framework-free core used as a newcomer would: metrics, theory, testing, uncertainty.
+
+Each test reproduces a wrong number or an unclear error met while using the public API
+from a plain PyTorch script, and pins the behaviour the documentation promises.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_ntk.metrics import ArgmaxAgreement, ProbTV, kernel_distance, prob_tv
+from lightning_ntk.metrics.functional import softmax_form
+from lightning_ntk.testing import NTKMLP, make_classification_data, width_sweep
+from lightning_ntk.theory import kernel_flow, kernel_solution
+from lightning_ntk.theory._targets import infer_task
+from lightning_ntk.uncertainty import deep_ensemble, gp_laplace_classifier, kernel_ensemble
+
+# ---------------------------------------------------------------------- metrics
+
+
+def _bernoulli_tv(z: torch.Tensor, z_lin: torch.Tensor) -> torch.Tensor:
+    """Mean ``|sigmoid(z) − sigmoid(z_lin)|`` over every output: the sigmoid models' TV."""
+    return (torch.sigmoid(z.double()) - torch.sigmoid(z_lin.double())).abs().mean()
+
+
+def test_prob_tv_class_of_a_one_logit_model_is_the_bernoulli_distance():
+    # softmax over a single column is 1 whatever the logit: the class read 0 before
+    z = torch.tensor([[2.0], [-1.0], [0.5], [3.0]])
+    z_lin = torch.tensor([[-2.0], [-1.5], [0.5], [1.0]])
+    metric = ProbTV()
+    metric.update(z[:2], z_lin[:2])
+    metric.update(z[2:], z_lin[2:])
+    expected = _bernoulli_tv(z, z_lin)
+    assert float(expected) > 0.1
+    torch.testing.assert_close(metric.compute(), expected)
+    # and the same through the softmax form the monitor uses
+    torch.testing.assert_close(metric.compute(), prob_tv(softmax_form(z), softmax_form(z_lin)))
+
+
+def test_argmax_agreement_class_of_a_one_logit_model_compares_the_signs():
+    z = torch.tensor([[2.0], [-1.0], [0.5], [3.0]])
+    z_lin = torch.tensor([[-2.0], [-1.5], [-0.5], [1.0]])  # two signs flipped
+    metric = ArgmaxAgreement()
+    metric.update(z, z_lin)
+    assert float(metric.compute()) == 0.5
+    binary = ArgmaxAgreement(task="binary")
+    binary.update(z[:, 0], z_lin[:, 0])  # (N,) logits of one output
+    assert float(binary.compute()) == 0.5
+
+
+def test_multilabel_prob_tv_class_averages_the_outputs_bernoulli_distances():
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn(6, 4, generator=generator)
+    z_lin = z + torch.randn(6, 4, generator=generator)
+    metric = ProbTV(task="multilabel")
+    metric.update(z, z_lin)
+    torch.testing.assert_close(metric.compute(), _bernoulli_tv(z, z_lin))
+    multiclass = ProbTV()  # several outputs default to a softmax over them
+    multiclass.update(z, z_lin)
+    torch.testing.assert_close(multiclass.compute(), prob_tv(z, z_lin).double())
+
+
+def test_prob_tv_class_checks_its_arguments():
+    with pytest.raises(ValueError, match="`task`"):
+        ProbTV(task="sigmoid")
+    with pytest.raises(ValueError, match="`logits_lin` to have the shape of `logits`"):
+        ProbTV().update(torch.zeros(4, 3), torch.zeros(4, 2))
+    with pytest.raises(TypeError, match=r"`logits_lin` to be a torch\.Tensor"):
+        ArgmaxAgreement().update(torch.zeros(4, 3), [0.0] * 4)
+
+
+def test_kernel_distance_of_proportional_kernels_is_never_negative():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        A = torch.randn(12, 12, generator=generator)
+        K = A @ A.T
+        for scale in (1.0, 2.0, 0.3, 7.0):
+            distance = kernel_distance(scale * K, K)
+            assert 0.0 <= float(distance) < 1e-6, (scale, float(distance))
+
+
+# ---------------------------------------------------------------------- theory
+
+
+def test_soft_sigmoid_targets_are_not_called_multi_hot():
+    soft = torch.tensor([[0.2, 0.7, 0.4], [0.9, 0.1, 0.3]])
+    task, why = infer_task(soft, 3)
+    assert task == "multilabel"
+    assert "0/1" not in why and "multi-hot" not in why, why
+    task, why = infer_task(torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]]), 3)
+    assert (task, "multi-hot" in why) == ("multilabel", True)
+
+
+def _problem(C: int):
+    generator = torch.Generator().manual_seed(0)
+    A = torch.randn(6, 6, generator=generator, dtype=torch.float64)
+    ntk = (A @ A.T)[:, :, None, None] * torch.eye(C, dtype=torch.float64)  # (6, 6, C, C)
+    logits0 = torch.randn(6, C, generator=generator, dtype=torch.float64)
+    return ntk, logits0
+
+
+def test_kernel_solution_of_a_one_logit_model_says_it_needs_softmax_logits():
+    ntk, logits0 = _problem(1)
+    labels = torch.tensor([0, 1, 1, 0, 1, 0])
+    for targets in (labels, labels.double()):
+        with pytest.raises(ValueError, match=r"C >= 2 softmax logits in `logits0`.*one-logit"):
+            kernel_solution(ntk, logits0, targets, weight_decay=0.1)
+        with pytest.raises(ValueError, match=r"C >= 2 softmax logits in `logits0`"):
+            kernel_flow(ntk, logits0, targets, lr=0.1, steps=2)
+
+
+def test_kernel_solution_names_the_logits_a_label_does_not_fit():
+    ntk, logits0 = _problem(3)
+    with pytest.raises(ValueError, match=r"labels in \[0, 3\) for the 3 logits of `logits0`"):
+        kernel_solution(ntk, logits0, torch.tensor([0, 1, 2, 4, 0, 1]), weight_decay=0.1)
+    with pytest.raises(ValueError, match="soft `targets` with one column per logit"):
+        kernel_solution(ntk, logits0, torch.full((6, 4), 0.25), weight_decay=0.1)
+
+
+# ---------------------------------------------------------------------- uncertainty
+
+
+def test_ensembles_refuse_labels_the_model_has_no_logit_for_before_training():
+    x, x_test = torch.randn(10, 4), torch.randn(3, 4)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 3, 4])
+    with pytest.raises(ValueError, match=r"in \[0, 3\) for the 3 logits of the output of `mo"):
+        deep_ensemble(lambda: NTKMLP(4, 16, 1, 3), x, labels, x_test, steps=1, lr=0.1)
+    with pytest.raises(ValueError, match=r"in \[0, 3\) for the 3 logits of the output of `mo"):
+        kernel_ensemble(x, labels, x_test, model=NTKMLP(4, 16, 1, 3), weight_decay=0.1)
+    binary = (labels > 2).long()
+    with pytest.raises(ValueError, match="one-logit"):
+        deep_ensemble(lambda: NTKMLP(4, 16, 1, 1), x, binary, x_test, steps=1, lr=0.1)
+    with pytest.raises(ValueError, match="one-logit"):
+        kernel_ensemble(x, binary, x_test, model=NTKMLP(4, 16, 1, 1), weight_decay=0.1)
+
+
+def test_gp_classifier_refuses_an_empty_training_set():
+    with pytest.raises(ValueError, match=r"`kernel` to be of shape \(N, N\) with N >= 1"):
+        gp_laplace_classifier(
+            torch.zeros(0, 0), torch.zeros(0, dtype=torch.long), torch.zeros(2, 0), torch.ones(2)
+        )
+
+
+# ---------------------------------------------------------------------- testing
+
+
+def test_width_sweep_with_data_and_widths_swapped_says_the_order():
+    data = make_classification_data(8, 4, 3)
+    with pytest.raises(TypeError, match=r"takes \(model_factory, widths, data\)"):
+        width_sweep(lambda w: NTKMLP(4, w, 1, 3), data, (16, 32), steps=1, lr=0.1)
+    # data that is simply wrong gets no word about the order
+    with pytest.raises(TypeError, match=r"pair of int and int\.$"):
+        width_sweep(lambda w: NTKMLP(4, w, 1, 3), (16, 32), (1, 2), steps=1, lr=0.1)
