@@ -152,3 +152,24 @@ def test_width_sweep_with_data_and_widths_swapped_says_the_order():
     # data that is simply wrong gets no word about the order
     with pytest.raises(TypeError, match=r"pair of int and int\.$"):
         width_sweep(lambda w: NTKMLP(4, w, 1, 3), (16, 32), (1, 2), steps=1, lr=0.1)
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def test_report_with_another_prefix_names_the_prefix_the_logs_hold(tmp_path):
+    from lightning_ntk.cli._report import NoNTKDataError, load_runs
+
+    run = tmp_path / "run" / "version_0"
+    run.mkdir(parents=True)
+    (run / "metrics.csv").write_text(
+        "step,cheap/relative_change,cheap/layer/fc/relative_change,train/loss\n"
+        "4,0.1,0.2,\n16,0.2,0.3,\n16,,,1.5\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(NoNTKDataError, match="under cheap/: pass --prefix cheap/"):
+        load_runs(tmp_path)
+    assert [r.last("ntk/relative_change") for r in load_runs(tmp_path, prefix="cheap/")] == [0.2]
+    (run / "metrics.csv").write_text("step,train/loss\n4,1.5\n", encoding="utf-8")
+    with pytest.raises(NoNTKDataError, match="log them with NTKMonitor"):
+        load_runs(tmp_path)

@@ -147,11 +147,27 @@ def load_runs(logdir: Union[str, Path], *, prefix: str = "ntk/") -> list[Run]:
         if run.scalars:
             runs.append(run)
     if not runs:
+        found = sorted(set().union(*(_monitor_prefixes(d) for d in dirs)))
+        hint = (
+            f"; they hold the monitor's scalars under {', '.join(found)}: pass --prefix {found[0]}"
+            if found
+            else ": log them with NTKMonitor (or NTKTracker.scalars() in a plain loop)"
+        )
         raise NoNTKDataError(
-            f"Found {len(dirs)} run(s) below '{logdir}' but none with {prefix} "
-            "scalars: log them with NTKMonitor (or NTKTracker.scalars() in a plain loop)."
+            f"Found {len(dirs)} run(s) below '{logdir}' but none with {prefix} scalars{hint}."
         )
     return join_resumed(runs)
+
+
+def _monitor_prefixes(path: Path) -> set[str]:
+    """The prefixes of the monitor's scalars in one run: those of its ``relative_change``."""
+    run = load_run(path, strict=False, prefix="")
+    suffix = "relative_change"
+    return {
+        tag[len("ntk/") : -len(suffix)]
+        for tag in run.scalars
+        if tag.endswith(suffix) and "layer/" not in tag and len(tag) > len("ntk/" + suffix)
+    }
 
 
 def load_run(
