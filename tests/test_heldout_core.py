@@ -11,7 +11,13 @@ import torch
 
 from lightning_ntk.metrics import ArgmaxAgreement, ProbTV, kernel_distance, prob_tv
 from lightning_ntk.metrics.functional import softmax_form
-from lightning_ntk.testing import NTKMLP, make_classification_data, width_sweep
+from lightning_ntk.testing import (
+    NTKMLP,
+    assert_breaks_down,
+    fit_loglog_slope,
+    make_classification_data,
+    width_sweep,
+)
 from lightning_ntk.theory import kernel_flow, kernel_solution
 from lightning_ntk.theory._targets import infer_task
 from lightning_ntk.uncertainty import deep_ensemble, gp_laplace_classifier, kernel_ensemble
@@ -152,6 +158,36 @@ def test_width_sweep_with_data_and_widths_swapped_says_the_order():
     # data that is simply wrong gets no word about the order
     with pytest.raises(TypeError, match=r"pair of int and int\.$"):
         width_sweep(lambda w: NTKMLP(4, w, 1, 3), (16, 32), (1, 2), steps=1, lr=0.1)
+
+
+def test_breaks_down_fails_for_a_set_up_whose_logits_stay_bounded():
+    # 40 steps of label smoothing 0.2: the logits still grow towards the finite optimum,
+    # fast enough to pass the default slope check; the assertion passed before
+    data = make_classification_data(16, 8, 4)
+    with pytest.raises(AssertionError, match=r"\[FAILED\] degenerate set-up: label_smoothing=0.2"):
+        assert_breaks_down(
+            lambda w: NTKMLP(8, w, 1, 4), data, width=64, steps=40, lr=1.0,
+            label_smoothing=0.2, seeds=(0,),
+        )  # fmt: skip
+    x, y = data
+    soft = torch.nn.functional.one_hot(y, 4).double() * 0.8 + 0.05
+    with pytest.raises(AssertionError, match=r"soft targets \(every class at probability"):
+        assert_breaks_down(
+            lambda w: NTKMLP(8, w, 1, 4), (x, soft), width=16, steps=2, lr=1.0, seeds=(0,),
+            min_logit_slope=-100.0,
+        )  # fmt: skip
+
+
+def test_width_sweep_names_the_labels_the_model_has_no_logit_for():
+    data = make_classification_data(8, 4, 3)  # labels 0, 1, 2
+    with pytest.raises(ValueError, match=r"labels of `data` in \[0, 2\).*`model_factory\(8\)`"):
+        width_sweep(lambda w: NTKMLP(4, w, 1, 2), (8,), data, steps=1, lr=0.1, seeds=(0,))
+
+
+def test_a_slope_of_one_seed_says_it_has_no_interval():
+    fit = fit_loglog_slope([16, 64, 256], [[1.0, 0.5, 0.25]])
+    assert fit.describe() == "-0.500 (1 seed, no confidence interval)"
+    assert "nan" not in fit.describe()
 
 
 # ---------------------------------------------------------------------- command line

@@ -149,6 +149,26 @@ class SweepConfig:
         }
 
 
+def _check_targets_fit(targets: Tensor, logits: Tensor, width: int) -> None:
+    """The targets of ``data`` need one logit per class of the model's output."""
+    C = logits.shape[1] if logits.ndim == 2 else None
+    if C is None:
+        raise ValueError(
+            f"Expected `model_factory({width})` to return logits of shape (N, C) but got "
+            f"{tuple(logits.shape)}."
+        )
+    if targets.ndim == 2 and targets.shape[1] != C:
+        raise ValueError(
+            f"Expected the targets of `data` to have one column per logit of "
+            f"`model_factory({width})`, (N, {C}), but got {tuple(targets.shape)}."
+        )
+    if targets.ndim == 1 and int(targets.max()) >= C:
+        raise ValueError(
+            f"Expected the labels of `data` in [0, {C}), one class per logit of "
+            f"`model_factory({width})`, but got label {int(targets.max())}."
+        )
+
+
 def build_model(model_factory: Callable[[int], nn.Module], width: int, seed: int) -> nn.Module:
     """``model_factory(width)`` under ``torch.manual_seed(seed)``; the global RNGs are restored.
 
@@ -180,6 +200,7 @@ def train_one(config: SweepConfig, width: int, seed: int) -> dict[str, Any]:
     K_0 = cast(Tensor, empirical_ntk(model, probe, **kernel))  # per_layer=False: a tensor
     f_lin = linearize(model)
     logits_0 = f_lin.initial_logits(probe)
+    _check_targets_fit(targets, logits_0, width)
     params = [p for p in model.parameters() if p.requires_grad]
     to_init = config.decay_to == "init" and config.weight_decay > 0
     theta_0 = [p.detach().clone() for p in params] if to_init else []
