@@ -8,8 +8,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
-from lightning_ntk.metrics import ArgmaxAgreement, ProbTV, kernel_distance, prob_tv
+from lightning_ntk.metrics import (
+    ArgmaxAgreement,
+    ProbTV,
+    kernel_distance,
+    logit_norm,
+    prob_tv,
+    spectrum,
+)
 from lightning_ntk.metrics.functional import softmax_form
 from lightning_ntk.testing import (
     NTKMLP,
@@ -18,7 +26,7 @@ from lightning_ntk.testing import (
     make_classification_data,
     width_sweep,
 )
-from lightning_ntk.theory import kernel_flow, kernel_solution
+from lightning_ntk.theory import kernel_flow, kernel_solution, predict_regime
 from lightning_ntk.theory._targets import infer_task
 from lightning_ntk.uncertainty import deep_ensemble, gp_laplace_classifier, kernel_ensemble
 
@@ -86,6 +94,18 @@ def test_kernel_distance_of_proportional_kernels_is_never_negative():
             assert 0.0 <= float(distance) < 1e-6, (scale, float(distance))
 
 
+def test_spectrum_of_a_kernel_with_nan_says_so():
+    K = torch.eye(4)
+    K[1, 2] = K[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="2 of its 16 entries are NaN or inf"):
+        spectrum(K)
+
+
+def test_logit_norm_of_integer_logits_names_the_dtype():
+    with pytest.raises(TypeError, match=r"`logits` to be a floating tensor.*torch\.int64"):
+        logit_norm(torch.tensor([[1, 2, 3]]))
+
+
 # ---------------------------------------------------------------------- theory
 
 
@@ -96,6 +116,18 @@ def test_soft_sigmoid_targets_are_not_called_multi_hot():
     assert "0/1" not in why and "multi-hot" not in why, why
     task, why = infer_task(torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]]), 3)
     assert (task, "multi-hot" in why) == ("multilabel", True)
+
+
+def test_a_diverging_prediction_names_the_defaults_it_assumed():
+    reason = predict_regime().reason
+    assert "assumed, as none was given" in reason
+    for given in ("`weight_decay` or `optimizer`", "`label_smoothing` or `loss`", "`targets`"):
+        assert given in reason
+    labels = torch.tensor([0, 1, 2])
+    told = predict_regime(weight_decay=0.0, label_smoothing=0.0, targets=labels)
+    assert told.regime == "diverging" and "assumed" not in told.reason
+    partly = predict_regime(optimizer=torch.optim.SGD([nn.Parameter(torch.zeros(2, 2))], lr=1.0))
+    assert "`targets`" in partly.reason and "`weight_decay`" not in partly.reason
 
 
 def _problem(C: int):

@@ -196,6 +196,8 @@ def _check_task_logits(logits: Tensor, task: Optional[str]) -> tuple[Tensor, str
         raise TypeError(f"Expected `logits` to be a torch.Tensor but got {type(logits).__name__}.")
     if task is not None and task not in TASKS:
         raise ValueError(f"Expected `task` to be one of {TASKS} or None but got {task!r}.")
+    if not logits.is_floating_point():
+        raise TypeError(f"Expected `logits` to be a floating tensor but got dtype {logits.dtype}.")
     if logits.ndim == 1 and task == "binary":
         logits = logits[:, None]
     if logits.ndim != 2:
