@@ -17,6 +17,7 @@ from lightning_ntk.metrics import (
     logit_norm,
     prob_tv,
     spectrum,
+    target_alignment,
 )
 from lightning_ntk.metrics.functional import softmax_form
 from lightning_ntk.testing import (
@@ -104,6 +105,18 @@ def test_spectrum_of_a_kernel_with_nan_says_so():
 def test_logit_norm_of_integer_logits_names_the_dtype():
     with pytest.raises(TypeError, match=r"`logits` to be a floating tensor.*torch\.int64"):
         logit_norm(torch.tensor([[1, 2, 3]]))
+
+
+def test_target_alignment_with_float_binary_targets_says_how_to_pass_them():
+    generator = torch.Generator().manual_seed(0)
+    A = torch.randn(4, 4, generator=generator)
+    K = A @ A.T
+    t = torch.tensor([0.0, 1.0, 1.0, 0.0])
+    with pytest.raises(
+        ValueError, match=r"one\s+sigmoid output as a column \(`targets\[:, None\]`\)"
+    ):
+        target_alignment(K, t)
+    torch.testing.assert_close(target_alignment(K, t[:, None]), target_alignment(K, t.long()))
 
 
 # ---------------------------------------------------------------------- theory
