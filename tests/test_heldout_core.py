@@ -31,6 +31,8 @@ from lightning_ntk.theory import kernel_flow, kernel_solution, predict_regime
 from lightning_ntk.theory._targets import infer_task
 from lightning_ntk.uncertainty import deep_ensemble, gp_laplace_classifier, kernel_ensemble
 
+pytest_plugins = ["pytester"]
+
 # ---------------------------------------------------------------------- metrics
 
 
@@ -233,6 +235,17 @@ def test_a_slope_of_one_seed_says_it_has_no_interval():
     fit = fit_loglog_slope([16, 64, 256], [[1.0, 0.5, 0.25]])
     assert fit.describe() == "-0.500 (1 seed, no confidence interval)"
     assert "nan" not in fit.describe()
+
+
+def test_a_bad_ini_value_stops_the_run_once_at_the_start(pytester):
+    pytester.makeini("[pytest]\nntk_seeds = a\n")
+    pytester.makepyfile(
+        test_user="def test_a(ntk_seeds):\n    pass\n\n\ndef test_b(ntk_widths):\n    pass\n"
+    )
+    # -q: no report header, which used to be the only place the value was checked early
+    result = pytester.runpytest("-q", "-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR  # not one error per test at setup
+    result.stderr.fnmatch_lines(["*ini option ntk_seeds*comma-separated list of ints*'a'*"])
 
 
 # ---------------------------------------------------------------------- command line
