@@ -267,3 +267,33 @@ def test_report_with_another_prefix_names_the_prefix_the_logs_hold(tmp_path):
     (run / "metrics.csv").write_text("step,train/loss\n4,1.5\n", encoding="utf-8")
     with pytest.raises(NoNTKDataError, match="log them with NTKMonitor"):
         load_runs(tmp_path)
+
+
+def test_report_figure_labels_the_thresholds_as_the_verdict_reads_them(tmp_path):
+    # kernel drift past 0.5 is an alarm only with expect="lazy": a line labelled "break"
+    # beside a run reported as drifting contradicted the summary
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from lightning_ntk.cli._report import PANELS, Run, _draw_thresholds, _thresholds
+
+    run = Run(label="a", path=tmp_path)
+    run.scalars["ntk/logit_norm"] = ([128, 256, 512], [1.0, 2.0, 3.0])
+    thresholds = _thresholds([run])
+    labels = {}
+    for tag, _, signal in PANELS:
+        figure, ax = plt.subplots()
+        labels[signal] = [
+            h.get_label() for h in _draw_thresholds(ax, signal, thresholds, [run], tag)
+        ]
+        plt.close(figure)
+    assert labels["relative_change"] == ["lazy below 0.1", "alarm with expect='lazy' 0.5"]
+    assert labels["linearization_error"] == ["lazy below 0.2", "alarm with expect='lazy' 0.5"]
+    assert labels["logit_slope"] == [
+        "growing: +0.5 per doubling of steps",
+        "alarm, logits diverging: +0.8 per doubling of steps",
+    ]
+    assert [ylabel for _, ylabel, _ in PANELS][-1] == "logit norm (margin units)"

@@ -11,7 +11,7 @@ It plots against the step, one line per run:
 
 * kernel drift ``relative_change = ‖Θ_t − Θ0‖_F / ‖Θ0‖_F``;
 * ``linearization_error = ‖f − f_lin‖_F / ‖f − f0‖_F``;
-* the mean centered logit norm ``logit_norm``;
+* the mean logit norm ``logit_norm`` (centered, in margin units);
 
 with the verdict thresholds drawn (read from the ``ntk/thresholds`` text the monitor
 writes, else the :class:`~lightning_ntk.Thresholds` defaults; for the logits a line rising by the
@@ -61,7 +61,7 @@ PANELS = (
         "linearization error ‖f − f_lin‖ / ‖f − f0‖",
         "linearization_error",
     ),
-    ("ntk/logit_norm", "centered logit norm", "logit_slope"),
+    ("ntk/logit_norm", "logit norm (margin units)", "logit_slope"),
 )
 
 
@@ -331,9 +331,11 @@ def _draw_thresholds(
     """Draw the drift / break thresholds of ``signal`` on ``ax``; return their line handles."""
     drift, brk = thresholds[signal]
     if signal != "logit_slope":
+        # below the first the run is lazy; the second is an alarm only with expect="lazy"
+        names = ((drift, "tab:orange", "lazy below"), (brk, "tab:red", "alarm with expect='lazy'"))
         return [
             ax.axhline(value, color=color, linestyle="--", linewidth=1, label=f"{name} {value:g}")
-            for value, color, name in ((drift, "tab:orange", "drift"), (brk, "tab:red", "break"))
+            for value, color, name in names
         ]
     # The logit signal is a slope per doubling of steps: draw lines rising at those slopes
     # from the runs' mean logit norm at the first step where the slope is read.
@@ -354,7 +356,8 @@ def _draw_thresholds(
     xs = [s0, last_step]
     octaves = math.log2(last_step / s0)
     handles = []
-    for slope, color, name in ((drift, "tab:orange", "drift"), (brk, "tab:red", "break")):
+    names = ((drift, "tab:orange", "growing"), (brk, "tab:red", "alarm, logits diverging"))
+    for slope, color, name in names:
         (line,) = ax.plot(
             xs,
             [v0, v0 + slope * octaves],
