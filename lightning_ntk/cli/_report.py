@@ -11,7 +11,7 @@ It plots against the step, one line per run:
 
 * kernel drift ``relative_change = ‖Θ_t − Θ0‖_F / ‖Θ0‖_F``;
 * ``linearization_error = ‖f − f_lin‖_F / ‖f − f0‖_F``;
-* the mean centered logit norm ``logit_norm``;
+* the mean logit norm ``logit_norm`` (centered, in margin units);
 
 with the verdict thresholds drawn (read from the ``ntk/thresholds`` text the monitor
 writes, else the :class:`~lightning_ntk.Thresholds` defaults; for the logits a line rising by the
@@ -61,7 +61,7 @@ PANELS = (
         "linearization error ‖f − f_lin‖ / ‖f − f0‖",
         "linearization_error",
     ),
-    ("ntk/logit_norm", "centered logit norm", "logit_slope"),
+    ("ntk/logit_norm", "logit norm (margin units)", "logit_slope"),
 )
 
 
@@ -147,11 +147,27 @@ def load_runs(logdir: Union[str, Path], *, prefix: str = "ntk/") -> list[Run]:
         if run.scalars:
             runs.append(run)
     if not runs:
+        found = sorted(set().union(*(_monitor_prefixes(d) for d in dirs)))
+        hint = (
+            f"; they hold the monitor's scalars under {', '.join(found)}: pass --prefix {found[0]}"
+            if found
+            else ": log them with NTKMonitor (or NTKTracker.scalars() in a plain loop)"
+        )
         raise NoNTKDataError(
-            f"Found {len(dirs)} run(s) below '{logdir}' but none with {prefix} "
-            "scalars: log them with NTKMonitor (or NTKTracker.scalars() in a plain loop)."
+            f"Found {len(dirs)} run(s) below '{logdir}' but none with {prefix} scalars{hint}."
         )
     return join_resumed(runs)
+
+
+def _monitor_prefixes(path: Path) -> set[str]:
+    """The prefixes of the monitor's scalars in one run: those of its ``relative_change``."""
+    run = load_run(path, strict=False, prefix="")
+    suffix = "relative_change"
+    return {
+        tag[len("ntk/") : -len(suffix)]
+        for tag in run.scalars
+        if tag.endswith(suffix) and "layer/" not in tag and len(tag) > len("ntk/" + suffix)
+    }
 
 
 def load_run(
@@ -315,9 +331,11 @@ def _draw_thresholds(
     """Draw the drift / break thresholds of ``signal`` on ``ax``; return their line handles."""
     drift, brk = thresholds[signal]
     if signal != "logit_slope":
+        # below the first the run is lazy; the second is an alarm only with expect="lazy"
+        names = ((drift, "tab:orange", "lazy below"), (brk, "tab:red", "alarm with expect='lazy'"))
         return [
             ax.axhline(value, color=color, linestyle="--", linewidth=1, label=f"{name} {value:g}")
-            for value, color, name in ((drift, "tab:orange", "drift"), (brk, "tab:red", "break"))
+            for value, color, name in names
         ]
     # The logit signal is a slope per doubling of steps: draw lines rising at those slopes
     # from the runs' mean logit norm at the first step where the slope is read.
@@ -338,7 +356,8 @@ def _draw_thresholds(
     xs = [s0, last_step]
     octaves = math.log2(last_step / s0)
     handles = []
-    for slope, color, name in ((drift, "tab:orange", "drift"), (brk, "tab:red", "break")):
+    names = ((drift, "tab:orange", "growing"), (brk, "tab:red", "alarm, logits diverging"))
+    for slope, color, name in names:
         (line,) = ax.plot(
             xs,
             [v0, v0 + slope * octaves],

@@ -83,9 +83,15 @@ def targets_matrix(
     elif targets.ndim == 2 and targets.is_floating_point():
         Y = targets.double()
     else:
+        hint = (
+            ": pass class labels as integers (`targets.long()`) and the targets t of one "
+            "sigmoid output as a column (`targets[:, None]`)"
+            if targets.ndim == 1 and targets.is_floating_point()
+            else ""
+        )
         raise ValueError(
             "Expected `targets` to be integer labels of shape (N,) or soft targets of shape "
-            f"(N, C) but got shape {tuple(targets.shape)} with dtype {targets.dtype}."
+            f"(N, C) but got shape {tuple(targets.shape)} with dtype {targets.dtype}{hint}."
         )
     if num_rows is not None and Y.shape[0] != num_rows:
         raise ValueError(

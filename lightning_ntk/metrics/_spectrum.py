@@ -73,13 +73,20 @@ def spectrum(K: Tensor, eps: float = 1e-12) -> Spectrum:
         A :class:`Spectrum`.
 
     Raises:
-        ValueError: ``K`` is not square (``N1 != N2``) or not symmetric.
+        ValueError: ``K`` is not square (``N1 != N2``), not symmetric, or holds NaN / inf.
     """
     layout = layout_of(K, "K")
     if K.shape[0] != K.shape[1]:
         raise ValueError(
             "Expected a square kernel of a batch with itself (N1 == N2, e.g. from "
             f"empirical_ntk(model, x) with x2=None) but got shape {tuple(K.shape)}."
+        )
+    if not bool(torch.isfinite(K).all()):
+        bad = int((~torch.isfinite(K)).sum())
+        raise ValueError(
+            f"Expected a finite kernel `K` but {bad} of its {K.numel()} entries are NaN or "
+            "inf; the spectrum is undefined (the logits or parameters that made it are not "
+            "finite)."
         )
     if layout == "diagonal":
         blocks = K.permute(2, 0, 1).double()  # (C, N, N)

@@ -20,13 +20,12 @@ from torchmetrics import Metric
 
 from ..linearization.distances import (
     _argmax_equal_rows,
-    _check_logits,
     _linearization_error_compute,
     _linearization_error_update,
     _prob_tv_rows,
 )
 from ._alignment import _target_alignment_compute, _target_alignment_update
-from .functional import TASKS, _logit_norm_rows
+from .functional import TASKS, _logit_norm_rows, softmax_form
 
 __all__ = ["ArgmaxAgreement", "LinearizationError", "LogitNorm", "ProbTV", "TargetAlignment"]
 
@@ -160,17 +159,34 @@ class LinearizationError(_PlotMixin, Metric):
 
 
 class _RowMean(_PlotMixin, Metric):
-    """Mean over all rows seen of a per-row quantity."""
+    """Mean over all rows seen of a per-row quantity, for one task of torchmetrics' convention."""
 
     is_differentiable = False
     full_state_update = False
     total: Tensor
     count: Tensor
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, task: Optional[str] = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if task is not None and task not in TASKS:
+            raise ValueError(f"Expected argument `task` to be one of {TASKS} but got {task!r}.")
+        self.task = task
         self.add_state("total", default=_zero(), dist_reduce_fx="sum")
         self.add_state("count", default=_zero(), dist_reduce_fx="sum")
+
+    def _softmax_pair(self, logits: Tensor, logits_lin: Tensor) -> tuple[Tensor, Tensor]:
+        """Both batches as softmax logits: sigmoid outputs ``z`` become rows ``[0, z]``."""
+        for name, value in (("logits", logits), ("logits_lin", logits_lin)):
+            if not isinstance(value, Tensor):
+                raise TypeError(
+                    f"Expected `{name}` to be a torch.Tensor but got {type(value).__name__}."
+                )
+        if logits_lin.shape != logits.shape:
+            raise ValueError(
+                f"Expected `logits_lin` to have the shape of `logits`, {tuple(logits.shape)}, "
+                f"but got {tuple(logits_lin.shape)}."
+            )
+        return softmax_form(logits, self.task), softmax_form(logits_lin, self.task)
 
     def _add(self, per_row: Tensor) -> None:
         self.total += per_row.detach().to(device=self.device, dtype=_F64).sum()
@@ -182,29 +198,48 @@ class _RowMean(_PlotMixin, Metric):
 
 
 class ProbTV(_RowMean):
-    """Mean total-variation distance between ``softmax(f)`` and ``softmax(f_lin)``."""
+    """Mean total-variation distance between the predicted distributions of ``f`` and ``f_lin``.
+
+    Multiclass: ``½ Σ_a |softmax(f)_a − softmax(f_lin)_a|`` per row. Sigmoid outputs
+    (binary, multilabel) are read as two-class softmaxes of ``[0, z]``: per output, the
+    distance ``|sigmoid(z) − sigmoid(z_lin)|`` of two Bernoulli distributions, averaged
+    over rows and outputs (as the monitor's ``prob_tv``).
+
+    Args:
+        task: ``"multiclass"``, ``"binary"``, ``"multilabel"`` or ``None`` (inferred from
+            each batch's shape: one output is binary, several are multiclass).
+        kwargs: passed to ``torchmetrics.Metric``.
+    """
 
     higher_is_better: Optional[bool] = False
     plot_lower_bound: Optional[float] = 0.0
     plot_upper_bound: Optional[float] = 1.0
 
     def update(self, logits: Tensor, logits_lin: Tensor) -> None:
-        """Add a batch of logits and linearized logits, each ``(N, C)``."""
-        _check_logits(logits=logits, logits_lin=logits_lin)
-        self._add(_prob_tv_rows(logits, logits_lin))
+        """Add a batch of logits and linearized logits, each ``(N, C)`` (``(N,)`` binary)."""
+        self._add(_prob_tv_rows(*self._softmax_pair(logits, logits_lin)))
 
 
 class ArgmaxAgreement(_RowMean):
-    """Fraction of rows where ``argmax f == argmax f_lin``."""
+    """Fraction of predictions ``f`` and ``f_lin`` agree on.
+
+    Multiclass: rows where ``argmax f == argmax f_lin``. Sigmoid outputs (binary,
+    multilabel): outputs where ``sign z == sign z_lin`` (the argmax of ``[0, z]``),
+    averaged over rows and outputs (as the monitor's ``argmax_agreement``).
+
+    Args:
+        task: ``"multiclass"``, ``"binary"``, ``"multilabel"`` or ``None`` (inferred from
+            each batch's shape: one output is binary, several are multiclass).
+        kwargs: passed to ``torchmetrics.Metric``.
+    """
 
     higher_is_better: Optional[bool] = True
     plot_lower_bound: Optional[float] = 0.0
     plot_upper_bound: Optional[float] = 1.0
 
     def update(self, logits: Tensor, logits_lin: Tensor) -> None:
-        """Add a batch of logits and linearized logits, each ``(N, C)``."""
-        _check_logits(logits=logits, logits_lin=logits_lin)
-        self._add(_argmax_equal_rows(logits, logits_lin))
+        """Add a batch of logits and linearized logits, each ``(N, C)`` (``(N,)`` binary)."""
+        self._add(_argmax_equal_rows(*self._softmax_pair(logits, logits_lin)))
 
 
 class LogitNorm(_RowMean):
@@ -217,12 +252,6 @@ class LogitNorm(_RowMean):
     """
 
     higher_is_better: Optional[bool] = None
-
-    def __init__(self, task: Optional[str] = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        if task is not None and task not in TASKS:
-            raise ValueError(f"Expected argument `task` to be one of {TASKS} but got {task!r}.")
-        self.task = task
 
     def update(self, logits: Tensor) -> None:
         """Add a batch of logits ``(N, C)`` (``(N,)`` or ``(N, 1)`` for one binary output)."""

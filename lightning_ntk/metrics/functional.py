@@ -71,7 +71,9 @@ def relative_change(K_t: Tensor, K_0: Tensor) -> Tensor:
 def kernel_distance(K_t: Tensor, K_0: Tensor) -> Tensor:
     """``1 − ⟨Θ_t, Θ_0⟩_F / (‖Θ_t‖_F ‖Θ_0‖_F)`` (Fort et al., 2020).
 
-    In ``[0, 1]`` for PSD kernels, 0 for kernels equal up to a positive factor.
+    In ``[0, 1]`` for PSD kernels (``[0, 2]`` for any), exactly 0 for kernels equal up to
+    a positive factor: the cosine is clamped to ``[−1, 1]``, so its round-off never makes
+    the distance negative.
 
     Args:
         K_t: the kernel now, any layout.
@@ -82,7 +84,7 @@ def kernel_distance(K_t: Tensor, K_0: Tensor) -> Tensor:
     """
     check_same_kernels(K_t, K_0, "K_t", "K_0")
     a, b = K_t.double(), K_0.double()
-    cosine = safe_divide((a * b).sum(), a.norm() * b.norm())
+    cosine = safe_divide((a * b).sum(), a.norm() * b.norm()).clamp(-1.0, 1.0)  # NaN stays NaN
     return (1.0 - cosine).to(result_dtype(K_t))
 
 
@@ -194,6 +196,8 @@ def _check_task_logits(logits: Tensor, task: Optional[str]) -> tuple[Tensor, str
         raise TypeError(f"Expected `logits` to be a torch.Tensor but got {type(logits).__name__}.")
     if task is not None and task not in TASKS:
         raise ValueError(f"Expected `task` to be one of {TASKS} or None but got {task!r}.")
+    if not logits.is_floating_point():
+        raise TypeError(f"Expected `logits` to be a floating tensor but got dtype {logits.dtype}.")
     if logits.ndim == 1 and task == "binary":
         logits = logits[:, None]
     if logits.ndim != 2:

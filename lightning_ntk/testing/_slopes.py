@@ -41,10 +41,18 @@ class SlopeFit:
         return sum(finite) / len(finite) if finite else math.nan
 
     def describe(self) -> str:
-        """``"-0.48 (per seed -0.45, 95% CI [-0.62, -0.28], 3 seeds)"``."""
+        """``"-0.48 (per seed -0.45, 95% CI [-0.62, -0.28], 3 seeds)"``.
+
+        Without an interval (a single seed with a finite slope): ``"-0.48 (1 seed, no
+        confidence interval)"``.
+        """
+        seeds = len(self.seed_slopes)
+        if not (math.isfinite(self.ci_low) and math.isfinite(self.ci_high)):
+            count = f"{seeds} seed" if seeds == 1 else f"{seeds} seeds"
+            return f"{self.slope:+.3f} ({count}, no confidence interval)"
         return (
             f"{self.slope:+.3f} (per seed {self.seed_mean:+.3f}, 95% CI "
-            f"[{self.ci_low:+.3f}, {self.ci_high:+.3f}], {len(self.seed_slopes)} seeds)"
+            f"[{self.ci_low:+.3f}, {self.ci_high:+.3f}], {seeds} seeds)"
         )
 
 

@@ -59,11 +59,28 @@ class SweepConfig:
                 "Expected `model_factory` to be a callable width -> nn.Module but got "
                 f"{type(model_factory).__name__}."
             )
+        widths = kw["widths"]
+        swapped = (
+            isinstance(widths, (tuple, list))
+            and len(widths) == 2
+            and all(isinstance(t, Tensor) for t in widths)
+        )
+        hint = (
+            " (`widths` got the pair of tensors: width_sweep takes (model_factory, widths, "
+            "data) in this order; pass them by keyword, widths=..., data=...)"
+            if swapped
+            else ""
+        )
         if not (isinstance(data, (tuple, list)) and len(data) == 2):
-            raise TypeError(f"Expected `data` to be a pair (x, y) of tensors but got {data!r}.")
+            raise TypeError(
+                f"Expected `data` to be a pair (x, y) of tensors but got {data!r:.80}{hint}."
+            )
         x, y = data
         if not (isinstance(x, Tensor) and isinstance(y, Tensor)):
-            raise TypeError("Expected `data` to be a pair (x, y) of torch.Tensors.")
+            raise TypeError(
+                "Expected `data` to be a pair (x, y) of torch.Tensors but got a pair of "
+                f"{type(x).__name__} and {type(y).__name__}{hint}."
+            )
         labels = y.ndim == 1 and not y.is_floating_point()
         soft = y.ndim == 2 and y.is_floating_point()
         expect(
@@ -132,6 +149,26 @@ class SweepConfig:
         }
 
 
+def _check_targets_fit(targets: Tensor, logits: Tensor, width: int) -> None:
+    """The targets of ``data`` need one logit per class of the model's output."""
+    C = logits.shape[1] if logits.ndim == 2 else None
+    if C is None:
+        raise ValueError(
+            f"Expected `model_factory({width})` to return logits of shape (N, C) but got "
+            f"{tuple(logits.shape)}."
+        )
+    if targets.ndim == 2 and targets.shape[1] != C:
+        raise ValueError(
+            f"Expected the targets of `data` to have one column per logit of "
+            f"`model_factory({width})`, (N, {C}), but got {tuple(targets.shape)}."
+        )
+    if targets.ndim == 1 and int(targets.max()) >= C:
+        raise ValueError(
+            f"Expected the labels of `data` in [0, {C}), one class per logit of "
+            f"`model_factory({width})`, but got label {int(targets.max())}."
+        )
+
+
 def build_model(model_factory: Callable[[int], nn.Module], width: int, seed: int) -> nn.Module:
     """``model_factory(width)`` under ``torch.manual_seed(seed)``; the global RNGs are restored.
 
@@ -163,6 +200,7 @@ def train_one(config: SweepConfig, width: int, seed: int) -> dict[str, Any]:
     K_0 = cast(Tensor, empirical_ntk(model, probe, **kernel))  # per_layer=False: a tensor
     f_lin = linearize(model)
     logits_0 = f_lin.initial_logits(probe)
+    _check_targets_fit(targets, logits_0, width)
     params = [p for p in model.parameters() if p.requires_grad]
     to_init = config.decay_to == "init" and config.weight_decay > 0
     theta_0 = [p.detach().clone() for p in params] if to_init else []

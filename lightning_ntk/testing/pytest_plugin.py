@@ -75,8 +75,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Register the ``wide_limit`` marker."""
+    """Register the ``wide_limit`` marker; a bad ini value stops the run here, once."""
     config.addinivalue_line("markers", _MARKER)
+    _widths(config)
+    _seeds(config)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

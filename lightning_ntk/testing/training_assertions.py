@@ -115,7 +115,8 @@ def assert_breaks_down(
     """Assert that training leaves the kernel regime: the centered logits keep growing.
 
     The counterpart of :func:`assert_lazy_training` for degenerate, unregularized
-    training (hard one-hot targets, ``weight_decay=0``): zero loss needs infinite logits,
+    training (hard one-hot targets, ``weight_decay=0``, cross-entropy; any other set-up
+    fails the check, as its logits stay bounded): zero loss needs infinite logits,
     so the centered logit norm grows without bound, about logarithmically in the steps.
     At each width, the seed-averaged slope of the centered logit norm against
     ``ln(step)`` over the late checkpoints must be at least ``min_logit_slope`` and, if
@@ -135,13 +136,18 @@ def assert_breaks_down(
         The :class:`WidthSweepResult` (when it passed).
 
     Raises:
-        AssertionError: with :meth:`WidthSweepResult.report` as the message.
+        AssertionError: with :meth:`WidthSweepResult.report` as the message; also for a
+            set-up whose loss has a finite optimum (``label_smoothing > 0``,
+            ``weight_decay > 0``, ``loss="mse"`` or soft targets without zeros).
     """
     check_finite_number("min_logit_slope", min_logit_slope)
     if min_logit_growth is not None:
         check_finite_number("min_logit_growth", min_logit_growth)
     widths = [width] if isinstance(width, int) else list(width)
     result = width_sweep(model_factory, widths, data, steps=steps, lr=lr, **sweep_kwargs)
+    for cause in _finite_optimum_causes(data, sweep_kwargs):
+        text = f"degenerate set-up: {cause} gives the loss a finite optimum (bounded logits)"
+        result.checks.append((text, False))
     for w, slope in zip(result.widths, result.mean_logit_step_slope):
         text = f"width {w}: d logit_norm / d ln(step) = {slope:.3f} >= {min_logit_slope:g}"
         result.checks.append((text, bool(slope >= min_logit_slope)))
@@ -150,6 +156,26 @@ def assert_breaks_down(
             text = f"width {w}: logit_growth = {growth:.3f} >= {min_logit_growth:g}"
             result.checks.append((text, bool(growth >= min_logit_growth)))
     return _raise_unless_passed(result)
+
+
+def _finite_optimum_causes(data: Any, sweep_kwargs: dict[str, Any]) -> list[str]:
+    """What gives the sweep's loss a finite optimum, so that its logits stay bounded.
+
+    Logits growing towards such an optimum look like divergence over a short run; a
+    breakdown check passing there would say the opposite of the theory.
+    """
+    causes = []
+    if sweep_kwargs.get("loss", "cross_entropy") == "mse":
+        causes.append("loss='mse'")
+    for name in ("label_smoothing", "weight_decay"):
+        value = sweep_kwargs.get(name, 0.0)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            causes.append(f"{name}={value!r}")
+    y = data[1] if isinstance(data, (tuple, list)) and len(data) == 2 else None
+    if isinstance(y, Tensor) and y.ndim == 2 and y.is_floating_point() and y.numel():
+        if float(y.min()) > 0:
+            causes.append(f"soft targets (every class at probability >= {float(y.min()):.3g})")
+    return causes
 
 
 def _check_at_most(result: WidthSweepResult, metric: str, bound: float) -> None:

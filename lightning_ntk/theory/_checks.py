@@ -10,8 +10,8 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["check_nonnegative", "check_option", "check_smoothing", "check_soft_targets",
-           "check_tensor", "checked_targets"]  # fmt: skip
+__all__ = ["check_labels_fit", "check_nonnegative", "check_option", "check_smoothing",
+           "check_soft_targets", "check_tensor", "checked_targets"]  # fmt: skip
 
 
 def check_tensor(t: Any, name: str) -> None:
@@ -38,11 +38,12 @@ def check_smoothing(eps: Any) -> float:
     return float(eps)
 
 
-def checked_targets(targets: Tensor, N: int, C: int) -> Tensor:
+def checked_targets(targets: Tensor, N: int, C: int, source: str = "`logits0`") -> Tensor:
     """Float64 ``Y (N, C)`` from labels ``(N,)`` or soft targets ``(N, C)``, validated."""
     from ..metrics.functional import targets_matrix
 
     check_tensor(targets, "targets")
+    check_labels_fit(targets, C, source)
     Y = targets_matrix(targets, C if not targets.is_floating_point() else None, num_rows=N)
     if Y.shape[1] != C:
         raise ValueError(
@@ -51,6 +52,34 @@ def checked_targets(targets: Tensor, N: int, C: int) -> Tensor:
         )
     check_soft_targets(Y)
     return Y
+
+
+def check_labels_fit(targets: Tensor, C: int, source: str) -> None:
+    """Softmax logits (``C ≥ 2``) and, for integer labels, every label below ``C``.
+
+    Args:
+        targets: labels ``(N,)`` or soft targets ``(N, C)``.
+        C: the number of logits.
+        source: where ``C`` was read, for the message (e.g. ``"`logits0`"``).
+    """
+    if C < 2:
+        raise ValueError(
+            f"Expected C >= 2 softmax logits in {source} but got one column: a one-logit "
+            "(sigmoid) binary classifier is not covered, the cross-entropy solution needs "
+            "one logit per class (two for a binary problem)."
+        )
+    if targets.ndim == 2 and targets.shape[1] != C:
+        raise ValueError(
+            f"Expected soft `targets` with one column per logit of {source}, (N, {C}), but "
+            f"got {tuple(targets.shape)}."
+        )
+    if targets.ndim == 1 and not targets.is_floating_point() and targets.numel():
+        low, high = int(targets.min()), int(targets.max())
+        if low < 0 or high >= C:
+            raise ValueError(
+                f"Expected integer `targets` to be class labels in [0, {C}) for the {C} logits "
+                f"of {source} but got label {low if low < 0 else high}."
+            )
 
 
 def check_soft_targets(Y: Tensor) -> None:

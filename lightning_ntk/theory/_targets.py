@@ -69,7 +69,9 @@ def infer_task(
         rows_sum_to_one = bool(((Y.sum(dim=1) - 1).abs() <= _ROW_TOLERANCE).all())
         hard = bool(((Y == 0) | (Y == 1)).all())
         if not rows_sum_to_one:
-            return "multilabel", "multi-hot targets (rows of 0/1 not summing to 1)"
+            if hard:
+                return "multilabel", "multi-hot targets (rows of 0/1 not all summing to 1)"
+            return "multilabel", "sigmoid targets in [0, 1] whose rows do not all sum to 1"
         if not hard:
             return "multiclass", "soft targets whose rows sum to 1"
         return None, "one-hot float targets fit both a softmax and sigmoid outputs"

@@ -85,6 +85,8 @@ def predict_regime(
     Bounded when ``λ > 0`` (L2 regularisation) or when every outcome has a positive target
     probability (label smoothing ``ε > 0``: minimum ``ε / C``, ``ε / 2`` for sigmoid
     outputs; soft targets: their minimum); diverging otherwise (hard targets, ``λ = 0``).
+    What is not given takes its default (``λ = 0``, ``ε = 0``, hard targets), and a
+    diverging prediction's reason names the defaults it rests on.
 
     Args:
         weight_decay: declared ``λ ≥ 0``.
@@ -156,6 +158,13 @@ def predict_regime(
             "zero loss, so the logits grow without bound and training leaves the kernel "
             "regime at any width; add weight decay or label smoothing"
         )
+        assumed = _assumed_defaults(
+            weight_decay is None and optimizer is None,
+            label_smoothing is None and loss is None,
+            targets is None,
+        )
+        if assumed:
+            reason += f" (assumed, as none was given: {assumed})"
     return RegimePrediction(
         regime=regime,
         reason=reason + decay_note + ".",
@@ -271,6 +280,18 @@ def read_optimizer(optimizer: Any) -> OptimizerDecay:
     )
     lrs = [float(g["lr"]) for g in considered if isinstance(g.get("lr"), (int, float))]
     return OptimizerDecay(lam, decoupled, max(lrs) if lrs else None, type(optimizer).__name__, note)
+
+
+def _assumed_defaults(no_decay: bool, no_smoothing: bool, no_targets: bool) -> str:
+    """The facts of a diverging prediction that were defaults, not given, in words."""
+    parts = []
+    if no_decay:
+        parts.append("λ = 0 (`weight_decay` or `optimizer`)")
+    if no_smoothing:
+        parts.append("ε = 0 (`label_smoothing` or `loss`)")
+    if no_targets:
+        parts.append("hard targets (`targets`)")
+    return ", ".join(parts)
 
 
 def _resolve_weight_decay(

@@ -9,7 +9,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from ..theory._checks import check_soft_targets, check_tensor
+from ..theory._checks import check_labels_fit, check_soft_targets, check_tensor
 
 
 @dataclass(frozen=True)
@@ -105,12 +105,18 @@ def build_model(model_fn: Callable[[], nn.Module], generator: torch.Generator) -
     return model
 
 
-def targets_matrix(targets: Tensor, N: int, C: int) -> Tensor:
-    """Float64 ``Y (N, C)`` from labels ``(N,)`` or soft targets ``(N, C)``."""
+def targets_matrix(targets: Tensor, N: int, C: int, source: Optional[str] = None) -> Tensor:
+    """Float64 ``Y (N, C)`` from labels ``(N,)`` or soft targets ``(N, C)``.
+
+    ``source`` names the logits ``C`` was read from (e.g. ``"`logits0`"``): the labels
+    are then checked against them (:func:`~lightning_ntk.theory._checks.check_labels_fit`).
+    """
     from ..metrics.functional import targets_matrix as one_hot_or_soft
 
     check_tensor(targets, "targets")
     check_targets_rows(targets, N)
+    if source is not None:
+        check_labels_fit(targets, C, source)
     Y = one_hot_or_soft(targets, None if targets.is_floating_point() else C, num_rows=N)
     if Y.shape != (N, C):
         raise ValueError(

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..theory._checks import check_nonnegative, check_smoothing
+from ..theory._checks import check_labels_fit, check_nonnegative, check_smoothing
 from ._common import (
     EnsemblePrediction,
     build_model,
@@ -96,6 +96,9 @@ def deep_ensemble(
         with torch.no_grad():
             logits0.append(model(xt).double())
             train_logits0.append(model(xs).double())
+        if len(logits0) == 1:  # the first member's logits say C, before any training
+            C = train_logits0[0].shape[1] if train_logits0[0].ndim == 2 else 1
+            check_labels_fit(targets, C, "the output of `model_fn()`")
         _train(model, xs, y, steps, eta, lam, decay_to, eps, reduction, batch_size, generator)
         with torch.no_grad():
             logits.append(model(xt).double())

@@ -97,6 +97,8 @@ def gp_laplace_classifier(
     if kernel.ndim != 2 or kernel.shape[0] != kernel.shape[1]:
         raise ValueError(f"Expected `kernel` to be of shape (N, N) but got {tuple(kernel.shape)}.")
     N = kernel.shape[0]
+    if N == 0:
+        raise ValueError("Expected `kernel` to be of shape (N, N) with N >= 1 but got (0, 0).")
     if kernel_test.ndim != 2 or kernel_test.shape[1] != N:
         raise ValueError(
             f"Expected `kernel_test` to be of shape (M, {N}) but got {tuple(kernel_test.shape)}."

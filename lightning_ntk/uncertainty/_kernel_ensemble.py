@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..testing._analytic import NTKMLP
 from ..theory import _softmax_gp
-from ..theory._checks import check_tensor
+from ..theory._checks import check_labels_fit, check_tensor
 from ..theory._training import LinearizedTraining, resolve_training
 from ._common import (
     EnsemblePrediction,
@@ -215,6 +215,7 @@ def kernel_ensemble(
     N = x_train.shape[0]
     x_all = torch.cat([x_train, x_test])
     ntk, nngp, C = _prior_kernels(model, kernel, x_all, num_inits, generator)
+    check_labels_fit(targets, C, "the output of `model`")
     root = _psd_root(nngp)  # (N + M, r)
     z = torch.randn(num_draws, root.shape[1], C, generator=generator, dtype=torch.float64)
     f0 = torch.einsum("nr,src->snc", root, z)  # (S, N + M, C)
@@ -364,7 +365,7 @@ def _check_problem(
             f"classes) to match `logits0` but got {tuple(ntk.shape)}."
         )
     eps = label_smoothing  # validated by LinearizedTraining
-    Y = (1 - eps) * targets_matrix(targets, N, C) + eps / C
+    Y = (1 - eps) * targets_matrix(targets, N, C, "`logits0`") + eps / C
     if (ntk_test is None) != (logits0_test is None):
         raise ValueError(
             "Expected `ntk_test` and `logits0_test` together but got only one of them."
