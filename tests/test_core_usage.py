@@ -297,3 +297,21 @@ def test_report_figure_labels_the_thresholds_as_the_verdict_reads_them(tmp_path)
         "alarm, logits diverging: +0.8 per doubling of steps",
     ]
     assert [ylabel for _, ylabel, _ in PANELS][-1] == "logit norm (margin units)"
+
+
+def test_linearization_distances_read_one_logit_as_a_sigmoid_output():
+    """``prob_tv`` / ``argmax_agreement`` of ``(N, 1)`` logits: 0 and 1 whatever they were."""
+    from lightning_ntk.linearization import argmax_agreement, prob_tv
+
+    z = torch.tensor([[2.0], [-1.0], [0.5]])
+    z_lin = torch.tensor([[-2.0], [1.0], [0.7]])
+    expected = (torch.sigmoid(z.double()) - torch.sigmoid(z_lin.double())).abs().mean()
+    torch.testing.assert_close(prob_tv(z, z_lin), expected)
+    torch.testing.assert_close(argmax_agreement(z, z_lin), torch.tensor(1 / 3))
+    # several sigmoid outputs: per output; multiclass logits: unchanged
+    torch.testing.assert_close(
+        prob_tv(z.repeat(1, 2), z_lin.repeat(1, 2), task="multilabel"), expected
+    )
+    f, f_lin = torch.randn(4, 3), torch.randn(4, 3)
+    p, q = torch.softmax(f.double(), -1), torch.softmax(f_lin.double(), -1)
+    torch.testing.assert_close(prob_tv(f, f_lin), 0.5 * (p - q).abs().sum(-1).mean())

@@ -19,13 +19,14 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from ..linearization.distances import (
+    TASKS,
     _argmax_equal_rows,
     _linearization_error_compute,
     _linearization_error_update,
     _prob_tv_rows,
 )
 from ._alignment import _target_alignment_compute, _target_alignment_update
-from .functional import TASKS, _logit_norm_rows, softmax_form
+from .functional import _logit_norm_rows, softmax_form
 
 __all__ = ["ArgmaxAgreement", "LinearizationError", "LogitNorm", "ProbTV", "TargetAlignment"]
 

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ..linearization import argmax_agreement, linearization_error, prob_tv
+from ..linearization.distances import _check_task_logits, softmax_form
 from ._alignment import (
     kernel_alignment,
     target_alignment,
@@ -120,27 +121,6 @@ def logit_norm(logits: Tensor, task: Optional[str] = None) -> Tensor:
     return _logit_norm_rows(logits, task).mean()
 
 
-def softmax_form(logits: Tensor, task: Optional[str] = None) -> Tensor:
-    """The logits as softmax logits: sigmoid outputs ``z`` become rows ``[0, z]``.
-
-    Binary cross-entropy on ``z`` is cross-entropy on ``[0, z]``, so every softmax metric
-    (``prob_tv``, ``argmax_agreement``) reads a binary or multilabel model through this form.
-
-    Args:
-        logits: ``(N, C)``; ``(N, 1)`` or ``(N,)`` for one binary output.
-        task: as in :func:`logit_norm`.
-
-    Returns:
-        ``(N, C)`` unchanged for ``"multiclass"``; ``(N·K, 2)`` rows ``[0, z_ik]`` for
-        ``"binary"`` (``K = 1``) and ``"multilabel"`` (row-major over examples, outputs).
-    """
-    z, task = _check_task_logits(logits, task)
-    if task == "multiclass":
-        return z
-    flat = z.reshape(-1, 1)
-    return torch.cat([torch.zeros_like(flat), flat], dim=1)
-
-
 def param_distance(params_t: Mapping[str, Tensor], params_0: Mapping[str, Tensor]) -> Tensor:
     """``‖θ_t − θ_0‖_2 / ‖θ_0‖_2`` over all named parameters (sums of squares in float64).
 
@@ -185,39 +165,6 @@ def param_distance(params_t: Mapping[str, Tensor], params_0: Mapping[str, Tensor
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-TASKS = ("multiclass", "binary", "multilabel")
-
-
-def _check_task_logits(logits: Tensor, task: Optional[str]) -> tuple[Tensor, str]:
-    """``(logits as (N, C), task)`` after checking both; ``(N,)`` is one binary output."""
-    if not isinstance(logits, Tensor):
-        raise TypeError(f"Expected `logits` to be a torch.Tensor but got {type(logits).__name__}.")
-    if task is not None and task not in TASKS:
-        raise ValueError(f"Expected `task` to be one of {TASKS} or None but got {task!r}.")
-    if not logits.is_floating_point():
-        raise TypeError(f"Expected `logits` to be a floating tensor but got dtype {logits.dtype}.")
-    if logits.ndim == 1 and task == "binary":
-        logits = logits[:, None]
-    if logits.ndim != 2:
-        raise ValueError(
-            f"Expected `logits` to be of shape (N, C) but got shape {tuple(logits.shape)}."
-        )
-    C = logits.shape[1]
-    if task is None:
-        task = "binary" if C == 1 else "multiclass"
-    if task == "multiclass" and C < 2:
-        raise ValueError(
-            f"Expected multiclass `logits` with C >= 2 columns but got shape "
-            f"{tuple(logits.shape)}; one output is a binary classifier (task='binary')."
-        )
-    if task == "binary" and C != 1:
-        raise ValueError(
-            f"Expected binary `logits` of shape (N,) or (N, 1) but got shape "
-            f"{tuple(logits.shape)}; several sigmoid outputs are task='multilabel'."
-        )
-    return logits, task
 
 
 def _logit_norm_rows(logits: Tensor, task: Optional[str] = None) -> Tensor:
