@@ -368,3 +368,16 @@ def test_a_run_too_short_for_the_logit_trend_says_which_schedule_reads_it(quiet_
     assert [r.step for r in monitor.history] == [4, 16]
     assert "this run ends at step 20, too soon for that" in monitor.tracker.diagnosis
     assert "too soon for that" in monitor.history[-1].message
+
+
+def test_class_indices_stored_as_floats_are_named_as_such():
+    """Float labels ``[0., 1., 2.]`` for three outputs: no targets, and the warning says why."""
+    from lightning_ntk.monitor._measure import unfit_labels
+
+    floats = torch.tensor([0.0, 1.0, 2.0, 1.0])
+    assert "`y.long()`" in unfit_labels(floats, 3)
+    assert unfit_labels(floats.long(), 3) == ""
+    assert unfit_labels(torch.tensor([0.0, 1.0, 0.3]), 1) == ""  # one output's targets
+    tracker = NTKTracker(torch.randn(4, 8), floats)
+    with pytest.warns(UserWarning, match="class indices stored as floats"):
+        tracker.start(_mlp(3))

@@ -582,8 +582,9 @@ def snapshot(tracker: NTKTracker, fm: FunctionalModel, step: int) -> tuple[Snaps
 def unfit_labels(probe_y: Optional[Tensor], num_classes: int) -> str:
     """Why the probe labels are no targets of ``C`` logits, or ``""`` when they may be.
 
-    Labels ``(N,)`` must be classes below ``max(C, 2)`` (negative ones are ignored
-    examples); targets ``(N, K)`` need ``K = C``. Anything else (an attention mask, a
+    Labels ``(N,)`` must be integer classes below ``max(C, 2)`` (negative ones are ignored
+    examples), or float targets in ``[0, 1]`` of one output; targets ``(N, K)`` need
+    ``K = C``. Anything else (an attention mask, a
     sample weight taken for the labels) would give a target alignment and a task of
     something else.
     """
@@ -592,9 +593,16 @@ def unfit_labels(probe_y: Optional[Tensor], num_classes: int) -> str:
     shape = tuple(probe_y.shape)
     if probe_y.ndim == 2 and shape[1] == num_classes:
         return ""
-    if probe_y.ndim == 1 and (
-        probe_y.is_floating_point() or int(probe_y.max()) < max(num_classes, 2)
-    ):
+    if probe_y.ndim == 1 and probe_y.is_floating_point():
+        if num_classes == 1:  # a binary output's targets in [0, 1]
+            return ""
+        if bool((probe_y == probe_y.round()).all()):
+            return (
+                f"The probe labels are class indices stored as floats ({probe_y.dtype}); "
+                f"the model's {num_classes} outputs need integer labels (`y.long()`), so "
+                "the target alignment and the set-up are read without them."
+            )
+    elif probe_y.ndim == 1 and int(probe_y.max()) < max(num_classes, 2):
         return ""
     expected = (
         f"labels ({shape[0]},) below {max(num_classes, 2)} or targets ({shape[0]}, {num_classes})"
