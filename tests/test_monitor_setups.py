@@ -360,7 +360,6 @@ def test_a_run_too_short_for_the_logit_trend_says_which_schedule_reads_it(quiet_
 
     # in a Trainer: the last report and the diagnosis say so
     from lightning_ntk import NTKMonitor
-
     from tests._lightning_models import module_class
 
     monitor = NTKMonitor(n_probe=8)
