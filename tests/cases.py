@@ -846,3 +846,41 @@ if transformers_available():
 CASES += ARCHITECTURES
 
 CASES_BY_NAME = {case.name: case for case in CASES}
+
+
+# ------------------------------------------ held-out architectures (tried after the fact)
+class _SharedDepth(nn.Module):
+    """One block registered under several names (``nn.ModuleList([block] * 3)``, ALBERT-style).
+
+    The block's parameters have several names, one attribute slot each: a functional call
+    that swaps a slot once per name leaves its own tensor in the model.
+    """
+
+    def __init__(self, dim: int = 5, depth: int = 3) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, dim)
+        block = nn.Sequential(nn.Linear(dim, dim), nn.Tanh())
+        self.layers = nn.ModuleList([block] * depth)
+        self.last = block  # the same block under one more name
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.inp(x)
+        for layer in self.layers:
+            h = h + layer(h)
+        return self.head(self.norm(h))
+
+
+HELDOUT = [
+    ModelCase(
+        "block_registered_twice",
+        _SharedDepth,
+        _randn(4),
+        structured={"inp.*", "norm.*", "head.*"},
+        fallback={"layers.0.0.*"},
+    ),
+]
+ARCHITECTURES += HELDOUT
+CASES += HELDOUT
+CASES_BY_NAME.update({case.name: case for case in HELDOUT})

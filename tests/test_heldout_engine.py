@@ -1,0 +1,75 @@
+"""What trying the engine on architectures outside the registry found.
+
+Each test pins a class of models on which an engine path once went wrong: every method
+must leave the user's model exactly as it found it (parameter objects, values, buffers)
+and return the reference kernel.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_ntk import empirical_ntk, linearize, reference_ntk
+from lightning_ntk.kernel._slots import slot_tensors
+
+from .cases import CASES_BY_NAME
+from .test_kernel import assert_kernel_close
+
+METHODS = ["structured", "jacobian", "ntk_vp", "loop"]
+
+
+def _snapshot(model: nn.Module) -> tuple[list, dict[str, torch.Tensor]]:
+    """Every parameter object under every name, and every value, as they are now."""
+    objects = [(n, p) for n, p in model.named_parameters(remove_duplicate=False)]
+    values = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+    return objects, values
+
+
+def _assert_untouched(model: nn.Module, snapshot: tuple[list, dict], what: str) -> None:
+    objects, values = snapshot
+    now = model.named_parameters(remove_duplicate=False)
+    for (name, p), (name0, p0) in zip(now, objects):
+        assert name == name0 and p is p0, f"{what}: {name} is no longer the model's Parameter"
+        assert isinstance(p, nn.Parameter) and p.requires_grad, f"{what}: {name} replaced"
+    for key, value in model.state_dict(keep_vars=True).items():
+        assert torch.equal(value.detach(), values[key]), f"{what}: {key} was written"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_block_registered_under_several_names_is_left_as_found(method):
+    case = CASES_BY_NAME["block_registered_twice"]
+    model = case.model()
+    x1, x2 = case.inputs(4, seed=1), case.inputs(3, seed=2)
+    expected = reference_ntk(copy.deepcopy(model), x1, x2)
+    snapshot = _snapshot(model)
+    for _ in range(2):  # a second call sees the model the first one left
+        K = empirical_ntk(model, x1, x2, method=method)
+        _assert_untouched(model, snapshot, method)
+        assert_kernel_close(K, expected, 1e-10, f"block_registered_twice/{method}")
+
+
+def test_the_linearized_model_leaves_a_block_registered_twice_as_found():
+    case = CASES_BY_NAME["block_registered_twice"]
+    model = case.model()
+    snapshot = _snapshot(model)
+    lin = linearize(model)
+    lin(case.inputs(3))
+    _assert_untouched(model, snapshot, "linearize")
+
+
+def test_slot_tensors_names_each_slot_once_and_follows_tied_parameters():
+    block = nn.Linear(2, 2)
+    model = nn.Module()
+    model.a, model.b = block, block  # one slot, two names
+    model.c = nn.Linear(2, 2)
+    model.c.weight = block.weight  # a tied parameter: another slot, the same tensor
+    value = torch.zeros(2, 2)
+    slots = slot_tensors(model, {"a.weight": value, "c.bias": model.c.bias})
+    assert set(slots) == {"a.weight", "c.weight", "c.bias"}
+    assert slots["a.weight"] is value and slots["c.weight"] is value
+    with pytest.raises(ValueError, match="tied parameter takes one value"):
+        slot_tensors(model, {"a.weight": value, "c.weight": torch.ones(2, 2)})
