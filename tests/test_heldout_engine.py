@@ -73,3 +73,59 @@ def test_slot_tensors_names_each_slot_once_and_follows_tied_parameters():
     assert slots["a.weight"] is value and slots["c.weight"] is value
     with pytest.raises(ValueError, match="tied parameter takes one value"):
         slot_tensors(model, {"a.weight": value, "c.weight": torch.ones(2, 2)})
+
+
+class _MaxNormEmbedding(nn.Module):
+    """``nn.Embedding(max_norm=1)``: its forward renormalises the rows it looks up, in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4, max_norm=1.0)
+        self.head = nn.Linear(4, 3)
+        with torch.no_grad():
+            self.embed.weight.mul_(3.0)  # rows longer than max_norm
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.embed(tokens)).mean(dim=1))
+
+
+@pytest.mark.parametrize("method", ["auto", *METHODS])
+def test_an_embedding_with_max_norm_is_measured_on_a_copy_of_its_table(method):
+    torch.manual_seed(0)
+    model = _MaxNormEmbedding().double()
+    x = torch.randint(0, 10, (4, 3), generator=torch.Generator().manual_seed(1))
+    expected = reference_ntk(copy.deepcopy(model), x)
+    snapshot = _snapshot(model)
+    K = empirical_ntk(model, x, method=method)
+    _assert_untouched(model, snapshot, method)
+    assert_kernel_close(K, expected, 1e-10, f"max_norm/{method}")
+
+
+def test_reference_and_linearization_leave_an_embedding_with_max_norm_as_found():
+    torch.manual_seed(0)
+    model = _MaxNormEmbedding().double()
+    x = torch.randint(0, 10, (4, 3), generator=torch.Generator().manual_seed(1))
+    snapshot = _snapshot(model)
+    reference_ntk(model, x)
+    linearize(model)(x)
+    _assert_untouched(model, snapshot, "reference / linearize")
+
+
+class _CountsCalls(nn.Module):
+    """A buffer written by every forward, in eval mode too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.fc(x)
+
+
+def test_a_forward_that_writes_the_model_is_refused_before_any_work():
+    model = _CountsCalls().double()
+    with pytest.raises(ValueError, match=r"wrote to \['calls'\] in place.*self.training"):
+        empirical_ntk(model, torch.randn(3, 4, dtype=torch.float64))
+
