@@ -129,3 +129,26 @@ def test_a_forward_that_writes_the_model_is_refused_before_any_work():
     with pytest.raises(ValueError, match=r"wrote to \['calls'\] in place.*self.training"):
         empirical_ntk(model, torch.randn(3, 4, dtype=torch.float64))
 
+
+class _Bilinear(nn.Module):
+    """``nn.Bilinear`` (``aten::_trilinear``, which ``vmap`` runs without a batching rule)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 5), nn.Linear(4, 3)
+        self.bilinear = nn.Bilinear(5, 3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bilinear(torch.tanh(self.a(x)), torch.tanh(self.b(x)))
+
+
+@pytest.mark.parametrize("method", ["jacobian", "ntk_vp"])
+def test_no_warning_about_batching_rules_reaches_the_user(method, recwarn):
+    torch.manual_seed(0)
+    model = _Bilinear().double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    K = empirical_ntk(model, x, method=method)
+    assert_kernel_close(K, reference_ntk(model, x), 1e-10, f"bilinear/{method}")
+    assert not [w for w in recwarn if "batching rule" in str(w.message)], [
+        str(w.message) for w in recwarn
+    ]

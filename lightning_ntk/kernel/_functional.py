@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _inputs
-from ._compat import math_kernels
+from ._compat import math_kernels, quiet_batching_fallbacks
 from ._sharded import call_module, full, is_dtensor, sharding_mesh
 
 ParamSelector = Union[None, str, Sequence[str], Callable[[str, nn.Parameter], bool]]
@@ -164,10 +164,12 @@ def exact_matmuls(device: torch.device) -> Iterator[None]:
 
     Full-precision float32 matmuls, convolutions and RNNs (no TF32, no bf16 reduction),
     autocast off, and the math equivalents of fused attention / Transformer fast paths
-    (:func:`._compat.math_kernels`), which have no forward-mode derivative. Every
-    setting is restored on exit, exactly (see :func:`_full_precision`).
+    (:func:`._compat.math_kernels`), which have no forward-mode derivative; PyTorch's
+    note that ``vmap`` runs an op without a batching rule is silenced
+    (:func:`._compat.quiet_batching_fallbacks`). Every setting is restored on exit,
+    exactly (see :func:`_full_precision`).
     """
-    with _full_precision():
+    with _full_precision(), quiet_batching_fallbacks():
         with torch.autocast(device_type=device.type, enabled=False), math_kernels():
             yield
 
