@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lightning_ntk import empirical_ntk, linearize, reference_ntk
+from lightning_ntk.kernel import last_call_info
 from lightning_ntk.kernel._slots import slot_tensors
 
 from .cases import CASES_BY_NAME
@@ -152,3 +153,49 @@ def test_no_warning_about_batching_rules_reaches_the_user(method, recwarn):
     assert not [w for w in recwarn if "batching rule" in str(w.message)], [
         str(w.message) for w in recwarn
     ]
+
+
+def _assert_exact_and_fell_back(case_name: str, method: str, reason: str) -> None:
+    case = CASES_BY_NAME[case_name]
+    model = case.model()
+    x1, x2 = case.inputs(5, seed=1), case.inputs(3, seed=2)
+    for second in (None, x2):
+        K = empirical_ntk(model, x1, second, method=method)
+        expected = reference_ntk(model, x1, second)
+        assert_kernel_close(K, expected, 1e-10, f"{case_name}/{method}")
+        info = last_call_info()
+        assert info.method != method and any(reason in f for f in info.fallbacks), info
+
+
+def test_a_wrong_batching_rule_makes_the_jacobian_method_fall_back():
+    """``vmap(jacrev)`` of ``torch.cdist`` returns wrong per-example Jacobians, no error."""
+    _assert_exact_and_fell_back("rbf_cdist", "jacobian", "vmap(jacrev) is wrong on this model")
+
+
+def test_ntk_vector_products_of_a_model_mixing_examples_fall_back():
+    """A whole-batch vjp of a forward that mixes examples is not the per-example kernel."""
+    _assert_exact_and_fell_back(
+        "attention_given_batch_first", "ntk_vp", "couples the examples of a batch"
+    )
+
+
+class _FrequencyScaledEmbedding(nn.Module):
+    """``scale_grad_by_freq=True``: the backward divides by each token's count in the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(6, 4, scale_grad_by_freq=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.embed(tokens)).mean(dim=1))
+
+
+@pytest.mark.parametrize("method", ["auto", *METHODS])
+def test_an_embedding_scaling_gradients_by_frequency_has_the_reference_kernel(method):
+    torch.manual_seed(0)
+    model = _FrequencyScaledEmbedding().double()
+    x1 = torch.randint(0, 6, (5, 5), generator=torch.Generator().manual_seed(1))
+    x2 = torch.randint(0, 6, (3, 5), generator=torch.Generator().manual_seed(2))
+    K = empirical_ntk(model, x1, x2, method=method)
+    assert_kernel_close(K, reference_ntk(model, x1, x2), 1e-10, f"scale_grad_by_freq/{method}")
