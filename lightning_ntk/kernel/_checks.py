@@ -64,7 +64,8 @@ def check_jacobians(
     """
     first = J[names[0]]
     u = _direction(first.shape[:2], first)  # (N, C)
-    rebuilt = {name: torch.einsum("nc,ncp->p", u, J[name]) for name in names}
+    flat_u = u.reshape(-1)  # (N·C,)
+    rebuilt = {name: flat_u @ J[name].reshape(flat_u.numel(), -1) for name in names}  # (P_l,)
     if not _differs(rebuilt, _batch_gradient(fm, x, names, u), fm.dtype):
         return
     differs = _differs(rebuilt, _per_example_gradient(fm, x, names, u), fm.dtype)
