@@ -199,3 +199,32 @@ def test_an_embedding_scaling_gradients_by_frequency_has_the_reference_kernel(me
     x2 = torch.randint(0, 6, (3, 5), generator=torch.Generator().manual_seed(2))
     K = empirical_ntk(model, x1, x2, method=method)
     assert_kernel_close(K, reference_ntk(model, x1, x2), 1e-10, f"scale_grad_by_freq/{method}")
+
+
+class _BatchNormRBF(nn.Module):
+    """BatchNorm, then Gaussian units on learned centres through ``torch.cdist``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, 4)
+        self.bn = nn.BatchNorm1d(4)
+        self.centres = nn.Parameter(torch.randn(6, 4))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn(self.inp(x))
+        return self.head(torch.exp(-0.5 * torch.cdist(h, self.centres) ** 2))
+
+
+def test_vmapped_whole_batch_pullbacks_that_disagree_are_looped(monkeypatch):
+    """On accelerators the whole-batch Jacobian is vmapped; ``cdist``'s backward is not."""
+    from lightning_ntk.kernel import batch_statistics
+
+    torch.manual_seed(0)
+    fm = batch_statistics.BatchStatisticsModel(_BatchNormRBF().double())
+    x = torch.randn(5, 4, dtype=torch.float64)
+    looped = batch_statistics.batch_jacobian(fm, x)
+    monkeypatch.setattr(batch_statistics, "_LOOP_DEVICES", ())  # as on accelerators
+    vmapped = batch_statistics.batch_jacobian(fm, x)
+    for name, J in looped.items():
+        torch.testing.assert_close(vmapped[name], J, rtol=1e-10, atol=1e-12)
