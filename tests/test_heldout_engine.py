@@ -228,3 +228,24 @@ def test_vmapped_whole_batch_pullbacks_that_disagree_are_looped(monkeypatch):
     vmapped = batch_statistics.batch_jacobian(fm, x)
     for name, J in looped.items():
         torch.testing.assert_close(vmapped[name], J, rtol=1e-10, atol=1e-12)
+
+
+class _UnusedParameter(nn.Module):
+    """A parameter the forward does not use (a head kept for another task)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.other_head = nn.Parameter(torch.randn(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("method", ["auto", *METHODS])
+def test_a_selected_parameter_that_no_logit_uses_has_a_zero_kernel(method):
+    model = _UnusedParameter().double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    K = empirical_ntk(model, x, params=["other_head"], method=method)
+    assert torch.equal(K, torch.zeros(3, 3, 3, 3, dtype=torch.float64))
+    assert torch.equal(reference_ntk(model, x, params=["other_head"]), K)

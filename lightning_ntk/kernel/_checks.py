@@ -133,6 +133,8 @@ def _batch_gradient(
     wrt = {name: fm.params[name].detach().requires_grad_() for name in names}
     with torch.enable_grad():
         logits = fm({**fm.params, **wrt}, x)
+        if not logits.requires_grad:  # no selected parameter reaches the logits
+            return {name: torch.zeros_like(t).reshape(-1) for name, t in wrt.items()}
         grads = torch.autograd.grad(logits, list(wrt.values()), u, allow_unused=True)
     return {
         name: (torch.zeros_like(wrt[name]) if g is None else as_dense(g)).reshape(-1)
