@@ -249,3 +249,33 @@ def test_a_selected_parameter_that_no_logit_uses_has_a_zero_kernel(method):
     K = empirical_ntk(model, x, params=["other_head"], method=method)
     assert torch.equal(K, torch.zeros(3, 3, 3, 3, dtype=torch.float64))
     assert torch.equal(reference_ntk(model, x, params=["other_head"]), K)
+
+
+class _BiasBeforeGroupNorm(nn.Module):
+    """A convolution bias that GroupNorm cancels: its kernel is round-off around zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.norm(self.conv(x))).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_ntk_vector_products_run_where_their_transforms_are_right(per_layer):
+    """No false alarm: a padding row (no gradient, a forward derivative) or a zero kernel."""
+    case = CASES_BY_NAME["text_embedding_layernorm"]  # padding_idx=0, tokens 0 drawn
+    torch.manual_seed(0)
+    models = [
+        (case.model(), case.inputs(4, seed=1)),
+        (_BiasBeforeGroupNorm().double(), torch.randn(4, 3, 5, 5, dtype=torch.float64)),
+    ]
+    for model, x in models:
+        K = empirical_ntk(model, x, method="ntk_vp", per_layer=per_layer)
+        info = last_call_info()
+        assert info.method == "ntk_vp", info.fallbacks
+        total = sum(K.values()) if per_layer else K
+        assert_kernel_close(total, reference_ntk(model, x), 1e-10, type(model).__name__)

@@ -82,7 +82,8 @@ def check_batch_function(fm: FunctionalModel, x: Any) -> None:
 
     For random ``u (N, C)`` and tangent ``v``: ``∂⟨u, f(X)⟩/∂θ`` by one backward pass of
     the batch must equal ``Σ_i ∂⟨u_i, f(x_i)⟩/∂θ`` by one backward pass per example, and
-    the forward-mode ``⟨u, J(X) v⟩`` must equal ``⟨∂⟨u, f(X)⟩/∂θ, v⟩``.
+    the forward-mode ``⟨u, J(X) v⟩`` must equal ``⟨∂⟨u, f(X)⟩/∂θ, v⟩`` for a tangent
+    ``v = J(X)ᵀ u'`` of the kind the method pushes forward.
 
     Raises:
         TransformMismatch: saying which of the two differs.
@@ -100,12 +101,14 @@ def check_batch_function(fm: FunctionalModel, x: Any) -> None:
             f"scale_grad_by_freq=True): the whole-batch gradient of {differs} differs from "
             "the sum of per-example gradients"
         )
-    generator = torch.Generator().manual_seed(1)
+    # the tangent is a gradient J(X)ᵀ u', as the ones the method pushes forward (a
+    # padding row, which no gradient reaches, is then not a direction of the check)
+    other = _direction(logits.shape, logits, seed=1)
     v = {
-        name: torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p)
-        for name, p in fm.params.items()
+        name: g.reshape(fm.params[name].shape)
+        for name, g in _batch_gradient(fm, x, names, other).items()
     }
-    _, tangent_out = jvp(lambda p: fm(p, x), (dict(fm.params),), (v,))
+    _, tangent_out = jvp(lambda p: fm({**fm.params, **p}, x), (_selected(fm),), (v,))
     forward = (u * tangent_out).sum()
     reverse = sum((batch[name] * v[name].reshape(-1)).sum() for name in names)
     scale = max(
@@ -121,8 +124,12 @@ def check_batch_function(fm: FunctionalModel, x: Any) -> None:
         )
 
 
-def _direction(shape: Sequence[int], like: Tensor) -> Tensor:
-    generator = torch.Generator().manual_seed(0)
+def _selected(fm: FunctionalModel) -> dict[str, Tensor]:
+    return {name: fm.params[name] for name in fm.names}
+
+
+def _direction(shape: Sequence[int], like: Tensor, seed: int = 0) -> Tensor:
+    generator = torch.Generator().manual_seed(seed)
     return torch.randn(tuple(shape), generator=generator, dtype=torch.float64).to(like)
 
 
