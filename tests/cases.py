@@ -846,3 +846,91 @@ if transformers_available():
 CASES += ARCHITECTURES
 
 CASES_BY_NAME = {case.name: case for case in CASES}
+
+
+# ------------------------------------------ held-out architectures (tried after the fact)
+class _SharedDepth(nn.Module):
+    """One block registered under several names (``nn.ModuleList([block] * 3)``, ALBERT-style).
+
+    The block's parameters have several names, one attribute slot each: a functional call
+    that swaps a slot once per name leaves its own tensor in the model.
+    """
+
+    def __init__(self, dim: int = 5, depth: int = 3) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, dim)
+        block = nn.Sequential(nn.Linear(dim, dim), nn.Tanh())
+        self.layers = nn.ModuleList([block] * depth)
+        self.last = block  # the same block under one more name
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.inp(x)
+        for layer in self.layers:
+            h = h + layer(h)
+        return self.head(self.norm(h))
+
+
+class _RBFNetwork(nn.Module):
+    """Gaussian units on learned centres through ``torch.cdist``, whose backward ``vmap``
+    batches wrongly (and which has no forward-mode derivative)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.centres = nn.Parameter(torch.randn(6, 4))
+        self.log_gamma = nn.Parameter(torch.tensor(-0.5))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        distances = torch.cdist(x, self.centres)  # (N, 6)
+        return self.head(torch.exp(-self.log_gamma.exp() * distances**2))
+
+
+class _AttentionGivenBatchFirst(nn.Module):
+    """``nn.MultiheadAttention`` (sequence-first) fed ``(N, T, D)``: it attends across examples.
+
+    Its logits for one example depend on the others in the batch; the kernel is that of
+    each example alone (a batch of one), as the reference defines it.
+    """
+
+    def __init__(self, dim: int = 6) -> None:
+        super().__init__()
+        self.inp = nn.Linear(3, dim)
+        self.attn = nn.MultiheadAttention(dim, 2)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.inp(x)  # (N, T, D), read by the attention as (T, N, D)
+        out, _ = self.attn(h, h, h)
+        return self.head(out.mean(dim=1))
+
+
+HELDOUT = [
+    ModelCase(
+        "rbf_cdist",
+        _RBFNetwork,
+        _randn(4),
+        structured={"head.*"},
+        fallback={"centres", "log_gamma"},
+    ),
+    ModelCase(
+        "block_registered_twice",
+        _SharedDepth,
+        _randn(4),
+        structured={"inp.*", "norm.*", "head.*"},
+        fallback={"layers.0.0.*"},
+    ),
+]
+ARCHITECTURES += HELDOUT
+# Not among ARCHITECTURES: its batch's logits are not per-example, so the linearized model
+# of a batch (the batch function's) is not the per-example Jacobian those tests compare.
+HELDOUT_MIXING = ModelCase(
+    "attention_given_batch_first",
+    _AttentionGivenBatchFirst,
+    _randn(4, 3),
+    structured={"head.bias"},  # the head's input rows mix examples: only its bias
+    fallback={"inp.*", "attn.*", "head.weight"},
+)
+CASES += [*HELDOUT, HELDOUT_MIXING]
+CASES_BY_NAME.update({case.name: case for case in [*HELDOUT, HELDOUT_MIXING]})

@@ -20,8 +20,12 @@ preconditioner); a method that cannot compute the requested kernel is not tried.
 **Fall-back.** When PyTorch cannot run a method on a model (an op without a batching or
 forward-mode rule, data-dependent control flow such as ``.item()``, a fused kernel), the
 call moves on to the next method of the chain; every method is exact, so the kernel is
-the same. :func:`last_call_info` tells which method produced the last kernel, which
-failed and why; the same is logged at DEBUG level on the ``"lightning_ntk"`` logger.
+the same. A method whose transforms PyTorch computes wrongly on a model, without an
+error (a wrong batching rule; a whole-batch ``vjp`` of a forward that mixes examples),
+fails the check it makes on every chunk against plain per-example autograd
+(:mod:`._checks`) and falls back the same way. :func:`last_call_info` tells which method
+produced the last kernel, which failed and why; the same is logged at DEBUG level on the
+``"lightning_ntk"`` logger.
 """
 
 from __future__ import annotations

@@ -19,6 +19,12 @@ runs as composite cells, which have forward-mode derivatives (``mkldnn_rnn_layer
 none). It is used only around forward-mode evaluations, because the composite LSTM in
 turn has no batching rule.
 
+:func:`quiet_batching_fallbacks` silences, inside the engine, PyTorch's warning that an op
+has no batching rule and runs through ``vmap``'s slower per-example loop ("There is a
+performance drop because we have not yet implemented the batching rule for ...", a
+request to file an issue upstream): the engine's result is exact either way and its
+cost model chose the method, so the note is nothing a user can act on.
+
 :func:`jvp` is ``torch.func.jvp`` after PyTorch's forward-mode decompositions were loaded
 once without the ``torch.jit.script`` deprecation warnings their loading emits (one per
 decomposition, PyTorch's own and nothing a user can act on).
@@ -71,6 +77,19 @@ def forward_ad_kernels() -> Iterator[None]:
             yield
         finally:
             torch.backends.mkldnn.enabled = enabled
+
+
+@contextlib.contextmanager
+def quiet_batching_fallbacks() -> Iterator[None]:
+    """Inside the block, no warning that ``vmap`` runs an op without a batching rule."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore",
+            message="There is a performance drop because we have not yet implemented the "
+            "batching rule",
+            category=UserWarning,
+        )
+        yield
 
 
 _DECOMPOSITIONS_LOADED = False

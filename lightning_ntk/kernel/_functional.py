@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _inputs
-from ._compat import math_kernels
+from ._compat import math_kernels, quiet_batching_fallbacks
 from ._sharded import call_module, full, is_dtensor, sharding_mesh
 
 ParamSelector = Union[None, str, Sequence[str], Callable[[str, nn.Parameter], bool]]
@@ -164,10 +164,12 @@ def exact_matmuls(device: torch.device) -> Iterator[None]:
 
     Full-precision float32 matmuls, convolutions and RNNs (no TF32, no bf16 reduction),
     autocast off, and the math equivalents of fused attention / Transformer fast paths
-    (:func:`._compat.math_kernels`), which have no forward-mode derivative. Every
-    setting is restored on exit, exactly (see :func:`_full_precision`).
+    (:func:`._compat.math_kernels`), which have no forward-mode derivative; PyTorch's
+    note that ``vmap`` runs an op without a batching rule is silenced
+    (:func:`._compat.quiet_batching_fallbacks`). Every setting is restored on exit,
+    exactly (see :func:`_full_precision`).
     """
-    with _full_precision():
+    with _full_precision(), quiet_batching_fallbacks():
         with torch.autocast(device_type=device.type, enabled=False), math_kernels():
             yield
 
@@ -257,15 +259,21 @@ class FunctionalModel:
         self.dtype = compute_dtype(self.module, self.names, dtype)
         self.output_fn = output_fn
         selected = set(self.names)
+        written = written_in_forward(self.module)
         self.params: dict[str, Tensor] = {}
         self.constants: dict[str, Tensor] = {}
         for name, p in self.module.named_parameters():
             target = self.params if name in selected else self.constants
             with torch.no_grad():
-                target[name] = self._cast(full(p.detach()))  # whole, if sharded
+                target[name] = self._own(full(p.detach()), name in written)  # whole, if sharded
         for name, b in self.module.named_buffers():
-            self.constants[name] = self._cast(b.detach())
+            self.constants[name] = self._own(b.detach(), name in written)
         self.device = self.params[self.names[0]].device
+
+    def _own(self, t: Tensor, written: bool) -> Tensor:
+        """``t`` in the compute dtype; a copy if the forward writes it and it is the model's."""
+        cast = self._cast(t)
+        return cast.clone() if written and cast is t else cast
 
     def _cast(self, t: Tensor) -> Tensor:
         return t.to(self.dtype) if t.is_floating_point() else t
@@ -360,6 +368,7 @@ class FunctionalModel:
                 or its output is not a tensor.
             ValueError: the output is not ``(N, C)`` or holds NaN / inf.
         """
+        versions = tensor_versions(self.module)
         try:
             with torch.no_grad():
                 logits = self(self.params, x)
@@ -381,6 +390,7 @@ class FunctionalModel:
                 else f"({_inputs.describe(x)})"
             )
             raise ValueError(f"The model failed on `{argname}` {got}: {failing} ({err})") from err
+        check_unwritten(self.module, versions)
         n = _inputs.batch_size(x)
         if logits.shape[0] != n:
             raise ValueError(
@@ -395,6 +405,41 @@ class FunctionalModel:
                 f"{rows[:10]}{' ...' if len(rows) > 10 else ''}; the kernel is undefined there."
             )
         return logits.detach()
+
+
+def written_in_forward(module: nn.Module) -> set[str]:
+    """Names of the tensors stock layers of ``module`` write in their forward, in eval mode.
+
+    ``nn.Embedding`` / ``nn.EmbeddingBag`` with ``max_norm`` renormalise, in place, the
+    rows of their weight they look up. The engine evaluates such a layer on its own
+    copy of the weight, so that the model is never written.
+    """
+    return {
+        f"{name}.weight" if name else "weight"
+        for name, m in module.named_modules()
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
+    }
+
+
+def tensor_versions(module: nn.Module) -> dict[str, int]:
+    """The version counter of each of the module's parameters and buffers (bumped by writes)."""
+    named = [*module.named_parameters(), *module.named_buffers()]
+    return {name: t._version for name, t in named}
+
+
+def check_unwritten(module: nn.Module, versions: dict[str, int]) -> None:
+    """Raise if a parameter or buffer of ``module`` was written since ``versions`` was read.
+
+    Raises:
+        ValueError: naming the tensors the model's forward wrote in place.
+    """
+    written = [name for name, v in tensor_versions(module).items() if versions.get(name, v) != v]
+    if written:
+        raise ValueError(
+            f"The model's forward wrote to {written} in place while the engine evaluated it "
+            "in eval mode; the kernel is measured without changing the model, so make that "
+            "write conditional on `self.training` (the engine evaluates in eval mode)."
+        )
 
 
 def check_placement(module: nn.Module) -> torch.device:

@@ -10,10 +10,11 @@ explicitly:
   ``Shard(dim)`` or ``Replicate()``; anything else is refused with a ``ValueError``;
 * :func:`full` all-gathers a ``DTensor`` into the plain whole tensor (``full_tensor()``,
   a collective: every rank calls it, in the same order);
-* :func:`call_module` is ``torch.func.functional_call`` with FSDP's forward hooks set
-  aside for the call, so the module runs with the tensors given (the hooks would
-  swap in their own all-gathered parameters, which carry no derivative to the given
-  ones). The module's own hook dictionaries are put back untouched afterwards.
+* :func:`call_module` is ``torch.func.functional_call`` (each attribute slot swapped
+  once, :mod:`._slots`) with FSDP's forward hooks set aside for the call, so the
+  module runs with the tensors given (the hooks would swap in their own all-gathered
+  parameters, which carry no derivative to the given ones). The module's own hook
+  dictionaries are put back untouched afterwards.
 
 The kernel of the whole model is then computed exactly as for an unsharded one, its
 blocks shared among the ranks (:func:`lightning_ntk.kernel._run.rank_and_world`).
@@ -29,6 +30,8 @@ from typing import Any, NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+
+from ._slots import slot_tensors
 
 __all__ = [
     "Layout", "call_module", "full", "is_dtensor", "layouts_of", "sharding_mesh", "to_shards",
@@ -242,9 +245,14 @@ def call_module(
     args: tuple[Any, ...],
     kwargs: Optional[dict[str, Any]] = None,
 ) -> Any:
-    """``functional_call(module, tensors, args, kwargs)``, FSDP's forward hooks set aside."""
+    """``functional_call(module, tensors, args, kwargs)``, FSDP's forward hooks set aside.
+
+    Each attribute slot is swapped once (:func:`._slots.slot_tensors`), so a submodule
+    registered under several names is restored exactly.
+    """
+    given = {**tensors[1], **tensors[0]}
     with fsdp_hooks_off(module):
-        return functional_call(module, (dict(tensors[0]), dict(tensors[1])), args, kwargs)
+        return functional_call(module, slot_tensors(module, given), args, kwargs, tie_weights=False)
 
 
 def _fsdp_hook_ids(module: nn.Module) -> set[int]:

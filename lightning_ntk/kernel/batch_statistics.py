@@ -149,9 +149,10 @@ def batch_jacobian(fm: FunctionalModel, x: Tensor) -> dict[str, Tensor]:
 
     One ``vjp`` at ``θ``, then the ``N·C`` basis cotangents pulled back through it. On
     accelerators they go through ``vmap`` in chunks of at most ``_JACOBIAN_BUDGET``
-    numbers (a loop where ``vmap`` fails); on the CPU a loop, which measured 2–7× faster
-    there than the batched backward (BatchNorm MLP and CNNs of 3k–40k parameters, 160
-    cotangents). Memory: ``N·C·P`` numbers for ``J``.
+    numbers (a loop where ``vmap`` fails, or where a random combination of its results
+    differs from one plain pullback: a batching rule PyTorch gets wrong); on the CPU a
+    loop, which measured 2–7× faster there than the batched backward (BatchNorm MLP and
+    CNNs of 3k–40k parameters, 160 cotangents). Memory: ``N·C·P`` numbers for ``J``.
     """
     logits, pullback = vjp(lambda p: fm(p, x), fm.params)
     N, C = logits.shape
@@ -167,10 +168,35 @@ def batch_jacobian(fm: FunctionalModel, x: Tensor) -> dict[str, Tensor]:
                 parts.append(part)
         except (RuntimeError, NotImplementedError):
             parts = []
+        if parts and not _pullbacks_agree(pullback, eye, parts, fm.names):
+            parts = []  # a batching rule PyTorch gets wrong: one cotangent at a time
     if not parts:
         grads = [pullback(v)[0] for v in eye]
         parts = [{name: torch.stack([g[name] for g in grads]) for name in fm.names}]
     return {name: torch.cat([p[name] for p in parts]).reshape(N, C, -1) for name in fm.names}
+
+
+def _pullbacks_agree(
+    pullback: Any, eye: Tensor, parts: list[dict[str, Tensor]], names: list[str]
+) -> bool:
+    """Whether the vmapped pullbacks, summed along random weights, equal one plain pullback.
+
+    Both sides are linear in the weights: agreement on random ones means the batched
+    pullbacks are those of each cotangent, with probability one.
+    """
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.randn(len(eye), generator=generator, dtype=torch.float64).to(eye)
+    (single,) = pullback(torch.einsum("k,knc->nc", weights, eye))
+    rtol = 1e-9 if eye.dtype == torch.float64 else 1e-4
+    for name in names:
+        batched = torch.cat([part[name] for part in parts]).reshape(len(eye), -1)
+        combined = weights @ batched
+        expected = single[name].reshape(-1)
+        scale = max(float(combined.norm()), float(expected.norm()), 1e-30)
+        scale = max(scale, 1e-6 * float(weights.norm() * batched.norm()))
+        if float((combined - expected).norm()) > rtol * scale:
+            return False
+    return True
 
 
 def batch_ntk(

@@ -1,7 +1,10 @@
 """Jacobian contraction: materialise per-example Jacobians, then contract.
 
 ``J(X) = vmap(jacrev(f))(θ, X)`` gives ``{name: (N, C, *shape)}``; flattened to
-``(N, C, P_l)`` per parameter, the kernel is ``Σ_l J1_l J2_lᵀ``.
+``(N, C, P_l)`` per parameter, the kernel is ``Σ_l J1_l J2_lᵀ``. Every chunk's Jacobians
+are checked against plain autograd along a random direction (:func:`._checks.check_jacobians`:
+one more backward pass), so a batching rule PyTorch gets wrong makes the method fail
+(and the call fall back) instead of returning a wrong kernel.
 
 Cost: ``C`` backward passes per example (batched by ``vmap``) plus ``N1·N2·C²·P``
 multiply-adds for the full layout (``N1·N2·C·P`` for diagonal / trace). Memory:
@@ -18,6 +21,7 @@ import torch
 from torch import Tensor
 from torch.func import jacrev, vmap
 
+from ._checks import check_jacobians
 from ._functional import FunctionalModel
 from ._layout import contract_jacobians
 from ._optimizer import KernelSpec
@@ -32,7 +36,9 @@ def jacobians(fm: FunctionalModel, x: Any, names: Sequence[str]) -> dict[str, Te
         return fm.single({**fixed, **wrt_params}, x_single)
 
     jac = vmap(jacrev(logits), in_dims=(None, 0))(wrt, x)  # {name: (N, C, *shape)}
-    return {name: j.reshape(*j.shape[:2], -1) for name, j in jac.items()}
+    out = {name: j.reshape(*j.shape[:2], -1) for name, j in jac.items()}
+    check_jacobians(fm, x, list(names), out, "vmap(jacrev)")
+    return out
 
 
 def contract(

@@ -37,9 +37,12 @@ def loop_jacobians(fm: FunctionalModel, x: Any, names: Sequence[str]) -> dict[st
             C = logits.shape[0]
             per_class: dict[str, list[Tensor]] = {name: [] for name in names}
             for a in range(C):
-                grads = torch.autograd.grad(
-                    logits[a], list(wrt.values()), retain_graph=a < C - 1, allow_unused=True
-                )
+                if not logits.requires_grad:  # no selected parameter reaches the logits
+                    grads: tuple = (None,) * len(wrt)
+                else:
+                    grads = torch.autograd.grad(
+                        logits[a], list(wrt.values()), retain_graph=a < C - 1, allow_unused=True
+                    )
                 for name, g in zip(wrt, grads):
                     p = wrt[name]
                     per_class[name].append(torch.zeros_like(p) if g is None else as_dense(g))

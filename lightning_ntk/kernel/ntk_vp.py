@@ -12,6 +12,13 @@ passes. It wins when ``P`` is so large that even one Jacobian block does not fit
 needs no knowledge of the layers. The full kernel is always computed; ``"diagonal"`` and
 ``"trace"`` are read from it. ``per_layer=True`` costs one jvp per parameter group.
 
+The method differentiates whole batches, so every chunk is first checked to be the
+per-example function the kernel is defined by (:func:`._checks.check_batch_function`:
+one backward pass per example, one of the batch and one ``jvp``), and the batched
+``vjp`` / ``jvp`` of each group against one plain ``vjp`` / ``jvp`` along a random
+combination of its directions; a model that fails a check makes the method fail (the
+call then falls back) instead of returning another function's kernel.
+
 Optimizer kernels ``J(X1) T(J(x_j)[b])``: the tangent is mapped before the jvp
 (``sign`` for ``"asymmetric_signgd"``, ``d ⊙`` for ``"adam"``); ``"signgd"`` needs the
 sign of ``J(X1)`` too, which no jvp gives, so it is not computed here.
@@ -26,6 +33,7 @@ from torch import Tensor
 from torch.func import vjp, vmap
 
 from . import _inputs
+from ._checks import TransformMismatch, check_batch_function
 from ._compat import jvp
 from ._functional import FunctionalModel
 from ._layout import reduce_full
@@ -53,8 +61,14 @@ class NTKVPMethod:
         self.spec = spec or KernelSpec()
 
     def features(self, x: Any) -> Any:
-        """The chunk itself: every block runs its own vjp / jvp."""
-        return x  # nothing to precompute: every block runs its own vjp / jvp
+        """The chunk itself (every block runs its own vjp / jvp), once checked.
+
+        Raises:
+            TransformMismatch: the chunk's whole-batch derivatives are not those of each
+                example alone (:func:`._checks.check_batch_function`).
+        """
+        check_batch_function(self.fm, x)
+        return x
 
     def block(self, x1: Any, x2: Any) -> dict[str, Tensor]:
         """Kernel block ``Θ(x1, x2)``: one entry per parameter, or the total under ``""``."""
@@ -68,17 +82,29 @@ class NTKVPMethod:
         for start in range(0, N2 * C, group):
             cotangents = eye[start : start + group].reshape(-1, N2, C)  # (k, N2, C)
             (rows,) = vmap(vjp_fn)(cotangents)  # J(x2)[b]: {name: (k, *shape)}
+            weights = _weights(len(cotangents), logits2)  # (k,)
+            (combined,) = vjp_fn(torch.einsum("k,knc->nc", weights, cotangents))
+            _check_combination(weights, rows, combined, "vmap(vjp)")
             tangents = self.spec.tangents(rows)  # e.g. sign(J(x2)[b]), or d ⊙ J(x2)[b]
+            along = {n: torch.einsum("k,k...->...", weights, t) for n, t in tangents.items()}
+            columns = {key: self._push_forward(x1, tangents, key) for key in groups}  # (k, N1, C)
+            single = {key: self._push_forward(x1, along, key, batched=False) for key in groups}
+            _check_combination(weights, columns, single, "vmap(jvp)")
             for key in groups:
-                groups[key].append(self._push_forward(x1, tangents, key))  # (k, N1, C)
+                groups[key].append(columns[key])
         blocks = {}
         for key, columns in groups.items():
             cols = torch.cat(columns).reshape(N2, C, N1, C)  # [j, b, i, a]
             blocks[key] = reduce_full(cols.permute(2, 0, 3, 1), self.output)
         return blocks
 
-    def _push_forward(self, x1: Any, tangents: dict[str, Tensor], key: str) -> Tensor:
-        """``J(X1) t`` for each tangent ``t`` in the group: ``(k, N1, C)``."""
+    def _push_forward(
+        self, x1: Any, tangents: dict[str, Tensor], key: str, batched: bool = True
+    ) -> Tensor:
+        """``J(X1) t`` for each tangent ``t`` in the group: ``(k, N1, C)``.
+
+        With ``batched=False``, ``tangents`` is one tangent and the result ``(N1, C)``.
+        """
         fm = self.fm
         if key == "":
             primals = fm.params
@@ -95,4 +121,33 @@ class NTKVPMethod:
         def column(t: dict[str, Tensor]) -> Tensor:
             return jvp(f, (primals,), (t,))[1]
 
-        return vmap(column)(tangents)
+        return vmap(column)(tangents) if batched else column(tangents)
+
+
+def _weights(k: int, like: Tensor) -> Tensor:
+    """``k`` random weights from a generator of their own (the global RNG is untouched)."""
+    generator = torch.Generator().manual_seed(2)
+    return torch.randn(k, generator=generator, dtype=torch.float64).to(like)
+
+
+def _check_combination(
+    weights: Tensor, batched: dict[str, Tensor], single: dict[str, Tensor], how: str
+) -> None:
+    """``Σ_k w_k batched[k]`` must equal ``single``, the same map applied once to ``Σ_k w_k``.
+
+    Raises:
+        TransformMismatch: ``vmap`` batched the map wrongly (a batching rule PyTorch gets
+            wrong for an op of this model).
+    """
+    rtol = 1e-9 if weights.dtype == torch.float64 else 1e-4
+    combined = {name: torch.einsum("k,k...->...", weights, rows) for name, rows in batched.items()}
+    # round-off is judged against the whole map (a bias before a normalisation has ~0 rows)
+    total = sum(float(single[name].square().sum()) for name in batched) ** 0.5
+    for name in batched:
+        expected = single[name]
+        scale = max(float(combined[name].norm()), float(expected.norm()), 1e-2 * total, 1e-30)
+        if float((combined[name] - expected).norm()) > rtol * scale:
+            raise TransformMismatch(
+                f"{how} of {name or 'the model'} differs from the same map applied once "
+                "(a batching rule PyTorch gets wrong for an op of this model)"
+            )
