@@ -848,7 +848,7 @@ CASES += ARCHITECTURES
 CASES_BY_NAME = {case.name: case for case in CASES}
 
 
-# ------------------------------------------ held-out architectures (tried after the fact)
+# ------------------------------------------ architectures that broke an engine path once
 class _SharedDepth(nn.Module):
     """One block registered under several names (``nn.ModuleList([block] * 3)``, ALBERT-style).
 

@@ -1,4 +1,4 @@
-"""What trying the engine on architectures outside the registry found.
+"""The engine on classes of models beyond the registry's cases.
 
 Each test pins a class of models on which an engine path once went wrong: every method
 must leave the user's model exactly as it found it (parameter objects, values, buffers)
