@@ -273,3 +273,13 @@ def test_package_attribute_stays_the_function_after_submodule_import():
     model = _mlp()
     assert isinstance(exported(model), LinearizedModel)
     assert isinstance(lightning_ntk.linearize(model, params="2"), LinearizedModel)
+
+
+def test_a_batch_the_model_cannot_take_gets_the_model_s_own_error_naming_x():
+    """Not four routes' copies of one shape error: the plain forward's, naming ``x``."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    lin = linearize(model)
+    with pytest.raises(ValueError, match=r"`x` of shape \(5, 7\).*expects inputs \(\.\.\., 4\)"):
+        lin(torch.randn(5, 7))
+    with pytest.raises(TypeError, match=r"`x` has dtype torch\.int64"):
+        lin(torch.randint(0, 3, (5, 4)))

@@ -273,6 +273,9 @@ class LinearizedModel:
             if self.fallbacks:
                 _log.debug("linearize: J v by %s after %s", mode, "; ".join(self.fallbacks))
             return out
+        if not mismatch:  # a batch the model cannot take at all: its own error, naming `x`
+            with exact_matmuls(self._fm.device):
+                self._fm.checked_logits(x, "x")
         cause = (
             "the reverse-mode result did not match a float64 finite difference of the forward "
             "pass (the model's backward is not its forward's derivative)"
