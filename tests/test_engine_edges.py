@@ -282,3 +282,15 @@ print("clean")
 """
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert run.returncode == 0 and "clean" in run.stdout, run.stderr[-2000:]
+
+
+def test_non_finite_logits_name_what_holds_nan_the_inputs_or_the_parameters():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    x = torch.randn(3, 4)
+    x[1, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"rows \[1\].*`x1` itself holds NaN"):
+        empirical_ntk(model, x)
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"the parameter `2\.weight` holds NaN / inf"):
+        empirical_ntk(model, torch.randn(3, 4))

@@ -402,9 +402,26 @@ class FunctionalModel:
             rows = bad.nonzero().flatten().tolist()
             raise ValueError(
                 f"The model's logits on `{argname}` are not finite (NaN or inf) at rows "
-                f"{rows[:10]}{' ...' if len(rows) > 10 else ''}; the kernel is undefined there."
+                f"{rows[:10]}{' ...' if len(rows) > 10 else ''}; the kernel is undefined there"
+                f"{self._nonfinite_cause(x, argname)}."
             )
         return logits.detach()
+
+    def _nonfinite_cause(self, x: Any, argname: str) -> str:
+        """``": <what holds NaN / inf>"`` among ``x`` and the parameters, or ``""``."""
+        tensors = [t for t in _inputs.tensors_of(x) if t.is_floating_point()]
+        if any(not bool(torch.isfinite(t).all()) for t in tensors):
+            return f": `{argname}` itself holds NaN / inf"
+        names = [n for n, p in self.params.items() if not bool(torch.isfinite(p).all())]
+        if names:
+            listed = ", ".join(f"`{n}`" for n in names[:5]) + (" ..." if len(names) > 5 else "")
+            which = (
+                f"the parameter {listed} holds"
+                if len(names) == 1
+                else f"the parameters {listed} hold"
+            )
+            return f": {which} NaN / inf"
+        return ""
 
 
 def written_in_forward(module: nn.Module) -> set[str]:
