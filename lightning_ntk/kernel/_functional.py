@@ -321,6 +321,16 @@ class FunctionalModel:
             )
         return out
 
+    def differentiable_params(self) -> dict[str, Tensor]:
+        """``params`` as leaves that require grad, like the model's own parameters.
+
+        A forward pass that differentiates the model's parameters itself (an inner
+        adaptation step ``torch.autograd.grad(loss, params, create_graph=True)``, a
+        gradient penalty) runs on them as on the model; under ``torch.no_grad()`` they
+        build no graph outside the forward's own ``torch.enable_grad()`` blocks.
+        """
+        return {name: p.detach().requires_grad_() for name, p in self.params.items()}
+
     def _failing_layer(self, x: Tensor) -> Optional[str]:
         """The innermost module in which a forward pass on ``x`` fails, described.
 
@@ -348,7 +358,7 @@ class FunctionalModel:
         handles += [m.register_forward_hook(post_hook(n)) for n, m in leaves]
         try:
             with torch.no_grad():
-                self(self.params, x)
+                self(self.differentiable_params(), x)
         except RuntimeError:
             failed = [e for e in entered if e[0] not in exited]
             return _describe_failure(*failed[-1]) if failed else None
@@ -371,7 +381,7 @@ class FunctionalModel:
         versions = tensor_versions(self.module)
         try:
             with torch.no_grad():
-                logits = self(self.params, x)
+                logits = self(self.differentiable_params(), x)
         except (TypeError, ValueError):
             raise
         except RuntimeError as err:

@@ -1,0 +1,78 @@
+"""The engine on more classes of models: each test pins one on which a path went wrong.
+
+Every method must return the reference kernel and leave the model as it found it.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_ntk import empirical_ntk, reference_ntk
+
+from .test_engine_models import _assert_untouched, _snapshot
+from .test_kernel import assert_kernel_close
+
+METHODS = ["auto", "structured", "jacobian", "ntk_vp", "loop"]
+
+
+class _InnerStep(nn.Module):
+    """One gradient step on a loss of the batch inside the forward (MAML-style adaptation).
+
+    ``torch.autograd.grad(loss, (w, b), create_graph=True)`` needs parameters that require
+    grad, as the model's own do; the logits are those of the adapted weights.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 4) / 2)
+        self.b = nn.Parameter(torch.zeros(3))
+        self.lr = nn.Parameter(torch.tensor(0.1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            loss = F.linear(x, self.w, self.b).pow(2).mean()
+            gw, gb = torch.autograd.grad(loss, (self.w, self.b), create_graph=True)
+        return F.linear(x, self.w - self.lr * gw, self.b - self.lr * gb)
+
+
+def _per_example_kernel(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    """``J(x1) J(x2)ᵀ`` from plain autograd on the model itself, one example at a time."""
+    params = list(model.parameters())
+
+    def jacobian(x: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for i in range(len(x)):
+            logits = model(x[i : i + 1])[0]
+            rows.append(
+                torch.stack(
+                    [
+                        torch.cat(
+                            [g.flatten() for g in torch.autograd.grad(f, params, retain_graph=True)]
+                        )
+                        for f in logits
+                    ]
+                )
+            )
+        return torch.stack(rows)  # (N, C, P)
+
+    return torch.einsum("iap,jbp->ijab", jacobian(x1), jacobian(x2))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_forward_that_differentiates_its_own_parameters_has_the_reference_kernel(method):
+    torch.manual_seed(0)
+    model = _InnerStep().double()
+    x1 = torch.randn(4, 4, dtype=torch.float64)
+    x2 = torch.randn(3, 4, dtype=torch.float64)
+    expected = _per_example_kernel(copy.deepcopy(model), x1, x2)
+    assert_kernel_close(reference_ntk(model, x1, x2), expected, 1e-10, "reference")
+    snapshot = _snapshot(model)
+    for second, want in ((x2, expected), (None, _per_example_kernel(model, x1, x1))):
+        K = empirical_ntk(model, x1, second, method=method)
+        _assert_untouched(model, snapshot, method)
+        assert_kernel_close(K, want, 1e-10, f"inner_step/{method}")
