@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_ntk import empirical_ntk, reference_ntk
+from lightning_ntk import empirical_ntk, linearize, reference_ntk
 
 from .test_engine_models import _assert_untouched, _snapshot
 from .test_kernel import assert_kernel_close
@@ -76,3 +76,21 @@ def test_a_forward_that_differentiates_its_own_parameters_has_the_reference_kern
         K = empirical_ntk(model, x1, second, method=method)
         _assert_untouched(model, snapshot, method)
         assert_kernel_close(K, want, 1e-10, f"inner_step/{method}")
+
+
+def test_the_linearized_model_of_a_forward_that_differentiates_its_own_parameters():
+    """The inner step mixes the batch: ``J v`` is the batch function's, as autograd has it."""
+    torch.manual_seed(0)
+    model = _InnerStep().double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    params = dict(model.named_parameters())
+    tangent = {name: torch.randn_like(p) for name, p in params.items()}
+    snapshot = _snapshot(model)
+    Jv = linearize(model).tangent_logits(x, tangent)
+    _assert_untouched(model, snapshot, "linearize")
+    logits = model(x)
+    u = torch.ones_like(logits, requires_grad=True)  # J v = ∂/∂u ⟨Jᵀ u, v⟩
+    grads = torch.autograd.grad(logits, list(params.values()), u, create_graph=True)
+    inner = sum((g * tangent[name]).sum() for g, name in zip(grads, params))
+    expected = torch.autograd.grad(inner, u)[0]
+    torch.testing.assert_close(Jv, expected, rtol=1e-10, atol=1e-12)

@@ -303,6 +303,9 @@ class LinearizedModel:
 
         def f(theta: Mapping[str, Tensor]) -> Tensor:
             args, kwargs = _inputs.call_args(x64)
+            # leaves that require grad, like the model's own parameters: a forward may
+            # differentiate them itself (an inner adaptation step); no graph otherwise
+            theta = {name: t.detach().requires_grad_() for name, t in theta.items()}
             with eval_mode(self.model), torch.no_grad():
                 out = call_module(self.model, (theta, constants), args, kwargs)
             return self._fm.to_logits(out).double()
