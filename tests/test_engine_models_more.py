@@ -94,3 +94,28 @@ def test_the_linearized_model_of_a_forward_that_differentiates_its_own_parameter
     inner = sum((g * tangent[name]).sum() for g, name in zip(grads, params))
     expected = torch.autograd.grad(inner, u)[0]
     torch.testing.assert_close(Jv, expected, rtol=1e-10, atol=1e-12)
+
+
+class _ScriptedBlock(nn.Module):
+    """A ``torch.jit.script``ed block: its containers refuse hooks and wrap their dicts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = torch.jit.script(nn.Sequential(nn.Linear(4, 5), nn.Tanh()))
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(x))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("method", METHODS)
+def test_a_scripted_block_has_the_reference_kernel(method):
+    torch.manual_seed(0)
+    model = _ScriptedBlock().double()
+    x1 = torch.randn(4, 4, dtype=torch.float64)
+    x2 = torch.randn(3, 4, dtype=torch.float64)
+    snapshot = _snapshot(model)
+    K = empirical_ntk(model, x1, x2, method=method)
+    _assert_untouched(model, snapshot, method)
+    assert_kernel_close(K, reference_ntk(model, x1, x2), 1e-10, f"scripted/{method}")

@@ -123,6 +123,8 @@ def forward_profile(fm: FunctionalModel, x_one: Any, key: tuple) -> ForwardProfi
 
         handles = []
         for name, module in fm.module.named_modules():
+            if isinstance(module, torch.jit.ScriptModule):  # takes no hooks; uncounted width
+                continue
             # (read from _parameters: the `weight` attribute of a parametrized module
             # would run its parametrization, which may write buffers, e.g. spectral norm)
             weight = module._parameters.get("weight")
