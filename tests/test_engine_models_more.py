@@ -119,3 +119,12 @@ def test_a_scripted_block_has_the_reference_kernel(method):
     K = empirical_ntk(model, x1, x2, method=method)
     _assert_untouched(model, snapshot, method)
     assert_kernel_close(K, reference_ntk(model, x1, x2), 1e-10, f"scripted/{method}")
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_a_scripted_model_is_refused_naming_the_eager_module():
+    model = torch.jit.script(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)))
+    x = torch.randn(3, 4)
+    for entry in (empirical_ntk, reference_ntk, linearize):
+        with pytest.raises(TypeError, match=r"`model` to be an eager.*before scripting"):
+            entry(model) if entry is linearize else entry(model, x)

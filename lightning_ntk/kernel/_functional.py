@@ -253,6 +253,13 @@ class FunctionalModel:
         if output_fn is not None and not callable(output_fn):
             raise TypeError(f"Expected `output_fn` to be callable but got {output_fn!r}.")
         self.module = unwrap_module(model)
+        if isinstance(self.module, torch.jit.ScriptModule):
+            raise TypeError(
+                "Expected `model` to be an eager torch.nn.Module but got a TorchScript module "
+                f"({type(self.module).__name__}, from torch.jit.script / trace), which cannot "
+                "be evaluated at other parameter values; pass the module before scripting "
+                "(scripted blocks inside an eager model are fine)."
+            )
         check_placement(self.module)
         self.sharded = sharding_mesh(self.module) is not None
         self.names = select_parameters(self.module, params)
