@@ -128,3 +128,23 @@ def test_a_scripted_model_is_refused_naming_the_eager_module():
     for entry in (empirical_ntk, reference_ntk, linearize):
         with pytest.raises(TypeError, match=r"`model` to be an eager.*before scripting"):
             entry(model) if entry is linearize else entry(model, x)
+
+
+class _WhitenedByCholesky(nn.Module):
+    """No submodules; its forward fails on a batch whose Gram matrix is singular."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gram = x.T @ x  # (4, 4), singular for fewer than 4 examples
+        return x @ torch.cholesky_solve(self.w, torch.linalg.cholesky(gram))
+
+
+def test_a_failure_of_the_model_itself_is_not_blamed_on_a_layer_and_the_input_shape():
+    model = _WhitenedByCholesky().double()
+    x = torch.randn(2, 4, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="positive-definite") as raised:
+        empirical_ntk(model, x)
+    assert "its layer" not in str(raised.value)

@@ -360,7 +360,9 @@ class FunctionalModel:
 
             return hook
 
-        leaves = [(n, m) for n, m in self.module.named_modules() if not list(m.children())]
+        leaves = [  # the model itself is no layer: its own failure is reported as it is
+            (n, m) for n, m in self.module.named_modules() if n and not list(m.children())
+        ]
         handles = [m.register_forward_pre_hook(pre_hook(n)) for n, m in leaves]
         handles += [m.register_forward_hook(post_hook(n)) for n, m in leaves]
         try:
