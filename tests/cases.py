@@ -906,7 +906,7 @@ class _AttentionGivenBatchFirst(nn.Module):
         return self.head(out.mean(dim=1))
 
 
-HELDOUT = [
+MORE_ARCHITECTURES = [
     ModelCase(
         "rbf_cdist",
         _RBFNetwork,
@@ -922,7 +922,7 @@ HELDOUT = [
         fallback={"layers.0.0.*"},
     ),
 ]
-ARCHITECTURES += HELDOUT
+ARCHITECTURES += MORE_ARCHITECTURES
 # Not among ARCHITECTURES: its batch's logits are not per-example, so the linearized model
 # of a batch (the batch function's) is not the per-example Jacobian those tests compare.
 HELDOUT_MIXING = ModelCase(
@@ -932,5 +932,5 @@ HELDOUT_MIXING = ModelCase(
     structured={"head.bias"},  # the head's input rows mix examples: only its bias
     fallback={"inp.*", "attn.*", "head.weight"},
 )
-CASES += [*HELDOUT, HELDOUT_MIXING]
-CASES_BY_NAME.update({case.name: case for case in [*HELDOUT, HELDOUT_MIXING]})
+CASES += [*MORE_ARCHITECTURES, HELDOUT_MIXING]
+CASES_BY_NAME.update({case.name: case for case in [*MORE_ARCHITECTURES, HELDOUT_MIXING]})
