@@ -925,12 +925,12 @@ MORE_ARCHITECTURES = [
 ARCHITECTURES += MORE_ARCHITECTURES
 # Not among ARCHITECTURES: its batch's logits are not per-example, so the linearized model
 # of a batch (the batch function's) is not the per-example Jacobian those tests compare.
-HELDOUT_MIXING = ModelCase(
+BATCH_MIXING = ModelCase(
     "attention_given_batch_first",
     _AttentionGivenBatchFirst,
     _randn(4, 3),
     structured={"head.bias"},  # the head's input rows mix examples: only its bias
     fallback={"inp.*", "attn.*", "head.weight"},
 )
-CASES += [*MORE_ARCHITECTURES, HELDOUT_MIXING]
-CASES_BY_NAME.update({case.name: case for case in [*MORE_ARCHITECTURES, HELDOUT_MIXING]})
+CASES += [*MORE_ARCHITECTURES, BATCH_MIXING]
+CASES_BY_NAME.update({case.name: case for case in [*MORE_ARCHITECTURES, BATCH_MIXING]})
