@@ -60,3 +60,45 @@ def test_a_regression_s_targets_are_measured_without_a_classification_set_up():
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             binary.start(model)
+
+
+# ------------------------------------------------------- fit again on the same Trainer
+
+
+def _trainer(monitor, steps: int, **kwargs):
+    pl = pytest.importorskip("pytorch_lightning")
+    return pl.Trainer(
+        max_steps=steps, callbacks=[monitor], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+        devices=1, **kwargs,
+    )  # fmt: skip
+
+
+def test_fit_again_on_the_same_trainer_continues_the_run_the_monitor_measures():
+    """``max_steps`` raised and ``fit`` called again: same θ0, probe and history, no warning.
+
+    Before, the second ``fit`` drew a new probe, took θ0 anew at step 20 and warned that
+    "no reference of this monitor was restored (no checkpoint was given)" while the
+    reference was in memory.
+    """
+    from lightning_ntk import NTKMonitor
+    from tests._lightning_models import module_class
+
+    model = module_class("pytorch_lightning")()
+    monitor = NTKMonitor(n_probe=8)
+    trainer = _trainer(monitor, 20)
+    trainer.fit(model)
+    probe, first = monitor.tracker.probe_x.clone(), list(monitor.history)
+    trainer.fit_loop.epoch_loop.max_steps = 70
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NTKMeasurementWarning)
+        trainer.fit(model)
+    assert torch.equal(monitor.tracker.probe_x, probe)
+    assert [r.step for r in monitor.history] == [4, 16, 64]
+    assert monitor.history[:2] == first
+    assert not monitor.history[-1].restarted and monitor.history[-1].reference_step == 0
+    # a new Trainer starts a new run at step 0: θ0 anew, its own history
+    fresh = _trainer(monitor, 4)
+    fresh.fit(model)
+    assert [r.step for r in monitor.history] == [4]
+    assert not monitor.history[-1].restarted

@@ -172,6 +172,7 @@ class NTKMonitorBase(NTKSettings):
         self._evaluation_error = ""
         self._state_key: Optional[tuple[tuple[Any, ...], str]] = None
         self._other_state_keys: list[str] = []  # other monitors' states in the checkpoint
+        self._module_id: Optional[int] = None  # the module θ0 was taken of
 
     # ------------------------------------------------------------------ Lightning hooks
 
@@ -241,6 +242,8 @@ class NTKMonitorBase(NTKSettings):
             self._restored = False
             return
         step = trainer.global_step
+        if self._continues(pl_module, step):  # `fit` again on the same Trainer: one run
+            return
         resumed = step > 0  # the run's own θ0 (step 0) is lost: say so, mark the reports
         if not self._probe_given:
             tracker.draw_probe(first_dataloader(trainer.train_dataloader))
@@ -261,6 +264,7 @@ class NTKMonitorBase(NTKSettings):
             return
         if resumed:
             self._warn_restarted(trainer, step)
+        self._module_id = id(pl_module)
         self._restored = False
         self._last_verdict = None
         if self.tensorboard_extras and trainer.is_global_zero:
@@ -328,6 +332,21 @@ class NTKMonitorBase(NTKSettings):
         step = trainer.global_step
         if not self._failed and self.tracker.is_epoch_due(trainer.current_epoch, step):
             self._report(trainer, pl_module, step, epoch_end=True)
+
+    def _continues(self, pl_module: Any, step: int) -> bool:
+        """Whether this ``fit`` goes on with the run the monitor measures (keep its state).
+
+        ``trainer.fit`` called again on the same Trainer and module (a raised
+        ``max_steps`` / ``max_epochs``) starts at the step the last one ended at: ``θ0``,
+        ``Θ0``, the probe and the history in memory are the run's own. A new Trainer
+        (step 0) or another module starts a new run.
+        """
+        tracker = self.tracker
+        if self._failed or not tracker.started or step == 0 or self._module_id != id(pl_module):
+            return False
+        last = tracker.last_step
+        reached = tracker.started_state.start_step if last is None else last
+        return step >= reached
 
     def _warn_restarted(self, trainer: Any, step: int) -> None:
         """Say once that the reference is taken at ``step``, not at the start of training."""
