@@ -68,9 +68,9 @@ def test_a_regression_s_targets_are_measured_without_a_classification_set_up():
 def _trainer(monitor, steps: int, **kwargs):
     pl = pytest.importorskip("pytorch_lightning")
     return pl.Trainer(
-        max_steps=steps, callbacks=[monitor], logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
-        devices=1, **kwargs,
+        max_steps=steps, callbacks=[] if monitor is None else [monitor], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu", devices=1, **kwargs,
     )  # fmt: skip
 
 
@@ -102,3 +102,93 @@ def test_fit_again_on_the_same_trainer_continues_the_run_the_monitor_measures():
     fresh.fit(model)
     assert [r.step for r in monitor.history] == [4]
     assert not monitor.history[-1].restarted
+
+
+# ------------------------------------------------------- data that cannot be indexed
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """Blobs streamed in a fixed order: no ``__len__``, no indexing."""
+
+    def __iter__(self):
+        from tests._lightning_models import blobs
+
+        x, y = blobs(48)
+        yield from zip(x, y)
+
+
+def _streamed_fit(monitor, steps: int = 16):
+    from tests._lightning_models import module_class
+
+    class Streamed(module_class("pytorch_lightning")):
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(_Stream(), batch_size=16)
+
+    torch.manual_seed(0)
+    model = Streamed()
+    _trainer(monitor, steps).fit(model)
+    return model
+
+
+def test_an_iterable_dataset_gives_the_probe_from_its_first_batch():
+    """An ``IterableDataset`` (no ``len``): the probe is the first batch's head.
+
+    Before, the start raised ``Cannot draw a probe from a _Stream`` and ended training.
+    Training ends with the weights it has without the monitor.
+    """
+    from lightning_ntk import NTKMonitor
+    from tests._lightning_models import blobs
+
+    monitor = NTKMonitor(n_probe=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NTKMeasurementWarning)
+        watched = _streamed_fit(monitor)
+    x, y = blobs(48)
+    assert torch.equal(monitor.tracker.probe_x, x[:8]) and torch.equal(
+        monitor.tracker.probe_y, y[:8]
+    )
+    assert [r.step for r in monitor.history] == [4, 16]
+    assert "inferred from the training loss" in monitor.history[-1].setup
+    plain = _streamed_fit(None)
+    for a, b in zip(watched.parameters(), plain.parameters()):
+        assert torch.equal(a, b)
+    # more probe examples than the first batch holds: all it has
+    small = NTKMonitor(n_probe=40)
+    _streamed_fit(small, steps=4)
+    assert small.tracker.probe_x.shape[0] == 16 and [r.step for r in small.history] == [4]
+
+
+def test_batch_to_xy_of_combined_loaders_splits_the_training_batch_for_the_probe():
+    """Labelled and unlabelled loaders combined: ``batch_to_xy`` reads the combined batch.
+
+    Before, the probe was drawn from the first loader's items, which the user's
+    ``batch_to_xy=lambda b: b["labelled"]`` cannot split: a TypeError ended training.
+    """
+    pytest.importorskip("pytorch_lightning")
+    from pytorch_lightning.utilities import CombinedLoader
+
+    from lightning_ntk import NTKMonitor
+    from tests._lightning_models import blobs, module_class
+
+    class SemiSupervised(module_class("pytorch_lightning")):
+        def train_dataloader(self):
+            x, y = blobs(48)
+            unlabelled = blobs(48, seed=1)[0]
+            loaders = {
+                "labelled": torch.utils.data.DataLoader(
+                    torch.utils.data.TensorDataset(x, y), batch_size=16
+                ),
+                "unlabelled": torch.utils.data.DataLoader(
+                    torch.utils.data.TensorDataset(unlabelled), batch_size=16
+                ),
+            }
+            return CombinedLoader(loaders, "max_size_cycle")
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch["labelled"]
+            return self.loss_fn(self(x), y)
+
+    monitor = NTKMonitor(n_probe=8, batch_to_xy=lambda batch: batch["labelled"])
+    _trainer(monitor, 4).fit(SemiSupervised())
+    assert [r.step for r in monitor.history] == [4]
+    assert "label smoothing 0 (inferred from the training loss" in monitor.history[-1].setup
