@@ -65,10 +65,12 @@ if TYPE_CHECKING:
     from .tracker import NTKTracker
 
 __all__ = [
+    "REGRESSION_TARGETS",
     "Measurement",
     "ReportPoint",
     "Snapshot",
     "attempt",
+    "beyond_probabilities",
     "measure",
     "probe_kernel",
     "read_preconditioner",
@@ -76,6 +78,9 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+# the failure key of probe targets outside [0, 1] (a regression's): no classifier's set-up
+REGRESSION_TARGETS = "targets"
 
 # what failed -> how a user may work around it
 _WORKAROUNDS = {
@@ -280,6 +285,7 @@ def measure(tracker: NTKTracker, fm: FunctionalModel, step: int) -> Measurement:
         recent_slope=_slope(tracker, step, values["logit_norm"], recent=True),
         hard_targets="hard 0/1 targets" if setup.sigmoid else "hard one-hot targets",
         to_declare=_to_declare(setup),
+        not_classification=REGRESSION_TARGETS in tracker.failures,
         norm_words="logit norm |z|" if setup.sigmoid else "centered logit norm",
         trend_wait=tracker.trend_wait([r.step for r in tracker.history] + [step]),
     )
@@ -545,10 +551,11 @@ def snapshot(tracker: NTKTracker, fm: FunctionalModel, step: int) -> tuple[Snaps
     """
     logits0 = probe_logits(fm, fm.cast_input(tracker.probe_x))
     failures: dict[str, str] = {}
-    unfit = unfit_labels(tracker.probe_y, int(logits0.shape[1]))
+    regression = beyond_probabilities(tracker.probe_y, int(logits0.shape[1]))
+    unfit = regression or unfit_labels(tracker.probe_y, int(logits0.shape[1]))
     if unfit:  # e.g. a mask taken for the labels: neither alignment nor set-up reads them
         tracker.probe_y = None
-        failures["probe_y"] = unfit
+        failures[REGRESSION_TARGETS if regression else "probe_y"] = unfit
     measured = resolve_kernel(tracker.kernel, tracker.optimizer)  # raises for a wrong optimizer
     d = None
     if measured.kind == "adam":  # already stepped (a warm-up, a fine-tuning): read now
@@ -591,6 +598,9 @@ def unfit_labels(probe_y: Optional[Tensor], num_classes: int) -> str:
     if probe_y is None:
         return ""
     shape = tuple(probe_y.shape)
+    beyond = beyond_probabilities(probe_y, num_classes)
+    if beyond:
+        return beyond
     if probe_y.ndim == 2 and shape[1] == num_classes:
         return ""
     if probe_y.ndim == 1 and probe_y.is_floating_point():
@@ -612,6 +622,32 @@ def unfit_labels(probe_y: Optional[Tensor], num_classes: int) -> str:
         f"outputs ({expected} expected), so the target alignment and the set-up are read "
         "without them; if the batches are not (inputs, labels, ...), pass "
         "`batch_to_xy=lambda batch: (inputs, labels)`."
+    )
+
+
+def beyond_probabilities(probe_y: Optional[Tensor], num_classes: int) -> str:
+    """Why float targets outside ``[0, 1]`` (a regression's) are no classifier's, or ``""``.
+
+    Only float targets shaped like the outputs are read so: ``(N,)`` of one output or
+    ``(N, C)`` of ``C``; class indices stored as floats are named by :func:`unfit_labels`.
+    """
+    if probe_y is None:
+        return ""
+    one_output = probe_y.ndim == 1 and num_classes == 1
+    per_output = probe_y.ndim == 2 and probe_y.shape[1] == num_classes
+    if not (probe_y.is_floating_point() and (one_output or per_output)):
+        return ""
+    finite = probe_y[torch.isfinite(probe_y)]
+    if finite.numel() == 0:
+        return ""
+    low, high = float(finite.min()), float(finite.max())
+    if low >= 0.0 and high <= 1.0:
+        return ""
+    return (
+        f"The probe targets take values in [{low:.3g}, {high:.3g}], outside [0, 1]: no "
+        "class probabilities of a classifier (a regression?). The kernel, its drift and "
+        "the linearization are measured; the target alignment and the classification "
+        "set-up (targets, smoothing, the logits' predicted regime) are read without them."
     )
 
 

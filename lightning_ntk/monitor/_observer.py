@@ -491,5 +491,9 @@ def _features(
                 soft = bool(((t > 0) & (t < 1)).any())
                 out["binary_cross_entropy"] = (row, float(torch.minimum(t, 1 - t).min()), soft)
     if not out:
+        if y.is_floating_point() and y.numel() and y.shape[0] == N:
+            low, high = float(y.min()), float(y.max())
+            if low < 0 or high > 1:  # a regression's targets
+                return f"targets in [{low:.3g}, {high:.3g}] are no class labels or probabilities"
         return f"targets of shape {tuple(y.shape)} are not labels or targets of the logits"
     return out

@@ -311,6 +311,39 @@ _PER_POSITION_NOTE = (
 )
 
 
+def map_style(loader: Any) -> bool:
+    """Whether the probe can be drawn from ``loader``'s dataset (``len`` and indexing)."""
+    dataset = loader.dataset if isinstance(loader, torch.utils.data.DataLoader) else loader
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        return False
+    return hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
+
+
+def probe_from_batch(x: Any, y: Optional[Tensor], n_probe: int) -> tuple[Any, Optional[Tensor]]:
+    """The first ``n_probe`` labelled examples of a training batch, as a probe.
+
+    A stream (an ``IterableDataset``) cannot be indexed, so the probe is taken from its
+    first batch, not stratified; negative integer labels (``ignore_index``) are left
+    out as in :func:`draw_probe`, and a batch smaller than ``n_probe`` gives all it has.
+
+    Raises:
+        TypeError / ValueError: a batch that is no tensor or mapping / tuple of tensors.
+    """
+    _inputs.check_batch("the first training batch", x)
+    n = _inputs.batch_size(x)
+    keep = torch.arange(n)
+    if isinstance(y, Tensor) and y.ndim == 1 and len(y) == n and not y.is_floating_point():
+        labelled = keep[(y >= 0).cpu()]
+        keep = labelled if len(labelled) else keep
+        y = y if len(labelled) else None
+    keep = keep[:n_probe]
+    if isinstance(y, Tensor) and len(y) == n:
+        y = y[keep.to(y.device)]
+    else:
+        y = None
+    return _inputs.take(x, keep), y
+
+
 def first_dataloader(loaders: Any) -> Any:
     """The first ``DataLoader`` in what ``trainer.train_dataloader`` returns."""
     if isinstance(loaders, torch.utils.data.DataLoader):

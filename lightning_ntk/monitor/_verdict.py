@@ -185,6 +185,8 @@ class LogitContext:
             logits, the mean ``|z|`` of sigmoid outputs.
         trend_wait: when the logit trend is read, in words (``""``: the reports it needs;
             see :meth:`~lightning_ntk.monitor.tracker.NTKTracker.trend_wait`).
+        not_classification: the probe targets lie outside ``[0, 1]`` (a regression's):
+            no setting makes the set-up a classifier's, so none is asked for.
     """
 
     logit_norm: float = math.nan
@@ -198,6 +200,7 @@ class LogitContext:
     to_declare: str = "`label_smoothing` and `weight_decay`"
     norm_words: str = "centered logit norm"
     trend_wait: str = ""
+    not_classification: bool = False
 
 
 @dataclass(frozen=True)
@@ -462,6 +465,12 @@ _UNRECOGNISED = (
     "monitor recognises: a steady growth past {alarm:g} per doubling of steps will be read "
     "as diverging (declare `label_smoothing` if the loss smooths the targets)."
 )
+# the set-up of ``LogitContext.not_classification``
+_NOT_CLASSIFICATION = (
+    "No classification set-up: the targets lie outside [0, 1] (a regression?), where the "
+    "theory of bounded or diverging logits does not apply; the kernel's drift and the "
+    "linearization are measured as for any model."
+)
 
 
 def _logit_sentence(
@@ -516,6 +525,8 @@ def _logit_sentence(
             )
         if ctx.hard_unregularized:
             return f"Logits growing: {rising}" + _UNRECOGNISED.format(alarm=alarm)
+        if ctx.not_classification:
+            return f"Logits growing: {rising}. " + _NOT_CLASSIFICATION
         return (
             f"Logits growing: {rising}; the set-up is not known — with {ctx.hard_targets} "
             f"and no weight decay this is the divergence the theory predicts (declare "
@@ -542,6 +553,8 @@ def _logit_sentence(
             else f"Logit trend not measured yet ({_wait(ctx, t)})"
         )
         return trend + _UNRECOGNISED.format(alarm=t.logit_slope[1])
+    if predicted == "unknown" and ctx.not_classification:
+        return _NOT_CLASSIFICATION
     if predicted == "unknown":
         return (
             f"Set-up unknown: with {ctx.hard_targets} and no weight decay the theory "

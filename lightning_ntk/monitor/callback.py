@@ -49,7 +49,14 @@ from ..exceptions import (
     NTKMeasurementWarning,
 )
 from ._observer import OutputCapture, active_dropout
-from ._probe import check_finite_probe, first_dataloader, raised_by_model
+from ._probe import (
+    check_finite_probe,
+    default_batch_to_xy,
+    first_dataloader,
+    map_style,
+    probe_from_batch,
+    raised_by_model,
+)
 from ._publish import (
     PROGRESS_BAR_KEYS,
     publish,
@@ -82,8 +89,10 @@ class NTKMonitorBase(NTKSettings):
 
     At the start of training the monitor draws ``n_probe`` examples from the training
     dataset (stratified by class, with its own generator: the data order and the global
-    RNG are untouched) unless ``probe_x`` is given, snapshots ``θ0`` and ``Θ0``, then on
-    its schedule (default: steps 4, 16, 64, 256, …) logs every field of an
+    RNG are untouched) unless ``probe_x`` is given — from a stream (an ``IterableDataset``)
+    or with a ``batch_to_xy`` of combined loaders' batches, the first ``n_probe`` labelled
+    examples of the first training batch, before any step on it — snapshots ``θ0`` and
+    ``Θ0``, then on its schedule (default: steps 4, 16, 64, 256, …) logs every field of an
     :class:`~lightning_ntk.monitor.tracker.NTKReport` as ``ntk/<field>``, plus ``ntk/lazy``
     and the per-layer drift ``ntk/layer/<module>/relative_change``.
 
@@ -172,6 +181,8 @@ class NTKMonitorBase(NTKSettings):
         self._evaluation_error = ""
         self._state_key: Optional[tuple[tuple[Any, ...], str]] = None
         self._other_state_keys: list[str] = []  # other monitors' states in the checkpoint
+        self._module_id: Optional[int] = None  # the module θ0 was taken of
+        self._from_batch = False  # the probe comes from the first training batch (a stream)
 
     # ------------------------------------------------------------------ Lightning hooks
 
@@ -241,9 +252,24 @@ class NTKMonitorBase(NTKSettings):
             self._restored = False
             return
         step = trainer.global_step
-        resumed = step > 0  # the run's own θ0 (step 0) is lost: say so, mark the reports
+        if self._continues(pl_module, step):  # `fit` again on the same Trainer: one run
+            return
+        self._from_batch = False
         if not self._probe_given:
-            tracker.draw_probe(first_dataloader(trainer.train_dataloader))
+            loaders = trainer.train_dataloader
+            loader = first_dataloader(loaders)
+            # `batch_to_xy` of several loaders' batches splits no single loader's items
+            combined = tracker.batch_to_xy is not default_batch_to_xy and loader is not loaders
+            if combined or not map_style(loader):  # the probe is taken from the first batch
+                self._from_batch = True
+                return
+            tracker.draw_probe(loader)
+        self._start(trainer, pl_module, step)
+
+    def _start(self, trainer: Any, pl_module: Any, step: int) -> None:
+        """Snapshot ``θ0`` and ``Θ0`` at ``step`` on the probe drawn or given."""
+        tracker = self.tracker
+        resumed = step > 0  # the run's own θ0 (step 0) is lost: say so, mark the reports
         self._failed = False
         self._reevaluate = True
         try:
@@ -261,6 +287,7 @@ class NTKMonitorBase(NTKSettings):
             return
         if resumed:
             self._warn_restarted(trainer, step)
+        self._module_id = id(pl_module)
         self._restored = False
         self._last_verdict = None
         if self.tensorboard_extras and trainer.is_global_zero:
@@ -278,6 +305,9 @@ class NTKMonitorBase(NTKSettings):
         self._pending = None
         self._capture.release()
         tracker = self.tracker
+        if self._from_batch:  # a stream's first batch: the probe, before any step on it
+            self._from_batch = False
+            self._start_on_batch(trainer, pl_module, batch)
         # (the sanity check runs no training batch); most steps stop here
         if self._failed or not tracker.started or not tracker.wants_observation:
             return
@@ -298,6 +328,19 @@ class NTKMonitorBase(NTKSettings):
                 self._evaluation_error = f"{type(err).__name__}: {err}"
         if tracker.forward_fn is None:  # after the monitor's own forward: the step's calls only
             self._capture.attach(pl_module, children=True)
+
+    def _start_on_batch(self, trainer: Any, pl_module: Any, batch: Any) -> None:
+        """Take the probe from the first training batch of a stream and start on it."""
+        tracker = self.tracker
+        try:
+            to_xy = cast(Callable[[Any], Any], tracker.batch_to_xy)
+            x, y = to_xy(batch)
+            x, y = probe_from_batch(x, y, tracker.n_probe)
+            tracker.set_probe(x, y)
+        except (TypeError, ValueError) as err:
+            self._give_up(err, "at the start of training (from the first training batch)")
+            return
+        self._start(trainer, pl_module, trainer.global_step)
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
@@ -328,6 +371,21 @@ class NTKMonitorBase(NTKSettings):
         step = trainer.global_step
         if not self._failed and self.tracker.is_epoch_due(trainer.current_epoch, step):
             self._report(trainer, pl_module, step, epoch_end=True)
+
+    def _continues(self, pl_module: Any, step: int) -> bool:
+        """Whether this ``fit`` goes on with the run the monitor measures (keep its state).
+
+        ``trainer.fit`` called again on the same Trainer and module (a raised
+        ``max_steps`` / ``max_epochs``) starts at the step the last one ended at: ``θ0``,
+        ``Θ0``, the probe and the history in memory are the run's own. A new Trainer
+        (step 0) or another module starts a new run.
+        """
+        tracker = self.tracker
+        if self._failed or not tracker.started or step == 0 or self._module_id != id(pl_module):
+            return False
+        last = tracker.last_step
+        reached = tracker.started_state.start_step if last is None else last
+        return step >= reached
 
     def _warn_restarted(self, trainer: Any, step: int) -> None:
         """Say once that the reference is taken at ``step``, not at the start of training."""
