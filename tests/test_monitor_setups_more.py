@@ -192,3 +192,27 @@ def test_batch_to_xy_of_combined_loaders_splits_the_training_batch_for_the_probe
     _trainer(monitor, 4).fit(SemiSupervised())
     assert [r.step for r in monitor.history] == [4]
     assert "label smoothing 0 (inferred from the training loss" in monitor.history[-1].setup
+
+
+def _draw_in_spawned_process(tracker, queue):
+    """In a spawned process: draw from the probe generator of the tracker it was sent."""
+    queue.put(torch.randint(0, 1000, (5,), generator=tracker.generator).tolist())
+
+
+def test_the_tracker_travels_to_a_spawned_process():
+    """``strategy="ddp_spawn"`` sends the callbacks to new processes (tensors by shared memory)."""
+    import torch.multiprocessing as mp
+
+    from lightning_ntk import NTKTracker
+
+    tracker = NTKTracker(seed=3)
+    torch.randint(0, 1000, (2,), generator=tracker.generator)  # a state moved on from the seed
+    expected = torch.randint(0, 1000, (5,), generator=tracker.generator.clone_state()).tolist()
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_draw_in_spawned_process, args=(tracker, queue))
+    process.start()
+    drawn = queue.get(timeout=120)
+    process.join(timeout=60)
+    assert process.exitcode == 0
+    assert drawn == expected

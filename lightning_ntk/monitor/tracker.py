@@ -160,6 +160,22 @@ class NTKTracker(NTKSettings):
 
     # ------------------------------------------------------------------ probe set
 
+    def __getstate__(self) -> dict[str, Any]:
+        """The tracker's attributes, its probe generator as the bytes of its state.
+
+        A ``torch.Generator`` pickles its state as a tensor, which ``torch.multiprocessing``
+        sends to a spawned process through shared memory (``strategy="ddp_spawn"``); plain
+        bytes travel with the rest.
+        """
+        state = self.__dict__.copy()
+        state["generator"] = bytes(self.generator.get_state().tolist())
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        generator = torch.Generator()
+        generator.set_state(torch.tensor(list(state["generator"]), dtype=torch.uint8))
+        self.__dict__.update({**state, "generator": generator})
+
     def set_probe(self, probe_x: Any, probe_y: Optional[Tensor] = None) -> None:
         """Use the given probe inputs ``(N, ...)`` and labels ``(N,)`` / ``(N, C)``.
 
