@@ -376,7 +376,7 @@ class NTKTracker(NTKSettings):
     def trend_wait(self, steps: list[int]) -> str:
         """When the logit trend is read, in words, after reports at ``steps`` (oldest first).
 
-        E.g. ``"it needs two reports from step 100"``, completed when :attr:`planned_steps`
+        E.g. ``"it needs two reports from step 100"``, completed when ``planned_steps``
         is known and the schedule's next reports would come after it.
         """
         thresholds = cast(Thresholds, self.thresholds)
