@@ -332,8 +332,8 @@ def probe_from_batch(x: Any, y: Optional[Tensor], n_probe: int) -> tuple[Any, Op
     _inputs.check_batch("the first training batch", x)
     n = _inputs.batch_size(x)
     keep = torch.arange(n)
-    if isinstance(y, Tensor) and y.ndim == 1 and len(y) == n and not y.is_floating_point():
-        labelled = keep[(y >= 0).cpu()]
+    if isinstance(y, Tensor) and y.ndim == 1 and len(y) == n:
+        labelled = _labelled(y.cpu())
         keep = labelled if len(labelled) else keep
         y = y if len(labelled) else None
     keep = keep[:n_probe]
