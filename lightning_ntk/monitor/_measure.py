@@ -590,17 +590,14 @@ def unfit_labels(probe_y: Optional[Tensor], num_classes: int) -> str:
     """Why the probe labels are no targets of ``C`` logits, or ``""`` when they may be.
 
     Labels ``(N,)`` must be integer classes below ``max(C, 2)`` (negative ones are ignored
-    examples), or float targets in ``[0, 1]`` of one output; targets ``(N, K)`` need
-    ``K = C``. Anything else (an attention mask, a
-    sample weight taken for the labels) would give a target alignment and a task of
-    something else.
+    examples), or float targets of one output; targets ``(N, K)`` need ``K = C`` (float
+    targets outside ``[0, 1]`` are :func:`beyond_probabilities`'s to name). Anything
+    else (an attention mask, a sample weight taken for the labels) would give a target
+    alignment and a task of something else.
     """
     if probe_y is None:
         return ""
     shape = tuple(probe_y.shape)
-    beyond = beyond_probabilities(probe_y, num_classes)
-    if beyond:
-        return beyond
     if probe_y.ndim == 2 and shape[1] == num_classes:
         return ""
     if probe_y.ndim == 1 and probe_y.is_floating_point():
