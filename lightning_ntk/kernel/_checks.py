@@ -34,7 +34,13 @@ from . import _inputs
 from ._compat import jvp
 from ._functional import FunctionalModel, as_dense
 
-__all__ = ["TransformMismatch", "check_batch_function", "check_jacobians"]
+__all__ = [
+    "TransformMismatch",
+    "check_batch_function",
+    "check_jacobians",
+    "combination_differs",
+    "random_weights",
+]
 
 _RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}
 
@@ -122,6 +128,31 @@ def check_batch_function(fm: FunctionalModel, x: Any) -> None:
             "backward that is not the derivative, e.g. an embedding with "
             "scale_grad_by_freq=True)"
         )
+
+
+def random_weights(k: int, like: Tensor, seed: int = 2) -> Tensor:
+    """``k`` random weights from a generator of their own (the global RNG is untouched)."""
+    return _direction((k,), like, seed)
+
+
+def combination_differs(
+    weights: Tensor, batched: Mapping[str, Tensor], single: Mapping[str, Tensor]
+) -> list[str]:
+    """Names where ``Σ_k w_k batched[k]`` is not ``single``, the map applied once to ``Σ_k w_k``.
+
+    A map batched by ``vmap`` over ``k`` inputs is linear in them: agreement along random
+    weights means every batched result is the map's, with probability one.
+
+    Args:
+        weights: ``(k,)``, from :func:`random_weights`.
+        batched: ``{name: (k, ...)}``, the batched results.
+        single: ``{name: (...)}``, the map applied once to the weighted sum of the inputs.
+    """
+    combined = {
+        name: torch.einsum("k,k...->...", weights, rows).reshape(-1)
+        for name, rows in batched.items()
+    }
+    return _differs(combined, {name: single[name].reshape(-1) for name in batched}, weights.dtype)
 
 
 def _selected(fm: FunctionalModel) -> dict[str, Tensor]:

@@ -46,6 +46,7 @@ from torch.func import vjp, vmap
 
 from . import _inputs
 from ._batch_factors import batch_kernel_matrix, plan_batch
+from ._checks import combination_differs, random_weights
 from ._compat import jvp
 from ._functional import (
     FunctionalModel,
@@ -181,22 +182,12 @@ def _pullbacks_agree(
 ) -> bool:
     """Whether the vmapped pullbacks, summed along random weights, equal one plain pullback.
 
-    Both sides are linear in the weights: agreement on random ones means the batched
-    pullbacks are those of each cotangent, with probability one.
+    See :func:`._checks.combination_differs`.
     """
-    generator = torch.Generator().manual_seed(0)
-    weights = torch.randn(len(eye), generator=generator, dtype=torch.float64).to(eye)
+    weights = random_weights(len(eye), eye, seed=0)
     (single,) = pullback(torch.einsum("k,knc->nc", weights, eye))
-    rtol = 1e-9 if eye.dtype == torch.float64 else 1e-4
-    for name in names:
-        batched = torch.cat([part[name] for part in parts]).reshape(len(eye), -1)
-        combined = weights @ batched
-        expected = single[name].reshape(-1)
-        scale = max(float(combined.norm()), float(expected.norm()), 1e-30)
-        scale = max(scale, 1e-6 * float(weights.norm() * batched.norm()))
-        if float((combined - expected).norm()) > rtol * scale:
-            return False
-    return True
+    batched = {name: torch.cat([part[name] for part in parts]) for name in names}
+    return not combination_differs(weights, batched, single)
 
 
 def batch_ntk(

@@ -33,7 +33,12 @@ from torch import Tensor
 from torch.func import vjp, vmap
 
 from . import _inputs
-from ._checks import TransformMismatch, check_batch_function
+from ._checks import (
+    TransformMismatch,
+    check_batch_function,
+    combination_differs,
+    random_weights,
+)
 from ._compat import jvp
 from ._functional import FunctionalModel
 from ._layout import reduce_full
@@ -82,7 +87,7 @@ class NTKVPMethod:
         for start in range(0, N2 * C, group):
             cotangents = eye[start : start + group].reshape(-1, N2, C)  # (k, N2, C)
             (rows,) = vmap(vjp_fn)(cotangents)  # J(x2)[b]: {name: (k, *shape)}
-            weights = _weights(len(cotangents), logits2)  # (k,)
+            weights = random_weights(len(cotangents), logits2)  # (k,)
             (combined,) = vjp_fn(torch.einsum("k,knc->nc", weights, cotangents))
             _check_combination(weights, rows, combined, "vmap(vjp)")
             tangents = self.spec.tangents(rows)  # e.g. sign(J(x2)[b]), or d ⊙ J(x2)[b]
@@ -124,30 +129,17 @@ class NTKVPMethod:
         return vmap(column)(tangents) if batched else column(tangents)
 
 
-def _weights(k: int, like: Tensor) -> Tensor:
-    """``k`` random weights from a generator of their own (the global RNG is untouched)."""
-    generator = torch.Generator().manual_seed(2)
-    return torch.randn(k, generator=generator, dtype=torch.float64).to(like)
-
-
 def _check_combination(
     weights: Tensor, batched: dict[str, Tensor], single: dict[str, Tensor], how: str
 ) -> None:
-    """``Σ_k w_k batched[k]`` must equal ``single``, the same map applied once to ``Σ_k w_k``.
+    """Raise :class:`TransformMismatch` where ``vmap`` batched the map wrongly.
 
-    Raises:
-        TransformMismatch: ``vmap`` batched the map wrongly (a batching rule PyTorch gets
-            wrong for an op of this model).
+    See :func:`._checks.combination_differs`: a batching rule PyTorch gets wrong.
     """
-    rtol = 1e-9 if weights.dtype == torch.float64 else 1e-4
-    combined = {name: torch.einsum("k,k...->...", weights, rows) for name, rows in batched.items()}
-    # round-off is judged against the whole map (a bias before a normalisation has ~0 rows)
-    total = sum(float(single[name].square().sum()) for name in batched) ** 0.5
-    for name in batched:
-        expected = single[name]
-        scale = max(float(combined[name].norm()), float(expected.norm()), 1e-2 * total, 1e-30)
-        if float((combined[name] - expected).norm()) > rtol * scale:
-            raise TransformMismatch(
-                f"{how} of {name or 'the model'} differs from the same map applied once "
-                "(a batching rule PyTorch gets wrong for an op of this model)"
-            )
+    differs = combination_differs(weights, batched, single)
+    if differs:
+        names = ", ".join(name or "the model" for name in differs)
+        raise TransformMismatch(
+            f"{how} of {names} differs from the same map applied once "
+            "(a batching rule PyTorch gets wrong for an op of this model)"
+        )
