@@ -175,7 +175,7 @@ class Setup:
         elif self.sigmoid:
             targets = "hard 0/1 (each output's target 0 or 1 before smoothing)"
         else:
-            targets = "with classes at probability 0 before smoothing (hard labels, mixup)"
+            targets = "with classes at probability 0 before smoothing (as hard labels have)"
         task = self.task or "unknown"
         return (
             f"task {task} ({self._source('task')}); "
